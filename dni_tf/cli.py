@@ -1,0 +1,122 @@
+"""Helpers for absl entry points: flag checks, one-line errors, exit codes.
+
+Usage errors (bad flag values, missing data, unwritable workdir) print one line
+on stderr and exit with code 2; a diverged run exits with code 1. Neither prints
+a traceback.
+
+    from dni_tf import cli
+    def main(argv):
+        cli.check_range("keep_prob", FLAGS.keep_prob, 0.0, 1.0)
+        ...
+    if __name__ == "__main__":
+        cli.run(main)
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Callable, Iterable, List, Optional, Sequence
+
+from absl import app, flags
+
+from dni_tf.data.images import DataError
+
+
+class UsageError(ValueError):
+    """Bad command-line input; the message names the flag and the allowed values."""
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+def fail(message: str, code: int) -> None:
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(code)
+
+
+def check_range(name: str, value: float, low: Optional[float] = None,
+                high: Optional[float] = None, low_open: bool = False,
+                high_open: bool = False) -> None:
+    """Raises UsageError unless `low <(=) value <(=) high`."""
+    too_low = low is not None and (value <= low if low_open else value < low)
+    too_high = high is not None and (value >= high if high_open else value > high)
+    if too_low or too_high:
+        left = "(" if low_open else "["
+        right = ")" if high_open else "]"
+        lo = "-inf" if low is None else f"{low:g}"
+        hi = "inf" if high is None else f"{high:g}"
+        raise UsageError(f"--{name}={value!r} is out of range: allowed {left}{lo}, {hi}{right}")
+
+
+def check_choice(name: str, value: str, choices: Iterable[str]) -> None:
+    choices = list(choices)
+    if value not in choices:
+        raise UsageError(f"--{name}={value!r} is not allowed: choose from {', '.join(choices)}")
+
+
+def parse_floats(name: str, text, low: Optional[float] = None,
+                 high: Optional[float] = None) -> List[float]:
+    """Parses a comma-separated list (or absl list) of floats, each range-checked."""
+    items = text if isinstance(text, (list, tuple)) else str(text).split(",")
+    values = []
+    for item in items:
+        try:
+            value = float(item)
+        except ValueError:
+            raise UsageError(f"--{name}: {item!r} is not a number") from None
+        check_range(name, value, low, high)
+        values.append(value)
+    if not values:
+        raise UsageError(f"--{name}: give at least one value")
+    return values
+
+
+def prepare_workdir(workdir: str, flag_name: str = "workdir") -> str:
+    """Creates `workdir` if needed and checks it is writable; returns its absolute path."""
+    if not workdir:
+        raise UsageError(f"--{flag_name} is required")
+    workdir = os.path.abspath(os.path.expanduser(workdir))
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        probe = os.path.join(workdir, ".write-test")
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as exc:
+        raise UsageError(f"--{flag_name}={workdir}: not a writable directory ({exc.strerror})") from None
+    return workdir
+
+
+def flag_values(names: Optional[Sequence[str]] = None) -> dict:
+    """The values of the given (default: all non-absl) flags, for results.json."""
+    values = flags.FLAGS.flag_values_dict()
+    if names is None:
+        internal = {f.name for module, module_flags in flags.FLAGS.flags_by_module_dict().items()
+                    if module.startswith(("absl.", "tensorflow", "keras"))
+                    for f in module_flags}
+        names = [k for k in values if k not in internal]
+    return {k: values[k] for k in names}
+
+
+def run(main: Callable[[List[str]], None]) -> None:
+    """`absl.app.run(main)` with one-line errors and exit code 2 for usage errors."""
+
+    def parse_flags(argv):
+        try:
+            return flags.FLAGS(argv)
+        except flags.Error as exc:
+            fail(str(exc).splitlines()[0], 2)
+
+    def guarded_main(argv):
+        if len(argv) > 1:
+            fail(f"unexpected positional arguments: {' '.join(argv[1:])}", 2)
+        try:
+            main(argv)
+        except (UsageError, DataError) as exc:
+            fail(str(exc), 2)
+        except TrainingDiverged as exc:
+            fail(str(exc), 1)
+
+    app.run(guarded_main, flags_parser=parse_flags)

@@ -1,0 +1,253 @@
+"""Gradient dropping: train on whatever part of each backward pass survives (seed 000).
+
+Each step the full gradient is computed, then parts of it are lost at random and
+only the surviving part is applied. What counts as a "part" is the granularity:
+
+* `variable` (the seed's method): each trainable variable (a kernel, a bias) is
+  kept with probability `keep_prob`, independently.
+* `layer`: all variables of one layer are kept or lost together.
+* `element`: each scalar of each gradient is kept independently.
+* `worker`: the variables are spread over `num_workers` simulated machines
+  (greedily balancing parameter counts); each machine's whole share is lost with
+  probability `1 - keep_prob` (the seed's motivation: unreliable machines).
+
+What happens to a lost gradient is `dropped_state`:
+
+* `"freeze"` (default): the optimizer never sees it. The variable *and its
+  optimizer slots* (e.g. Adam's moments) stay exactly as they were, as if that
+  machine's update never arrived. Adam's step counter is global and advances.
+* `"zero_gradient"`: the optimizer receives a zero gradient, which is what the
+  seed's TF1 code did: Adam's moments decay and the variable keeps moving along
+  its momentum for that step.
+
+Kept gradients can be rescaled by `1 / keep_prob` (`rescale=True`, off by default
+as in the seed) so the expected update equals the full one.
+
+With `keep_prob=1` training is exactly plain backprop; with `keep_prob=0` and
+`"freeze"` no variable changes. Masks come from a `keras.random.SeedGenerator`, so
+runs are reproducible and the generator state is checkpointed with the model.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence
+
+import keras
+import tensorflow as tf
+from keras import ops
+
+from dni_tf.training import track_loss
+
+GRANULARITIES = ("variable", "layer", "element", "worker")
+DROPPED_STATES = ("freeze", "zero_gradient")
+
+
+def layer_groups(variables: Sequence[keras.Variable]) -> List[int]:
+    """Group index per variable: variables sharing a layer path share a group."""
+    index: Dict[str, int] = {}
+    return [index.setdefault(v.path.rsplit("/", 1)[0], len(index)) for v in variables]
+
+
+def worker_groups(variables: Sequence[keras.Variable], num_workers: int) -> List[int]:
+    """Assigns each variable to one of `num_workers` machines.
+
+    Largest variables first, each to the machine holding the fewest parameters so
+    far (ties to the lowest index), so shares are balanced and deterministic.
+    """
+    sizes = [_numel(v.shape) for v in variables]
+    load = [0] * num_workers
+    groups = [0] * len(variables)
+    for i in sorted(range(len(variables)), key=lambda i: (-sizes[i], i)):
+        worker = min(range(num_workers), key=lambda w: (load[w], w))
+        groups[i] = worker
+        load[worker] += sizes[i]
+    return groups
+
+
+def _assign_op(variable, value):
+    variable.assign(value)
+    return tf.no_op()
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
+
+
+class GradientDropping(keras.Model):
+    """Wraps any Keras model so that its training applies a random part of each gradient.
+
+    Usage:
+        model = GradientDropping(dni_tf.models.tutorial_cnn(), keep_prob=0.5, seed=0)
+        model.compile(optimizer=keras.optimizers.Adam(1e-4),
+                      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                      metrics=["accuracy"])
+        model.fit(dataset, ...)
+
+    Args:
+      network: the model to train; its inputs/outputs are this model's.
+      keep_prob: probability in [0, 1] that a part of the gradient is applied.
+      granularity: one of `GRANULARITIES` (see the module docstring).
+      num_workers: machines for `granularity="worker"` (>= 1).
+      rescale: multiply kept gradients by 1 / keep_prob.
+      dropped_state: one of `DROPPED_STATES` (see the module docstring).
+      seed: seed of the mask generator.
+
+    Metrics, besides the compiled loss and metrics:
+      `kept_fraction`: mean fraction of the parts (variables, layers, elements or
+        workers) whose gradient was applied.
+      `kept_parameter_fraction`: mean fraction of scalar parameters updated.
+    """
+
+    def __init__(self, network: keras.Model, keep_prob: float = 1.0,
+                 granularity: str = "variable", num_workers: int = 4,
+                 rescale: bool = False, dropped_state: str = "freeze",
+                 seed: Optional[int] = None, **kwargs):
+        super().__init__(**kwargs)
+        if not 0.0 <= keep_prob <= 1.0:
+            raise ValueError(f"keep_prob must be in [0, 1], got {keep_prob}")
+        if granularity not in GRANULARITIES:
+            raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+        if dropped_state not in DROPPED_STATES:
+            raise ValueError(f"dropped_state must be one of {DROPPED_STATES}, got {dropped_state!r}")
+        if num_workers < 1:
+            raise ValueError(f"num_workers must be >= 1, got {num_workers}")
+        if rescale and keep_prob == 0.0:
+            raise ValueError("rescale=True needs keep_prob > 0")
+        self.network = network
+        self.keep_prob = float(keep_prob)
+        self.granularity = granularity
+        self.num_workers = int(num_workers)
+        self.rescale = bool(rescale)
+        self.dropped_state = dropped_state
+        self.seed = seed
+        self.mask_generator = keras.random.SeedGenerator(seed)
+        self.kept_fraction_tracker = keras.metrics.Mean(name="kept_fraction")
+        self.kept_parameter_tracker = keras.metrics.Mean(name="kept_parameter_fraction")
+        self._groups: Optional[List[int]] = None
+
+    def call(self, inputs, training=None):
+        return self.network(inputs, training=training)
+
+    def build(self, input_shape):
+        if not self.network.built:
+            self.network.build(input_shape)
+        self.built = True
+
+    @property
+    def metrics(self):
+        return [*super().metrics, self.kept_fraction_tracker, self.kept_parameter_tracker]
+
+    def get_config(self):
+        return {"keep_prob": self.keep_prob, "granularity": self.granularity,
+                "num_workers": self.num_workers, "rescale": self.rescale,
+                "dropped_state": self.dropped_state, "seed": self.seed}
+
+    # -- masks -------------------------------------------------------------
+
+    def _group_index(self, variables) -> List[int]:
+        if self._groups is None or len(self._groups) != len(variables):
+            if self.granularity == "variable":
+                self._groups = list(range(len(variables)))
+            elif self.granularity == "layer":
+                self._groups = layer_groups(variables)
+            else:
+                self._groups = worker_groups(variables, self.num_workers)
+        return self._groups
+
+    def draw_masks(self, variables) -> List[tf.Tensor]:
+        """One boolean mask per variable: scalar, or the variable's shape for `element`.
+
+        Also records the kept fractions in the metric trackers.
+        """
+        if self.granularity == "element":
+            masks = [keras.random.uniform(v.shape, seed=self.mask_generator) < self.keep_prob
+                     for v in variables]
+            kept = [ops.sum(ops.cast(m, "float32")) for m in masks]
+            total = float(sum(_numel(v.shape) for v in variables))
+            fraction = ops.sum(ops.stack(kept)) / total
+            self.kept_fraction_tracker.update_state(fraction)
+            self.kept_parameter_tracker.update_state(fraction)
+            return masks
+        groups = self._group_index(variables)
+        num_groups = max(groups) + 1
+        group_kept = keras.random.uniform((num_groups,), seed=self.mask_generator) < self.keep_prob
+        masks = [group_kept[g] for g in groups]
+        sizes = ops.convert_to_tensor([float(_numel(v.shape)) for v in variables])
+        kept_float = ops.cast(ops.stack(masks), "float32")
+        if self.granularity == "worker":
+            # Workers own no variable when num_workers > #variables; count real ones.
+            owned = sorted(set(groups))
+            self.kept_fraction_tracker.update_state(
+                ops.mean(ops.cast(ops.take(group_kept, owned), "float32")))
+        else:
+            self.kept_fraction_tracker.update_state(ops.mean(ops.cast(group_kept, "float32")))
+        self.kept_parameter_tracker.update_state(ops.sum(kept_float * sizes) / ops.sum(sizes))
+        return masks
+
+    # -- optimizer state -----------------------------------------------------
+
+    def _optimizer_slots(self, variables) -> List[List[keras.Variable]]:
+        """Optimizer variables belonging to each trainable variable.
+
+        Keras names a slot `<variable path with / as _>_<slot name>`; a slot is
+        matched to the variable with the longest such prefix and the same shape.
+        Runs at trace time only.
+        """
+        prefixes = [v.path.replace("/", "_") + "_" for v in variables]
+        slots: List[List[keras.Variable]] = [[] for _ in variables]
+        for slot in self.optimizer.variables:
+            matches = [i for i, p in enumerate(prefixes)
+                       if slot.name.startswith(p) and tuple(slot.shape) == tuple(variables[i].shape)]
+            if not matches and len(slot.shape) == 0:
+                continue  # global state: step counter, learning rate
+            if not matches:
+                raise ValueError(
+                    f"dropped_state='freeze' cannot tell which variable optimizer slot "
+                    f"{slot.path!r} belongs to; use dropped_state='zero_gradient'")
+            slots[max(matches, key=lambda i: len(prefixes[i]))].append(slot)
+        return slots
+
+    # -- training ------------------------------------------------------------
+
+    def train_step(self, data):
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        variables = self.trainable_variables
+        with tf.GradientTape() as tape:
+            y_pred = self(x, training=True)
+            loss = self.compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight,
+                                     training=True)
+            track_loss(self, loss, x)
+            # Keras' LossScaleOptimizer needs the scaled loss; a no-op otherwise.
+            scaled_loss = self.optimizer.scale_loss(loss)
+        grads = tape.gradient(scaled_loss, variables)
+        masks = self.draw_masks(variables)
+        scale = 1.0 / self.keep_prob if self.rescale else 1.0
+        grads = [g * ops.cast(m, g.dtype) * scale for g, m in zip(grads, masks)]
+        if self.dropped_state == "freeze":
+            self._apply_frozen(grads, variables, masks)
+        else:
+            self.optimizer.apply(grads, variables)
+        return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+
+    def test_step(self, data):
+        # The kept fractions describe training steps only.
+        logs = super().test_step(data)
+        return {k: v for k, v in logs.items()
+                if k not in (self.kept_fraction_tracker.name, self.kept_parameter_tracker.name)}
+
+    def _apply_frozen(self, grads, variables, masks):
+        """Applies `grads`, then puts dropped variables and their slots back."""
+        if not self.optimizer.built:
+            self.optimizer.build(variables)
+        slots = self._optimizer_slots(variables)
+        before = [[ops.copy(s) for s in [v, *slot]] for v, slot in zip(variables, slots)]
+        self.optimizer.apply(grads, variables)
+        for v, slot, old, keep in zip(variables, slots, before, masks):
+            for target, old_value in zip([v, *slot], old):
+                if self.granularity == "element":
+                    target.assign(ops.where(keep, target.value, old_value))
+                else:  # scalar mask: write back only when dropped
+                    tf.cond(keep, tf.no_op, lambda t=target, o=old_value: _assign_op(t, o))

@@ -1,0 +1,95 @@
+"""Result files written atomically: a reader never sees a half-written file.
+
+`results.json` holds `{"config": {...}, "metrics": {...}, "status": ...}`;
+`history.csv` holds one row per evaluation (`step` plus metric columns).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from typing import Any, Mapping, Optional
+
+import numpy as np
+import pandas as pd
+
+RESULTS_FILE = "results.json"
+HISTORY_FILE = "history.csv"
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    """Writes `text` to `path` via a temporary file in the same directory and a rename."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(path), dir=directory)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # JSON has no NaN/inf; keep them readable.
+    return value
+
+
+def write_json(path: str, obj: Mapping[str, Any]) -> None:
+    atomic_write_text(path, json.dumps(_jsonable(obj), indent=2, sort_keys=True) + "\n")
+
+
+def write_csv(path: str, frame: pd.DataFrame) -> None:
+    atomic_write_text(path, frame.to_csv(index=False))
+
+
+def save_results(workdir: str, config: Mapping[str, Any], metrics: Mapping[str, Any],
+                 status: str = "completed", **extra: Any) -> str:
+    """Writes `workdir/results.json` atomically and returns its path."""
+    path = os.path.join(workdir, RESULTS_FILE)
+    write_json(path, {"config": config, "metrics": metrics, "status": status, **extra})
+    return path
+
+
+def load_results(workdir: str) -> Optional[dict]:
+    path = os.path.join(workdir, RESULTS_FILE)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def load_history(workdir: str) -> pd.DataFrame:
+    path = os.path.join(workdir, HISTORY_FILE)
+    if not os.path.exists(path):
+        return pd.DataFrame({"step": pd.Series(dtype=int)})
+    return pd.read_csv(path)
+
+
+def markdown_table(frame: pd.DataFrame, float_format: str = "{:.4g}") -> str:
+    """A GitHub-flavoured Markdown table of `frame` (no extra dependency)."""
+    def cell(value):
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            return ""
+        if isinstance(value, float):
+            return float_format.format(value)
+        return str(value)
+
+    header = "| " + " | ".join(str(c) for c in frame.columns) + " |"
+    rule = "|" + "|".join("---" for _ in frame.columns) + "|"
+    rows = ["| " + " | ".join(cell(v) for v in row) + " |"
+            for row in frame.itertuples(index=False)]
+    return "\n".join([header, rule, *rows]) + "\n"

@@ -1,0 +1,1 @@
+"""Whole studies (sweeps, tables, figures) as importable code for CLIs and notebooks."""

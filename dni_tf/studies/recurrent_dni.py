@@ -1,0 +1,301 @@
+"""Recurrent DNI studies (section 3.2): Copy / Repeat Copy and PTB characters.
+
+`run_copy_task(config, workdir)` trains one `TruncatedBPTT` model under the
+length curriculum and writes results.json (`max_length_solved`, ...),
+history.csv (with the curriculum position), TensorBoard and checkpoints.
+`run_language_model(config, workdir)` trains a stateful model on contiguous PTB
+character streams, keeps the weights with the best validation BPC (early
+stopping), and reports validation and test BPC of those weights.
+`run_table(run_fn, config, workdir, methods, truncations)` runs method x T, each
+in `workdir/<method>_T<T>/` (resumable), and writes `table.csv` (long form),
+`table.md` (methods x T, the paper's layout) and `table.png`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from typing import Callable, Optional, Sequence
+
+import keras
+import pandas as pd
+from absl import logging
+
+from dni_tf import plots, results
+from dni_tf.data import sequence_tasks, text
+from dni_tf.truncated_bptt import METHODS, ResetEvalState, TruncatedBPTT
+from dni_tf.training import train_and_evaluate
+
+TABLE_TRUNCATIONS = (2, 3, 4, 5, 8)
+
+
+def _check_common(cfg) -> None:
+    if cfg.method not in METHODS:
+        raise ValueError(f"method: {cfg.method!r} not in {', '.join(METHODS)}")
+    if cfg.truncation < 1:
+        raise ValueError(f"truncation: must be >= 1, got {cfg.truncation}")
+    for name in ("hidden_size", "steps", "batch_size", "eval_every"):
+        if getattr(cfg, name) <= 0:
+            raise ValueError(f"{name}: must be > 0, got {getattr(cfg, name)}")
+    if cfg.steps % cfg.eval_every:
+        raise ValueError(f"eval_every: must divide steps ({cfg.steps}), got {cfg.eval_every}")
+    if not cfg.learning_rate > 0:
+        raise ValueError(f"learning_rate: must be > 0, got {cfg.learning_rate}")
+    if not cfg.sg_scale > 0:
+        raise ValueError(f"sg_scale: must be > 0, got {cfg.sg_scale}")
+
+
+def _optimizer(cfg):
+    return keras.optimizers.Adam(cfg.learning_rate,
+                                 global_clipnorm=cfg.clip_norm if cfg.clip_norm > 0 else None)
+
+
+# --------------------------------------------------------------- Copy tasks
+@dataclasses.dataclass
+class CopyTaskConfig:
+    """One Copy / Repeat Copy run; defaults are a small CPU budget."""
+
+    task: str = "copy"
+    method: str = "bptt"
+    truncation: int = 3
+    hidden_size: int = 64
+    steps: int = 3000
+    batch_size: int = 32
+    learning_rate: float = 3e-3
+    clip_norm: float = 1.0
+    num_bits: int = 8
+    min_length: int = 1
+    max_length: int = 100
+    max_repeats: int = 3
+    threshold: float = 0.15
+    check_every: int = 50
+    eval_every: int = 500
+    eval_batches: int = 4
+    sg_scale: float = 0.1
+    aux_weight: float = 1.0
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.task not in sequence_tasks.TASKS:
+            raise ValueError(f"task: {self.task!r} not in {', '.join(sequence_tasks.TASKS)}")
+        _check_common(self)
+        for name in ("num_bits", "min_length", "max_repeats", "check_every", "eval_batches"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name}: must be > 0, got {getattr(self, name)}")
+        if self.max_length < self.min_length:
+            raise ValueError(f"max_length: must be >= min_length ({self.min_length}), "
+                             f"got {self.max_length}")
+        if not self.threshold > 0:
+            raise ValueError(f"threshold: must be > 0, got {self.threshold}")
+
+
+def build_copy_model(cfg: CopyTaskConfig):
+    """(model, curriculum): a compiled TruncatedBPTT holding its curriculum."""
+    keras.utils.set_random_seed(cfg.seed)
+    curriculum = sequence_tasks.Curriculum(cfg.min_length, cfg.max_length, cfg.threshold,
+                                           cfg.check_every, name="curriculum")
+    in_dim, out_dim = sequence_tasks.task_channels(cfg.task, cfg.num_bits)
+    model = TruncatedBPTT(out_dim, cfg.truncation, method=cfg.method,
+                          hidden_size=cfg.hidden_size, loss_type="bernoulli",
+                          sg_scale=cfg.sg_scale, aux_weight=cfg.aux_weight,
+                          curriculum=curriculum, seed=cfg.seed)
+    model.build((None, None, in_dim))
+    model.compile(optimizer=_optimizer(cfg))
+    return model, curriculum
+
+
+def run_copy_task(cfg: CopyTaskConfig, workdir: str, extra_config: Optional[dict] = None) -> dict:
+    """Trains one run under the curriculum; returns its final metrics."""
+    cfg.validate()
+    model, curriculum = build_copy_model(cfg)
+    kwargs = dict(num_bits=cfg.num_bits, max_repeats=cfg.max_repeats)
+    train = sequence_tasks.task_dataset(cfg.task, cfg.batch_size, curriculum, seed=cfg.seed,
+                                        **kwargs)
+    evaluation = sequence_tasks.task_dataset(cfg.task, cfg.batch_size, curriculum,
+                                             seed=cfg.seed + 1_000_003,
+                                             num_batches=cfg.eval_batches, **kwargs)
+
+    def curriculum_metrics(_):
+        return {"curriculum_length": int(curriculum.length.value),
+                "max_length_solved": int(curriculum.max_solved.value)}
+
+    last = train_and_evaluate(model, train, evaluation, steps=cfg.steps,
+                              eval_every=cfg.eval_every, workdir=workdir,
+                              extra_metrics=curriculum_metrics,
+                              label=f"{cfg.task} {cfg.method} T={cfg.truncation}")
+    metrics = {**{k: v for k, v in last.items() if k != "step"}, "steps": cfg.steps,
+               "max_length_solved": int(curriculum.max_solved.value),
+               "curriculum_length": int(curriculum.length.value)}
+    config = {**dataclasses.asdict(cfg), **(extra_config or {})}
+    results.save_results(workdir, config, metrics)
+    return metrics
+
+
+# --------------------------------------------------------- language model
+@dataclasses.dataclass
+class LanguageModelConfig:
+    """One PTB character run: stateful core, `chunk_length` characters per row per step.
+
+    Each training batch holds chunk_length / truncation windows, so runs with
+    different T see the same characters and make the same number of updates.
+    """
+
+    method: str = "bptt"
+    truncation: int = 5
+    hidden_size: int = 128
+    steps: int = 2000
+    batch_size: int = 32
+    chunk_length: int = 40
+    learning_rate: float = 3e-3
+    clip_norm: float = 1.0
+    eval_every: int = 250
+    eval_length: int = 200
+    eval_batches: int = 0
+    patience: int = 0
+    sg_scale: float = 0.1
+    aux_weight: float = 1.0
+    data_dir: Optional[str] = None
+    seed: int = 0
+
+    def validate(self) -> None:
+        _check_common(self)
+        for name in ("chunk_length", "eval_length"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name}: must be > 0, got {getattr(self, name)}")
+        if self.chunk_length % self.truncation:
+            raise ValueError(f"chunk_length: must be a multiple of truncation ({self.truncation}), "
+                             f"got {self.chunk_length}")
+        for name in ("eval_batches", "patience"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)}")
+
+
+def build_language_model(cfg: LanguageModelConfig, vocab_size: int) -> TruncatedBPTT:
+    keras.utils.set_random_seed(cfg.seed)
+    model = TruncatedBPTT(vocab_size, cfg.truncation, method=cfg.method,
+                          hidden_size=cfg.hidden_size, loss_type="categorical",
+                          vocab_size=vocab_size, sg_scale=cfg.sg_scale,
+                          aux_weight=cfg.aux_weight, stateful=True, batch_size=cfg.batch_size,
+                          seed=cfg.seed)
+    model.build()
+    model.compile(optimizer=_optimizer(cfg))
+    return model
+
+
+class BestWeights(keras.callbacks.Callback):
+    """Keeps the weights with the lowest validation BPC; stops after `patience` worse evals.
+
+    The best value survives a resume through `best.json` beside the weights.
+    """
+
+    def __init__(self, workdir: str, patience: int = 0, key: str = "val_bpc"):
+        super().__init__()
+        self.path = os.path.join(workdir, "best.weights.h5")
+        self.info_path = os.path.join(workdir, "best.json")
+        self.patience = patience
+        self.key = key
+
+    def _info(self):
+        if os.path.exists(self.info_path):
+            with open(self.info_path) as f:
+                return json.load(f)
+        return {"best": math.inf, "epoch": -1}
+
+    def on_epoch_end(self, epoch, logs=None):
+        value = float((logs or {}).get(self.key, math.inf))
+        info = self._info()
+        if value < info["best"]:
+            tmp = self.path + ".tmp.weights.h5"
+            self.model.save_weights(tmp)
+            os.replace(tmp, self.path)
+            results.write_json(self.info_path, {"best": value, "epoch": epoch})
+        elif self.patience and epoch - info["epoch"] >= self.patience:
+            logging.info("early stopping: %s has not improved for %d evaluations",
+                         self.key, self.patience)
+            self.model.stop_training = True
+
+
+def evaluate_bpc(model: TruncatedBPTT, dataset) -> float:
+    """BPC of a stateful model over a whole stream, from a zero state."""
+    model.reset_eval_state()
+    return float(model.evaluate(dataset, verbose=0, return_dict=True)["bpc"])
+
+
+def run_language_model(cfg: LanguageModelConfig, workdir: str,
+                       extra_config: Optional[dict] = None) -> dict:
+    """Trains on PTB characters; returns best validation BPC and its test BPC."""
+    cfg.validate()
+    corpus = text.load_ptb_chars(cfg.data_dir)
+    model = build_language_model(cfg, corpus.vocab_size)
+    train = text.stream_dataset(corpus.train, cfg.batch_size, cfg.chunk_length, repeat=True)
+    max_batches = cfg.eval_batches or None
+    valid = text.stream_dataset(corpus.valid, cfg.batch_size, cfg.eval_length,
+                                max_batches=max_batches)
+    best = BestWeights(workdir, cfg.patience)
+    last = train_and_evaluate(model, train, valid, steps=cfg.steps, eval_every=cfg.eval_every,
+                              workdir=workdir, eval_prefix="val",
+                              callbacks=[ResetEvalState(), best],
+                              label=f"ptb {cfg.method} T={cfg.truncation}")
+    if os.path.exists(best.path):
+        model.load_weights(best.path)
+    valid_full = text.stream_dataset(corpus.valid, cfg.batch_size, cfg.eval_length)
+    test = text.stream_dataset(corpus.test, cfg.batch_size, cfg.eval_length)
+    metrics = {"val_bpc": evaluate_bpc(model, valid_full), "test_bpc": evaluate_bpc(model, test),
+               "best_step": (best._info()["epoch"] + 1) * cfg.eval_every,
+               "train_bpc": last.get("train_bpc"), "steps": cfg.steps,
+               "characters_trained": cfg.steps * cfg.batch_size * cfg.chunk_length}
+    metrics["bpc"] = metrics["test_bpc"]
+    config = {**dataclasses.asdict(cfg), **(extra_config or {})}
+    results.save_results(workdir, config, metrics)
+    return metrics
+
+
+# ------------------------------------------------------------------ tables
+def run_table(run_fn: Callable, cfg, workdir: str, methods: Sequence[str],
+              truncations: Sequence[int], value: str, extra_config: Optional[dict] = None,
+              lower_is_better: bool = False) -> pd.DataFrame:
+    """Runs `run_fn(config, subdir)` for each method x T; writes the combined table.
+
+    Finished runs (results.json present with status completed) are read back,
+    not rerun, so rerunning the command resumes the table.
+    """
+    rows = []
+    for method in methods:
+        for t in truncations:
+            run_cfg = dataclasses.replace(cfg, method=method, truncation=int(t))
+            subdir = os.path.join(workdir, f"{method}_T{t}")
+            done = results.load_results(subdir)
+            if done and done.get("status") == "completed":
+                metrics = done["metrics"]
+            else:
+                metrics = run_fn(run_cfg, subdir, extra_config)
+            rows.append({"method": method, "T": int(t), value: metrics[value]})
+    table = pd.DataFrame(rows)
+    write_table(table, workdir, value, lower_is_better)
+    return table
+
+
+def write_table(table: pd.DataFrame, workdir: str, value: str, lower_is_better: bool) -> None:
+    """table.csv (long), table.md (methods x T) and table.png."""
+    results.write_csv(os.path.join(workdir, "table.csv"), table)
+    wide = table.pivot(index="method", columns="T", values=value)
+    order = [m for m in METHODS if m in wide.index]
+    wide = wide.loc[order]
+    header = "| method | " + " | ".join(f"T={t}" for t in wide.columns) + " |"
+    lines = [header, "|" + "---|" * (len(wide.columns) + 1)]
+    for method, row in wide.iterrows():
+        cells = [f"{v:.3f}" if isinstance(v, float) and not float(v).is_integer() else f"{v:g}"
+                 for v in row.values]
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    note = "lower is better" if lower_is_better else "higher is better"
+    results.atomic_write_text(os.path.join(workdir, "table.md"),
+                              f"{value} ({note})\n\n" + "\n".join(lines) + "\n")
+    import seaborn as sns  # plots sets the Agg backend on import
+    frame = table.copy()
+    frame["T"] = frame["T"].astype(str)
+    grid = sns.catplot(data=frame, x="T", y=value, hue="method", kind="bar", height=3.5,
+                       aspect=1.4, hue_order=order)
+    grid.set_axis_labels("truncation T", value.replace("_", " "))
+    plots.save_figure(grid.figure, os.path.join(workdir, "table.png"))

@@ -1,0 +1,640 @@
+"""Threshold-triggered, unsynchronised weight updates (seed 001).
+
+Every weight element keeps an accumulator of the gradient it receives. Only
+where the accumulated value passes a threshold, `|acc| > T`, is the update
+applied (through the base optimizer) and that accumulator reset; every other
+element keeps accumulating. A unit whose incoming weights fired "notifies its
+inputs": with `sparse_backward=True` only such units pass their error signal
+to the layer below. With `max_delay > 0` every layer applies its fired updates
+after its own random delay, so layers are never updated in lockstep.
+
+    model = ThresholdUpdates(dni_tf.models.mlp(hidden=(256, 256)), threshold=1e-3)
+    model.compile(optimizer=keras.optimizers.SGD(0.1),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  metrics=["accuracy"])
+    model.fit(train_dataset, ...)     # logs update_fraction, notify_fraction, ...
+
+What the caller must know:
+* The wrapper trains `model.network`. With `sparse_backward=True` that is a
+  clone of the given network whose Dense/Conv2D layers are replaced by
+  `NotifyingDense`/`NotifyingConv2D` (weights copied); the model passed in is
+  then left untouched.
+* The fired value is handed to the base optimizer as the gradient and unfired
+  elements get a zero gradient. With plain SGD (recommended) unfired weights
+  do not move at all; a stateful base optimizer (momentum, Adam) still moves
+  them through its slots. Momentum/Adam-like behaviour with strict firing comes
+  from `accumulation="decay"` / `"normalized"` over SGD.
+* All algorithm state (accumulators, second moments, delay ring buffers,
+  notification masks, counters, RNG) is Keras variables, so `save_weights` /
+  `load_weights` (and `dni_tf.training`'s checkpoints) restore it exactly.
+
+Accumulation strategies (g: the gradient of one element, after optional noise):
+  sum         acc <- acc + g
+  decay       acc <- decay * acc + g           (leaky, momentum-like)
+  normalized  v <- b2 v + (1 - b2) g^2;  acc <- acc + g / (sqrt(v / (1 - b2^t)) + eps)
+              (Adam-like; T is then in units of normalised gradient steps)
+When an element fires it emits `acc` (or `clip(acc, -clip, clip)` with `clip`:
+ordinary clipping, the clipped-off excess is discarded) and its accumulator is
+reset to zero. (Keeping the excess instead would turn clipping into a rate
+limit whose backlog grows without bound once the clip is below the typical
+per-step accumulation, e.g. with "normalized".)
+
+Sparse backward, the choice made: the notification mask of a layer is a
+per-unit variable `notify_mask` (1 = passes error down) set at the end of step
+t from the fire decisions of step t and used by the backward pass of step t+1.
+Deciding within the same backward pass would need the fire decision of layer l
+before the error of layer l is propagated, i.e. the accumulator update inside a
+custom gradient; a one-step-late notification keeps the step a plain
+tape + optimizer step and is itself an unsynchronised message. The masked
+layer computes its linear map twice in the forward pass (once for the weight
+gradient, once, masked per output unit, for the input gradient), so the
+forward value is unchanged and only the error passed down is masked.
+
+Metrics (in `fit()` logs, `history.csv`, TensorBoard):
+  update_fraction  fraction of weight elements that fired in a step (mean over
+                   the logging period)
+  notify_fraction  fraction of units (output units of kernel layers) with at
+                   least one fired incoming weight, i.e. units passing error
+                   down (in sparse mode: in the next step)
+  acc_norm         global L2 norm of the accumulators after the step
+  weight_updates   cumulative number of element updates fired so far
+  cancelled_fraction  1 - sum|emitted| / sum|accumulated increments| since the
+                   start (cumulative L1 over all elements and steps; increments
+                   are normalised for "normalized"): the share of
+                   gradient mass that never reached the weights because
+                   opposite-signed gradients cancelled in the accumulators (or
+                   decayed, or were clipped, or are still accumulating). 0 at T=0.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import List, Optional
+
+import keras
+import tensorflow as tf
+from keras import ops
+
+ACCUMULATIONS = ("sum", "decay", "normalized")
+DATASETS = ("mnist", "fashion_mnist", "cifar10", "digits")
+_OWN_METRICS = ("update_fraction", "notify_fraction", "acc_norm", "weight_updates",
+                "cancelled_fraction")
+
+
+def _notifying_linear(fn, inputs, kernel, mask):
+    """`fn(inputs, kernel)` whose input gradient only carries masked units' error.
+
+    `mask` broadcasts against the output (1 = unit passes its error down). The
+    forward value is exactly `fn(inputs, kernel)`; the kernel gradient is the
+    usual one; the input gradient is that of `fn` with the upstream error
+    multiplied by `mask`.
+    """
+    for_kernel = fn(ops.stop_gradient(inputs), kernel)
+    for_inputs = ops.multiply(fn(inputs, ops.stop_gradient(kernel)), mask)
+    # (a - stop(a)) is exactly 0 in the forward pass and carries a's gradient.
+    return ops.add(for_kernel, ops.subtract(for_inputs, ops.stop_gradient(for_inputs)))
+
+
+class _SavesNotifyMask:
+    """Dense/Conv serialise a fixed variable list; add `notify_mask` to it."""
+
+    def save_own_variables(self, store):
+        super().save_own_variables(store)
+        if self.built:
+            store["notify_mask"] = self.notify_mask
+
+    def load_own_variables(self, store):
+        super().load_own_variables(store)
+        if self.built and "notify_mask" in store.keys():
+            self.notify_mask.assign(store["notify_mask"])
+
+
+class NotifyingDense(_SavesNotifyMask, keras.layers.Dense):
+    """`keras.layers.Dense` with a per-unit `notify_mask` gating the error passed down.
+
+    `notify_mask` [units] is a non-trainable variable (initially ones) that
+    `ThresholdUpdates` sets from the fired incoming weights of each unit.
+    """
+
+    def build(self, input_shape):
+        super().build(input_shape)
+        self.notify_mask = self.add_weight(
+            shape=(self.units,), initializer="ones", trainable=False,
+            name="notify_mask", aggregation="only_first_replica")
+
+    def call(self, inputs, training=None):
+        x = _notifying_linear(ops.matmul, inputs, self.kernel,
+                              ops.cast(self.notify_mask, inputs.dtype))
+        if self.bias is not None:
+            x = ops.add(x, self.bias)
+        if self.activation is not None:
+            x = self.activation(x)
+        return x
+
+
+class NotifyingConv2D(_SavesNotifyMask, keras.layers.Conv2D):
+    """`keras.layers.Conv2D` with a per-filter `notify_mask` gating the error passed down."""
+
+    def build(self, input_shape):
+        super().build(input_shape)
+        self.notify_mask = self.add_weight(
+            shape=(self.filters,), initializer="ones", trainable=False,
+            name="notify_mask", aggregation="only_first_replica")
+
+    def convolution_op(self, inputs, kernel):
+        mask = ops.cast(self.notify_mask, inputs.dtype)
+        if self.data_format == "channels_first":
+            mask = ops.reshape(mask, (-1, 1, 1))
+        parent = super().convolution_op
+        return _notifying_linear(parent, inputs, kernel, mask)
+
+
+_NOTIFYING = {keras.layers.Dense: NotifyingDense, keras.layers.Conv2D: NotifyingConv2D}
+
+
+def with_sparse_backward(model: keras.Model) -> keras.Model:
+    """A clone of a Sequential/Functional `model` with notifying Dense/Conv2D layers.
+
+    Weights are copied when `model` is built. Other layers are cloned unchanged
+    (they pass the error they receive on as usual).
+    """
+    def clone(layer):
+        cls = _NOTIFYING.get(type(layer), type(layer))
+        return cls.from_config(layer.get_config())
+
+    cloned = keras.models.clone_model(model, clone_function=clone)
+    if model.built:
+        if not cloned.built:
+            cloned.build(model.input_shape)
+        for old, new in zip(_leaf_layers(model), _leaf_layers(cloned)):
+            for source, target in zip(old.weights, new.weights):  # notify_mask comes last
+                target.assign(source)
+    return cloned
+
+
+def _leaf_layers(model) -> List[keras.layers.Layer]:
+    leaves = []
+    for layer in model.layers:
+        if getattr(layer, "layers", None):
+            leaves.extend(_leaf_layers(layer))
+        else:
+            leaves.append(layer)
+    return leaves
+
+
+def validate(threshold: float = 0.0, accumulation: str = "sum", decay: float = 0.9,
+             beta_2: float = 0.999, epsilon: float = 1e-8, clip: Optional[float] = None,
+             noise_stddev: float = 0.0, max_delay: int = 0) -> None:
+    """Raises ValueError naming the bad argument and its allowed values."""
+    if not threshold >= 0.0:
+        raise ValueError(f"threshold={threshold!r}: must be >= 0")
+    if accumulation not in ACCUMULATIONS:
+        raise ValueError(f"accumulation={accumulation!r}: choose from {', '.join(ACCUMULATIONS)}")
+    if not 0.0 <= decay <= 1.0:
+        raise ValueError(f"decay={decay!r}: must be in [0, 1]")
+    if not 0.0 <= beta_2 < 1.0:
+        raise ValueError(f"beta_2={beta_2!r}: must be in [0, 1)")
+    if not epsilon > 0.0:
+        raise ValueError(f"epsilon={epsilon!r}: must be > 0")
+    if clip is not None and not clip > 0.0:
+        raise ValueError(f"clip={clip!r}: must be > 0 (or None for no clipping)")
+    if not noise_stddev >= 0.0:
+        raise ValueError(f"noise_stddev={noise_stddev!r}: must be >= 0")
+    if int(max_delay) != max_delay or max_delay < 0:
+        raise ValueError(f"max_delay={max_delay!r}: must be an integer >= 0")
+
+
+class ThresholdUpdates(keras.Model):
+    """Trains `network` with the per-weight accumulate-and-fire rule.
+
+    Args:
+      network: any Keras model mapping inputs to predictions. Must be built
+        (e.g. made with `keras.Input`) or buildable by calling it. For
+        `sparse_backward` it must be Sequential or Functional.
+      threshold: T >= 0; an element fires where |accumulator| > T. T = 0 with
+        `accumulation="sum"` reproduces the base optimizer exactly.
+      accumulation: "sum", "decay" or "normalized" (see the module docstring).
+      decay: accumulator decay per step for "decay".
+      beta_2, epsilon: second-moment decay and epsilon for "normalized".
+      clip: optional bound on the magnitude an element emits when it fires
+        (the excess is discarded).
+      noise_stddev: std of Gaussian noise added to every gradient element
+        before accumulation (seeded, deterministic).
+      sparse_backward: only units with a fired incoming weight (previous step)
+        pass their error to the layer below.
+      max_delay: each layer applies what fired after d ~ U{0..max_delay} steps,
+        drawn per layer and step; fired-but-pending updates wait in a ring
+        buffer of `max_delay + 1` slots per variable.
+      seed: seed of the noise and delay draws.
+
+    Use `compile(optimizer=..., loss=..., metrics=...)` and `fit()` as usual.
+    """
+
+    def __init__(self, network: keras.Model, threshold: float = 0.0,
+                 accumulation: str = "sum", decay: float = 0.9, beta_2: float = 0.999,
+                 epsilon: float = 1e-8, clip: Optional[float] = None,
+                 noise_stddev: float = 0.0, sparse_backward: bool = False,
+                 max_delay: int = 0, seed: int = 0, name: str = "threshold_updates",
+                 **kwargs):
+        super().__init__(name=name, **kwargs)
+        validate(threshold, accumulation, decay, beta_2, epsilon, clip, noise_stddev, max_delay)
+        self.threshold = float(threshold)
+        self.accumulation = accumulation
+        self.decay = float(decay)
+        self.beta_2 = float(beta_2)
+        self.epsilon = float(epsilon)
+        self.clip = None if clip is None else float(clip)
+        self.noise_stddev = float(noise_stddev)
+        self.sparse_backward = bool(sparse_backward)
+        self.max_delay = int(max_delay)
+        has_notifying = any(isinstance(l, (NotifyingDense, NotifyingConv2D))
+                            for l in _leaf_layers(network)) if hasattr(network, "layers") else False
+        if self.sparse_backward and not has_notifying:
+            network = with_sparse_backward(network)
+        self.network = network
+        self.seed = int(seed)
+        self.seed_generator = keras.random.SeedGenerator(self.seed)
+        self.update_fraction_tracker = keras.metrics.Mean(name="update_fraction")
+        self.notify_fraction_tracker = keras.metrics.Mean(name="notify_fraction")
+        self.acc_norm_tracker = keras.metrics.Mean(name="acc_norm")
+        if network.built:
+            self._create_state()
+            self.built = True
+
+    # ----------------------------------------------------------------- state
+    def build(self, input_shape):
+        if not self.network.built:
+            self.network.build(input_shape)
+        if not getattr(self, "_state_created", False):
+            self._create_state()
+        self.built = True
+
+    def _create_state(self):
+        self._vars = list(self.network.trainable_variables)
+        index = {id(v): i for i, v in enumerate(self._vars)}
+
+        def state(shape, name, dtype="float32", init="zeros"):
+            return self.add_weight(shape=shape, initializer=init, dtype=dtype,
+                                   trainable=False, name=name,
+                                   aggregation="only_first_replica")
+
+        self.accumulators = [state(v.shape, f"accumulator_{i}") for i, v in enumerate(self._vars)]
+        self.second_moments = ([state(v.shape, f"second_moment_{i}")
+                                for i, v in enumerate(self._vars)]
+                               if self.accumulation == "normalized" else [])
+        self.delay_buffers = ([state((self.max_delay + 1, *v.shape), f"delay_buffer_{i}")
+                               for i, v in enumerate(self._vars)]
+                              if self.max_delay else [])
+        self.step_counter = state((), "step_counter", dtype="int64")
+        self.weight_update_count = state((), "weight_update_count", dtype="int64")
+        # Keras does not save a SeedGenerator's state with the weights: give the
+        # generator a state variable of ours so a checkpoint restores the noise
+        # and delay streams exactly.
+        seed = self.seed
+        self.rng_state = self.add_weight(
+            shape=(2,), dtype=self.seed_generator.state.dtype, trainable=False,
+            initializer=lambda shape, dtype=None: ops.convert_to_tensor([seed, 0], dtype=dtype),
+            name="rng_state", aggregation="only_first_replica")
+        self.seed_generator.state = self.rng_state
+        self.received_l1 = state((), "received_l1", dtype="float64")
+        self.emitted_l1 = state((), "emitted_l1", dtype="float64")
+
+        # Groups (one per leaf layer) for the per-layer delays; kernel layers for
+        # the notification masks: (kernel index, bias index or None, layer).
+        self._group_of = [None] * len(self._vars)
+        self._kernel_layers = []
+        groups = 0
+        for layer in _leaf_layers(self.network) if hasattr(self.network, "layers") else []:
+            own = [index[id(v)] for v in layer.trainable_variables if id(v) in index]
+            if not own:
+                continue
+            for i in own:
+                self._group_of[i] = groups
+            groups += 1
+            kernel = getattr(layer, "kernel", None)
+            if kernel is not None and id(kernel) in index and len(kernel.shape) >= 2:
+                bias = getattr(layer, "bias", None)
+                self._kernel_layers.append((
+                    index[id(kernel)],
+                    index[id(bias)] if bias is not None and id(bias) in index else None,
+                    layer if hasattr(layer, "notify_mask") else None))
+        for i, group in enumerate(self._group_of):
+            if group is None:
+                self._group_of[i] = groups
+                groups += 1
+        self._num_groups = groups
+        self._num_elements = sum(_size(v.shape) for v in self._vars)
+        self._num_units = sum(self._vars[k].shape[-1] for k, _, _ in self._kernel_layers)
+        self._state_created = True
+
+    # ------------------------------------------------------------------ call
+    def call(self, inputs, training=False):
+        return self.network(inputs, training=training)
+
+    def test_step(self, data):
+        logs = super().test_step(data)
+        return {k: v for k, v in logs.items() if k not in _OWN_METRICS}
+
+    # ------------------------------------------------------------------ step
+    def train_step(self, data):
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        replicas = tf.distribute.get_strategy().num_replicas_in_sync
+        with tf.GradientTape() as tape:
+            y_pred = self(x, training=True)
+            loss = self.compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight,
+                                     training=True)
+            self._loss_tracker.update_state(
+                loss * replicas if replicas > 1 else loss,
+                sample_weight=tf.shape(tf.nest.flatten(x)[0])[0])
+        # No optimizer.scale_loss: thresholds compare unscaled gradients, so a
+        # LossScaleOptimizer (mixed precision) is not supported.
+        grads = tape.gradient(loss, self._vars)
+        grads = [ops.zeros_like(v) if g is None else ops.convert_to_tensor(g)
+                 for g, v in zip(grads, self._vars)]
+        if replicas > 1:
+            # The fire decisions must be identical on every replica, so they are
+            # taken on the summed gradient (the loss is already 1/replicas scaled).
+            grads = tf.distribute.get_replica_context().all_reduce(
+                tf.distribute.ReduceOp.SUM, grads)
+        updates, fired = self.accumulate_and_fire(grads)
+        updates = self._delay(updates)
+        if replicas > 1:
+            # The optimizer sums gradients over replicas again.
+            updates = [u / replicas for u in updates]
+        self.optimizer.apply(updates, self._vars)
+        self._record(fired)
+        logs = self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+        logs["weight_updates"] = ops.cast(self.weight_update_count, "float32")
+        logs["cancelled_fraction"] = ops.cast(
+            1.0 - self.emitted_l1 / ops.maximum(self.received_l1, 1e-30), "float32")
+        return logs
+
+    def accumulate_and_fire(self, grads):
+        """Adds `grads` to the accumulators; returns (updates to apply, fired masks).
+
+        Updates the accumulators (and second moments) in place. `updates[i]` is
+        zero wherever `fired[i]` is False.
+        """
+        step = self.step_counter + 1
+        self.step_counter.assign(step)
+        updates, fired_masks, received, emitted_l1 = [], [], [], []
+        for i, (g, acc) in enumerate(zip(grads, self.accumulators)):
+            g = ops.cast(g, acc.dtype)
+            if self.noise_stddev:
+                g = g + self.noise_stddev * keras.random.normal(
+                    ops.shape(g), seed=self.seed_generator, dtype=acc.dtype)
+            if self.accumulation == "sum":
+                increment, total = g, acc + g
+            elif self.accumulation == "decay":
+                increment, total = g, self.decay * acc + g
+            else:
+                v = self.second_moments[i]
+                v_new = self.beta_2 * v + (1.0 - self.beta_2) * ops.square(g)
+                v.assign(v_new)
+                correction = 1.0 - ops.power(ops.cast(self.beta_2, acc.dtype),
+                                             ops.cast(step, acc.dtype))
+                increment = g / (ops.sqrt(v_new / correction) + self.epsilon)
+                total = acc + increment
+            received.append(ops.sum(ops.abs(increment)))
+            fired = ops.greater(ops.abs(total), self.threshold)
+            emitted = total if self.clip is None else ops.clip(total, -self.clip, self.clip)
+            acc.assign(ops.where(fired, ops.zeros_like(total), total))
+            updates.append(ops.where(fired, emitted, ops.zeros_like(total)))
+            emitted_l1.append(ops.sum(ops.abs(updates[-1])))
+            fired_masks.append(fired)
+        self.received_l1.assign(self.received_l1 + ops.cast(ops.sum(ops.stack(received)), "float64"))
+        self.emitted_l1.assign(self.emitted_l1 + ops.cast(ops.sum(ops.stack(emitted_l1)), "float64"))
+        return updates, fired_masks
+
+    def _delay(self, updates):
+        """Per-layer random delays through ring buffers; identity when max_delay=0."""
+        if not self.max_delay:
+            return updates
+        slots = self.max_delay + 1
+        delays = keras.random.randint((self._num_groups,), 0, slots,
+                                      seed=self.seed_generator, dtype="int32")
+        now = ops.cast(ops.mod(self.step_counter - 1, slots), "int32")
+        out_mask = ops.one_hot(now, slots, dtype="float32")
+        applied = []
+        for i, (u, buf) in enumerate(zip(updates, self.delay_buffers)):
+            expand = (slots,) + (1,) * len(u.shape)
+            target = ops.mod(now + delays[self._group_of[i]], slots)
+            in_mask = ops.reshape(ops.one_hot(target, slots, dtype=buf.dtype), expand)
+            pending = buf + in_mask * ops.expand_dims(u, 0)
+            applied.append(ops.take(pending, now, axis=0))
+            buf.assign(pending * ops.reshape(1.0 - out_mask, expand))
+        return applied
+
+    def _record(self, fired):
+        counts = [ops.sum(ops.cast(f, "int64")) for f in fired]
+        total = ops.sum(ops.stack(counts))
+        self.weight_update_count.assign(self.weight_update_count + total)
+        self.update_fraction_tracker.update_state(
+            ops.cast(total, "float32") / float(max(self._num_elements, 1)))
+        squares = ops.sum(ops.stack([ops.sum(ops.square(a)) for a in self.accumulators]))
+        self.acc_norm_tracker.update_state(ops.sqrt(squares))
+        if self._kernel_layers:
+            notified = []
+            for k, b, layer in self._kernel_layers:
+                f = fired[k]
+                unit = ops.any(ops.reshape(f, (-1, f.shape[-1])), axis=0)
+                if b is not None:
+                    unit = ops.logical_or(unit, fired[b])
+                if self.sparse_backward and layer is not None:
+                    layer.notify_mask.assign(ops.cast(unit, layer.notify_mask.dtype))
+                notified.append(ops.sum(ops.cast(unit, "float32")))
+            self.notify_fraction_tracker.update_state(
+                ops.sum(ops.stack(notified)) / float(self._num_units))
+
+    # ----------------------------------------------------------- inspection
+    def pending_updates(self):
+        """Fired updates still waiting in the delay buffers, one tensor per variable."""
+        return [ops.sum(b, axis=0) for b in self.delay_buffers]
+
+
+def _size(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
+
+
+# --------------------------------------------------------------------- sweeps
+DATASETS = ("mnist", "fashion_mnist", "cifar10", "digits")
+
+
+def check_config(values: dict) -> dict:
+    """Checks the experiment's flag values; returns them parsed or raises `cli.UsageError`.
+
+    `values` maps flag names to raw values (`thresholds` and `hidden` as lists
+    of strings or a comma-separated string). The error names the flag and
+    its allowed values.
+    """
+    from dni_tf import cli
+
+    config = dict(values)
+    config["thresholds"] = cli.parse_floats("thresholds", values["thresholds"], low=0.0)
+    if len(set(config["thresholds"])) != len(config["thresholds"]):
+        raise cli.UsageError("--thresholds: values must be distinct")
+    cli.check_choice("accumulation", values["accumulation"], ACCUMULATIONS)
+    cli.check_range("decay", values["decay"], 0.0, 1.0)
+    cli.check_range("clip", values["clip"], 0.0)
+    cli.check_range("noise_stddev", values["noise_stddev"], 0.0)
+    cli.check_range("max_delay", values["max_delay"], 0)
+    cli.check_choice("dataset", values["dataset"], DATASETS)
+    cli.check_choice("model", values["model"], ("mlp", "cnn"))
+    hidden = _as_list(values["hidden"])
+    try:
+        config["hidden"] = [int(h) for h in hidden]
+    except ValueError:
+        config["hidden"] = []
+    if not config["hidden"] or min(config["hidden"]) < 1:
+        raise cli.UsageError(f"--hidden={','.join(hidden)}: give positive integers, e.g. 256,256")
+    cli.check_choice("optimizer", values["optimizer"], ("sgd", "momentum", "adam"))
+    cli.check_range("learning_rate", values["learning_rate"], 0.0, low_open=True)
+    cli.check_range("steps", values["steps"], 1)
+    cli.check_range("eval_every", values["eval_every"], 1)
+    if values["steps"] % values["eval_every"]:
+        raise cli.UsageError(f"--steps={values['steps']} must be a multiple of "
+                             f"--eval_every={values['eval_every']}")
+    cli.check_range("batch_size", values["batch_size"], 1)
+    cli.check_range("target_accuracy", values["target_accuracy"], 0.0, 1.0)
+    if not values["workdir"]:
+        raise cli.UsageError("--workdir is required")
+    return config
+
+
+def _as_list(value):
+    return value.split(",") if isinstance(value, str) else list(value)
+
+
+def build_classifier(config: dict, data) -> keras.Model:
+    """The network named by `config["model"]` ("mlp" with `config["hidden"]`, or "cnn")."""
+    from dni_tf import models
+    if config["model"] == "cnn":
+        return models.tutorial_cnn(data.image_shape, data.num_classes, seed=config["seed"])
+    return models.mlp(data.image_shape, hidden=tuple(config["hidden"]),
+                      num_classes=data.num_classes, seed=config["seed"])
+
+
+def _base_optimizer(name: str, learning_rate: float) -> keras.optimizers.Optimizer:
+    if name == "adam":
+        return keras.optimizers.Adam(learning_rate)
+    return keras.optimizers.SGD(learning_rate, momentum=0.9 if name == "momentum" else 0.0)
+
+
+def run_sweep(config: dict, data, workdir: str) -> dict:
+    """Trains one model per threshold in `workdir/threshold_<T>/`; writes the tables.
+
+    `config` holds the experiment's flags (parsed: `thresholds` a list of
+    floats, `hidden` a list of ints, `clip` 0 for none). Returns the combined
+    metrics, also written to `workdir/results.json`.
+    """
+    import pandas as pd
+
+    from dni_tf import results
+    from dni_tf.training import train_and_evaluate
+
+    rows, curves = [], []
+    for threshold in config["thresholds"]:
+        subdir = os.path.join(workdir, f"threshold_{threshold:g}")
+        network = build_classifier(config, data)
+        model = ThresholdUpdates(
+            network, threshold=threshold, accumulation=config["accumulation"],
+            decay=config["decay"], clip=config["clip"] or None,
+            noise_stddev=config["noise_stddev"], sparse_backward=config["sparse_backward"],
+            max_delay=config["max_delay"], seed=config["seed"])
+        model.compile(optimizer=_base_optimizer(config["optimizer"], config["learning_rate"]),
+                      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                      metrics=["accuracy"])
+        train_and_evaluate(model, data.train_dataset(config["batch_size"], seed=config["seed"]),
+                           data.test_dataset(1000), steps=config["steps"],
+                           eval_every=config["eval_every"], workdir=subdir,
+                           label=f"T={threshold:g}")
+        history = results.load_history(subdir)
+        num_weights = model._num_elements
+        row = summarize_run(history, threshold, num_weights, config["target_accuracy"])
+        results.save_results(subdir, {**config, "thresholds": [threshold]}, row)
+        rows.append(row)
+        curves.append(pd.DataFrame({
+            "threshold": threshold, "step": history["step"],
+            "weight_updates": history["train_weight_updates"],
+            "test_accuracy": history["test_accuracy"],
+            "update_fraction": history["train_update_fraction"]}))
+    summary = pd.DataFrame(rows)
+    curves = pd.concat(curves, ignore_index=True)
+    results.write_csv(os.path.join(workdir, "summary.csv"), summary)
+    results.atomic_write_text(os.path.join(workdir, "summary.md"), _markdown(summary))
+    results.write_csv(os.path.join(workdir, "curves.csv"), curves)
+    plot_sweep(summary, curves, workdir)
+    metrics = {f"T={r['threshold']:g}": r for r in rows}
+    results.save_results(workdir, config, metrics)
+    return metrics
+
+
+def summarize_run(history, threshold: float, num_weights: int, target_accuracy: float) -> dict:
+    """One summary row from a run's history.csv (columns written by `ThresholdUpdates`)."""
+    last = history.iloc[-1]
+    steps = int(last["step"])
+    updates = float(last["train_weight_updates"])
+    reached = history[history["test_accuracy"] >= target_accuracy]
+    return {
+        "threshold": threshold,
+        "steps": steps,
+        "test_accuracy": float(last["test_accuracy"]),
+        "best_test_accuracy": float(history["test_accuracy"].max()),
+        "test_loss": float(last["test_loss"]),
+        "weight_updates": updates,
+        # Weight updates applied as a fraction of what backprop+SGD applies
+        # (every weight, every step).
+        "update_fraction": updates / (steps * num_weights),
+        "notify_fraction": float(history["train_notify_fraction"].mean()),
+        "cancelled_fraction": float(last["train_cancelled_fraction"]),
+        "acc_norm": float(last["train_acc_norm"]),
+        f"updates_to_{target_accuracy:g}": (float(reached["train_weight_updates"].iloc[0])
+                                            if len(reached) else float("nan")),
+        "num_weights": num_weights,
+    }
+
+
+def _markdown(frame) -> str:
+    header = "| " + " | ".join(frame.columns) + " |\n|" + "---|" * len(frame.columns) + "\n"
+    lines = ["| " + " | ".join(f"{v:.4g}" if isinstance(v, float) else str(v) for v in row) + " |"
+             for row in frame.itertuples(index=False)]
+    return header + "\n".join(lines) + "\n"
+
+
+def plot_sweep(summary, curves, workdir: str) -> None:
+    """`curves.png` (accuracy vs steps and vs updates) and `accuracy_vs_sparsity.png`."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.ticker
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    curves = curves.assign(T=curves["threshold"].map(lambda t: f"{t:g}"))
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+    sns.lineplot(data=curves, x="step", y="test_accuracy", hue="T", marker="o", ax=axes[0])
+    sns.lineplot(data=curves, x="weight_updates", y="test_accuracy", hue="T", marker="o",
+                 ax=axes[1], legend=False)
+    axes[1].set_xscale("log")
+    axes[1].xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    axes[1].set_xlabel("weight updates applied")
+    fig.tight_layout()
+    fig.savefig(os.path.join(workdir, "curves.png"), dpi=100)
+    plt.close(fig)
+
+    table = summary.assign(T=summary["threshold"].map(lambda t: f"{t:g}"))
+    fig, ax = plt.subplots(figsize=(4.5, 3.4))
+    sns.scatterplot(data=table, x="update_fraction", y="test_accuracy", hue="T", s=70, ax=ax)
+    ax.set_xscale("log")
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    low, high = table["test_accuracy"].min(), table["test_accuracy"].max()
+    if high - low < 0.02:  # Do not blow up differences of a few test examples.
+        middle = (high + low) / 2
+        ax.set_ylim(middle - 0.012, middle + 0.012)
+    ax.set_xlabel("fraction of weight updates applied (vs backprop)")
+    ax.set_ylabel("final test accuracy")
+    fig.tight_layout()
+    fig.savefig(os.path.join(workdir, "accuracy_vs_sparsity.png"), dpi=100)
+    plt.close(fig)

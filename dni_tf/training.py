@@ -1,0 +1,105 @@
+"""The shared `fit()` loop: periodic evaluation, history, TensorBoard, resume.
+
+Every experiment trains through `train_and_evaluate`, so every algorithm gets the
+same contract: `history.csv` (one row per evaluation), TensorBoard scalars,
+atomic checkpoints after each evaluation, resume on rerun, progress lines and a
+clean stop on divergence.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable, Dict, Optional, Sequence
+
+import keras
+import tensorflow as tf
+
+from dni_tf import results
+from dni_tf.callbacks import (DivergenceGuard, EvaluationLogger, ProgressLogger,
+                              ResumableCheckpoint)
+
+
+def train_and_evaluate(model: keras.Model, train_data, eval_data, *, steps: int,
+                       eval_every: int, workdir: str, eval_prefix: str = "test",
+                       callbacks: Sequence[keras.callbacks.Callback] = (),
+                       extra_metrics: Optional[Callable[[keras.Model], Dict[str, float]]] = None,
+                       label: str = "", verbose: int = 0) -> Dict[str, float]:
+    """Trains a compiled `model` for `steps` steps, evaluating every `eval_every`.
+
+    Args:
+      model: a compiled Keras model (any custom `train_step`/`test_step`).
+      train_data: an infinite (repeated) `tf.data.Dataset` whose order depends
+        only on its seed; on resume the already-consumed batches are skipped, so
+        a resumed run sees the same batches as an uninterrupted one.
+      eval_data: a finite dataset evaluated with `test_step` at each evaluation.
+      steps: total training steps; must be a multiple of `eval_every`.
+      workdir: run directory (history.csv, tensorboard/, checkpoints/).
+      eval_prefix: history column prefix for `eval_data` metrics.
+      callbacks: extra Keras callbacks.
+      extra_metrics: optional `fn(model) -> dict` logged at each evaluation.
+
+    Returns:
+      The last history row (`step` and every metric) as a dict.
+
+    Raises:
+      dni_tf.cli.TrainingDiverged: the loss became NaN/inf (checkpoint kept).
+    """
+    if steps <= 0 or eval_every <= 0 or steps % eval_every:
+        raise ValueError(f"steps ({steps}) must be a positive multiple of eval_every ({eval_every})")
+    os.makedirs(workdir, exist_ok=True)
+    epochs = steps // eval_every
+    checkpoint_dir = os.path.join(workdir, "checkpoints")
+    done = min(ResumableCheckpoint.completed_epochs(checkpoint_dir), epochs)
+    if done:
+        # Zeros of the batch spec: iterating train_data here would advance its
+        # shuffle seed and change the order the resumed run sees.
+        build_for_restore(model, tf.nest.map_structure(
+            lambda spec: tf.zeros([d or 1 for d in spec.shape], spec.dtype),
+            train_data.element_spec))
+    model.fit(
+        train_data.skip(done * eval_every),
+        epochs=epochs,
+        initial_epoch=done,
+        steps_per_epoch=eval_every,
+        validation_data=eval_data,
+        callbacks=[
+            DivergenceGuard(eval_every),
+            EvaluationLogger(workdir, eval_every, eval_prefix, extra_metrics),
+            ResumableCheckpoint(checkpoint_dir),
+            ProgressLogger(steps, eval_every, label),
+            *callbacks,
+        ],
+        shuffle=False,  # the dataset shuffles itself (seeded)
+        verbose=verbose,
+    )
+    history = results.load_history(workdir)
+    return {k: (int(v) if k == "step" else float(v)) for k, v in history.iloc[-1].items()}
+
+
+def build_for_restore(model: keras.Model, batch) -> None:
+    """Creates every variable `fit()` would (layers, metrics, optimizer slots).
+
+    Without a distribution strategy Keras builds lazily at the first traced
+    step, which is too late to load a checkpoint; this is the build it performs
+    under a strategy. Models with extra optimizers must build them in `build()`.
+    """
+    if hasattr(model, "_symbolic_build"):
+        model._symbolic_build(data_batch=batch)
+    else:  # fallback for Keras versions without the private hook
+        model(keras.utils.unpack_x_y_sample_weight(batch)[0])
+    if model.optimizer is not None and not model.optimizer.built:
+        model.optimizer.build(model.trainable_variables)
+
+
+def track_loss(model: keras.Model, loss, x) -> None:
+    """Records `loss` in the model's `loss` metric, as Keras' own train_step does.
+
+    Keras 3's `compute_loss` does not update the `loss` tracker; a custom
+    `train_step`/`test_step` must call this (before `compute_metrics`). Under a
+    distribution strategy the per-replica scaling is undone first.
+    """
+    from keras.src.losses import loss as loss_module  # no public alias yet
+
+    batch_size = tf.shape(tf.nest.flatten(x)[0])[0]
+    model._loss_tracker.update_state(loss_module.unscale_loss_for_distribution(loss),
+                                     sample_weight=batch_size)

@@ -1,0 +1,465 @@
+"""Truncated BPTT for an LSTM core, plain or with recurrent synthetic gradients.
+
+Recurrent DNI (Jaderberg et al. 2016, section 2.2): a sequence is processed in
+windows of `T` steps; the state is carried from window to window but gradients
+are cut at each window boundary. Three methods:
+
+* `bptt`: plain truncated BPTT.
+* `dni`: a synthetic gradient module M reads the state `s_{k+1}` at the end of
+  window k and predicts the gradient of all future losses with respect to it.
+  That prediction, scaled by `sg_scale` (0.1), is added to the true gradient
+  of the window's loss at `s_{k+1}`, so the core learns from beyond its window.
+  M is trained by regression onto a bootstrapped target: the gradient that
+  reaches the *next* window's first state (`s_{k+1}`), which is the true
+  gradient of window k+1's loss plus window k+1's own scaled synthetic
+  gradient backpropagated through it. At the end of a finite sequence no
+  synthetic gradient is injected and M's prediction there is regressed to 0
+  (there is no future loss), which keeps the bootstrap from drifting.
+* `dni_aux`: `dni` plus an auxiliary linear head on the core output that, at
+  every step of window k, predicts the synthetic gradient M(s_{k+1}) at the
+  window's end (the next synthetic gradient, at most T steps ahead); its L2
+  loss (weight `aux_weight`) trains the core too, as the paper's "DNI + Aux".
+
+State layout: the LSTM state is one tensor `[B, 2H]` = concat(h, c); the
+synthetic gradient covers both halves. Units: M predicts the *per-example*
+gradient (see `dni_tf.synthetic_gradients`), so its target is `B * dL/ds`.
+
+Losses: window k's task loss is the masked per-step loss summed over the
+window and divided by `B * min(T, N)`; the training objective is the sum of
+the window losses (the per-step mean times N / T), so with `T >= N` it is the
+ordinary per-step mean and its gradient equals full BPTT's, and a window's
+loss has the same scale whatever the sequence length. Gradients of all windows of a batch are
+accumulated inside one `tf.while_loop` and applied once per batch (one
+optimizer step per `train_step`); for a per-window update, feed one window per
+batch with `stateful=True` (the state and the pending synthetic gradient then
+carry across batches, as in the language model).
+
+Data (a `(x, y, mask)` tuple; `mask` may be omitted = all ones):
+* `loss_type="bernoulli"` (Copy tasks): x float [B, N, D], y float [B, N, O]
+  in {0, 1}, mask [B, N]; loss = sigmoid cross-entropy summed over the O bits.
+  Metrics: `loss` (nats per step), `bit_errors` (wrong answer bits per
+  sequence, masked), `sequence_error` (fraction of sequences with an error).
+* `loss_type="categorical"` (characters): x int [B, N] (one-hot of
+  `vocab_size` inside the model), y int [B, N]; loss = softmax cross-entropy.
+  Metrics: `loss` (nats per masked character) and `bpc` (= loss / ln 2).
+
+`stateful=True` (needs `batch_size`) keeps the training state and a separate
+evaluation state in non-trainable variables, so contiguous streams carry state
+across batches and a checkpoint restores it; `reset_eval_state()` (the
+`ResetEvalState` callback does it before each evaluation) zeroes the latter.
+A `curriculum` (see `dni_tf.data.sequence_tasks.Curriculum`) is updated in
+`train_step` with each batch's bit errors per sequence.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Dict, Optional
+
+import keras
+import tensorflow as tf
+
+from dni_tf.synthetic_gradients import regression_loss, surrogate_objective
+
+METHODS = ("bptt", "dni", "dni_aux")
+LOSS_TYPES = ("bernoulli", "categorical")
+LN2 = math.log(2.0)
+
+
+def bits_per_character(nats):
+    """Cross-entropy in nats per character -> bits per character (divide by ln 2)."""
+    return nats / LN2
+
+
+class TruncatedBPTT(keras.Model):
+    """LSTM core + linear output head trained with truncated BPTT (+ DNI).
+
+    Args:
+      num_outputs: output channels O (bits for Copy, vocabulary for characters).
+      truncation: window length T >= 1.
+      method: "bptt", "dni" or "dni_aux".
+      hidden_size: LSTM units H.
+      loss_type: "bernoulli" or "categorical" (see module docstring).
+      vocab_size: for categorical inputs, the one-hot size of the int inputs.
+      sg_scale: factor applied to synthetic gradients entering the core (0.1).
+      aux_weight: weight of the dni_aux auxiliary loss.
+      stateful: carry state across batches (contiguous streams).
+      batch_size: fixed batch size, required when stateful.
+      curriculum: optional Curriculum layer updated every train step.
+      seed: initialiser seed.
+    """
+
+    def __init__(self, num_outputs: int, truncation: int, method: str = "bptt",
+                 hidden_size: int = 64, loss_type: str = "bernoulli",
+                 vocab_size: Optional[int] = None, sg_scale: float = 0.1,
+                 aux_weight: float = 1.0, stateful: bool = False,
+                 batch_size: Optional[int] = None, curriculum=None, seed: int = 0,
+                 **kwargs):
+        super().__init__(**kwargs)
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        if loss_type not in LOSS_TYPES:
+            raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+        if int(truncation) < 1:
+            raise ValueError(f"truncation must be >= 1, got {truncation}")
+        if stateful and not batch_size:
+            raise ValueError("stateful=True needs batch_size")
+        self.num_outputs = int(num_outputs)
+        self.truncation = int(truncation)
+        self.method = method
+        self.hidden_size = int(hidden_size)
+        self.loss_type = loss_type
+        self.vocab_size = vocab_size
+        self.sg_scale = float(sg_scale)
+        self.aux_weight = float(aux_weight)
+        self.stateful = bool(stateful)
+        self.fixed_batch_size = batch_size
+        self.curriculum = curriculum
+        self.core = keras.layers.LSTM(
+            self.hidden_size, return_sequences=True, return_state=True,
+            kernel_initializer=keras.initializers.GlorotUniform(seed=seed),
+            recurrent_initializer=keras.initializers.Orthogonal(seed=seed + 1), name="core")
+        self.head = keras.layers.Dense(
+            self.num_outputs, kernel_initializer=keras.initializers.GlorotUniform(seed=seed + 2),
+            name="head")
+        self.synthetic_gradient = None
+        self.aux_head = None
+        if method in ("dni", "dni_aux"):
+            # Linear M (the paper's recurrent modules have no hidden layer),
+            # zero-initialised: the first synthetic gradients are exactly zero.
+            self.synthetic_gradient = keras.layers.Dense(
+                2 * self.hidden_size, kernel_initializer="zeros", bias_initializer="zeros",
+                name="synthetic_gradient")
+        if method == "dni_aux":
+            self.aux_head = keras.layers.Dense(2 * self.hidden_size, kernel_initializer="zeros",
+                                               name="aux_head")
+        self._trackers = {name: keras.metrics.Mean(name=name) for name in self._metric_names()}
+
+    # ----------------------------------------------------------------- setup
+    def _metric_names(self):
+        names = ["loss"]
+        names += ["bit_errors", "sequence_error"] if self.loss_type == "bernoulli" else ["bpc"]
+        if self.synthetic_gradient is not None:
+            names += ["sg_loss", "sg_norm"]
+        if self.aux_head is not None:
+            names += ["aux_loss"]
+        return names
+
+    @property
+    def metrics(self):
+        return list(self._trackers.values())
+
+    def build(self, input_shape=None):
+        if self.built:
+            return
+        if self.loss_type == "categorical":
+            feature_dim = int(self.vocab_size)
+        else:
+            feature_dim = int(input_shape[-1])
+        h2 = 2 * self.hidden_size
+        self.core.build((None, None, feature_dim))
+        self.head.build((None, None, self.hidden_size))
+        if self.synthetic_gradient is not None:
+            self.synthetic_gradient.build((None, h2))
+        if self.aux_head is not None:
+            self.aux_head.build((None, None, self.hidden_size))
+        if self.stateful:
+            shape = (int(self.fixed_batch_size), h2)
+            self.train_state = self.add_weight(shape=shape, initializer="zeros",
+                                               trainable=False, name="train_state")
+            self.eval_state = self.add_weight(shape=shape, initializer="zeros",
+                                              trainable=False, name="eval_state")
+        super().build(input_shape)
+
+    def reset_states(self):
+        """Zeroes the carried training and evaluation states (stateful only)."""
+        if self.stateful:
+            self.train_state.assign(tf.zeros_like(self.train_state))
+            self.eval_state.assign(tf.zeros_like(self.eval_state))
+
+    def reset_eval_state(self):
+        if self.stateful:
+            self.eval_state.assign(tf.zeros_like(self.eval_state))
+
+    @property
+    def core_variables(self):
+        """Variables trained by the task loss (core, head and aux head)."""
+        layers = [self.core, self.head] + ([self.aux_head] if self.aux_head is not None else [])
+        return [v for layer in layers for v in layer.trainable_variables]
+
+    @property
+    def sg_variables(self):
+        if self.synthetic_gradient is None:
+            return []
+        return list(self.synthetic_gradient.trainable_variables)
+
+    # --------------------------------------------------------------- pieces
+    def _features(self, x):
+        if self.loss_type == "categorical":
+            return tf.one_hot(tf.cast(x, tf.int32), int(self.vocab_size), dtype=tf.float32)
+        return tf.cast(x, tf.float32)
+
+    def _run_core(self, features, state, valid=None):
+        """features [B, t, D], state [B, 2H] -> outputs [B, t, H], state [B, 2H].
+
+        `valid` [B, t] bool marks real steps; padded steps leave the state as is.
+        """
+        h = self.hidden_size
+        outputs, new_h, new_c = self.core(features, initial_state=[state[:, :h], state[:, h:]],
+                                          mask=valid)
+        return outputs, tf.concat([new_h, new_c], axis=-1)
+
+    def _step_losses(self, logits, y):
+        """Per-position loss in nats, [B, t]."""
+        if self.loss_type == "bernoulli":
+            ce = tf.nn.sigmoid_cross_entropy_with_logits(labels=tf.cast(y, tf.float32),
+                                                         logits=logits)
+            return tf.reduce_sum(ce, axis=-1)
+        return tf.nn.sparse_softmax_cross_entropy_with_logits(labels=tf.cast(y, tf.int32),
+                                                              logits=logits)
+
+    def _wrong_bits(self, logits, y, mask):
+        """Masked wrong output bits per sequence, [B] (bernoulli only)."""
+        wrong = tf.cast(tf.not_equal(logits > 0.0, tf.cast(y, tf.float32) > 0.5), tf.float32)
+        return tf.reduce_sum(tf.reduce_sum(wrong, axis=-1) * mask, axis=1)
+
+    def _predict_sg(self, state):
+        """M(s): never backpropagates into the state (M is trained by regression only)."""
+        return self.synthetic_gradient(tf.stop_gradient(state))
+
+    def initial_state(self, batch_size):
+        return tf.zeros([batch_size, 2 * self.hidden_size], tf.float32)
+
+    def forward(self, x, state=None):
+        """Whole-sequence forward pass: x -> (logits [B, N, O], final state [B, 2H])."""
+        features = self._features(x)
+        if state is None:
+            state = self.initial_state(tf.shape(features)[0])
+        outputs, state = self._run_core(features, state)
+        return self.head(outputs), state
+
+    def call(self, x, training=False):
+        return self.forward(x)[0]
+
+    def forward_windows(self, x, state=None):
+        """The same forward pass run window by window in a `tf.while_loop`.
+
+        Gives the same logits as `forward` (state carries across windows); it
+        is the forward half of `compute_gradients`.
+        """
+        features, _, _, n, num_windows = self._pad(x, None, None)
+        batch = tf.shape(features)[0]
+        t = self.truncation
+        if state is None:
+            state = self.initial_state(batch)
+        logits_ta = tf.TensorArray(tf.float32, size=num_windows)
+
+        def body(k, s, ta):
+            xs = features[:, k * t:(k + 1) * t]
+            out, s = self._run_core(xs, s, self._valid(k, n, batch))
+            return k + 1, s, ta.write(k, self.head(out))
+
+        _, state, logits_ta = tf.while_loop(lambda k, *_: k < num_windows, body,
+                                            (tf.constant(0), state, logits_ta))
+        logits = tf.transpose(logits_ta.stack(), [1, 0, 2, 3])  # [B, K, T, O]
+        logits = tf.reshape(logits, [batch, num_windows * t, self.num_outputs])
+        return logits[:, :n], state
+
+    def _valid(self, k, n, batch):
+        """[B, T] bool: which steps of window k are real (not padding)."""
+        t = self.truncation
+        valid = tf.range(k * t, (k + 1) * t) < n
+        return tf.broadcast_to(valid[None, :], [batch, t])
+
+    def _pad(self, x, y, mask):
+        """Pads the time axis to a multiple of T; returns features, y, mask, N, K."""
+        features = self._features(x)
+        n = tf.shape(features)[1]
+        t = self.truncation
+        num_windows = (n + t - 1) // t
+        pad = num_windows * t - n
+
+        def pad_time(v):
+            if v is None:
+                return None
+            paddings = tf.concat([[[0, 0], [0, pad]], tf.zeros([tf.rank(v) - 2, 2], tf.int32)], 0)
+            return tf.pad(v, paddings)
+
+        return pad_time(features), pad_time(y), pad_time(mask), n, num_windows
+
+    # ------------------------------------------------------------ gradients
+    def compute_gradients(self, x, y, mask=None, state=None, episodic: bool = True
+                          ) -> Dict[str, object]:
+        """Runs all windows of a batch and accumulates the method's gradients.
+
+        Args:
+          x, y, mask: one batch (see module docstring); mask [B, N] or None.
+          state: state entering the first window [B, 2H] (zeros if None).
+          episodic: True when the sequence ends with this batch (Copy): the
+            last window gets no synthetic gradient and M is regressed to 0
+            there, and the first state (a fresh zero state) trains nothing.
+            False for streams: the last state's synthetic gradient is injected
+            and M's prediction at the incoming state is trained on this
+            batch's first-window gradient (bootstrapping across batches).
+
+        Returns a dict: `core_grads` (list matching `core_variables`),
+        `sg_grads` (matching `sg_variables`), `final_state`,
+        `initial_state_grad` (dL/ds_0, per-example units: B * gradient of the
+        batch objective), and scalar/vector statistics `loss` (nats per step),
+        `masked_nats`, `mask_count`, `wrong_bits` [B], `sg_loss`, `sg_norm`,
+        `aux_loss`.
+        """
+        features, y, mask_p, n, num_windows = self._pad(x, y, mask)
+        batch = tf.shape(features)[0]
+        batch_f = tf.cast(batch, tf.float32)
+        if mask_p is None:
+            mask_p = tf.ones(tf.shape(features)[:2], tf.float32)
+        mask_p = tf.cast(mask_p, tf.float32)
+        if state is None:
+            state = self.initial_state(batch)
+        state = tf.convert_to_tensor(state, tf.float32)
+        t = self.truncation
+        # Every window's loss is divided by B * min(T, N): windows weigh the same,
+        # and with T >= N the objective is the ordinary per-step mean.
+        steps = tf.cast(tf.minimum(t, n), tf.float32)
+        use_sg = self.synthetic_gradient is not None
+        core_vars = self.core_variables
+        sg_vars = self.sg_variables
+        zeros = lambda vs: [tf.zeros_like(v) for v in vs]  # noqa: E731
+
+        def body(k, s, core_acc, sg_acc, first_grad, stats):
+            xs = features[:, k * t:(k + 1) * t]
+            ys = y[:, k * t:(k + 1) * t]
+            ms = mask_p[:, k * t:(k + 1) * t]
+            is_last = tf.equal(k, num_windows - 1)
+            with tf.GradientTape() as tape:
+                # The incoming state is a plain tensor: watch it, or its gradient is None.
+                tape.watch(s)
+                out, new_s = self._run_core(xs, s, self._valid(k, n, batch))
+                logits = self.head(out)
+                nats = self._step_losses(logits, ys) * ms
+                task_loss = tf.reduce_sum(nats) / (batch_f * steps)
+                objective = task_loss
+                aux_loss = tf.constant(0.0)
+                sg_next = tf.zeros_like(new_s)
+                if use_sg:
+                    sg_next = tf.stop_gradient(self._predict_sg(new_s))
+                    inject = 0.0 if episodic else 1.0
+                    inject = tf.where(is_last, inject, 1.0)
+                    objective += inject * surrogate_objective(new_s, self.sg_scale * sg_next, batch)
+                    if self.aux_head is not None:
+                        # Predict the synthetic gradient at this window's end from every step.
+                        pred = self.aux_head(out)
+                        target = tf.broadcast_to(sg_next[:, None, :], tf.shape(pred))
+                        aux_loss = self.aux_weight * tf.reduce_mean(tf.square(pred - target))
+                        objective += aux_loss
+            grads = tape.gradient(objective, core_vars + [s])
+            # Per-example units: the gradient of all future losses w.r.t. s.
+            state_grad = grads[-1] * batch_f
+            core_acc = [a + g for a, g in zip(core_acc, grads[:-1])]
+            first_grad = tf.where(tf.equal(k, 0), state_grad, first_grad)
+            sg_loss = tf.constant(0.0)
+            if use_sg:
+                with tf.GradientTape() as sg_tape:
+                    train_in = 0.0 if episodic else 1.0
+                    train_in = tf.where(k > 0, 1.0, train_in)
+                    sg_loss = train_in * regression_loss(self._predict_sg(s), state_grad)
+                    if episodic:
+                        end = tf.where(is_last, 1.0, 0.0)
+                        sg_loss += end * regression_loss(self._predict_sg(new_s),
+                                                         tf.zeros_like(new_s))
+                sg_grads = sg_tape.gradient(sg_loss, sg_vars)
+                sg_acc = [a + g for a, g in zip(sg_acc, sg_grads)]
+            wrong = (self._wrong_bits(logits, ys, ms) if self.loss_type == "bernoulli"
+                     else tf.zeros([batch]))
+            sg_norm = tf.reduce_mean(tf.norm(sg_next, axis=-1))
+            stats = {
+                "loss_sum": stats["loss_sum"] + task_loss * steps,  # masked nats / B
+                "masked_nats": stats["masked_nats"] + tf.reduce_sum(nats),
+                "mask_count": stats["mask_count"] + tf.reduce_sum(ms),
+                "wrong_bits": stats["wrong_bits"] + wrong,
+                "sg_loss": stats["sg_loss"] + sg_loss,
+                "sg_norm": stats["sg_norm"] + sg_norm,
+                "aux_loss": stats["aux_loss"] + aux_loss,
+            }
+            return k + 1, new_s, core_acc, sg_acc, first_grad, stats
+
+        stats0 = {"loss_sum": tf.constant(0.0), "masked_nats": tf.constant(0.0),
+                  "mask_count": tf.constant(0.0), "wrong_bits": tf.zeros([batch]),
+                  "sg_loss": tf.constant(0.0), "sg_norm": tf.constant(0.0),
+                  "aux_loss": tf.constant(0.0)}
+        _, final_state, core_grads, sg_grads, first_grad, stats = tf.while_loop(
+            lambda k, *_: k < num_windows, body,
+            (tf.constant(0), state, zeros(core_vars), zeros(sg_vars), tf.zeros_like(state),
+             stats0))
+        windows_f = tf.cast(num_windows, tf.float32)
+        return {
+            "core_grads": core_grads, "sg_grads": sg_grads, "final_state": final_state,
+            "initial_state_grad": first_grad,
+            "loss": stats["loss_sum"] / tf.cast(n, tf.float32),
+            "masked_nats": stats["masked_nats"], "mask_count": stats["mask_count"],
+            "wrong_bits": stats["wrong_bits"], "sg_loss": stats["sg_loss"] / windows_f,
+            "sg_norm": stats["sg_norm"] / windows_f, "aux_loss": stats["aux_loss"] / windows_f,
+        }
+
+    # ------------------------------------------------------------ fit hooks
+    def _unpack(self, data):
+        x, y, mask = keras.utils.unpack_x_y_sample_weight(data)
+        if mask is None:
+            mask = tf.ones(tf.shape(y)[:2], tf.float32)
+        return x, y, tf.cast(mask, tf.float32)
+
+    def train_step(self, data):
+        x, y, mask = self._unpack(data)
+        state = self.train_state.value if self.stateful else None
+        r = self.compute_gradients(x, y, mask, state, episodic=not self.stateful)
+        self.optimizer.apply(list(r["core_grads"]) + list(r["sg_grads"]),
+                             self.core_variables + self.sg_variables)
+        if self.stateful:
+            self.train_state.assign(r["final_state"])
+        self._update_metrics(r["loss"], r["masked_nats"], r["mask_count"], r["wrong_bits"],
+                             y, mask)
+        if self.synthetic_gradient is not None:
+            self._trackers["sg_loss"].update_state(r["sg_loss"])
+            self._trackers["sg_norm"].update_state(r["sg_norm"])
+        if self.aux_head is not None:
+            self._trackers["aux_loss"].update_state(r["aux_loss"])
+        if self.curriculum is not None:
+            self.curriculum.update(tf.reduce_mean(r["wrong_bits"]))
+        return {m.name: m.result() for m in self.metrics}
+
+    def test_step(self, data):
+        x, y, mask = self._unpack(data)
+        state = self.eval_state.value if self.stateful else None
+        logits, final_state = self.forward(x, state)
+        if self.stateful:
+            self.eval_state.assign(final_state)
+        nats = self._step_losses(logits, y) * mask
+        n = tf.cast(tf.shape(mask)[1], tf.float32)
+        loss = tf.reduce_sum(nats) / (tf.cast(tf.shape(mask)[0], tf.float32) * n)
+        wrong = (self._wrong_bits(logits, y, mask) if self.loss_type == "bernoulli"
+                 else tf.zeros([tf.shape(mask)[0]]))
+        self._update_metrics(loss, tf.reduce_sum(nats), tf.reduce_sum(mask), wrong, y, mask)
+        return {m.name: m.result() for m in self.metrics
+                if m.name in ("loss", "bit_errors", "sequence_error", "bpc")}
+
+    def _update_metrics(self, loss, masked_nats, mask_count, wrong_bits, y, mask):
+        if self.loss_type == "categorical":
+            # Weighted by characters so the epoch value is the corpus BPC.
+            per_char = masked_nats / tf.maximum(mask_count, 1.0)
+            self._trackers["loss"].update_state(per_char, sample_weight=mask_count)
+            self._trackers["bpc"].update_state(bits_per_character(per_char),
+                                               sample_weight=mask_count)
+        else:
+            self._trackers["loss"].update_state(loss)
+            self._trackers["bit_errors"].update_state(wrong_bits)
+            self._trackers["sequence_error"].update_state(
+                tf.cast(wrong_bits > 0, tf.float32))
+
+
+class ResetEvalState(keras.callbacks.Callback):
+    """Zeroes a stateful model's evaluation state before every evaluation."""
+
+    def on_test_begin(self, logs=None):
+        if getattr(self.model, "stateful", False):
+            self.model.reset_eval_state()

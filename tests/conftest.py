@@ -1,0 +1,25 @@
+"""Shared test fixtures: quiet TensorFlow, real-data location, deterministic seeds."""
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import pytest  # noqa: E402
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture
+def real_data_dir():
+    """`$DNI_TF_DATA_DIR` (CI points it at shared/data); skips when absent."""
+    path = os.environ.get("DNI_TF_DATA_DIR")
+    if not path or not os.path.isdir(path):
+        pytest.skip("real datasets not available: set DNI_TF_DATA_DIR to shared/data")
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _fixed_seed():
+    import keras
+
+    keras.utils.set_random_seed(1234)

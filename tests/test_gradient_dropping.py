@@ -1,0 +1,183 @@
+"""GradientDropping: exact backprop at keep_prob=1, nothing at 0, mask semantics."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from dni_tf.gradient_dropping import GradientDropping, layer_groups, worker_groups
+
+
+def _network(seed=0):
+    return keras.Sequential([
+        keras.Input((6,)),
+        keras.layers.Dense(5, activation="relu", name="hidden",
+                           kernel_initializer=keras.initializers.GlorotUniform(seed)),
+        keras.layers.Dense(3, name="out", kernel_initializer=keras.initializers.GlorotUniform(seed + 1)),
+    ])
+
+
+def _data(n=64, seed=0):
+    rng = np.random.RandomState(seed)
+    return rng.rand(n, 6).astype("float32"), rng.randint(0, 3, n).astype("int32")
+
+
+def _compile(model, lr=1e-2):
+    model.compile(optimizer=keras.optimizers.Adam(lr),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  metrics=["accuracy"])
+    return model
+
+
+def _weights(model):
+    return [v.numpy().copy() for v in model.weights]
+
+
+@pytest.mark.parametrize("granularity", ["variable", "layer", "element", "worker"])
+def test_keep_prob_one_is_exactly_plain_backprop(granularity):
+    x, y = _data()
+    plain = _compile(_network())
+    dropping = _compile(GradientDropping(_network(), keep_prob=1.0, granularity=granularity, seed=3))
+    plain.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0)
+    logs = dropping.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0).history
+    for a, b in zip(_weights(plain), _weights(dropping.network)):
+        np.testing.assert_array_equal(a, b)
+    assert logs["kept_fraction"][-1] == 1.0
+
+
+@pytest.mark.parametrize("dropped_state", ["freeze", "zero_gradient"])
+@pytest.mark.parametrize("granularity", ["variable", "element", "worker"])
+def test_keep_prob_zero_changes_no_variable(granularity, dropped_state):
+    x, y = _data()
+    model = _compile(GradientDropping(_network(), keep_prob=0.0, granularity=granularity,
+                                      dropped_state=dropped_state, seed=0))
+    model.build((None, 6))
+    before = _weights(model.network)
+    logs = model.fit(x, y, batch_size=16, epochs=1, verbose=0).history
+    for a, b in zip(before, _weights(model.network)):
+        np.testing.assert_array_equal(a, b)
+    assert logs["kept_fraction"][-1] == 0.0
+
+
+def _one_step_updates(model, x, y):
+    before = _weights(model.network)
+    model.train_on_batch(x, y)
+    return [not np.array_equal(a, b) for a, b in zip(before, _weights(model.network))], \
+        [np.mean(a != b) for a, b in zip(before, _weights(model.network))]
+
+
+def test_variable_granularity_keeps_or_drops_whole_variables():
+    x, y = _data(16)
+    model = _compile(GradientDropping(_network(), keep_prob=0.5, seed=1), lr=0.1)
+    model.build((None, 6))
+    seen_partial = False
+    for _ in range(10):
+        _, changed_fraction = _one_step_updates(model, x, y)
+        # Each variable moves as a whole (all elements, up to dead-ReLU rows) or not at all.
+        for fraction in changed_fraction:
+            seen_partial |= 0.0 < fraction < 0.5
+    assert not seen_partial
+
+
+def test_freeze_leaves_adam_moments_of_dropped_variables_untouched():
+    x, y = _data(16)
+    model = _compile(GradientDropping(_network(), keep_prob=0.5, dropped_state="freeze", seed=2))
+    model.fit(x, y, batch_size=16, epochs=3, verbose=0)  # non-zero moments everywhere
+    optimizer = model.optimizer
+    slots = {v.path: [optimizer._momentums[optimizer._get_variable_index(v)],
+                      optimizer._velocities[optimizer._get_variable_index(v)]]
+             for v in model.trainable_variables}
+    frozen_seen = moved_seen = 0
+    for _ in range(8):
+        before = {p: [s.numpy().copy() for s in ss] for p, ss in slots.items()}
+        weights_before = {v.path: v.numpy().copy() for v in model.trainable_variables}
+        model.train_on_batch(x, y)
+        for v in model.trainable_variables:
+            var_changed = not np.array_equal(weights_before[v.path], v.numpy())
+            slot_changed = [not np.array_equal(b, s.numpy()) for b, s in zip(before[v.path], slots[v.path])]
+            if var_changed:
+                moved_seen += 1
+                assert all(slot_changed)
+            else:
+                frozen_seen += 1
+                assert not any(slot_changed)  # moments not advanced by the lost gradient
+    assert frozen_seen and moved_seen
+
+
+def test_zero_gradient_decays_moments_like_the_seed():
+    x, y = _data(16)
+    model = _compile(GradientDropping(_network(), keep_prob=1.0, dropped_state="zero_gradient", seed=2))
+    model.fit(x, y, batch_size=16, epochs=2, verbose=0)
+    model.keep_prob = 0.0  # retrace with everything dropped
+    model.make_train_function(force=True)
+    kernel = model.network.get_layer("hidden").kernel
+    m = model.optimizer._momentums[model.optimizer._get_variable_index(kernel)]
+    m_before, w_before = m.numpy().copy(), kernel.numpy().copy()
+    model.train_on_batch(x, y)
+    np.testing.assert_allclose(m.numpy(), 0.9 * m_before, rtol=1e-5)  # beta_1 decay
+    assert not np.array_equal(w_before, kernel.numpy())  # still moves along its momentum
+
+
+@pytest.mark.parametrize("granularity,parts", [("variable", 4), ("layer", 2), ("worker", 3)])
+def test_kept_fraction_matches_keep_prob_within_binomial_tolerance(granularity, parts):
+    x, y = _data(32)
+    keep_prob, steps = 0.3, 400
+    model = _compile(GradientDropping(_network(), keep_prob=keep_prob, granularity=granularity,
+                                      num_workers=3, seed=5))
+    ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(8).repeat()
+    logs = model.fit(ds, steps_per_epoch=steps, epochs=1, verbose=0).history
+    draws = steps * parts
+    tolerance = 4 * np.sqrt(keep_prob * (1 - keep_prob) / draws)
+    assert abs(logs["kept_fraction"][0] - keep_prob) < tolerance
+
+
+def test_element_granularity_fraction_and_rescale():
+    x, y = _data(32)
+    model = _compile(GradientDropping(_network(), keep_prob=0.25, granularity="element", seed=0))
+    logs = model.fit(x, y, batch_size=8, epochs=5, verbose=0).history
+    assert abs(logs["kept_fraction"][-1] - 0.25) < 0.05
+    with pytest.raises(ValueError, match="keep_prob > 0"):
+        GradientDropping(_network(), keep_prob=0.0, rescale=True)
+
+
+def test_rescale_multiplies_kept_gradients():
+    x, y = _data(16)
+    # SGD makes the update proportional to the applied gradient.
+    def sgd_step(model):
+        model.compile(optimizer=keras.optimizers.SGD(0.1),
+                      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        model.build((None, 6))
+        before = _weights(model.network)
+        model.train_on_batch(x, y)
+        return [b - a for a, b in zip(before, _weights(model.network))]
+    plain = sgd_step(GradientDropping(_network(), keep_prob=1.0, seed=0))
+    rescaled = sgd_step(GradientDropping(_network(), keep_prob=0.5, rescale=True, seed=0))
+    for p, r in zip(plain, rescaled):
+        if np.any(r):
+            np.testing.assert_allclose(r, 2 * p, rtol=1e-4, atol=1e-7)
+
+
+def test_masks_are_reproducible_for_a_seed():
+    x, y = _data()
+    runs = []
+    for _ in range(2):
+        model = _compile(GradientDropping(_network(), keep_prob=0.5, seed=11))
+        model.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0)
+        runs.append(_weights(model.network))
+    for a, b in zip(*runs):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_groupings():
+    net = _network()
+    variables = net.trainable_variables  # hidden/kernel, hidden/bias, out/kernel, out/bias
+    assert layer_groups(variables) == [0, 0, 1, 1]
+    # Largest first onto the least-loaded worker: 30 -> w0, 15 -> w1, 5 -> w2, 3 -> w2.
+    assert worker_groups(variables, 3) == [0, 2, 1, 2]
+
+
+def test_invalid_arguments_name_themselves():
+    with pytest.raises(ValueError, match="keep_prob must be in"):
+        GradientDropping(_network(), keep_prob=1.5)
+    with pytest.raises(ValueError, match="granularity must be one of"):
+        GradientDropping(_network(), granularity="neuron")

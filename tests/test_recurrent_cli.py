@@ -1,0 +1,99 @@
+"""Entry points of issue 4: copy_task, language_model, multi_network (flags, resume, tables)."""
+
+import os
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+
+from dni_tf import results
+from dni_tf.studies import recurrent_dni as study
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_bad_flags_give_one_line_and_exit_2(tmp_path):
+    # Two subprocesses (a TensorFlow import each); other bad values are checked
+    # in-process through the same validation below.
+    cases = {
+        "truncation": ["experiments.copy_task", "--truncation=0"],
+        "ptb": ["experiments.language_model", f"--data_dir={tmp_path / 'nowhere'}"],
+    }
+    procs = {}
+    for name, (module, *flags) in cases.items():
+        workdir = tmp_path / name
+        procs[name] = (workdir, subprocess.Popen(
+            [sys.executable, "-m", module, f"--workdir={workdir}", *flags], cwd=ROOT,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    expected = {"truncation": "--truncation", "ptb": "ptb.char.train.txt"}
+    for name, (workdir, proc) in procs.items():
+        _, err = proc.communicate(timeout=300)
+        lines = [line for line in err.splitlines() if line.startswith("error:")]
+        assert proc.returncode == 2, (name, err[-2000:])
+        assert len(lines) == 1 and expected[name] in lines[0], (name, err[-2000:])
+        assert "Traceback" not in err
+        assert not workdir.exists()  # validated before touching the workdir
+
+
+@pytest.mark.parametrize("field, value", [("task", "sort"), ("method", "rtrl"),
+                                          ("truncation", 0), ("max_length", 0),
+                                          ("eval_every", 7)])
+def test_copy_config_validation(field, value):
+    with pytest.raises(ValueError, match=field):
+        study.CopyTaskConfig(**{field: value}).validate()
+
+
+def test_multi_network_config_validation():
+    from dni_tf.studies.multi_network import MultiNetworkConfig
+    with pytest.raises(ValueError, match="method"):
+        MultiNetworkConfig(method="rtrl").validate()
+    with pytest.raises(ValueError, match="tick_ratio"):
+        MultiNetworkConfig(tick_ratio=0).validate()
+
+
+def test_language_model_config_validation():
+    with pytest.raises(ValueError, match="truncation"):
+        study.LanguageModelConfig(truncation=0).validate()
+    with pytest.raises(ValueError, match="method"):
+        study.LanguageModelConfig(method="x").validate()
+
+
+def test_copy_run_writes_results_and_resumes_with_curriculum(tmp_path):
+    # threshold=100 bits: every check passes, so the length grows by one per step.
+    cfg = study.CopyTaskConfig(method="dni", truncation=2, hidden_size=8, batch_size=4,
+                               steps=4, eval_every=2, eval_batches=1, max_length=20,
+                               threshold=100.0, check_every=1, num_bits=3)
+    metrics = study.run_copy_task(cfg, str(tmp_path))
+    assert metrics["max_length_solved"] == 4 and metrics["curriculum_length"] == 5
+    history = results.load_history(str(tmp_path))
+    assert history["curriculum_length"].tolist() == [3, 5]
+    cfg.steps = 6
+    metrics = study.run_copy_task(cfg, str(tmp_path))  # resumes at step 4
+    assert metrics["curriculum_length"] == 7  # the curriculum position was restored
+    history = results.load_history(str(tmp_path))
+    assert history["step"].tolist() == [2, 4, 6]
+    saved = results.load_results(str(tmp_path))
+    assert saved["config"]["method"] == "dni" and saved["metrics"]["max_length_solved"] == 6
+    assert os.path.isdir(tmp_path / "tensorboard")
+
+
+def test_table_layout_and_resume(tmp_path):
+    calls = []
+
+    def fake_run(cfg, workdir, extra):
+        calls.append((cfg.method, cfg.truncation))
+        value = 10 * cfg.truncation + len(cfg.method)
+        results.save_results(workdir, {"method": cfg.method}, {"max_length_solved": value})
+        return {"max_length_solved": value}
+
+    cfg = study.CopyTaskConfig()
+    study.run_table(fake_run, cfg, str(tmp_path), ["bptt", "dni"], [2, 5], "max_length_solved")
+    assert calls == [("bptt", 2), ("bptt", 5), ("dni", 2), ("dni", 5)]
+    table = pd.read_csv(tmp_path / "table.csv")
+    assert len(table) == 4
+    markdown = (tmp_path / "table.md").read_text()
+    assert "| method | T=2 | T=5 |" in markdown and "| dni | 23 | 53 |" in markdown
+    assert (tmp_path / "table.png").exists()
+    study.run_table(fake_run, cfg, str(tmp_path), ["bptt", "dni"], [2, 5], "max_length_solved")
+    assert len(calls) == 4  # finished runs are read back, not rerun

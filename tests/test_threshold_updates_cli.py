@@ -1,0 +1,67 @@
+"""Tests of the experiments.threshold_updates entry point and its sweep outputs."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from dni_tf import cli, results
+from dni_tf import threshold_updates as tu
+from dni_tf.data import load_image_data
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+GOOD = dict(workdir="/tmp/x", thresholds=["0", "1e-3"], accumulation="sum", decay=0.9,
+            clip=0.0, noise_stddev=0.0, sparse_backward=False, max_delay=0,
+            dataset="mnist", model="mlp", hidden=["16"], optimizer="sgd",
+            learning_rate=0.1, steps=20, eval_every=10, batch_size=8, seed=0,
+            target_accuracy=0.9, data_dir=None)
+
+
+@pytest.mark.parametrize("change, flag", [
+    (dict(thresholds=["-1e-3"]), "thresholds"), (dict(thresholds=["x"]), "thresholds"),
+    (dict(accumulation="adam"), "accumulation"), (dict(max_delay=-1), "max_delay"),
+    (dict(decay=2.0), "decay"), (dict(clip=-1.0), "clip"), (dict(model="rnn"), "model"),
+    (dict(dataset="imagenet"), "dataset"), (dict(hidden=["0"]), "hidden"),
+    (dict(steps=25), "steps"), (dict(learning_rate=0.0), "learning_rate"),
+    (dict(optimizer="lbfgs"), "optimizer"), (dict(workdir=""), "workdir")])
+def test_bad_values_name_the_flag(change, flag):
+    with pytest.raises(cli.UsageError, match=f"--{flag}"):
+        tu.check_config({**GOOD, **change})
+
+
+def test_good_values_parse():
+    config = tu.check_config(GOOD)
+    assert config["thresholds"] == [0.0, 1e-3] and config["hidden"] == [16]
+
+
+def test_bad_flag_gives_one_line_and_exit_2(tmp_path):
+    # One subprocess (~8 s of imports); the other bad values are checked in-process.
+    workdir = os.path.join(tmp_path, "never")
+    proc = subprocess.run(
+        [sys.executable, "-m", "experiments.threshold_updates", f"--workdir={workdir}",
+         "--thresholds=0,-1e-3"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    lines = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
+    assert len(lines) == 1 and "--thresholds" in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not os.path.exists(workdir)
+
+
+def test_sweep_writes_tables_figures_and_resumes(tmp_path):
+    data = load_image_data("digits")
+    config = tu.check_config({**GOOD, "dataset": "digits", "workdir": str(tmp_path),
+                              "max_delay": 1, "sparse_backward": True})
+    metrics = tu.run_sweep(config, data, str(tmp_path))
+    for name in ("summary.csv", "summary.md", "curves.csv", "curves.png",
+                 "accuracy_vs_sparsity.png", "results.json",
+                 "threshold_0/history.csv", "threshold_0.001/results.json"):
+        assert os.path.exists(os.path.join(tmp_path, name)), name
+    assert results.load_results(str(tmp_path))["config"]["max_delay"] == 1
+    dense, sparse = metrics["T=0"], metrics["T=0.001"]
+    assert 0 < sparse["weight_updates"] < dense["weight_updates"]
+    assert dense["cancelled_fraction"] == 0.0
+    # A rerun finds the checkpoints and trains no further.
+    again = tu.run_sweep(config, data, str(tmp_path))
+    assert again["T=0.001"]["weight_updates"] == sparse["weight_updates"]
