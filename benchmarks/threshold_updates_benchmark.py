@@ -1,6 +1,6 @@
 """Step time of ThresholdUpdates against the base optimizer's plain fit() step.
 
-    python benchmarks/threshold_updates_benchmark.py [--steps=200] [--repeats=3]
+    python benchmarks/threshold_updates_benchmark.py [--steps=100] [--repeats=3] [--variants=dense]
 
 Both run in this process on the same synthetic MNIST-shaped batches through
 `fit()`; the printed ratio is ThresholdUpdates / plain (target for the dense
@@ -33,10 +33,12 @@ VARIANTS = {
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch_size", type=int, default=128)
     parser.add_argument("--hidden", default="1000,1000,500,200")
+    parser.add_argument("--variants", choices=("all", "dense"), default="all",
+                        help="dense: only the dense-accumulator rule against plain fit")
     args = parser.parse_args()
     hidden = tuple(int(h) for h in args.hidden.split(","))
     rng = np.random.default_rng(0)
@@ -53,6 +55,8 @@ def main():
 
     contenders = {"plain fit (base SGD)": compiled(models.mlp(hidden=hidden))}
     for name, kwargs in VARIANTS.items():
+        if args.variants == "dense" and name != "sum (dense accumulators)":
+            continue
         contenders[name] = compiled(ThresholdUpdates(models.mlp(hidden=hidden), **kwargs))
     best = {name: float("inf") for name in contenders}
     for _ in range(args.repeats):

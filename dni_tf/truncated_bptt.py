@@ -86,6 +86,9 @@ class TruncatedBPTT(keras.Model):
       stateful: carry state across batches (contiguous streams).
       batch_size: fixed batch size, required when stateful.
       curriculum: optional Curriculum layer updated every train step.
+      clip_norm: if > 0, the core's gradients and the synthetic gradient
+        module's gradients are each clipped to this global norm separately
+        (one joint clip would let the regression loss shrink the core's step).
       seed: initialiser seed.
     """
 
@@ -93,8 +96,8 @@ class TruncatedBPTT(keras.Model):
                  hidden_size: int = 64, loss_type: str = "bernoulli",
                  vocab_size: Optional[int] = None, sg_scale: float = 0.1,
                  aux_weight: float = 1.0, stateful: bool = False,
-                 batch_size: Optional[int] = None, curriculum=None, seed: int = 0,
-                 **kwargs):
+                 batch_size: Optional[int] = None, curriculum=None, clip_norm: float = 0.0,
+                 seed: int = 0, **kwargs):
         super().__init__(**kwargs)
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -113,6 +116,7 @@ class TruncatedBPTT(keras.Model):
         self.sg_scale = float(sg_scale)
         self.aux_weight = float(aux_weight)
         self.stateful = bool(stateful)
+        self.clip_norm = float(clip_norm)
         self.fixed_batch_size = batch_size
         self.curriculum = curriculum
         self.core = keras.layers.LSTM(
@@ -140,7 +144,7 @@ class TruncatedBPTT(keras.Model):
         names = ["loss"]
         names += ["bit_errors", "sequence_error"] if self.loss_type == "bernoulli" else ["bpc"]
         if self.synthetic_gradient is not None:
-            names += ["sg_loss", "sg_norm"]
+            names += ["sg_loss", "sg_norm", "sg_target_norm"]
         if self.aux_head is not None:
             names += ["aux_loss"]
         return names
@@ -306,8 +310,10 @@ class TruncatedBPTT(keras.Model):
         `sg_grads` (matching `sg_variables`), `final_state`,
         `initial_state_grad` (dL/ds_0, per-example units: B * gradient of the
         batch objective), and scalar/vector statistics `loss` (nats per step),
-        `masked_nats`, `mask_count`, `wrong_bits` [B], `sg_loss`, `sg_norm`,
-        `aux_loss`.
+        `masked_nats`, `mask_count`, `wrong_bits` [B], `sg_loss`, `sg_norm`
+        (mean norm of the synthetic gradients at window ends), `sg_target_norm`
+        (mean norm of the true gradients reaching window starts, the regression
+        targets), `aux_loss`.
         """
         features, y, mask_p, n, num_windows = self._pad(x, y, mask)
         batch = tf.shape(features)[0]
@@ -373,6 +379,7 @@ class TruncatedBPTT(keras.Model):
             wrong = (self._wrong_bits(logits, ys, ms) if self.loss_type == "bernoulli"
                      else tf.zeros([batch]))
             sg_norm = tf.reduce_mean(tf.norm(sg_next, axis=-1))
+            target_norm = tf.reduce_mean(tf.norm(state_grad, axis=-1))
             stats = {
                 "loss_sum": stats["loss_sum"] + task_loss * steps,  # masked nats / B
                 "masked_nats": stats["masked_nats"] + tf.reduce_sum(nats),
@@ -380,6 +387,7 @@ class TruncatedBPTT(keras.Model):
                 "wrong_bits": stats["wrong_bits"] + wrong,
                 "sg_loss": stats["sg_loss"] + sg_loss,
                 "sg_norm": stats["sg_norm"] + sg_norm,
+                "sg_target_norm": stats["sg_target_norm"] + target_norm,
                 "aux_loss": stats["aux_loss"] + aux_loss,
             }
             return k + 1, new_s, core_acc, sg_acc, first_grad, stats
@@ -387,7 +395,7 @@ class TruncatedBPTT(keras.Model):
         stats0 = {"loss_sum": tf.constant(0.0), "masked_nats": tf.constant(0.0),
                   "mask_count": tf.constant(0.0), "wrong_bits": tf.zeros([batch]),
                   "sg_loss": tf.constant(0.0), "sg_norm": tf.constant(0.0),
-                  "aux_loss": tf.constant(0.0)}
+                  "sg_target_norm": tf.constant(0.0), "aux_loss": tf.constant(0.0)}
         _, final_state, core_grads, sg_grads, first_grad, stats = tf.while_loop(
             lambda k, *_: k < num_windows, body,
             (tf.constant(0), state, zeros(core_vars), zeros(sg_vars), tf.zeros_like(state),
@@ -399,7 +407,9 @@ class TruncatedBPTT(keras.Model):
             "loss": stats["loss_sum"] / tf.cast(n, tf.float32),
             "masked_nats": stats["masked_nats"], "mask_count": stats["mask_count"],
             "wrong_bits": stats["wrong_bits"], "sg_loss": stats["sg_loss"] / windows_f,
-            "sg_norm": stats["sg_norm"] / windows_f, "aux_loss": stats["aux_loss"] / windows_f,
+            "sg_norm": stats["sg_norm"] / windows_f,
+            "sg_target_norm": stats["sg_target_norm"] / windows_f,
+            "aux_loss": stats["aux_loss"] / windows_f,
         }
 
     # ------------------------------------------------------------ fit hooks
@@ -413,8 +423,12 @@ class TruncatedBPTT(keras.Model):
         x, y, mask = self._unpack(data)
         state = self.train_state.value if self.stateful else None
         r = self.compute_gradients(x, y, mask, state, episodic=not self.stateful)
-        self.optimizer.apply(list(r["core_grads"]) + list(r["sg_grads"]),
-                             self.core_variables + self.sg_variables)
+        core_grads, sg_grads = list(r["core_grads"]), list(r["sg_grads"])
+        if self.clip_norm > 0:
+            core_grads = tf.clip_by_global_norm(core_grads, self.clip_norm)[0]
+            if sg_grads:
+                sg_grads = tf.clip_by_global_norm(sg_grads, self.clip_norm)[0]
+        self.optimizer.apply(core_grads + sg_grads, self.core_variables + self.sg_variables)
         if self.stateful:
             self.train_state.assign(r["final_state"])
         self._update_metrics(r["loss"], r["masked_nats"], r["mask_count"], r["wrong_bits"],
@@ -422,6 +436,7 @@ class TruncatedBPTT(keras.Model):
         if self.synthetic_gradient is not None:
             self._trackers["sg_loss"].update_state(r["sg_loss"])
             self._trackers["sg_norm"].update_state(r["sg_norm"])
+            self._trackers["sg_target_norm"].update_state(r["sg_target_norm"])
         if self.aux_head is not None:
             self._trackers["aux_loss"].update_state(r["aux_loss"])
         if self.curriculum is not None:

@@ -27,7 +27,8 @@ flags.DEFINE_integer("hidden_size", _D.hidden_size, "LSTM units.")
 flags.DEFINE_integer("steps", _D.steps, "Training batches.")
 flags.DEFINE_integer("batch_size", _D.batch_size, "Sequences per batch.")
 flags.DEFINE_float("learning_rate", _D.learning_rate, "Adam learning rate.")
-flags.DEFINE_float("clip_norm", _D.clip_norm, "Global gradient-norm clip (0 = none).")
+flags.DEFINE_float("clip_norm", _D.clip_norm, "Gradient-norm clip, applied to the core and "
+                   "the synthetic gradient module separately (0 = none).")
 flags.DEFINE_integer("num_bits", _D.num_bits, "Bits per vector.")
 flags.DEFINE_integer("min_length", _D.min_length, "First curriculum length.")
 flags.DEFINE_integer("max_length", _D.max_length, "Longest curriculum length.")
@@ -78,7 +79,7 @@ def main(argv):
     extra = {"flags": cli.flag_values()}
     if FLAGS.table:
         run_table(run_copy_task, config, workdir, methods, truncations, "max_length_solved",
-                  extra_config=extra)
+                  extra_config=extra, curve="train_bit_errors")
     else:
         run_copy_task(config, workdir, extra_config=extra)
 

@@ -6,9 +6,10 @@ r"""Penn Treebank character language model with truncated BPTT, DNI or DNI + Aux
 The core is stateful over contiguous character streams: each training batch
 holds --chunk_length characters per row (--chunk_length / --truncation windows,
 one optimizer update per batch), and the state (and, for DNI, the pending
-synthetic gradient) carries into the next batch. Validation BPC is measured every --eval_every steps; the weights with
-the best validation BPC (early stopping, --patience) give the reported
-validation and test BPC (bits = nats / ln 2). `--table` runs --table_methods x
+synthetic gradient) carries into the next batch. Validation BPC is measured
+every --eval_every steps; the weights with the best validation BPC (early
+stopping, --patience) give the reported validation and test BPC (bits =
+nats / ln 2). `--table` runs --table_methods x
 --table_truncations and writes table.csv / table.md / table.png.
 """
 
@@ -31,7 +32,8 @@ flags.DEFINE_integer("chunk_length", _D.chunk_length,
                      "Characters per row per training batch, a multiple of --truncation: "
                      "chunk_length / T windows, one update per batch.")
 flags.DEFINE_float("learning_rate", _D.learning_rate, "Adam learning rate.")
-flags.DEFINE_float("clip_norm", _D.clip_norm, "Global gradient-norm clip (0 = none).")
+flags.DEFINE_float("clip_norm", _D.clip_norm, "Gradient-norm clip, applied to the core and "
+                   "the synthetic gradient module separately (0 = none).")
 flags.DEFINE_integer("eval_every", _D.eval_every, "Validate every this many steps.")
 flags.DEFINE_integer("eval_length", _D.eval_length, "Characters per row per evaluation batch.")
 flags.DEFINE_integer("eval_batches", _D.eval_batches,
@@ -76,7 +78,7 @@ def main(argv):
     extra = {"flags": cli.flag_values()}
     if FLAGS.table:
         run_table(run_language_model, config, workdir, FLAGS.table_methods, truncations,
-                  "test_bpc", extra_config=extra, lower_is_better=True)
+                  "test_bpc", extra_config=extra, lower_is_better=True, curve="val_bpc")
     else:
         run_language_model(config, workdir, extra_config=extra)
 

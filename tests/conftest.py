@@ -7,6 +7,25 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import pytest  # noqa: E402
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LOGICAL_CPUS = 2
+
+
+def _split_cpu():
+    """Two logical CPU devices for the MirroredStrategy tests.
+
+    Must run before TensorFlow initialises its devices, hence at import.
+    """
+    import tensorflow as tf
+
+    try:
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        tf.config.set_logical_device_configuration(
+            cpu, [tf.config.LogicalDeviceConfiguration()] * LOGICAL_CPUS)
+    except RuntimeError:  # devices already initialised: mirrored tests skip
+        pass
+
+
+_split_cpu()
 
 
 @pytest.fixture

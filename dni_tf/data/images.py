@@ -30,6 +30,8 @@ from typing import Optional, Tuple
 import numpy as np
 
 DATA_DIR_ENV = "DNI_TF_DATA_DIR"
+# Set to 0 to never try tensorflow-datasets (offline machines, tests).
+USE_TFDS_ENV = "DNI_TF_USE_TFDS"
 IMAGE_DATASETS = ("mnist", "fashion_mnist", "cifar10", "digits")
 # Where Debian's `dataset-fashion-mnist` package installs the four IDX files.
 DEBIAN_FASHION_MNIST_DIRS = ("/usr/share/datasets/fashion-mnist",)
@@ -113,7 +115,7 @@ def default_data_dir(data_dir: Optional[str] = None) -> Optional[str]:
 
 
 def load_image_data(name: str, data_dir: Optional[str] = None,
-                    validation_size: int = 0, use_tfds: bool = True,
+                    validation_size: int = 0, use_tfds: Optional[bool] = None,
                     check_counts: bool = True) -> ImageData:
     """Loads `name` from the first source that works (see the module docstring).
 
@@ -123,7 +125,8 @@ def load_image_data(name: str, data_dir: Optional[str] = None,
         defaults to `$DNI_TF_DATA_DIR`.
       validation_size: number of examples moved from the end of train into a
         validation split (0: none).
-      use_tfds: whether tensorflow-datasets may be tried (it may download).
+      use_tfds: whether tensorflow-datasets may be tried (it may download);
+        default: unless `$DNI_TF_USE_TFDS` is 0.
       check_counts: require the standard split sizes (60k/10k, 50k/10k), so a
         file holding fewer examples is an error; False for reduced copies.
 
@@ -134,6 +137,8 @@ def load_image_data(name: str, data_dir: Optional[str] = None,
     """
     if name not in IMAGE_DATASETS:
         raise ValueError(f"unknown dataset {name!r}; allowed: {', '.join(IMAGE_DATASETS)}")
+    if use_tfds is None:
+        use_tfds = os.environ.get(USE_TFDS_ENV, "1") != "0"
     if name == "digits":
         source, train, test, num_classes = "scikit-learn", *_load_digits(), 10
     else:

@@ -207,7 +207,8 @@ def curves(history: pd.DataFrame, y: str, path: str, ylabel: str, title: str,
     grid = sns.relplot(data=frame, x="step", y=y, hue="method", col="layers", kind="line",
                        marker="o", markersize=3, height=2.6, aspect=1.4,
                        col_wrap=min(2, frame["layers"].nunique()),
-                       hue_order=[m for m in METHODS if m in set(frame["method"])])
+                       hue_order=[m for m in METHODS if m in set(frame["method"])],
+                       palette={m: f"C{i}" for i, m in enumerate(METHODS)})
     grid.set_axis_labels("training step", ylabel)
     grid.set_titles("{col_name} layers")
     for ax in grid.axes.flat:

@@ -48,8 +48,8 @@ def _check_common(cfg) -> None:
 
 
 def _optimizer(cfg):
-    return keras.optimizers.Adam(cfg.learning_rate,
-                                 global_clipnorm=cfg.clip_norm if cfg.clip_norm > 0 else None)
+    # Clipping happens in the model (core and synthetic gradient module apart).
+    return keras.optimizers.Adam(cfg.learning_rate)
 
 
 # --------------------------------------------------------------- Copy tasks
@@ -100,7 +100,7 @@ def build_copy_model(cfg: CopyTaskConfig):
     model = TruncatedBPTT(out_dim, cfg.truncation, method=cfg.method,
                           hidden_size=cfg.hidden_size, loss_type="bernoulli",
                           sg_scale=cfg.sg_scale, aux_weight=cfg.aux_weight,
-                          curriculum=curriculum, seed=cfg.seed)
+                          curriculum=curriculum, clip_norm=cfg.clip_norm, seed=cfg.seed)
     model.build((None, None, in_dim))
     model.compile(optimizer=_optimizer(cfg))
     return model, curriculum
@@ -178,7 +178,7 @@ def build_language_model(cfg: LanguageModelConfig, vocab_size: int) -> Truncated
                           hidden_size=cfg.hidden_size, loss_type="categorical",
                           vocab_size=vocab_size, sg_scale=cfg.sg_scale,
                           aux_weight=cfg.aux_weight, stateful=True, batch_size=cfg.batch_size,
-                          seed=cfg.seed)
+                          clip_norm=cfg.clip_norm, seed=cfg.seed)
     model.build()
     model.compile(optimizer=_optimizer(cfg))
     return model
@@ -255,11 +255,13 @@ def run_language_model(cfg: LanguageModelConfig, workdir: str,
 # ------------------------------------------------------------------ tables
 def run_table(run_fn: Callable, cfg, workdir: str, methods: Sequence[str],
               truncations: Sequence[int], value: str, extra_config: Optional[dict] = None,
-              lower_is_better: bool = False) -> pd.DataFrame:
+              lower_is_better: bool = False, curve: Optional[str] = None) -> pd.DataFrame:
     """Runs `run_fn(config, subdir)` for each method x T; writes the combined table.
 
     Finished runs (results.json present with status completed) are read back,
-    not rerun, so rerunning the command resumes the table.
+    not rerun, so rerunning the command resumes the table. With `curve` (a
+    history column), also writes the combined `history.csv` (method and T
+    columns added) and `curves.png` (that column against step, a panel per T).
     """
     rows = []
     for method in methods:
@@ -274,6 +276,17 @@ def run_table(run_fn: Callable, cfg, workdir: str, methods: Sequence[str],
             rows.append({"method": method, "T": int(t), value: metrics[value]})
     table = pd.DataFrame(rows)
     write_table(table, workdir, value, lower_is_better)
+    if curve:
+        frames = []
+        for method in methods:
+            for t in truncations:
+                history = results.load_history(os.path.join(workdir, f"{method}_T{t}"))
+                frames.append(history.assign(method=method, T=int(t)))
+        combined = pd.concat(frames, ignore_index=True)
+        results.write_csv(os.path.join(workdir, "history.csv"), combined)
+        if curve in combined:
+            plots.learning_curves(combined, "step", "method", os.path.join(workdir, "curves.png"),
+                                  y=curve, col="T")
     return table
 
 

@@ -1,0 +1,70 @@
+"""The gradient-dropping entry point: end-to-end sweep, resume, and usage errors."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+
+from conftest import REPO_ROOT
+from dni_tf.studies.gradient_drop import GradientDropConfig, run_sweep
+
+
+def _cli(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "experiments.gradient_drop", *args],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, **(env or {})})
+
+
+def test_sweep_writes_runs_table_figures_and_resumes(tmp_path):
+    config = GradientDropConfig(keep_probs=(1.0, 0.5), dataset="digits", steps=20,
+                                eval_every=10, batch_size=25, learning_rate=1e-3)
+    history = run_sweep(config, str(tmp_path))
+    assert sorted(history["keep_prob"].unique()) == [0.5, 1.0]
+    assert history.groupby("keep_prob")["step"].apply(list).tolist() == [[10, 20], [10, 20]]
+    half = history[history["keep_prob"] == 0.5]
+    assert (half["prorated_step"] == half["step"] * 0.5).all()
+    for name in ("history.csv", "results.json", "results_raw.png", "results_prorated.png",
+                 "summary.csv", "summary.md"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    run = tmp_path / "keep_prob_0.5"
+    assert os.listdir(run / "tensorboard") and os.listdir(run / "checkpoints")
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert set(results["metrics"]["by_keep_prob"]) == {"1", "0.5"}
+    assert 0.0 <= results["metrics"]["by_keep_prob"]["1"]["test_accuracy"] <= 1.0
+
+    # A rerun with more steps resumes from the checkpoint: old rows kept, one added.
+    before = pd.read_csv(run / "history.csv")
+    run_sweep(GradientDropConfig(**{**config.__dict__, "steps": 30}), str(tmp_path))
+    after = pd.read_csv(run / "history.csv")
+    assert after["step"].tolist() == [10, 20, 30]
+    pd.testing.assert_frame_equal(after.iloc[:2], before)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--keep_probs=1.0,1.5"], "--keep_probs=1.5 is out of range: allowed [0, 1]"),
+    (["--granularity=neuron"], "--granularity"),
+    (["--steps=1000", "--eval_every=300"], "eval_every: must divide steps"),
+    (["--steps=ten"], "--steps"),
+])
+def test_bad_flags_give_one_line_and_exit_2(tmp_path, args, message):
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    (workdir / "keep.txt").write_text("precious")
+    result = _cli(f"--workdir={workdir}", "--dataset=digits", *args)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], result.stderr
+    assert "Traceback" not in result.stderr
+    assert os.listdir(workdir) == ["keep.txt"]
+
+
+def test_missing_data_is_a_usage_error(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = _cli(f"--workdir={tmp_path / 'run'}", "--dataset=mnist", f"--data_dir={empty}",
+                  env={"DNI_TF_USE_TFDS": "0"})
+    assert result.returncode == 2
+    assert "could not load mnist" in result.stderr and len(result.stderr.strip().splitlines()) == 1
