@@ -41,7 +41,7 @@ def main(argv):
     corpus = text.load_ptb_chars(FLAGS.data_dir)
     vocab = corpus.vocab_size
     length = FLAGS.truncation * FLAGS.windows_per_batch
-    stream = text.stream_dataset(corpus.train, FLAGS.batch_size, length, repeat=True).cache()
+    stream = text.stream_dataset(corpus.train, FLAGS.batch_size, length, repeat=True)
     chars = FLAGS.batch_size * length
     rates = {}
     baseline = keras.Sequential([

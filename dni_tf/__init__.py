@@ -3,7 +3,15 @@
 Modules (one concept each):
   data               tf.data pipelines for images, sequence tasks and text
   models             plain Keras building blocks (tutorial CNN, MLPs)
-  gradient_dropping  per-variable / layer / element / worker gradient dropping
+  gradient_dropping  per-variable / layer / element / worker gradient dropping (seed 000)
+  threshold_updates  accumulate-and-fire per-weight updates (seed 001)
+  synthetic_gradients  the synthetic gradient module M(h, c)
+  dni_feedforward    DNI / cDNI for feed-forward networks (seeds 002, 004)
+  truncated_bptt     truncated BPTT with synthetic gradients for RNNs (seed 004)
+  multi_network      two RNNs on two clocks joined by a synthetic gradient
+  targeted_dropout   targeted weight / unit dropout (seed 003)
+  pruning            weight and unit magnitude pruning without retraining
+  studies            whole studies (sweeps, tables, figures) for CLIs and notebooks
   training           the shared fit() loop: evaluation, history, TensorBoard,
                      checkpoints and resume
   results, plots     atomic result files and seaborn figures

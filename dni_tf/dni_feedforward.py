@@ -457,7 +457,8 @@ class DNIClassifier(keras.Model):
         free = [v for v in self.trainable_variables if id(v) not in gated_ids and id(v) in grad_of]
         self.optimizer.apply([grad_of[id(v)] for v in free], free)
         if gated_groups:
-            draws = tf.random.stateless_uniform([len(gated_groups)], seed=self.rng_state.value)
+            draws = tf.random.stateless_uniform([len(gated_groups)], seed=self.rng_state.value,
+                                                alg="philox")
             self.rng_state.assign_add(tf.constant([0, 1], tf.int32))
             selected = draws < self.update_prob
             for g, (opt, variables) in enumerate(gated_groups):

@@ -15,6 +15,8 @@ predicts how many odd digits A has seen since B's previous tick (k+1 classes).
   (per-example) gradient of B's loss with respect to the messages, which B
   computes when it ticks. A is trained on its own loss plus the synthetic
   gradient (backpropagated through A's whole episode); B on its loss only.
+  With `sg_context="count"` (cDNI) M also reads the one-hot target count of
+  the tick, M(m, c); with "none" it reads the message only.
 
 Data: `(digits, labels)` with digits float [Bt, S, 28, 28, 1] (or [Bt, S, F])
 and int labels [Bt, S]; S must be a multiple of k. `episode_dataset` builds
@@ -32,6 +34,7 @@ import tensorflow as tf
 from dni_tf.synthetic_gradients import regression_loss, surrogate_objective
 
 METHODS = ("backprop", "dni")
+SG_CONTEXTS = ("none", "count")
 
 
 def odd_counts(labels, tick_ratio: int):
@@ -66,17 +69,21 @@ class MultiNetwork(keras.Model):
       method: "backprop" or "dni".
       hidden_a, hidden_b: LSTM sizes; message_size: width of A's message.
       b_weight: weight of B's loss in the backprop objective.
+      sg_context: "none" (M(m)) or "count" (M(m, one-hot target count), cDNI).
       seed: initialiser seed.
     """
 
     def __init__(self, tick_ratio: int, method: str = "dni", hidden_a: int = 64,
                  hidden_b: int = 32, message_size: int = 16, num_classes: int = 10,
-                 b_weight: float = 1.0, seed: int = 0, **kwargs):
+                 b_weight: float = 1.0, sg_context: str = "none", seed: int = 0, **kwargs):
         super().__init__(**kwargs)
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
         if int(tick_ratio) < 1:
             raise ValueError(f"tick_ratio must be >= 1, got {tick_ratio}")
+        if sg_context not in SG_CONTEXTS:
+            raise ValueError(f"sg_context must be one of {SG_CONTEXTS}, got {sg_context!r}")
+        self.sg_context = sg_context
         self.tick_ratio = int(tick_ratio)
         self.method = method
         self.b_weight = float(b_weight)
@@ -119,7 +126,8 @@ class MultiNetwork(keras.Model):
         self.core_b.build((None, None, self.message.units))
         self.counter.build((None, None, self.core_b.units))
         if self.synthetic_gradient is not None:
-            self.synthetic_gradient.build((None, self.message.units))
+            context = self.tick_ratio + 1 if self.sg_context == "count" else 0
+            self.synthetic_gradient.build((None, self.message.units + context))
         super().build(input_shape)
 
     @property
@@ -174,14 +182,17 @@ class MultiNetwork(keras.Model):
             count_logits = self._run_b(received)
             a_loss, b_loss, counts = self._task_losses(labels, digit_logits, count_logits)
             flat_messages = tf.reshape(messages, [-1, self.message.units])
-            predicted = self.synthetic_gradient(tf.stop_gradient(flat_messages))
+            sg_input = tf.stop_gradient(flat_messages)
+            if self.sg_context == "count":
+                sg_input = tf.concat(
+                    [sg_input, tf.one_hot(tf.reshape(counts, [-1]), self.tick_ratio + 1)], -1)
+            predicted = self.synthetic_gradient(sg_input)
             # Each message row stands for one example: the SG is in per-example units.
             a_objective = a_loss + surrogate_objective(flat_messages, predicted, batch)
         b_grads = tape.gradient(b_loss, self.b_variables + [received])
         target = tf.reshape(b_grads[-1], [-1, self.message.units]) * tf.cast(batch, tf.float32)
         with tf.GradientTape() as sg_tape:
-            sg_loss = regression_loss(
-                self.synthetic_gradient(tf.stop_gradient(flat_messages)), target)
+            sg_loss = regression_loss(self.synthetic_gradient(sg_input), target)
         a_grads = tape.gradient(a_objective, self.a_variables)
         sg_grads = sg_tape.gradient(sg_loss, self.synthetic_gradient.trainable_variables)
         del tape

@@ -23,6 +23,7 @@ def save_figure(figure, path: str, dpi: int = 120) -> str:
     os.close(fd)
     try:
         figure.savefig(tmp, dpi=dpi, bbox_inches="tight")
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600
         os.replace(tmp, path)
     finally:
         plt.close(figure)

@@ -25,6 +25,9 @@ flags.DEFINE_integer("ticks_per_episode", _D.ticks_per_episode, "B ticks per epi
 flags.DEFINE_integer("hidden_a", _D.hidden_a, "LSTM units of A.")
 flags.DEFINE_integer("hidden_b", _D.hidden_b, "LSTM units of B.")
 flags.DEFINE_integer("message_size", _D.message_size, "Width of A's message to B.")
+flags.DEFINE_string("sg_context", _D.sg_context,
+                    "dni: what M reads besides A's message: none, or count (the one-hot "
+                    "target count, cDNI).")
 flags.DEFINE_integer("steps", _D.steps, "Training batches of episodes.")
 flags.DEFINE_integer("batch_size", _D.batch_size, "Episodes per batch.")
 flags.DEFINE_float("learning_rate", _D.learning_rate, "Adam learning rate.")

@@ -14,7 +14,6 @@ baseline beside it), `pruning_accuracy.png`, `weight_magnitudes.png` and
 from __future__ import annotations
 
 import math
-import os
 
 from absl import flags
 
@@ -98,7 +97,8 @@ def main(argv):
     del argv
     parsed = validate(FLAGS)
     workdir = cli.prepare_workdir(FLAGS.workdir)
-    from dni_tf import data, targeted_dropout  # heavy imports after validation
+    from dni_tf import data  # heavy imports after validation
+    from dni_tf.studies import targeted_dropout
 
     images = data.load_image_data(FLAGS.dataset, FLAGS.data_dir)
     steps, eval_every, per_epoch = schedule(FLAGS, len(images.train[1]))

@@ -17,8 +17,8 @@ def _episode(seed=0):
     return tf.constant(digits), tf.constant(labels)
 
 
-def _model(method, seed=0):
-    model = MultiNetwork(K, method, hidden_a=8, hidden_b=6, message_size=4, seed=seed)
+def _model(method, seed=0, **kwargs):
+    model = MultiNetwork(K, method, hidden_a=8, hidden_b=6, message_size=4, seed=seed, **kwargs)
     model.build((None, K * TICKS, 6, 6, 1))
     model.compile(optimizer=keras.optimizers.Adam(1e-2))
     return model
@@ -68,7 +68,7 @@ def test_fit_trains():
     images = np.zeros((600, 6, 6, 1), "float32")
     images[np.arange(600), labels % 6, labels // 6, 0] = 1.0
     train = episode_dataset(images, labels, K * TICKS, 16, shuffle=True, seed=0)
-    model = _model("dni")
+    model = _model("dni", sg_context="count")  # cDNI: M reads the target count too
     history = model.fit(train, steps_per_epoch=40, epochs=1, verbose=0)
     assert history.history["a_accuracy"][-1] > 0.5
     assert np.isfinite(history.history["loss"][-1])
@@ -82,3 +82,5 @@ def test_bad_arguments():
         MultiNetwork(0)
     with pytest.raises(ValueError, match="method"):
         MultiNetwork(2, "rtrl")
+    with pytest.raises(ValueError, match="sg_context"):
+        MultiNetwork(2, "dni", sg_context="label")

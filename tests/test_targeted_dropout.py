@@ -7,6 +7,7 @@ import tensorflow as tf
 
 from dni_tf import models
 from dni_tf import targeted_dropout as td
+from dni_tf.studies import targeted_dropout as study
 
 
 def _layer(variant, n_in=64, n_out=32, seed=7, **kwargs):
@@ -141,7 +142,7 @@ def test_fit_trains_targeted_network_deterministically():
 
     def train():
         keras.utils.clear_session()
-        model = td.compiled_model("targeted_weight", (6, 6, 1), 3, hidden=(16, 8), seed=1,
+        model = study.compiled_model("targeted_weight", (6, 6, 1), 3, hidden=(16, 8), seed=1,
                                   rank_every=2)
         model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0)
         return model

@@ -20,6 +20,7 @@ from absl import logging
 
 from dni_tf import data as data_lib
 from dni_tf import models, plots, results
+from dni_tf.cli import TrainingDiverged
 from dni_tf.gradient_dropping import DROPPED_STATES, GRANULARITIES, GradientDropping
 from dni_tf.training import train_and_evaluate
 
@@ -91,12 +92,18 @@ def run_single(config: GradientDropConfig, keep_prob: float, workdir: str,
     """Trains one `keep_prob`; writes results.json/history.csv in `workdir`; returns metrics."""
     image_data = image_data or data_lib.load_image_data(config.dataset, config.data_dir)
     model = build_model(config, keep_prob, image_data.image_shape, image_data.num_classes)
-    final = train_and_evaluate(
-        model,
-        image_data.train_dataset(config.batch_size, seed=config.seed),
-        image_data.test_dataset(config.eval_batch_size),
-        steps=config.steps, eval_every=config.eval_every, workdir=workdir,
-        label=f"keep_prob={keep_prob:g}")
+    run_config = {**dataclasses.asdict(config), "keep_prob": keep_prob}
+    run_config.pop("keep_probs")
+    try:
+        final = train_and_evaluate(
+            model,
+            image_data.train_dataset(config.batch_size, seed=config.seed),
+            image_data.test_dataset(config.eval_batch_size),
+            steps=config.steps, eval_every=config.eval_every, workdir=workdir,
+            label=f"keep_prob={keep_prob:g}")
+    except TrainingDiverged as exc:
+        results.save_results(workdir, run_config, {}, status="diverged", error=str(exc))
+        raise
     metrics = {
         "test_accuracy": final["test_accuracy"],
         "test_error": 1.0 - final["test_accuracy"],
@@ -105,8 +112,6 @@ def run_single(config: GradientDropConfig, keep_prob: float, workdir: str,
         "steps": final["step"],
         "data_source": image_data.source,
     }
-    run_config = {**dataclasses.asdict(config), "keep_prob": keep_prob}
-    run_config.pop("keep_probs")
     results.save_results(workdir, run_config, metrics)
     return metrics
 

@@ -18,7 +18,7 @@ import pandas as pd
 
 from dni_tf import data as data_lib
 from dni_tf import plots, results
-from dni_tf.multi_network import METHODS, MultiNetwork, episode_dataset
+from dni_tf.multi_network import METHODS, SG_CONTEXTS, MultiNetwork, episode_dataset
 from dni_tf.training import train_and_evaluate
 
 
@@ -30,6 +30,7 @@ class MultiNetworkConfig:
     hidden_a: int = 64
     hidden_b: int = 32
     message_size: int = 16
+    sg_context: str = "none"
     steps: int = 2000
     batch_size: int = 32
     learning_rate: float = 1e-3
@@ -41,6 +42,8 @@ class MultiNetworkConfig:
     def validate(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"method: {self.method!r} not in {', '.join(METHODS)}")
+        if self.sg_context not in SG_CONTEXTS:
+            raise ValueError(f"sg_context: {self.sg_context!r} not in {', '.join(SG_CONTEXTS)}")
         if self.dataset not in ("mnist", "fashion_mnist", "digits"):
             raise ValueError(f"dataset: {self.dataset!r} not in mnist, fashion_mnist, digits")
         for name in ("tick_ratio", "ticks_per_episode", "hidden_a", "hidden_b", "message_size",
@@ -60,7 +63,7 @@ class MultiNetworkConfig:
 def build_model(cfg: MultiNetworkConfig, image_shape) -> MultiNetwork:
     keras.utils.set_random_seed(cfg.seed)
     model = MultiNetwork(cfg.tick_ratio, cfg.method, cfg.hidden_a, cfg.hidden_b,
-                         cfg.message_size, seed=cfg.seed)
+                         cfg.message_size, sg_context=cfg.sg_context, seed=cfg.seed)
     model.build((None, cfg.episode_length) + tuple(image_shape))
     model.compile(optimizer=keras.optimizers.Adam(cfg.learning_rate))
     return model

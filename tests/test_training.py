@@ -1,0 +1,74 @@
+"""The shared fit loop: history rows, exact resume, divergence handling."""
+
+import json
+import os
+
+import keras
+import numpy as np
+import pandas as pd
+import pytest
+
+from dni_tf import results
+from dni_tf.cli import TrainingDiverged
+from dni_tf.data import make_dataset
+from dni_tf.gradient_dropping import GradientDropping
+from dni_tf.training import train_and_evaluate
+
+
+def _data(n=96, seed=0, poison=False):
+    rng = np.random.RandomState(seed)
+    x = rng.rand(n, 5).astype("float32")
+    if poison:
+        x[:] = np.nan
+    return x, rng.randint(0, 3, n).astype("int32")
+
+
+def _model():
+    keras.utils.set_random_seed(0)
+    network = keras.Sequential([keras.Input((5,)), keras.layers.Dense(8, activation="relu"),
+                                keras.layers.Dropout(0.3, seed=1), keras.layers.Dense(3)])
+    model = GradientDropping(network, keep_prob=0.5, seed=2)
+    model.compile(optimizer=keras.optimizers.Adam(1e-2),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  metrics=["accuracy"])
+    return model
+
+
+def _run(workdir, steps, data=None):
+    x, y = data or _data()
+    return train_and_evaluate(
+        _model(), make_dataset(x, y, 16, shuffle=True, seed=0, repeat=True, drop_remainder=True),
+        make_dataset(x, y, 32, shuffle=False), steps=steps, eval_every=4, workdir=str(workdir))
+
+
+def test_history_has_one_row_per_evaluation(tmp_path):
+    final = _run(tmp_path, 12)
+    history = pd.read_csv(tmp_path / "history.csv")
+    assert history["step"].tolist() == [4, 8, 12]
+    assert {"train_loss", "train_accuracy", "train_kept_fraction", "test_loss",
+            "test_accuracy"} <= set(history.columns)
+    assert final["step"] == 12 and final["test_loss"] == pytest.approx(history["test_loss"].iloc[-1])
+    assert os.listdir(tmp_path / "tensorboard")
+
+
+def test_interrupted_and_resumed_equals_uninterrupted(tmp_path):
+    whole = _run(tmp_path / "whole", 12)
+    _run(tmp_path / "split", 8)
+    resumed = _run(tmp_path / "split", 12)
+    assert resumed == whole  # shuffle order, dropout and gradient masks all restored
+    assert pd.read_csv(tmp_path / "split" / "history.csv")["step"].tolist() == [4, 8, 12]
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    _run(tmp_path, 8)
+    checkpoints = sorted(os.listdir(tmp_path / "checkpoints"))
+    with pytest.raises(TrainingDiverged, match="became nan by step 12"):
+        _run(tmp_path, 16, data=_data(poison=True))
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == checkpoints
+    assert pd.read_csv(tmp_path / "history.csv")["step"].tolist() == [4, 8]
+
+
+def test_results_are_written_atomically(tmp_path):
+    path = results.save_results(str(tmp_path), {"lr": 0.1}, {"acc": float("nan")})
+    assert json.loads(open(path).read())["metrics"]["acc"] == "nan"
+    assert os.listdir(tmp_path) == ["results.json"]  # no temporary left behind
