@@ -39,6 +39,8 @@ def main():
     parser.add_argument("--hidden", default="1000,1000,500,200")
     parser.add_argument("--variants", choices=("all", "dense"), default="all",
                         help="dense: only the dense-accumulator rule against plain fit")
+    parser.add_argument("--jit_compile", action="store_true",
+                        help="compile every contender with XLA (fuses the elementwise rule)")
     args = parser.parse_args()
     hidden = tuple(int(h) for h in args.hidden.split(","))
     rng = np.random.default_rng(0)
@@ -49,7 +51,7 @@ def main():
     def compiled(model):
         model.compile(optimizer=keras.optimizers.SGD(0.01),
                       loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                      metrics=["accuracy"])
+                      metrics=["accuracy"], jit_compile=args.jit_compile)
         model.fit(data, steps_per_epoch=10, epochs=1, verbose=0)  # trace + warm up
         return model
 
@@ -66,7 +68,8 @@ def main():
             best[name] = min(best[name], (time.perf_counter() - start) / args.steps)
     base = best["plain fit (base SGD)"]
     print(f"MLP 784-{'-'.join(map(str, hidden))}-10, batch {args.batch_size}, "
-          f"{args.steps} steps x {args.repeats} repeats (fastest kept)")
+          f"{args.steps} steps x {args.repeats} repeats (fastest kept), "
+          f"jit_compile={args.jit_compile}")
     for name, seconds in best.items():
         print(f"{name:28s} {1000 * seconds:8.2f} ms/step  ratio {seconds / base:5.2f}x")
     ratio = best["sum (dense accumulators)"] / base
