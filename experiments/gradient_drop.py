@@ -23,9 +23,9 @@ flags.DEFINE_enum("granularity", "variable", GRANULARITIES,
                   "each element, or a simulated worker's share.")
 flags.DEFINE_integer("num_workers", 4, "Simulated machines for --granularity=worker.")
 flags.DEFINE_boolean("rescale", False, "Multiply kept gradients by 1/keep_prob.")
-flags.DEFINE_enum("dropped_state", "freeze", DROPPED_STATES,
-                  "freeze: a dropped variable and its optimizer slots are untouched; "
-                  "zero_gradient: the optimizer gets a zero gradient (seed's TF1 code).")
+flags.DEFINE_enum("dropped_state", "zero_gradient", DROPPED_STATES,
+                  "zero_gradient: the optimizer gets a zero gradient (the seed's method); "
+                  "freeze: a dropped variable and its optimizer slots are untouched.")
 flags.DEFINE_enum("dataset", "mnist", IMAGE_DATASETS, "Image dataset.")
 flags.DEFINE_string("data_dir", None, "Directory with mnist/ etc.; default $DNI_TF_DATA_DIR.")
 flags.DEFINE_integer("steps", 20000, "Training batches per run.")

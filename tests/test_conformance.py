@@ -4,7 +4,7 @@ Each case builds a tiny compiled model and a finite dataset. Every case must:
 * train through `fit()` with callbacks (which see every batch);
 * train with `jit_compile=True` (XLA) or be listed in `NO_XLA` with the reason;
 * train under `tf.distribute.MirroredStrategy` on two logical CPU devices and
-  match the single-device result (or be listed in `MIRRORED_FLAKY` with the
+  match the single-device result (or be listed in `MIRRORED_DIFFERS` with the
   reason);
 * round-trip a checkpoint exactly: weights, optimizer slots, algorithm state
   and random-generator state; training continued from a restore equals
@@ -50,7 +50,8 @@ def _compile(model, optimizer=None, jit_compile="auto"):
 def gradient_dropping_case(jit_compile="auto"):
     from dni_tf.gradient_dropping import GradientDropping
 
-    model = GradientDropping(_mlp(), keep_prob=0.5, granularity="variable", seed=3)
+    model = GradientDropping(_mlp(), keep_prob=0.5, granularity="variable",
+                             dropped_state="freeze", seed=3)
     return _compile(model, jit_compile=jit_compile), _classification_data()
 
 
@@ -110,12 +111,10 @@ CASES = {
 }
 # Cases whose ops XLA cannot compile, with the reason (reported, not hidden).
 NO_XLA = {}
-# Known MirroredStrategy failures, skipped with the reason until fixed.
-# (DNI also cannot match one device exactly: batch norm statistics are per replica.)
-MIRRORED_FLAKY = {
-    "dni": "intermittent collective shape mismatch (replicas all-reduce the block "
-           "optimizers' gradients in different orders)",
-    "cdni_sparse_complete_unlock": "as for dni",
+# Cases that train under MirroredStrategy but cannot match one device exactly.
+MIRRORED_DIFFERS = {
+    "dni": "batch norm statistics are computed per replica",
+    "cdni_sparse_complete_unlock": "batch norm statistics are computed per replica",
 }
 
 
@@ -178,15 +177,21 @@ def test_deterministic_for_a_seed(case):
     _assert_same_state(_state(first), _state(second))
 
 
-def test_mirrored_strategy_matches_single_device(case):
+@pytest.fixture(scope="module")
+def mirrored_strategy():
+    # One strategy for all cases: strategies created one after another in a
+    # process reuse collective instance keys and then abort with shape mismatches.
     if len(tf.config.list_logical_devices("CPU")) < LOGICAL_CPUS:
         pytest.skip("two logical CPU devices could not be configured")
-    strategy = tf.distribute.MirroredStrategy([f"/cpu:{i}" for i in range(LOGICAL_CPUS)])
+    return tf.distribute.MirroredStrategy([f"/cpu:{i}" for i in range(LOGICAL_CPUS)])
+
+
+def test_mirrored_strategy_matches_single_device(case, mirrored_strategy):
     single, _ = _train(CASES[case])
-    if case in MIRRORED_FLAKY:
-        pytest.skip(f"known issue: {MIRRORED_FLAKY[case]}")
-    mirrored, history = _train(CASES[case], strategy=strategy)
+    mirrored, history = _train(CASES[case], strategy=mirrored_strategy)
     assert np.isfinite(history["loss"][-1])
+    if case in MIRRORED_DIFFERS:
+        return  # trains; exact agreement is not expected (see MIRRORED_DIFFERS)
     for a, b in zip(single.trainable_variables, mirrored.trainable_variables):
         np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-5, err_msg=a.path)
 

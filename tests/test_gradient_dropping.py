@@ -68,7 +68,8 @@ def _one_step_updates(model, x, y):
 
 def test_variable_granularity_keeps_or_drops_whole_variables():
     x, y = _data(16)
-    model = _compile(GradientDropping(_network(), keep_prob=0.5, seed=1), lr=0.1)
+    model = _compile(GradientDropping(_network(), keep_prob=0.5, dropped_state="freeze", seed=1),
+                     lr=0.1)
     model.build((None, 6))
     seen_partial = False
     for _ in range(10):

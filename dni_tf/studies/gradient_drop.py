@@ -36,7 +36,7 @@ class GradientDropConfig:
     granularity: str = "variable"
     num_workers: int = 4
     rescale: bool = False
-    dropped_state: str = "freeze"
+    dropped_state: str = "zero_gradient"
     dataset: str = "mnist"
     data_dir: Optional[str] = None
     steps: int = 20000
