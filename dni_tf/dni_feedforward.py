@@ -54,6 +54,7 @@ The models of the paper are built by `fcn_layers` and `cnn_layers`.
 
 from __future__ import annotations
 
+import math
 from typing import List, Optional, Sequence, Tuple
 
 import keras
@@ -184,10 +185,7 @@ class SyntheticInput(keras.layers.Layer):
 
 
 def _prod(values) -> int:
-    out = 1
-    for v in values:
-        out *= int(v)
-    return out
+    return math.prod(int(v) for v in values)
 
 
 # --------------------------------------------------------------------------- model

@@ -32,6 +32,7 @@ runs are reproducible and the generator state is checkpointed with the model.
 
 from __future__ import annotations
 
+import math
 from typing import Dict, List, Optional, Sequence
 
 import keras
@@ -72,10 +73,7 @@ def _assign_op(variable, value):
 
 
 def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= int(d)
-    return n
+    return math.prod(int(d) for d in shape)
 
 
 class GradientDropping(keras.Model):
