@@ -61,6 +61,7 @@ import keras
 import tensorflow as tf
 
 from dni_tf.synthetic_gradients import SyntheticGradient, regression_loss
+from dni_tf.training import track_loss
 
 METHODS = ("backprop", "dni", "cdni")
 UNLOCKS = ("update", "complete")
@@ -481,7 +482,7 @@ class DNIClassifier(keras.Model):
                 true_norm = tf.norm(tf.reshape(true, [-1]))
                 self.cosine_trackers[k].update_state(dot / (sg_norm * true_norm + 1e-12))
                 self.norm_ratio_trackers[k].update_state(sg_norm / (true_norm + 1e-12))
-        self._loss_tracker.update_state(loss / _replica_scale(), sample_weight=tf.shape(x)[0])
+        track_loss(self, loss, x)
         return self.compute_metrics(x, y, logits)
 
     def _layer_vars(self, j):
@@ -494,7 +495,7 @@ class DNIClassifier(keras.Model):
             loss = self.compute_loss(x=x, y=y, y_pred=logits, training=True)
         variables = self.trainable_variables
         self.optimizer.apply(tape.gradient(loss, variables), variables)
-        self._loss_tracker.update_state(loss / _replica_scale(), sample_weight=tf.shape(x)[0])
+        track_loss(self, loss, x)
         return self.compute_metrics(x, y, logits)
 
     def _dni_metrics(self):
@@ -506,17 +507,10 @@ class DNIClassifier(keras.Model):
         y = tf.reshape(tf.cast(y, tf.int32), [-1])
         logits = self(x, training=False)
         loss = self.compute_loss(x=x, y=y, y_pred=logits, training=False)
-        self._loss_tracker.update_state(loss / _replica_scale(), sample_weight=tf.shape(x)[0])
+        track_loss(self, loss, x)
         results = self.compute_metrics(x, y, logits)
         own = {m.name for m in self._dni_metrics()}
         return {k: v for k, v in results.items() if k not in own}
-
-
-def _replica_scale() -> float:
-    """compute_loss divides by the number of replicas; undo it for the metric."""
-    if tf.distribute.has_strategy():
-        return 1.0 / tf.distribute.get_strategy().num_replicas_in_sync
-    return 1.0
 
 
 def build_classifier(model: str, num_layers: int, input_shape: Tuple[int, ...],

@@ -68,12 +68,15 @@ Metrics (in `fit()` logs, `history.csv`, TensorBoard):
 
 from __future__ import annotations
 
+import math
 import os
 from typing import List, Optional
 
 import keras
 import tensorflow as tf
 from keras import ops
+
+from dni_tf.training import track_loss
 
 ACCUMULATIONS = ("sum", "decay", "normalized")
 DATASETS = ("mnist", "fashion_mnist", "cifar10", "digits")
@@ -323,7 +326,7 @@ class ThresholdUpdates(keras.Model):
                 self._group_of[i] = groups
                 groups += 1
         self._num_groups = groups
-        self._num_elements = sum(_size(v.shape) for v in self._vars)
+        self._num_elements = sum(math.prod(int(d) for d in v.shape) for v in self._vars)
         self._num_units = sum(self._vars[k].shape[-1] for k, _, _ in self._kernel_layers)
         self._state_created = True
 
@@ -343,9 +346,7 @@ class ThresholdUpdates(keras.Model):
             y_pred = self(x, training=True)
             loss = self.compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight,
                                      training=True)
-            self._loss_tracker.update_state(
-                loss * replicas if replicas > 1 else loss,
-                sample_weight=tf.shape(tf.nest.flatten(x)[0])[0])
+            track_loss(self, loss, x)
         # No optimizer.scale_loss: thresholds compare unscaled gradients, so a
         # LossScaleOptimizer (mixed precision) is not supported.
         grads = tape.gradient(loss, self._vars)
@@ -450,13 +451,6 @@ class ThresholdUpdates(keras.Model):
     def pending_updates(self):
         """Fired updates still waiting in the delay buffers, one tensor per variable."""
         return [ops.sum(b, axis=0) for b in self.delay_buffers]
-
-
-def _size(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= int(d)
-    return n
 
 
 # --------------------------------------------------------------------- sweeps
@@ -564,7 +558,7 @@ def run_sweep(config: dict, data, workdir: str) -> dict:
     summary = pd.DataFrame(rows)
     curves = pd.concat(curves, ignore_index=True)
     results.write_csv(os.path.join(workdir, "summary.csv"), summary)
-    results.atomic_write_text(os.path.join(workdir, "summary.md"), _markdown(summary))
+    results.atomic_write_text(os.path.join(workdir, "summary.md"), results.markdown_table(summary))
     results.write_csv(os.path.join(workdir, "curves.csv"), curves)
     plot_sweep(summary, curves, workdir)
     metrics = {f"T={r['threshold']:g}": r for r in rows}
@@ -595,13 +589,6 @@ def summarize_run(history, threshold: float, num_weights: int, target_accuracy: 
                                             if len(reached) else float("nan")),
         "num_weights": num_weights,
     }
-
-
-def _markdown(frame) -> str:
-    header = "| " + " | ".join(frame.columns) + " |\n|" + "---|" * len(frame.columns) + "\n"
-    lines = ["| " + " | ".join(f"{v:.4g}" if isinstance(v, float) else str(v) for v in row) + " |"
-             for row in frame.itertuples(index=False)]
-    return header + "\n".join(lines) + "\n"
 
 
 def plot_sweep(summary, curves, workdir: str) -> None:
