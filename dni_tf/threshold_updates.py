@@ -374,11 +374,16 @@ class ThresholdUpdates(keras.Model):
         """Adds `grads` to the accumulators; returns (updates to apply, fired masks).
 
         Updates the accumulators (and second moments) in place. `updates[i]` is
-        zero wherever `fired[i]` is False.
+        zero wherever `fired[i]` is False. The step's statistics (fired count,
+        L1 of increments and emissions, accumulator norm) are computed in the
+        same loop from tensors already at hand, because on CPU every extra pass
+        over all weights costs about as much as the rule itself; `_record`
+        publishes them.
         """
         step = self.step_counter + 1
         self.step_counter.assign(step)
-        updates, fired_masks, received, emitted_l1 = [], [], [], []
+        updates, fired_masks = [], []
+        fired_counts, received, emitted, acc_squares = [], [], [], []
         for i, (g, acc) in enumerate(zip(grads, self.accumulators)):
             g = ops.cast(g, acc.dtype)
             if self.noise_stddev:
@@ -396,15 +401,22 @@ class ThresholdUpdates(keras.Model):
                                              ops.cast(step, acc.dtype))
                 increment = g / (ops.sqrt(v_new / correction) + self.epsilon)
                 total = acc + increment
-            received.append(ops.sum(ops.abs(increment)))
             fired = ops.greater(ops.abs(total), self.threshold)
-            emitted = total if self.clip is None else ops.clip(total, -self.clip, self.clip)
-            acc.assign(ops.where(fired, ops.zeros_like(total), total))
-            updates.append(ops.where(fired, emitted, ops.zeros_like(total)))
-            emitted_l1.append(ops.sum(ops.abs(updates[-1])))
+            remaining = ops.where(fired, 0.0, total)
+            acc.assign(remaining)
+            if self.clip is None:
+                update = total - remaining  # exactly `total` where fired, 0 elsewhere
+            else:
+                update = ops.where(fired, ops.clip(total, -self.clip, self.clip), 0.0)
+            updates.append(update)
             fired_masks.append(fired)
-        self.received_l1.assign(self.received_l1 + ops.cast(ops.sum(ops.stack(received)), "float64"))
-        self.emitted_l1.assign(self.emitted_l1 + ops.cast(ops.sum(ops.stack(emitted_l1)), "float64"))
+            # int32 sums are exact up to 2**31 fired elements per variable.
+            fired_counts.append(ops.cast(ops.sum(ops.cast(fired, "int32")), "int64"))
+            received.append(ops.sum(ops.abs(increment)))
+            emitted.append(ops.sum(ops.abs(update)))
+            acc_squares.append(2.0 * tf.nn.l2_loss(remaining))  # one fused pass
+        self._step_stats = (ops.sum(ops.stack(fired_counts)), ops.sum(ops.stack(received)),
+                            ops.sum(ops.stack(emitted)), ops.sum(ops.stack(acc_squares)))
         return updates, fired_masks
 
     def _delay(self, updates):
@@ -427,13 +439,13 @@ class ThresholdUpdates(keras.Model):
         return applied
 
     def _record(self, fired):
-        counts = [ops.sum(ops.cast(f, "int64")) for f in fired]
-        total = ops.sum(ops.stack(counts))
-        self.weight_update_count.assign(self.weight_update_count + total)
+        fired_count, received, emitted, acc_squares = self._step_stats
+        self.weight_update_count.assign_add(fired_count)
+        self.received_l1.assign_add(ops.cast(received, "float64"))
+        self.emitted_l1.assign_add(ops.cast(emitted, "float64"))
         self.update_fraction_tracker.update_state(
-            ops.cast(total, "float32") / float(max(self._num_elements, 1)))
-        squares = ops.sum(ops.stack([ops.sum(ops.square(a)) for a in self.accumulators]))
-        self.acc_norm_tracker.update_state(ops.sqrt(squares))
+            ops.cast(fired_count, "float32") / float(max(self._num_elements, 1)))
+        self.acc_norm_tracker.update_state(ops.sqrt(acc_squares))
         if self._kernel_layers:
             notified = []
             for k, b, layer in self._kernel_layers:
