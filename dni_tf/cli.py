@@ -21,6 +21,7 @@ from typing import Callable, Iterable, List, Optional, Sequence
 from absl import app, flags
 
 from dni_tf.data.images import DataError
+from dni_tf.distribution import STRATEGIES, DistributionError
 
 
 class UsageError(ValueError):
@@ -89,6 +90,13 @@ def prepare_workdir(workdir: str, flag_name: str = "workdir") -> str:
     return workdir
 
 
+def define_distribution_flag() -> None:
+    """`--distribution=none|mirrored|multi_worker` (see `dni_tf.distribution`)."""
+    flags.DEFINE_enum("distribution", "none", STRATEGIES,
+                      "none: one device; mirrored: every local GPU; multi_worker: "
+                      "MultiWorkerMirroredStrategy over the cluster in $TF_CONFIG.")
+
+
 def flag_values(names: Optional[Sequence[str]] = None) -> dict:
     """The values of the given (default: all non-absl) flags, for results.json."""
     values = flags.FLAGS.flag_values_dict()
@@ -114,7 +122,7 @@ def run(main: Callable[[List[str]], None]) -> None:
             fail(f"unexpected positional arguments: {' '.join(argv[1:])}", 2)
         try:
             main(argv)
-        except (UsageError, DataError) as exc:
+        except (UsageError, DataError, DistributionError) as exc:
             fail(str(exc), 2)
         except TrainingDiverged as exc:
             fail(str(exc), 1)

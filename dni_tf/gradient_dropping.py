@@ -10,6 +10,12 @@ only the surviving part is applied. What counts as a "part" is the granularity:
 * `worker`: the variables are spread over `num_workers` simulated machines
   (greedily balancing parameter counts); each machine's whole share is lost with
   probability `1 - keep_prob` (the seed's motivation: unreliable machines).
+* `replica`: the real thing under a `tf.distribute` strategy: each replica's
+  whole gradient contribution is lost with probability `1 - keep_prob` per step
+  and the update is the mean over the surviving replicas (nothing is applied
+  when none survives). Every replica draws the same survivor set from the
+  shared generator, so they stay in sync. With one replica this drops the
+  whole gradient at once.
 
 What happens to a lost gradient is `dropped_state`:
 
@@ -41,7 +47,7 @@ from keras import ops
 
 from dni_tf.training import track_loss
 
-GRANULARITIES = ("variable", "layer", "element", "worker")
+GRANULARITIES = ("variable", "layer", "element", "worker", "replica")
 DROPPED_STATES = ("freeze", "zero_gradient")
 
 
@@ -116,6 +122,9 @@ class GradientDropping(keras.Model):
             raise ValueError(f"num_workers must be >= 1, got {num_workers}")
         if rescale and keep_prob == 0.0:
             raise ValueError("rescale=True needs keep_prob > 0")
+        if rescale and granularity == "replica":
+            raise ValueError("rescale=True does not apply to granularity='replica': "
+                             "surviving replicas are already averaged")
         self.network = network
         self.keep_prob = float(keep_prob)
         self.granularity = granularity
@@ -187,6 +196,26 @@ class GradientDropping(keras.Model):
         self.kept_parameter_tracker.update_state(ops.sum(kept_float * sizes) / ops.sum(sizes))
         return masks
 
+    def average_surviving_replicas(self, grads):
+        """This replica's gradients weighted so the optimizer applies the survivors' mean.
+
+        Returns (weighted gradients, per-variable masks: "anything applied").
+        Keras scales each replica's loss by 1 / replicas and the optimizer sums
+        the replicas' gradients, so weighting survivors by replicas / survivors
+        (and the lost ones by 0) makes the applied gradient the survivors' mean.
+        """
+        context = tf.distribute.get_replica_context()
+        replicas = context.num_replicas_in_sync
+        survived = keras.random.uniform((replicas,), seed=self.mask_generator) < self.keep_prob
+        survivors = ops.sum(ops.cast(survived, "float32"))
+        mine = ops.take(survived, context.replica_id_in_sync_group)
+        weight = ops.where(mine, replicas / ops.maximum(survivors, 1.0), 0.0)
+        anything_applied = survivors > 0
+        self.kept_fraction_tracker.update_state(survivors / replicas)
+        self.kept_parameter_tracker.update_state(ops.cast(anything_applied, "float32"))
+        return ([g * ops.cast(weight, g.dtype) for g in grads],
+                [anything_applied] * len(grads))
+
     # -- optimizer state -----------------------------------------------------
 
     def _optimizer_slots(self, variables) -> List[List[keras.Variable]]:
@@ -223,9 +252,12 @@ class GradientDropping(keras.Model):
             # Keras' LossScaleOptimizer needs the scaled loss; a no-op otherwise.
             scaled_loss = self.optimizer.scale_loss(loss)
         grads = tape.gradient(scaled_loss, variables)
-        masks = self.draw_masks(variables)
-        scale = 1.0 / self.keep_prob if self.rescale else 1.0
-        grads = [g * ops.cast(m, g.dtype) * scale for g, m in zip(grads, masks)]
+        if self.granularity == "replica":
+            grads, masks = self.average_surviving_replicas(grads)
+        else:
+            masks = self.draw_masks(variables)
+            scale = 1.0 / self.keep_prob if self.rescale else 1.0
+            grads = [g * ops.cast(m, g.dtype) * scale for g, m in zip(grads, masks)]
         if self.dropped_state == "freeze":
             self._apply_frozen(grads, variables, masks)
         else:

@@ -428,7 +428,12 @@ class TruncatedBPTT(keras.Model):
             core_grads = tf.clip_by_global_norm(core_grads, self.clip_norm)[0]
             if sg_grads:
                 sg_grads = tf.clip_by_global_norm(sg_grads, self.clip_norm)[0]
-        self.optimizer.apply(core_grads + sg_grads, self.core_variables + self.sg_variables)
+        # Apply in `trainable_variables` order: the optimizer's slots are created
+        # in the order of its first apply, and a restore builds them in this order.
+        grad_of = {id(v): g for v, g in zip(self.core_variables + self.sg_variables,
+                                            core_grads + sg_grads)}
+        self.optimizer.apply([grad_of[id(v)] for v in self.trainable_variables],
+                             self.trainable_variables)
         if self.stateful:
             self.train_state.assign(r["final_state"])
         self._update_metrics(r["loss"], r["masked_nats"], r["mask_count"], r["wrong_bits"],

@@ -17,7 +17,7 @@ import dataclasses
 
 from absl import flags
 
-from dni_tf import cli
+from dni_tf import cli, distribution
 from dni_tf.data import text
 from dni_tf.studies.recurrent_dni import LanguageModelConfig, run_language_model, run_table
 from dni_tf.truncated_bptt import METHODS
@@ -50,6 +50,7 @@ flags.DEFINE_boolean("table", False, "Run the method x T table instead of one ru
 flags.DEFINE_list("table_methods", ["bptt", "dni"], "Methods for --table.")
 flags.DEFINE_list("table_truncations", ["2", "5"], "Truncations for --table.")
 flags.DEFINE_string("workdir", None, "Output directory (created; reruns resume).")
+cli.define_distribution_flag()
 FLAGS = flags.FLAGS
 
 
@@ -76,11 +77,12 @@ def main(argv):
     text.ptb_char_paths(config.data_dir)  # DataError (exit 2) before touching the workdir
     workdir = cli.prepare_workdir(FLAGS.workdir)
     extra = {"flags": cli.flag_values()}
-    if FLAGS.table:
-        run_table(run_language_model, config, workdir, FLAGS.table_methods, truncations,
-                  "test_bpc", extra_config=extra, lower_is_better=True, curve="val_bpc")
-    else:
-        run_language_model(config, workdir, extra_config=extra)
+    with distribution.distributed(FLAGS.distribution, workdir) as workdir:
+        if FLAGS.table:
+            run_table(run_language_model, config, workdir, FLAGS.table_methods, truncations,
+                      "test_bpc", extra_config=extra, lower_is_better=True, curve="val_bpc")
+        else:
+            run_language_model(config, workdir, extra_config=extra)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ import dataclasses
 
 from absl import flags
 
-from dni_tf import cli
+from dni_tf import cli, distribution
 from dni_tf.multi_network import METHODS
 from dni_tf.studies.multi_network import MultiNetworkConfig, run_comparison, run_multi_network
 
@@ -40,6 +40,7 @@ flags.DEFINE_boolean("compare", False, "Run the method x tick-ratio comparison."
 flags.DEFINE_list("compare_methods", list(METHODS), "Methods for --compare.")
 flags.DEFINE_list("compare_tick_ratios", ["2", "4"], "Tick ratios for --compare.")
 flags.DEFINE_string("workdir", None, "Output directory (created; reruns resume).")
+cli.define_distribution_flag()
 FLAGS = flags.FLAGS
 
 
@@ -62,10 +63,11 @@ def main(argv):
         cli.check_range("compare_tick_ratios", k, 1)
     workdir = cli.prepare_workdir(FLAGS.workdir)
     extra = {"flags": cli.flag_values()}
-    if FLAGS.compare:
-        run_comparison(config, workdir, FLAGS.compare_methods, ratios, extra)
-    else:
-        run_multi_network(config, workdir, extra)
+    with distribution.distributed(FLAGS.distribution, workdir) as workdir:
+        if FLAGS.compare:
+            run_comparison(config, workdir, FLAGS.compare_methods, ratios, extra)
+        else:
+            run_multi_network(config, workdir, extra)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import math
 
 from absl import flags
 
-from dni_tf import cli
+from dni_tf import cli, distribution
 from dni_tf.data.images import IMAGE_DATASETS
 
 flags.DEFINE_string("workdir", None, "Output directory (a rerun resumes).")
@@ -41,6 +41,7 @@ flags.DEFINE_list("prune_fractions", ["0", "25", "50", "60", "70", "80", "90", "
                   "Pruning fractions in percent, each in [0, 100).")
 flags.DEFINE_boolean("prune_logits", False, "Also prune the logits layer.")
 flags.DEFINE_integer("seed", 0, "Seed for initialisation, data order and dropout masks.")
+cli.define_distribution_flag()
 FLAGS = flags.FLAGS
 
 REGIMES = ("none", "dropout", "targeted_weight", "targeted_unit")
@@ -100,17 +101,18 @@ def main(argv):
     from dni_tf import data  # heavy imports after validation
     from dni_tf.studies import targeted_dropout
 
-    images = data.load_image_data(FLAGS.dataset, FLAGS.data_dir)
-    steps, eval_every, per_epoch = schedule(FLAGS, len(images.train[1]))
-    config = dict(cli.flag_values(), workdir=workdir, total_steps=steps,
-                  eval_every_steps=eval_every, steps_per_epoch=per_epoch)
-    targeted_dropout.run_study(
-        images, workdir, config, regimes=list(FLAGS.regimes), fractions=parsed["fractions"],
-        hidden=parsed["hidden"], steps=steps, eval_every=eval_every, alpha=FLAGS.alpha,
-        gamma=FLAGS.gamma, dropout_rate=FLAGS.dropout_rate, rank_every=FLAGS.rank_every,
-        ramp_steps=int(math.ceil(FLAGS.ramp_epochs * per_epoch)), use_bias=FLAGS.use_bias,
-        batch_size=FLAGS.batch_size, learning_rate=FLAGS.learning_rate,
-        prune_logits=FLAGS.prune_logits, seed=FLAGS.seed)
+    with distribution.distributed(FLAGS.distribution, workdir) as workdir:
+        images = data.load_image_data(FLAGS.dataset, FLAGS.data_dir)
+        steps, eval_every, per_epoch = schedule(FLAGS, len(images.train[1]))
+        config = dict(cli.flag_values(), workdir=workdir, total_steps=steps,
+                      eval_every_steps=eval_every, steps_per_epoch=per_epoch)
+        targeted_dropout.run_study(
+            images, workdir, config, regimes=list(FLAGS.regimes), fractions=parsed["fractions"],
+            hidden=parsed["hidden"], steps=steps, eval_every=eval_every, alpha=FLAGS.alpha,
+            gamma=FLAGS.gamma, dropout_rate=FLAGS.dropout_rate, rank_every=FLAGS.rank_every,
+            ramp_steps=int(math.ceil(FLAGS.ramp_epochs * per_epoch)), use_bias=FLAGS.use_bias,
+            batch_size=FLAGS.batch_size, learning_rate=FLAGS.learning_rate,
+            prune_logits=FLAGS.prune_logits, seed=FLAGS.seed)
 
 
 if __name__ == "__main__":

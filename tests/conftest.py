@@ -42,3 +42,17 @@ def _fixed_seed():
     import keras
 
     keras.utils.set_random_seed(1234)
+
+
+@pytest.fixture(scope="session")
+def mirrored_strategy():
+    """One MirroredStrategy over the two logical CPUs, shared by every test.
+
+    Strategies created one after another in a process reuse collective
+    instance keys and then abort with shape mismatches.
+    """
+    import tensorflow as tf
+
+    if len(tf.config.list_logical_devices("CPU")) < LOGICAL_CPUS:
+        pytest.skip("two logical CPU devices could not be configured")
+    return tf.distribute.MirroredStrategy([f"/cpu:{i}" for i in range(LOGICAL_CPUS)])

@@ -182,3 +182,29 @@ def test_invalid_arguments_name_themselves():
         GradientDropping(_network(), keep_prob=1.5)
     with pytest.raises(ValueError, match="granularity must be one of"):
         GradientDropping(_network(), granularity="neuron")
+
+
+def test_replica_granularity_applies_the_mean_of_surviving_replicas(mirrored_strategy):
+    """Each step's update is the mean over the replicas that survived, or nothing."""
+    x = np.array([[1.0, 0.0], [2.0, 0.0], [0.0, 1.0], [0.0, 3.0]], "float32")
+    y = np.array([[1.0], [1.0], [2.0], [2.0]], "float32")
+    with mirrored_strategy.scope():
+        network = keras.Sequential([keras.Input((2,)),
+                                    keras.layers.Dense(1, use_bias=False, kernel_initializer="zeros")])
+        model = GradientDropping(network, keep_prob=0.5, granularity="replica", seed=7)
+        model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+    data = tf.data.Dataset.from_tensors((x, y)).repeat()  # replica r gets rows 2r, 2r+1
+    outcomes = set()
+    for _ in range(12):
+        w = model.network.get_weights()[0]
+        halves = [(x[:2], y[:2]), (x[2:], y[2:])]
+        # d/dw mean((xw - y)^2) over each replica's half; the optimizer subtracts 0.1 x it.
+        g = [2 * xs.T @ (xs @ w - ys) / len(xs) for xs, ys in halves]
+        candidates = {"none": 0 * w, "first": -0.1 * g[0], "second": -0.1 * g[1],
+                      "both": -0.1 * (g[0] + g[1]) / 2}
+        model.fit(data, steps_per_epoch=1, epochs=1, verbose=0)
+        delta = model.network.get_weights()[0] - w
+        matches = [name for name, c in candidates.items() if np.allclose(delta, c, atol=1e-6)]
+        assert matches, f"update {delta.ravel()} is no survivor mean"
+        outcomes.add(matches[0])
+    assert {"first", "second"} & outcomes and "both" in outcomes and "none" in outcomes
