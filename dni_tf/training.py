@@ -50,12 +50,20 @@ def train_and_evaluate(model: keras.Model, train_data, eval_data, *, steps: int,
     epochs = steps // eval_every
     checkpoint_dir = os.path.join(workdir, "checkpoints")
     done = min(ResumableCheckpoint.completed_epochs(checkpoint_dir), epochs)
-    if done:
+    multi_worker = isinstance(tf.distribute.get_strategy(),
+                              tf.distribute.MultiWorkerMirroredStrategy)
+    if done or multi_worker:
         # Zeros of the batch spec: iterating train_data here would advance its
         # shuffle seed and change the order the resumed run sees.
         build_for_restore(model, tf.nest.map_structure(
             lambda spec: tf.zeros([d or 1 for d in spec.shape], spec.dtype),
             train_data.element_spec))
+    if multi_worker:
+        # Keras' fit() builds a distributed model from a batch averaged over the
+        # replicas, and that average fails under MultiWorkerMirroredStrategy
+        # (Keras 3.15: a PerReplica batch cannot be reduced). The model is built.
+        model._maybe_symbolic_build = lambda *args, **kwargs: None
+        _logs_as_vectors(model)
     model.fit(
         train_data.skip(done * eval_every),
         epochs=epochs,
@@ -74,6 +82,22 @@ def train_and_evaluate(model: keras.Model, train_data, eval_data, *, steps: int,
     )
     history = results.load_history(workdir)
     return {k: (int(v) if k == "step" else float(v)) for k, v in history.iloc[-1].items()}
+
+
+def _logs_as_vectors(model: keras.Model) -> None:
+    """Makes the train/test steps return logs of shape [1] instead of scalars.
+
+    Under MultiWorkerMirroredStrategy Keras 3.15 reduces each step's logs with
+    `strategy.reduce("MEAN", value, axis=0)`, which fails on scalars; a
+    one-element vector reduces to the same mean.
+    """
+    for name in ("train_step", "test_step"):
+        step = getattr(model, name)
+
+        def vector_logs(data, step=step):
+            return {k: tf.reshape(v, [1]) for k, v in step(data).items()}
+
+        setattr(model, name, vector_logs)
 
 
 def build_for_restore(model: keras.Model, batch) -> None:
