@@ -14,13 +14,15 @@ a traceback.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
-from typing import Callable, Iterable, List, Optional, Sequence
+from typing import Callable, Iterable, Iterator, List, Optional, Sequence
 
 from absl import app, flags
 
 from dni_tf.data.images import DataError
+from dni_tf import distribution
 from dni_tf.distribution import STRATEGIES, DistributionError
 
 
@@ -90,11 +92,28 @@ def prepare_workdir(workdir: str, flag_name: str = "workdir") -> str:
     return workdir
 
 
-def define_distribution_flag() -> None:
-    """`--distribution=none|mirrored|multi_worker` (see `dni_tf.distribution`)."""
+def define_common_flags() -> None:
+    """`--distribution` (see `dni_tf.distribution`) and `--deterministic`."""
     flags.DEFINE_enum("distribution", "none", STRATEGIES,
                       "none: one device; mirrored: every local GPU; multi_worker: "
                       "MultiWorkerMirroredStrategy over the cluster in $TF_CONFIG.")
+    flags.DEFINE_boolean("deterministic", False,
+                         "Enable TensorFlow op determinism: reruns and resumed runs give "
+                         "bit-identical results (some ops get slower).")
+
+
+@contextlib.contextmanager
+def distributed(workdir: str) -> Iterator[str]:
+    """Applies `--deterministic` and `--distribution`; yields this worker's run directory.
+
+    Enter it before loading data or building models (see `dni_tf.distribution`).
+    """
+    import tensorflow as tf
+
+    if flags.FLAGS.deterministic:
+        tf.config.experimental.enable_op_determinism()
+    with distribution.distributed(flags.FLAGS.distribution, workdir) as run_dir:
+        yield run_dir
 
 
 def flag_values(names: Optional[Sequence[str]] = None) -> dict:

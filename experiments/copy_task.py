@@ -14,7 +14,7 @@ import dataclasses
 
 from absl import flags
 
-from dni_tf import cli, distribution
+from dni_tf import cli
 from dni_tf.data.sequence_tasks import TASKS
 from dni_tf.studies.recurrent_dni import CopyTaskConfig, run_copy_task, run_table
 from dni_tf.truncated_bptt import METHODS
@@ -44,7 +44,7 @@ flags.DEFINE_boolean("table", False, "Run the method x T table instead of one ru
 flags.DEFINE_list("table_methods", list(METHODS), "Methods for --table.")
 flags.DEFINE_list("table_truncations", ["2", "3", "4", "5", "8"], "Truncations for --table.")
 flags.DEFINE_string("workdir", None, "Output directory (created; reruns resume).")
-cli.define_distribution_flag()
+cli.define_common_flags()
 FLAGS = flags.FLAGS
 
 
@@ -78,7 +78,7 @@ def main(argv):
     methods, truncations = table_lists()
     workdir = cli.prepare_workdir(FLAGS.workdir)
     extra = {"flags": cli.flag_values()}
-    with distribution.distributed(FLAGS.distribution, workdir) as workdir:
+    with cli.distributed(workdir) as workdir:
         if FLAGS.table:
             run_table(run_copy_task, config, workdir, methods, truncations,
                       "max_length_solved", extra_config=extra, curve="train_bit_errors")

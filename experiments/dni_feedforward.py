@@ -17,7 +17,7 @@ command resumes.
 
 from absl import flags
 
-from dni_tf import cli, distribution
+from dni_tf import cli
 from dni_tf.data import IMAGE_DATASETS
 from dni_tf.dni_feedforward import METHODS, UNLOCKS
 from dni_tf.studies.dni_feedforward import MODELS, PRESETS, DNIConfig, run_grid, run_single
@@ -52,7 +52,7 @@ flags.DEFINE_boolean("diagnostics", False, "Log cosine similarity and norm ratio
 flags.DEFINE_boolean("oracle", False, "Testing aid: update layers from the true gradient.")
 flags.DEFINE_integer("seed", 0, "Seed for initialisation, data order and sparse updates.")
 flags.DEFINE_string("workdir", None, "Output directory (created; reruns resume).")
-cli.define_distribution_flag()
+cli.define_common_flags()
 FLAGS = flags.FLAGS
 
 
@@ -101,7 +101,7 @@ def main(argv):
     config, methods, depths = parse_config()
     workdir = cli.prepare_workdir(FLAGS.workdir)
     extra = {"flags": cli.flag_values()}
-    with distribution.distributed(FLAGS.distribution, workdir) as workdir:
+    with cli.distributed(workdir) as workdir:
         if len(methods) * len(depths) == 1:
             run_single(config, workdir, extra_config=extra)
         else:

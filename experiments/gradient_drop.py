@@ -11,7 +11,7 @@ the same command resumes.
 
 from absl import flags
 
-from dni_tf import cli, distribution
+from dni_tf import cli
 from dni_tf.data import IMAGE_DATASETS
 from dni_tf.gradient_dropping import DROPPED_STATES, GRANULARITIES
 from dni_tf.studies.gradient_drop import GradientDropConfig, run_sweep
@@ -34,7 +34,7 @@ flags.DEFINE_float("learning_rate", 1e-4, "Adam learning rate.")
 flags.DEFINE_integer("eval_every", 500, "Evaluate on the test set every this many steps.")
 flags.DEFINE_integer("seed", 0, "Seed for initialisation, data order and masks.")
 flags.DEFINE_string("workdir", None, "Output directory (created; reruns resume).")
-cli.define_distribution_flag()
+cli.define_common_flags()
 FLAGS = flags.FLAGS
 
 
@@ -51,7 +51,7 @@ def main(argv):
     except ValueError as exc:
         raise cli.UsageError(f"--{exc}") from None
     workdir = cli.prepare_workdir(FLAGS.workdir)
-    with distribution.distributed(FLAGS.distribution, workdir) as workdir:
+    with cli.distributed(workdir) as workdir:
         run_sweep(config, workdir, extra_config={"flags": cli.flag_values()})
 
 

@@ -17,7 +17,7 @@ import dataclasses
 
 from absl import flags
 
-from dni_tf import cli, distribution
+from dni_tf import cli
 from dni_tf.data import text
 from dni_tf.studies.recurrent_dni import LanguageModelConfig, run_language_model, run_table
 from dni_tf.truncated_bptt import METHODS
@@ -50,7 +50,7 @@ flags.DEFINE_boolean("table", False, "Run the method x T table instead of one ru
 flags.DEFINE_list("table_methods", ["bptt", "dni"], "Methods for --table.")
 flags.DEFINE_list("table_truncations", ["2", "5"], "Truncations for --table.")
 flags.DEFINE_string("workdir", None, "Output directory (created; reruns resume).")
-cli.define_distribution_flag()
+cli.define_common_flags()
 FLAGS = flags.FLAGS
 
 
@@ -77,7 +77,7 @@ def main(argv):
     text.ptb_char_paths(config.data_dir)  # DataError (exit 2) before touching the workdir
     workdir = cli.prepare_workdir(FLAGS.workdir)
     extra = {"flags": cli.flag_values()}
-    with distribution.distributed(FLAGS.distribution, workdir) as workdir:
+    with cli.distributed(workdir) as workdir:
         if FLAGS.table:
             run_table(run_language_model, config, workdir, FLAGS.table_methods, truncations,
                       "test_bpc", extra_config=extra, lower_is_better=True, curve="val_bpc")

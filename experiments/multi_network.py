@@ -14,7 +14,7 @@ import dataclasses
 
 from absl import flags
 
-from dni_tf import cli, distribution
+from dni_tf import cli
 from dni_tf.multi_network import METHODS
 from dni_tf.studies.multi_network import MultiNetworkConfig, run_comparison, run_multi_network
 
@@ -40,7 +40,7 @@ flags.DEFINE_boolean("compare", False, "Run the method x tick-ratio comparison."
 flags.DEFINE_list("compare_methods", list(METHODS), "Methods for --compare.")
 flags.DEFINE_list("compare_tick_ratios", ["2", "4"], "Tick ratios for --compare.")
 flags.DEFINE_string("workdir", None, "Output directory (created; reruns resume).")
-cli.define_distribution_flag()
+cli.define_common_flags()
 FLAGS = flags.FLAGS
 
 
@@ -63,7 +63,7 @@ def main(argv):
         cli.check_range("compare_tick_ratios", k, 1)
     workdir = cli.prepare_workdir(FLAGS.workdir)
     extra = {"flags": cli.flag_values()}
-    with distribution.distributed(FLAGS.distribution, workdir) as workdir:
+    with cli.distributed(workdir) as workdir:
         if FLAGS.compare:
             run_comparison(config, workdir, FLAGS.compare_methods, ratios, extra)
         else:

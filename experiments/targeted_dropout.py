@@ -17,7 +17,7 @@ import math
 
 from absl import flags
 
-from dni_tf import cli, distribution
+from dni_tf import cli
 from dni_tf.data.images import IMAGE_DATASETS
 
 flags.DEFINE_string("workdir", None, "Output directory (a rerun resumes).")
@@ -41,7 +41,7 @@ flags.DEFINE_list("prune_fractions", ["0", "25", "50", "60", "70", "80", "90", "
                   "Pruning fractions in percent, each in [0, 100).")
 flags.DEFINE_boolean("prune_logits", False, "Also prune the logits layer.")
 flags.DEFINE_integer("seed", 0, "Seed for initialisation, data order and dropout masks.")
-cli.define_distribution_flag()
+cli.define_common_flags()
 FLAGS = flags.FLAGS
 
 REGIMES = ("none", "dropout", "targeted_weight", "targeted_unit")
@@ -101,7 +101,7 @@ def main(argv):
     from dni_tf import data  # heavy imports after validation
     from dni_tf.studies import targeted_dropout
 
-    with distribution.distributed(FLAGS.distribution, workdir) as workdir:
+    with cli.distributed(workdir) as workdir:
         images = data.load_image_data(FLAGS.dataset, FLAGS.data_dir)
         steps, eval_every, per_epoch = schedule(FLAGS, len(images.train[1]))
         config = dict(cli.flag_values(), workdir=workdir, total_steps=steps,

@@ -17,11 +17,11 @@ import os
 
 from absl import flags
 
-from dni_tf import cli, distribution
+from dni_tf import cli
 from dni_tf import threshold_updates as tu
 from dni_tf.data import load_image_data
 
-cli.define_distribution_flag()
+cli.define_common_flags()
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Output directory (sweep root).")
 flags.DEFINE_list("thresholds", ["0", "1e-4", "1e-3", "1e-2"], "Thresholds T >= 0.")
@@ -49,7 +49,7 @@ def main(argv):
     del argv
     config = tu.check_config(cli.flag_values())
     workdir = cli.prepare_workdir(config["workdir"])
-    with distribution.distributed(config["distribution"], workdir) as workdir:
+    with cli.distributed(workdir) as workdir:
         data = load_image_data(config["dataset"], config["data_dir"])
         tu.run_sweep(config, data, workdir)
 
