@@ -204,7 +204,10 @@ class MultiNetwork(keras.Model):
     def train_step(self, data):
         digits, labels = data
         grads, variables, stats = self.compute_gradients(digits, labels)
-        self.optimizer.apply(grads, variables)
+        # Losses are means over this replica's batch and the optimizer sums the
+        # replicas' gradients: dividing by the replica count gives the global mean.
+        replicas = tf.distribute.get_strategy().num_replicas_in_sync
+        self.optimizer.apply([g / replicas for g in grads], variables)
         return self._record(labels, *stats)
 
     def test_step(self, data):

@@ -430,8 +430,11 @@ class TruncatedBPTT(keras.Model):
                 sg_grads = tf.clip_by_global_norm(sg_grads, self.clip_norm)[0]
         # Apply in `trainable_variables` order: the optimizer's slots are created
         # in the order of its first apply, and a restore builds them in this order.
-        grad_of = {id(v): g for v, g in zip(self.core_variables + self.sg_variables,
-                                            core_grads + sg_grads)}
+        # Losses are means over this replica's batch and the optimizer sums the
+        # replicas' gradients: dividing by the replica count gives the global mean.
+        replicas = tf.distribute.get_strategy().num_replicas_in_sync
+        grad_of = {id(v): g / replicas for v, g in zip(self.core_variables + self.sg_variables,
+                                                      core_grads + sg_grads)}
         self.optimizer.apply([grad_of[id(v)] for v in self.trainable_variables],
                              self.trainable_variables)
         if self.stateful:

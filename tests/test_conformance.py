@@ -143,9 +143,6 @@ MIRRORED_DIFFERS = {
     "dni": "batch norm statistics are computed per replica",
     "cdni_sparse_complete_unlock": "batch norm statistics are computed per replica",
     "gradient_dropping_replica": "which replicas survive depends on the number of replicas",
-    "truncated_bptt": "weights differ by up to ~3% of one update from one device; not yet explained",
-    "truncated_bptt_dni_aux": "weights differ by up to ~3% of one update from one device; "
-                              "not yet explained",
 }
 
 
