@@ -32,6 +32,7 @@ flags.DEFINE_float("noise_stddev", 0.0, "Std of Gaussian noise added to each gra
 flags.DEFINE_bool("sparse_backward", False,
                   "Only units with a fired incoming weight pass their error down.")
 flags.DEFINE_integer("max_delay", 0, "Per-layer random delay d in [0, max_delay] steps.")
+flags.DEFINE_integer("statistics_every", 1, "Compute notify_fraction, acc_norm and cancelled_fraction on every k-th step only (faster; update counts stay exact).")
 flags.DEFINE_string("dataset", "mnist", "mnist, fashion_mnist, cifar10 or digits.")
 flags.DEFINE_string("model", "mlp", "mlp or cnn (the tutorial CNN).")
 flags.DEFINE_list("hidden", ["256", "256"], "MLP hidden layer widths.")

@@ -34,6 +34,7 @@ ENTRY_POINTS = {
         (["--thresholds=0,-1e-3"], "--thresholds=-0.001 is out of range"),
         (["--accumulation=median"], "--accumulation"),
         (["--max_delay=-1"], "--max_delay"),
+        (["--statistics_every=0"], "--statistics_every"),
         (["--dataset=mnist", "--data_dir={empty}"], "could not load mnist"),
         (["--dataset=mnist", "--data_dir={corrupt}"], "train-images-idx3-ubyte.gz"),
     ]),

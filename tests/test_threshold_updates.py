@@ -247,3 +247,22 @@ def test_evaluate_reports_only_the_compiled_metrics():
 def test_invalid_arguments_are_rejected(kwargs, word):
     with pytest.raises(ValueError, match=word):
         validate(**kwargs)
+
+
+def test_sampled_statistics_leave_training_and_update_counts_exact():
+    x, y = _data()
+    runs = {}
+    for every in (1, 3):
+        model = ThresholdUpdates(_net(), threshold=1e-3, statistics_every=every)
+        model.compile(optimizer=keras.optimizers.SGD(0.3), loss=XENT)
+        history = model.fit(x, y, batch_size=16, epochs=1, steps_per_epoch=4,
+                            shuffle=False, verbose=0).history
+        runs[every] = (model, history)
+    (every_step, h1), (sampled, h3) = runs[1], runs[3]
+    for a, b in zip(every_step.network.trainable_variables, sampled.network.trainable_variables):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    assert h1["weight_updates"] == h3["weight_updates"]
+    assert h1["update_fraction"] == h3["update_fraction"]
+    # Steps 1..4 with k=3: only step 3 is sampled, so the L1 sums cover one step.
+    assert 0 < sampled.received_l1.numpy() < every_step.received_l1.numpy()
+    assert h3["acc_norm"][0] > 0 and h3["acc_norm"][0] != h1["acc_norm"][0]
