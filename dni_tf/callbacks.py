@@ -28,7 +28,7 @@ import pandas as pd
 import tensorflow as tf
 from absl import logging
 
-from dni_tf import results
+from dni_tf import results, tensorboard_views
 from dni_tf.cli import TrainingDiverged
 
 
@@ -47,6 +47,9 @@ def split_logs(logs: Dict[str, float], eval_prefix: str = "test") -> Dict[str, f
 class EvaluationLogger(keras.callbacks.Callback):
     """Writes `history.csv` and TensorBoard scalars at each evaluation.
 
+    After the first evaluation of each `fit()` it also writes the run's
+    custom-scalar layout (`dni_tf.tensorboard_views.write_scalar_layout`).
+
     Args:
       workdir: run directory; `history.csv` and `tensorboard/` go there.
       eval_every: training steps per fit() epoch, to turn epochs into steps.
@@ -63,17 +66,23 @@ class EvaluationLogger(keras.callbacks.Callback):
         self.eval_prefix = eval_prefix
         self.extra_metrics = extra_metrics
         self.writer = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
+        self._layout_written = False
 
     def on_epoch_end(self, epoch, logs=None):
         step = (epoch + 1) * self.eval_every
         row = {"step": step, **split_logs(logs, self.eval_prefix)}
         if self.extra_metrics is not None:
             row.update({k: float(v) for k, v in self.extra_metrics(self.model).items()})
+        tags = []
         with self.writer.as_default(step=step):
             for key, value in row.items():
                 if key != "step":
                     group, _, name = key.partition("_")
-                    tf.summary.scalar(f"{group}/{name}", value)
+                    tags.append(f"{group}/{name}")
+                    tf.summary.scalar(tags[-1], value)
+            if not self._layout_written:  # the tags are known after the first evaluation
+                tensorboard_views.write_scalar_layout(tags, self.model, step=step)
+                self._layout_written = True
         self.writer.flush()
         history = results.load_history(os.path.dirname(self.path))
         history = history[history["step"] < step]

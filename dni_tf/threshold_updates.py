@@ -574,10 +574,10 @@ def run_sweep(config: dict, data, workdir: str) -> dict:
     """
     import pandas as pd
 
-    from dni_tf import results
+    from dni_tf import results, tensorboard_views
     from dni_tf.training import train_and_evaluate
 
-    rows, curves = [], []
+    rows, curves, runs = [], [], []
     for threshold in config["thresholds"]:
         subdir = os.path.join(workdir, f"threshold_{threshold:g}")
         network = build_classifier(config, data)
@@ -599,11 +599,15 @@ def run_sweep(config: dict, data, workdir: str) -> dict:
         row = summarize_run(history, threshold, num_weights, config["target_accuracy"])
         results.save_results(subdir, {**config, "thresholds": [threshold]}, row)
         rows.append(row)
+        runs.append((subdir, {"threshold": threshold, "accumulation": config["accumulation"],
+                              "sparse_backward": config["sparse_backward"],
+                              "max_delay": config["max_delay"]}, row))
         curves.append(pd.DataFrame({
             "threshold": threshold, "step": history["step"],
             "weight_updates": history["train_weight_updates"],
             "test_accuracy": history["test_accuracy"],
             "update_fraction": history["train_update_fraction"]}))
+    tensorboard_views.log_sweep(workdir, runs)
     summary = pd.DataFrame(rows)
     curves = pd.concat(curves, ignore_index=True)
     results.write_csv(os.path.join(workdir, "summary.csv"), summary)

@@ -23,7 +23,7 @@ import pandas as pd
 from absl import logging
 
 from dni_tf import data as data_lib
-from dni_tf import plots, results
+from dni_tf import plots, results, tensorboard_views
 from dni_tf.dni_feedforward import METHODS, UNLOCKS, build_classifier
 from dni_tf.training import train_and_evaluate
 
@@ -172,6 +172,9 @@ def run_grid(config: DNIConfig, methods: Sequence[str], depths: Sequence[int], w
         frame.insert(0, "layers", c.layers)
         frame.insert(0, "method", c.method)
         frames.append(frame)
+    tensorboard_views.log_sweep(workdir, [
+        (run_dir(workdir, c), {"method": c.method, "layers": c.layers}, f)
+        for c, f in zip(configs, finals)])
     history = pd.concat(frames, ignore_index=True)
     history["test_error"] = 1.0 - history["test_accuracy"]
     sg_cols = [col for col in history.columns if col.startswith("train_sg_loss_")]

@@ -19,7 +19,7 @@ import pandas as pd
 from absl import logging
 
 from dni_tf import data as data_lib
-from dni_tf import models, plots, results
+from dni_tf import models, plots, results, tensorboard_views
 from dni_tf.cli import TrainingDiverged
 from dni_tf.gradient_dropping import DROPPED_STATES, GRANULARITIES, GradientDropping
 from dni_tf.training import train_and_evaluate
@@ -128,6 +128,10 @@ def run_sweep(config: GradientDropConfig, workdir: str, extra_config: Optional[d
     finals = {}
     for keep_prob in config.keep_probs:
         finals[f"{keep_prob:g}"] = run_single(config, keep_prob, run_dir(workdir, keep_prob), image_data)
+    tensorboard_views.log_sweep(workdir, [
+        (run_dir(workdir, p), {"keep_prob": p, "granularity": config.granularity,
+                               "dropped_state": config.dropped_state}, finals[f"{p:g}"])
+        for p in config.keep_probs])
     history = combined_history(workdir, config.keep_probs)
     results.write_csv(os.path.join(workdir, results.HISTORY_FILE), history)
     plots.learning_curves(history, x="step", hue="keep_prob",

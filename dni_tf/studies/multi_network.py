@@ -17,7 +17,7 @@ import keras
 import pandas as pd
 
 from dni_tf import data as data_lib
-from dni_tf import plots, results
+from dni_tf import plots, results, tensorboard_views
 from dni_tf.multi_network import METHODS, SG_CONTEXTS, MultiNetwork, episode_dataset
 from dni_tf.training import train_and_evaluate
 
@@ -92,7 +92,7 @@ def run_comparison(cfg: MultiNetworkConfig, workdir: str, methods: Sequence[str]
                    tick_ratios: Sequence[int], extra_config: Optional[dict] = None) -> pd.DataFrame:
     """Both methods for each k; finished runs are read back (rerun resumes)."""
     images = None
-    rows = []
+    rows, runs = [], []
     for k in tick_ratios:
         for method in methods:
             subdir = os.path.join(workdir, f"{method}_k{k}")
@@ -106,6 +106,8 @@ def run_comparison(cfg: MultiNetworkConfig, workdir: str, methods: Sequence[str]
             rows.append({"method": method, "tick_ratio": int(k),
                          "test_a_accuracy": metrics["test_a_accuracy"],
                          "test_b_accuracy": metrics["test_b_accuracy"]})
+            runs.append((subdir, {"method": method, "tick_ratio": int(k)}, metrics))
+    tensorboard_views.log_sweep(workdir, runs)
     table = pd.DataFrame(rows)
     results.write_csv(os.path.join(workdir, "table.csv"), table)
     lines = ["| method | k | A digit accuracy (test) | B odd-count accuracy (test) |",

@@ -23,7 +23,7 @@ import keras
 import pandas as pd
 from absl import logging
 
-from dni_tf import plots, results
+from dni_tf import plots, results, tensorboard_views
 from dni_tf.data import sequence_tasks, text
 from dni_tf.truncated_bptt import METHODS, ResetEvalState, TruncatedBPTT
 from dni_tf.training import train_and_evaluate
@@ -263,7 +263,7 @@ def run_table(run_fn: Callable, cfg, workdir: str, methods: Sequence[str],
     history column), also writes the combined `history.csv` (method and T
     columns added) and `curves.png` (that column against step, a panel per T).
     """
-    rows = []
+    rows, runs = [], []
     for method in methods:
         for t in truncations:
             run_cfg = dataclasses.replace(cfg, method=method, truncation=int(t))
@@ -274,6 +274,8 @@ def run_table(run_fn: Callable, cfg, workdir: str, methods: Sequence[str],
             else:
                 metrics = run_fn(run_cfg, subdir, extra_config)
             rows.append({"method": method, "T": int(t), value: metrics[value]})
+            runs.append((subdir, {"method": method, "T": int(t)}, metrics))
+    tensorboard_views.log_sweep(workdir, runs)
     table = pd.DataFrame(rows)
     write_table(table, workdir, value, lower_is_better)
     if curve:

@@ -164,10 +164,10 @@ def run_study(data, workdir: str, config: dict, *, regimes: Sequence[str],
     """
     import pandas as pd
 
-    from dni_tf import results, training
+    from dni_tf import results, tensorboard_views, training
 
     baseline = data.name == "fashion_mnist"
-    tables, magnitudes, metrics = [], [], {}
+    tables, magnitudes, metrics, runs = [], [], {}, []
     for regime in regimes:
         rundir = os.path.join(workdir, regime)
         keras.utils.clear_session()
@@ -187,9 +187,11 @@ def run_study(data, workdir: str, config: dict, *, regimes: Sequence[str],
             run_metrics[f"{row.kind}_pruned_{row.fraction:g}_accuracy"] = row.accuracy
             run_metrics[f"{row.kind}_pruned_{row.fraction:g}_sparsity"] = row.sparsity
         results.save_results(rundir, dict(config, regime=regime), run_metrics)
+        runs.append((rundir, {"regime": regime}, run_metrics))
         metrics.update({f"{regime}/{k}": v for k, v in run_metrics.items()})
         tables.append(table)
         magnitudes.append(mags.assign(regime=regime))
+    tensorboard_views.log_sweep(workdir, runs)
     table = pd.concat(tables, ignore_index=True)
     results.write_csv(os.path.join(workdir, "pruning_accuracy.csv"), table)
     wide = wide_table(table, baseline)
