@@ -1,0 +1,541 @@
+"""The reproduction report: our finished runs beside the published results.
+
+    markdown = build_report(["runs/gd_mnist", "runs/mnist_fcn"], "REPORT.md")
+    write_report(["runs/gd_mnist", "runs/mnist_fcn"], "REPORT.md", copy_figures=True)
+
+Each run directory given is what one command wrote: either a sweep root with
+its own `results.json` (gradient dropping, threshold updates, the feed-forward
+DNI grid, targeted dropout, or any single run) or a table root whose
+configurations each have a `results.json` in a subdirectory (Copy / PTB
+tables, multi-network comparisons). The study is recognised from the
+configuration saved in `results.json`. For each study the report gives the
+published claims and numbers with their source (`PUBLISHED`), and per run
+directory: its budget, how its setup differs from the published one, our
+numbers beside the published ones, its figures (linked, or copied beside the
+report) and its full configuration.
+
+What the caller must know: a directory without a `results.json` in it or in
+an immediate subdirectory, or one whose study cannot be recognised, raises
+`ReportError` (one line, naming the directory). Unfinished sweeps are reported
+with whatever their `results.json` files hold; their status is shown.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+import shutil
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import pandas as pd
+
+from dni_tf import results
+
+
+class ReportError(ValueError):
+    """A run directory cannot be reported; the message names it."""
+
+
+# ------------------------------------------------------------ published results
+@dataclasses.dataclass(frozen=True)
+class Published:
+    """What a source reports for one study.
+
+    `setup` maps configuration keys (as saved in results.json) to the
+    published value; a run whose value differs is listed under "differs from
+    the published setup".
+    """
+
+    title: str
+    source: str
+    claims: Tuple[str, ...]
+    setup: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+
+DESIGN_NOTES = "`shared/design.md` (facts from the papers)"
+DNI_PAPER = "Jaderberg et al. 2016, *Decoupled Neural Interfaces using Synthetic Gradients*, arXiv 1608.05343"
+
+# Seed 000, MNIST test accuracy after 20,000 batches of 50 ("keeping 50%+ ... 99.2%").
+SEED_000_TEST_ACCURACY = {1.0: 0.992, 0.8: 0.992, 0.5: 0.992, 0.2: 0.899}
+SEED_000_STEPS = 20_000
+# Public baseline for targeted dropout's MLP (784-1000-1000-500-200-10 ReLU,
+# Fashion-MNIST, Adam 1e-3, batch 128, 20 epochs, no targeted dropout): test
+# accuracy % by percentage pruned, from shared/design.md.
+TARGETED_DROPOUT_BASELINE = {
+    "weight": {0: 88.5, 25: 88.6, 50: 88.6, 60: 88.2, 70: 86.9, 80: 86.3, 90: 80.5,
+               95: 59.6, 97: 41.1, 99: 16.1},
+    "unit": {0: 88.5, 25: 88.5, 50: 87.6, 60: 85.8, 70: 81.4, 80: 56.0, 90: 30.2,
+             95: 20.7, 97: 12.3, 99: 2.3},
+}
+TARGETED_DROPOUT_EPOCHS = 20
+
+PUBLISHED: Dict[str, Published] = {
+    "gradient_drop": Published(
+        title="Gradient dropping (seed 000)",
+        source="seed 000, *Effective learning while misplacing gradient updates* "
+               f"(`shared/seeds/000_*.txt`); numbers as in {DESIGN_NOTES}",
+        claims=("After 20k batches of 50 on MNIST, keep_prob >= 0.5 reaches about 99.2% test "
+                "accuracy and keep_prob 0.2 about 89.9%.",
+                "Pro-rated by keep_prob, keep_prob 0.5 trains a little faster than twice as "
+                "slowly as keep_prob 1.0."),
+        setup={"dataset": "mnist", "steps": SEED_000_STEPS, "batch_size": 50,
+               "granularity": "variable", "dropped_state": "zero_gradient", "rescale": False,
+               # the TensorFlow tutorial CNN the seed trains uses Adam 1e-4
+               "learning_rate": 1e-4}),
+    "threshold_updates": Published(
+        title="Threshold-triggered, unsynchronised updates (seed 001)",
+        source="seed 001, *Backprop without synchronization* (`shared/seeds/001_*.txt`), "
+               "a proposal with no experiment: no published numbers",
+        claims=("Far fewer weight updates: small noisy gradients cancel before firing.",
+                "Sparser backprop, with dropout-like effects.",
+                "Increasing T acts like changing the learning rate.")),
+    "dni_feedforward": Published(
+        title="Synthetic gradients for feed-forward networks (seeds 002, 004)",
+        source=f"{DNI_PAPER}, section 3.1 and supplementary; as summarised in {DESIGN_NOTES} "
+               "(qualitative there, so no numbers are compared)",
+        claims=("Every-layer cDNI trains MNIST FCNs of 3-6 layers to within a few tenths of a "
+                "percent of backprop.",
+                "Unconditioned DNI degrades with depth.",
+                "Sparse updates (update_prob < 1) and complete unlock still train."),
+        setup={"model": "fcn", "width": 256, "batch_size": 256, "steps": 500_000,
+               "learning_rate": 3e-5, "lr_boundaries": [0.6, 0.8]}),
+    "copy_task": Published(
+        title="Recurrent DNI: Copy and Repeat Copy (seed 004)",
+        source=f"{DNI_PAPER}, section 3.2; as summarised in {DESIGN_NOTES}",
+        claims=("DNI lets an RNN with a short truncation window T solve much longer Copy / "
+                "Repeat Copy sequences than BPTT with the same T (longest length solved under "
+                "a curriculum).",),
+        setup={"sg_scale": 0.1}),
+    "language_model": Published(
+        title="Recurrent DNI: Penn Treebank characters (seed 004)",
+        source=f"{DNI_PAPER}, section 3.2; as summarised in {DESIGN_NOTES}",
+        claims=("DNI improves test bits per character over BPTT at equal T (early stopping on "
+                "validation).",),
+        setup={"sg_scale": 0.1}),
+    "multi_network": Published(
+        title="Multi-network system (seed 004)",
+        source=f"{DNI_PAPER}, section 3.3; as summarised in {DESIGN_NOTES}",
+        claims=("Two RNNs ticking at different rates communicate through a DNI; the slow "
+                "network is trained by synthetic gradients from the fast one.",)),
+    "targeted_dropout": Published(
+        title="Targeted dropout and pruning (seed 003)",
+        source="seed 003 (`shared/seeds/003_*.txt`) and Gomez et al. 2019; the baseline "
+               f"table is the public one in {DESIGN_NOTES}",
+        claims=("Targeted dropout makes a network robust to magnitude pruning (weight or unit) "
+                "without retraining.",
+                "Baseline (no targeted dropout, 20 epochs): table below."),
+        setup={"dataset": "fashion_mnist", "hidden": [1000, 1000, 500, 200], "batch_size": 128,
+               "learning_rate": 1e-3, "epochs": TARGETED_DROPOUT_EPOCHS, "alpha": 0.5,
+               "gamma": 0.5}),
+}
+STUDY_ORDER = tuple(PUBLISHED)
+
+
+def study_of(config: Mapping[str, Any]) -> Optional[str]:
+    """The study a saved configuration belongs to (a key of `PUBLISHED`), or None."""
+    if config.get("study") in PUBLISHED:
+        return config["study"]
+    keys = set(config)
+    if keys & {"keep_probs", "keep_prob"}:
+        return "gradient_drop"
+    if "thresholds" in keys:
+        return "threshold_updates"
+    if keys & {"regimes", "regime"}:
+        return "targeted_dropout"
+    if "tick_ratio" in keys:
+        return "multi_network"
+    if "chunk_length" in keys:
+        return "language_model"
+    if {"task", "truncation"} <= keys:
+        return "copy_task"
+    if {"method", "layers", "lr_boundaries"} <= keys:
+        return "dni_feedforward"
+    return None
+
+
+# ------------------------------------------------------------------ run sets
+@dataclasses.dataclass
+class RunSet:
+    """What one `--runs` directory holds.
+
+    `root` is its own results.json (None for a table root); `children` maps
+    immediate subdirectory names to their results.json; `history` is its own
+    history.csv (empty if none).
+    """
+
+    path: str
+    study: str
+    root: Optional[dict]
+    children: Dict[str, dict]
+    history: pd.DataFrame
+    figures: List[str]
+
+    @property
+    def config(self) -> dict:
+        """The run's configuration; for a table root, the settings its runs share."""
+        if self.root is not None:
+            return self.root.get("config", {})
+        configs = [c.get("config", {}) for c in self.children.values()]
+        return {k: v for k, v in configs[0].items() if all(c.get(k) == v for c in configs[1:])}
+
+    @property
+    def varied(self) -> List[str]:
+        """Settings that differ between a table root's runs (empty for a sweep root)."""
+        if self.root is not None:
+            return []
+        configs = [c.get("config", {}) for c in self.children.values()]
+        keys = sorted({k for c in configs for k in c})
+        return [k for k in keys if len({json.dumps(c.get(k), sort_keys=True) for c in configs}) > 1]
+
+    def child_history(self, name: str) -> pd.DataFrame:
+        return results.load_history(os.path.join(self.path, name))
+
+
+def load_run_set(path: str) -> RunSet:
+    """Reads one run directory; raises ReportError naming it when it cannot be reported."""
+    if not os.path.isdir(path):
+        raise ReportError(f"--runs={path}: not a directory")
+    try:
+        root = results.load_results(path)
+        children = {}
+        for name in sorted(os.listdir(path)):
+            child = os.path.join(path, name)
+            if os.path.isdir(child):
+                loaded = results.load_results(child)
+                if loaded is not None:
+                    children[name] = loaded
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ReportError(f"--runs={path}: unreadable results.json ({exc})") from None
+    if root is None and not children:
+        raise ReportError(f"--runs={path}: no {results.RESULTS_FILE} in it or in its immediate "
+                          "subdirectories (not a finished run?)")
+    configs = [root["config"]] if root is not None else [c["config"] for c in children.values()]
+    study = study_of(configs[0] or {})
+    if study is None:
+        raise ReportError(f"--runs={path}: cannot tell which study wrote it (configuration keys: "
+                          f"{', '.join(sorted(configs[0] or {})) or 'none'})")
+    figures = sorted(f for f in os.listdir(path) if f.lower().endswith(".png"))
+    return RunSet(path, study, root, children, results.load_history(path), figures)
+
+
+# ---------------------------------------------------------- per-study tables
+def _percent(value) -> Optional[float]:
+    return None if value is None or _missing(value) else round(100.0 * float(value), 2)
+
+
+def _missing(value) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def _accuracy_at(history: pd.DataFrame, step: int, where: Optional[pd.Series] = None):
+    """Test accuracy (%) at the evaluation `step`, or None if it was not evaluated."""
+    if "test_accuracy" not in history:
+        return None
+    rows = history if where is None else history[where]
+    rows = rows[rows["step"] == step]
+    return _percent(rows["test_accuracy"].iloc[-1]) if len(rows) else None
+
+
+def gradient_drop_table(runs: RunSet) -> pd.DataFrame:
+    """keep_prob rows: ours at a quarter, half and all of the budget, the seed's at 20k."""
+    config = runs.config
+    steps = int(config.get("steps", 0))
+    if runs.root and "by_keep_prob" in runs.root.get("metrics", {}):
+        finals = {float(k): v for k, v in runs.root["metrics"]["by_keep_prob"].items()}
+    else:
+        finals = {float(config["keep_prob"]): runs.root["metrics"]}
+    evaluated = sorted(int(s) for s in runs.history["step"].unique()) if len(runs.history) else []
+    # The evaluations nearest below a quarter and a half of the budget.
+    earlier = sorted({max((s for s in evaluated if s <= steps * f), default=None)
+                      for f in (0.25, 0.5)} - {None, steps})
+    rows = []
+    for keep_prob, metrics in sorted(finals.items(), reverse=True):
+        where = (runs.history["keep_prob"] == keep_prob) if "keep_prob" in runs.history else None
+        row = {"keep_prob": keep_prob}
+        for at in earlier:
+            row[f"ours at {at} %"] = _accuracy_at(runs.history, at, where)
+        row[f"ours at {steps} %"] = _percent(metrics.get("test_accuracy"))
+        published = SEED_000_TEST_ACCURACY.get(keep_prob)
+        row[f"seed 000 at {SEED_000_STEPS} (MNIST) %"] = _percent(published)
+        row["gradients applied"] = metrics.get("kept_fraction")
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def threshold_updates_table(runs: RunSet) -> pd.DataFrame:
+    """One row per threshold: accuracy, updates applied vs backprop, cancellation."""
+    metrics = runs.root["metrics"]
+    per_threshold = ([v for k, v in metrics.items() if k.startswith("T=")]
+                     if any(k.startswith("T=") for k in metrics) else [metrics])
+    columns = ["threshold", "steps", "test_accuracy", "update_fraction", "cancelled_fraction",
+               "notify_fraction"]
+    frame = pd.DataFrame([{c: row.get(c) for c in columns} for row in per_threshold])
+    frame["test_accuracy"] = frame["test_accuracy"].map(_percent)
+    return frame.rename(columns={"test_accuracy": "test accuracy %",
+                                 "update_fraction": "weight updates vs backprop"})
+
+
+def dni_feedforward_table(runs: RunSet) -> pd.DataFrame:
+    """Test error % (method x layers), the paper's layout."""
+    metrics = runs.root["metrics"]
+    config = runs.config
+    finals = metrics.get("runs") or [{"method": config["method"], "layers": config["layers"],
+                                       **metrics}]
+    frame = pd.DataFrame(finals)
+    table = frame.pivot_table(index="method", columns="layers", values="test_error") * 100.0
+    order = [m for m in ("backprop", "dni", "cdni") if m in table.index]
+    table = table.loc[order + [m for m in table.index if m not in order]]
+    table.columns = [f"{d} layers, test error %" for d in table.columns]
+    return table.reset_index()
+
+
+def _children_table(runs: RunSet, value: str, label: str) -> pd.DataFrame:
+    """method x T table of `value` from `<method>_T<T>/results.json` children."""
+    rows = []
+    for name, child in runs.children.items():
+        config = child.get("config", {})
+        if "method" in config and "truncation" in config:
+            rows.append({"method": config["method"], "T": int(config["truncation"]),
+                         value: child.get("metrics", {}).get(value)})
+    if not rows and runs.root is not None:
+        config = runs.config
+        rows.append({"method": config["method"], "T": int(config["truncation"]),
+                     value: runs.root["metrics"].get(value)})
+    frame = pd.DataFrame(rows).pivot_table(index="method", columns="T", values=value)
+    frame.columns = [f"T={t}: {label}" for t in frame.columns]
+    return frame.reset_index()
+
+
+def copy_task_table(runs: RunSet) -> pd.DataFrame:
+    return _children_table(runs, "max_length_solved", "longest length solved")
+
+
+def language_model_table(runs: RunSet) -> pd.DataFrame:
+    return _children_table(runs, "test_bpc", "test BPC")
+
+
+def multi_network_table(runs: RunSet) -> pd.DataFrame:
+    sources = runs.children or {"": runs.root}
+    rows = [{"method": r["config"].get("method"), "tick ratio k": r["config"].get("tick_ratio"),
+             "sg context": r["config"].get("sg_context"),
+             "A digit accuracy %": _percent(r["metrics"].get("test_a_accuracy")),
+             "B odd-count accuracy %": _percent(r["metrics"].get("test_b_accuracy"))}
+            for r in sources.values() if r and "tick_ratio" in r.get("config", {})]
+    return pd.DataFrame(rows)
+
+
+_PRUNED = re.compile(r"^(?:(?P<regime>[^/]+)/)?(?P<kind>weight|unit)_pruned_(?P<fraction>[\d.]+)_accuracy$")
+
+
+def targeted_dropout_table(runs: RunSet) -> pd.DataFrame:
+    """(kind, regime) rows x pruning %, test accuracy %; the published baseline beside."""
+    regime_default = runs.config.get("regime")
+    cells: Dict[Tuple[str, str], Dict[float, float]] = {}
+    for key, value in runs.root["metrics"].items():
+        match = _PRUNED.match(key)
+        if match:
+            regime = match["regime"] or regime_default
+            cells.setdefault((match["kind"], regime), {})[float(match["fraction"])] = \
+                round(100.0 * value, 1)
+    fractions = sorted({f for row in cells.values() for f in row})
+    order = list(runs.config.get("regimes") or []) + ["none", "dropout", "targeted_weight",
+                                                      "targeted_unit"]
+    rows = []
+    for kind in ("weight", "unit"):
+        for (k, regime), values in sorted(cells.items(), key=lambda item: (
+                order.index(item[0][1]) if item[0][1] in order else len(order), str(item[0][1]))):
+            if k == kind:
+                rows.append({"pruning": kind, "regime": regime,
+                             **{f"{f:g}%": values.get(f) for f in fractions}})
+        baseline = TARGETED_DROPOUT_BASELINE[kind]
+        rows.append({"pruning": kind,
+                     "regime": f"published: none, {TARGETED_DROPOUT_EPOCHS} epochs, Fashion-MNIST",
+                     **{f"{f:g}%": baseline.get(int(f)) if float(f).is_integer() else None
+                        for f in fractions}})
+    return pd.DataFrame(rows)
+
+
+TABLES: Dict[str, Callable[[RunSet], pd.DataFrame]] = {
+    "gradient_drop": gradient_drop_table,
+    "threshold_updates": threshold_updates_table,
+    "dni_feedforward": dni_feedforward_table,
+    "copy_task": copy_task_table,
+    "language_model": language_model_table,
+    "multi_network": multi_network_table,
+    "targeted_dropout": targeted_dropout_table,
+}
+
+
+# ------------------------------------------------------- budget and setup
+def _epochs(config: Mapping[str, Any]) -> Optional[float]:
+    if config.get("total_steps") and config.get("steps_per_epoch"):
+        return round(config["total_steps"] / config["steps_per_epoch"], 2)
+    return config.get("epochs")
+
+
+def budget(runs: RunSet) -> str:
+    """One line: training steps (and epochs), batch size, learning rate, data, seed."""
+    config = runs.config
+    steps = config.get("total_steps") or config.get("steps")
+    parts = []
+    if steps:
+        epochs = _epochs(config) if runs.study == "targeted_dropout" else None
+        parts.append(f"{int(steps):,} steps" + (f" ({epochs:g} epochs)" if epochs else ""))
+    evaluated = [h["step"].max() for h in
+                 [runs.history] + [runs.child_history(name) for name in runs.children] if len(h)]
+    if evaluated:
+        parts.append(f"last evaluation at step {int(max(evaluated)):,}")
+    for key, label in (("batch_size", "batch"), ("learning_rate", "lr"), ("dataset", "data"),
+                       ("task", "task"), ("seed", "seed")):
+        if config.get(key) is not None:
+            parts.append(f"{label} {config[key]:g}" if isinstance(config[key], float)
+                         else f"{label} {config[key]}")
+    sources = {r["metrics"].get("data_source") for r in _all_results(runs)
+               if isinstance(r.get("metrics"), Mapping) and r["metrics"].get("data_source")}
+    if runs.root and "by_keep_prob" in runs.root.get("metrics", {}):
+        sources |= {m.get("data_source") for m in runs.root["metrics"]["by_keep_prob"].values()}
+    sources.discard(None)
+    if sources:
+        parts.append("data from " + ", ".join(f"`{s}`" for s in sorted(sources)))
+    statuses = [r.get("status", "unknown") for r in _all_results(runs)]
+    parts.append("results: " + ", ".join(f"{statuses.count(s)} {s}" for s in sorted(set(statuses))))
+    return "; ".join(parts)
+
+
+def _all_results(runs: RunSet) -> List[dict]:
+    return ([runs.root] if runs.root is not None else []) + list(runs.children.values())
+
+
+def _same(ours, published) -> bool:
+    if isinstance(published, (list, tuple)):
+        return isinstance(ours, (list, tuple)) and [float(x) for x in ours] == \
+            [float(x) for x in published]
+    if isinstance(published, float) and isinstance(ours, (int, float)):
+        return math.isclose(ours, published, rel_tol=1e-9)
+    return ours == published
+
+
+def setup_differences(runs: RunSet) -> List[str]:
+    """How the run's setup differs from the published one, one line per setting."""
+    config = dict(runs.config)
+    if runs.study == "dni_feedforward" and config.get("width") is None:
+        config["width"] = 256  # the library's default is the paper's width
+    if runs.study == "targeted_dropout":
+        config["epochs"] = _epochs(config)
+    lines = []
+    for key, published in PUBLISHED[runs.study].setup.items():
+        ours = config.get(key)
+        if ours is None or _same(ours, published):
+            continue
+        line = f"`{key}`: {_show(ours)} (published {_show(published)})"
+        if key in ("steps", "epochs") and isinstance(ours, (int, float)) and published:
+            line += f", {100.0 * ours / published:.3g}% of the published budget"
+        lines.append(line)
+    return lines
+
+
+def _show(value) -> str:
+    if isinstance(value, (list, tuple)):
+        return ",".join(_show(v) for v in value)
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def configuration_table(config: Mapping[str, Any]) -> str:
+    """Every saved setting except the raw command-line flags (they repeat them)."""
+    rows = [(k, _show(v)) for k, v in sorted(config.items())
+            if k not in ("flags", "?", "v") and not isinstance(v, Mapping)]
+    frame = pd.DataFrame(rows, columns=["setting", "value"])
+    return results.markdown_table(frame)
+
+
+# -------------------------------------------------------------- rendering
+def _figure_links(runs: RunSet, out_dir: str, copy_to: Optional[str]) -> List[str]:
+    links = []
+    for name in runs.figures:
+        source = os.path.join(runs.path, name)
+        if copy_to is not None:
+            os.makedirs(copy_to, exist_ok=True)
+            target = os.path.join(copy_to, name)
+            shutil.copyfile(source, target)
+            source = target
+        link = os.path.relpath(source, out_dir).replace(os.sep, "/")
+        links.append(f"![{name}]({link})")
+    return links
+
+
+def _display_path(path: str, out_dir: str) -> str:
+    relative = os.path.relpath(path, out_dir)
+    far = os.path.join(os.pardir, os.pardir, os.pardir)
+    return os.path.abspath(path) if relative.startswith(far) else relative
+
+
+def render_run_set(runs: RunSet, out_dir: str, copy_to: Optional[str]) -> str:
+    lines = [f"### `{_display_path(runs.path, out_dir)}`", "", f"Budget: {budget(runs)}.", ""]
+    differences = setup_differences(runs)
+    if differences:
+        lines += ["Differs from the published setup:", ""]
+        lines += [f"- {d}" for d in differences] + [""]
+    elif PUBLISHED[runs.study].setup:
+        lines += ["Same setup as published (for the settings the source gives).", ""]
+    lines += [results.markdown_table(TABLES[runs.study](runs), "{:.4g}")]
+    figures = _figure_links(runs, out_dir, copy_to)
+    if figures:
+        lines += [" ".join(figures), ""]
+    title = "configuration" + (f" (shared by its runs; varied: {', '.join(runs.varied)})"
+                               if runs.varied else "")
+    lines += [f"<details><summary>{title}</summary>", "",
+              configuration_table(runs.config), "</details>", ""]
+    return "\n".join(lines)
+
+
+def _copy_dir(out_path: str, runs: RunSet, used: set) -> str:
+    stem = os.path.splitext(os.path.basename(out_path))[0]
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", os.path.basename(os.path.normpath(runs.path)))
+    candidate, index = name, 2
+    while candidate in used:
+        candidate, index = f"{name}_{index}", index + 1
+    used.add(candidate)
+    return os.path.join(os.path.dirname(os.path.abspath(out_path)), f"{stem}_figures", candidate)
+
+
+def build_report(run_dirs: Sequence[str], out_path: str, copy_figures: bool = False) -> str:
+    """The Markdown report for `run_dirs`, with links relative to `out_path`'s directory.
+
+    With `copy_figures`, each run directory's PNG figures are copied to
+    `<out stem>_figures/<run dir name>/` beside `out_path` (so the report can be
+    committed without the runs). Raises ReportError for a directory that
+    cannot be reported (before copying anything).
+    """
+    if not run_dirs:
+        raise ReportError("--runs: give at least one run directory")
+    run_sets = [load_run_set(path) for path in run_dirs]
+    out_dir = os.path.dirname(os.path.abspath(out_path))
+    used: set = set()
+    lines = ["# Reproduction report", "",
+             "Our finished runs beside the published results. Each section states the source, "
+             "each run its budget, how its setup differs from the published one, its numbers, "
+             "figures and configuration.", ""]
+    for study in STUDY_ORDER:
+        members = [r for r in run_sets if r.study == study]
+        if not members:
+            continue
+        published = PUBLISHED[study]
+        lines += [f"## {published.title}", "", f"Source: {published.source}.", "",
+                  "Published claims:", ""]
+        lines += [f"- {claim}" for claim in published.claims] + [""]
+        for runs in members:
+            copy_to = _copy_dir(out_path, runs, used) if copy_figures else None
+            lines.append(render_run_set(runs, out_dir, copy_to))
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def write_report(run_dirs: Sequence[str], out_path: str, copy_figures: bool = False) -> str:
+    """Builds the report and writes it atomically to `out_path`; returns the path."""
+    text = build_report(run_dirs, out_path, copy_figures)
+    results.atomic_write_text(out_path, text)
+    return out_path
