@@ -1,0 +1,218 @@
+"""The reproduction report (dni_tf.report, python -m experiments.report).
+
+Most tests write small fake run directories in the layout the studies write
+(no training); one trains a two-step feed-forward DNI grid on digits and
+reports it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import re
+import sys
+
+import pandas as pd
+import pytest
+
+from dni_tf import report, results
+
+
+def write_png(path: str) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\n")  # a link target only; never decoded
+
+
+def fake_gradient_drop(root: str) -> None:
+    """A two-keep_prob sweep of 1,000 steps, evaluated every 250, as run_sweep writes it."""
+    config = {"keep_probs": [1.0, 0.2], "dataset": "mnist", "steps": 1000, "batch_size": 50,
+              "learning_rate": 1e-4, "granularity": "variable", "dropped_state": "freeze",
+              "rescale": False, "seed": 0, "flags": {"workdir": root}}
+    finals = {"1": {"test_accuracy": 0.9512, "kept_fraction": 1.0, "data_source": "fake"},
+              "0.2": {"test_accuracy": 0.8734, "kept_fraction": 0.2, "data_source": "fake"}}
+    rows = [{"keep_prob": p, "step": s, "test_accuracy": acc}
+            for p, accs in ((1.0, (0.90, 0.93, 0.94, 0.9512)), (0.2, (0.70, 0.81, 0.85, 0.8734)))
+            for s, acc in zip((250, 500, 750, 1000), accs)]
+    results.write_csv(os.path.join(root, results.HISTORY_FILE), pd.DataFrame(rows))
+    for p in ("1", "0.2"):
+        results.save_results(os.path.join(root, f"keep_prob_{p}"), {**config, "keep_prob": float(p)},
+                             finals[p])
+    results.save_results(root, config, {"by_keep_prob": finals})
+    write_png(os.path.join(root, "results_raw.png"))
+
+
+def fake_copy_table(root: str) -> None:
+    """A method x T table root: results.json only in `<method>_T<T>/`."""
+    solved = {("bptt", 2): 3, ("bptt", 5): 6, ("dni", 2): 7, ("dni", 5): 11}
+    for (method, t), length in solved.items():
+        results.save_results(
+            os.path.join(root, f"{method}_T{t}"),
+            {"task": "copy", "method": method, "truncation": t, "steps": 400, "batch_size": 32,
+             "learning_rate": 3e-3, "sg_scale": 0.1, "seed": 0},
+            {"max_length_solved": length})
+
+
+def fake_targeted_dropout(root: str) -> None:
+    config = {"regimes": ["none", "targeted_weight"], "dataset": "fashion_mnist",
+              "hidden": [1000, 1000, 500, 200], "batch_size": 128, "learning_rate": 1e-3,
+              "alpha": 0.5, "gamma": 0.5, "total_steps": 936, "steps_per_epoch": 468}
+    metrics = {}
+    for regime, accuracy in (("none", 0.612), ("targeted_weight", 0.777)):
+        for kind in ("weight", "unit"):
+            metrics[f"{regime}/{kind}_pruned_0_accuracy"] = 0.871
+            metrics[f"{regime}/{kind}_pruned_80_accuracy"] = accuracy
+    results.save_results(root, config, metrics)
+
+
+@pytest.fixture
+def runs(tmp_path):
+    paths = {name: str(tmp_path / "runs" / name) for name in ("gd", "copy", "td")}
+    fake_gradient_drop(paths["gd"])
+    fake_copy_table(paths["copy"])
+    fake_targeted_dropout(paths["td"])
+    return paths
+
+
+def section(text: str, title_start: str) -> str:
+    """The report's `## ...` section whose title starts with `title_start`."""
+    match = re.search(rf"^## {re.escape(title_start)}.*?(?=^## |\Z)", text, re.M | re.S)
+    assert match, f"no section {title_start!r}"
+    return match.group(0)
+
+
+def table_row(text: str, first_cells: str) -> list:
+    line = next(l for l in text.splitlines() if l.startswith(f"| {first_cells} |"))
+    return [c.strip() for c in line.strip("|").split("|")]
+
+
+def test_each_study_gets_its_section_with_our_numbers_beside_the_published(runs, tmp_path):
+    out = str(tmp_path / "docs" / "REPORT.md")
+    text = report.build_report([runs["td"], runs["gd"], runs["copy"]], out)
+
+    gd = section(text, "Gradient dropping")
+    header = table_row(gd, "keep_prob")
+    assert header[1:4] == ["ours at 250 %", "ours at 500 %", "ours at 1000 %"]
+    assert table_row(gd, "0.2")[1:5] == ["70", "81", "87.34", "89.9"]
+    assert table_row(gd, "1")[3:5] == ["95.12", "99.2"]
+    assert "`steps`: 1000 (published 20000), 5% of the published budget" in gd
+    assert "`dropped_state`: freeze (published zero_gradient)" in gd
+
+    copy = section(text, "Recurrent DNI: Copy")
+    assert table_row(copy, "dni")[1:] == ["7", "11"]
+    assert "varied: method, truncation" in copy
+    assert "Same setup as published" in copy
+
+    td = section(text, "Targeted dropout")
+    published = report.TARGETED_DROPOUT_BASELINE["unit"][80]
+    assert table_row(td, "unit | targeted_weight")[2:] == ["87.1", "77.7"]
+    assert table_row(td, "unit | published: none, 20 epochs, Fashion-MNIST")[3] == f"{published:g}"
+    assert "`epochs`: 2 (published 20), 10% of the published budget" in td
+    # Sections follow the studies' order, whatever the order of --runs.
+    assert text.index("## Gradient dropping") < text.index("## Recurrent DNI") < \
+        text.index("## Targeted dropout")
+
+
+def test_figures_are_linked_relative_to_the_report_or_copied_beside_it(runs, tmp_path):
+    out = tmp_path / "docs" / "REPORT.md"
+    for copy in (False, True):
+        text = report.build_report([runs["gd"]], str(out), copy_figures=copy)
+        (link,) = re.findall(r"!\[results_raw.png\]\(([^)]+)\)", text)
+        assert not os.path.isabs(link)
+        target = os.path.normpath(os.path.join(out.parent, link))
+        assert os.path.exists(target)
+        inside_docs = target.startswith(str(out.parent) + os.sep)
+        assert inside_docs == copy, link
+
+
+def test_written_atomically_and_rewritten(runs, tmp_path):
+    out = tmp_path / "REPORT.md"
+    out.write_text("old")
+    report.write_report([runs["copy"]], str(out))
+    assert out.read_text().startswith("# Reproduction report")
+    assert sorted(os.listdir(tmp_path)) == ["REPORT.md", "runs"]
+
+
+def make_missing(run_dir):
+    pass
+
+
+def make_without_results(run_dir):
+    os.makedirs(os.path.join(run_dir, "child_without_results"))
+
+
+def make_unknown_study(run_dir):
+    results.save_results(run_dir, {"colour": "blue"}, {})
+
+
+@pytest.mark.parametrize("make, message", [
+    (make_missing, "not a directory"),
+    (make_without_results, "no results.json in it or in its immediate subdirectories"),
+    (make_unknown_study, "cannot tell which study wrote it"),
+])
+def test_unreportable_directories_raise_naming_them(tmp_path, make, message):
+    run_dir = str(tmp_path / "run")
+    make(run_dir)
+    with pytest.raises(report.ReportError, match=re.escape(message)) as raised:
+        report.build_report([run_dir], str(tmp_path / "R.md"))
+    assert run_dir in str(raised.value) and "\n" not in str(raised.value)
+
+
+def run_cli(argv):
+    """`python -m experiments.report ARGV` in this process: (exit code, stderr)."""
+    from absl import flags
+
+    from dni_tf import cli
+    from experiments import report as entry_point
+
+    flags.FLAGS.unparse_flags()
+    stderr = io.StringIO()
+    old_argv, sys.argv = sys.argv, ["experiments.report", *argv]
+    try:
+        with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(io.StringIO()):
+            cli.run(entry_point.main)
+        code = 0
+    except SystemExit as exc:  # absl's app.run exits, with None on success
+        code = 0 if exc.code is None else exc.code
+    finally:
+        sys.argv = old_argv
+        flags.FLAGS.unparse_flags()
+    return code, stderr.getvalue()
+
+
+def test_cli_writes_the_report_and_rejects_bad_runs_with_one_line(runs, tmp_path):
+    out = tmp_path / "out" / "REPORT.md"
+    code, _ = run_cli([f"--runs={runs['gd']},{runs['copy']}", f"--out={out}"])
+    assert code == 0 and "## Gradient dropping" in out.read_text()
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for argv, expected in (([f"--runs={empty}", f"--out={out}"], f"--runs={empty}: no results.json"),
+                           ([f"--out={out}"], "--runs is required"),
+                           ([f"--runs={runs['gd']}"], "--out is required")):
+        code, stderr = run_cli(argv)
+        assert code == 2, argv
+        assert stderr.count("\n") == 1 and stderr.startswith("error: ") and expected in stderr
+        assert "Traceback" not in stderr
+
+
+def test_published_numbers_agree_with_the_studies_tables():
+    from dni_tf.studies import gradient_drop, targeted_dropout
+
+    assert report.SEED_000_TEST_ACCURACY == gradient_drop.SEED_TEST_ACCURACY
+    assert report.TARGETED_DROPOUT_BASELINE == targeted_dropout.PUBLISHED_BASELINE
+
+
+def test_a_real_tiny_run(tmp_path):
+    from dni_tf.studies.dni_feedforward import DNIConfig, run_grid
+
+    workdir = str(tmp_path / "dni")
+    run_grid(DNIConfig(dataset="digits", layers=2, width=8, steps=2, eval_every=2, batch_size=32,
+                       learning_rate=1e-3), ["cdni"], [2], workdir)
+    text = report.build_report([workdir], str(tmp_path / "REPORT.md"))
+    final = results.load_results(os.path.join(workdir, "fcn2_cdni"))["metrics"]
+    assert table_row(text, "cdni")[1] == f"{100 * final['test_error']:.4g}"
+    assert "`steps`: 2 (published 500000)" in text
+    assert "`width`: 8 (published 256)" in text
+    assert "![test_error.png](dni/test_error.png)" in text
