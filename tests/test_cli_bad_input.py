@@ -18,6 +18,9 @@ import pytest
 
 from conftest import REPO_ROOT
 
+# One xdist worker runs the whole table: its module fixtures start the processes once.
+pytestmark = pytest.mark.xdist_group("cli_bad_input")
+
 UNWRITABLE = "/proc/dni_tf_cannot_write_here"
 
 # Every entry point: (arguments every case needs, its own bad cases).

@@ -120,6 +120,18 @@ def truncated_bptt_case(method):
     return make
 
 
+def multi_network_case(jit_compile="auto"):
+    from dni_tf.multi_network import MultiNetwork
+
+    rng = np.random.RandomState(0)
+    digits = rng.rand(48, 4, 4, 4, 1).astype("float32")
+    labels = rng.randint(0, 10, (48, 4)).astype("int32")
+    model = MultiNetwork(2, "dni", hidden_a=4, hidden_b=4, message_size=2, seed=0)
+    model.build((None, 4, 4, 4, 1))
+    model.compile(optimizer=keras.optimizers.Adam(1e-2), jit_compile=jit_compile)
+    return model, (digits, labels)
+
+
 CASES = {
     "gradient_dropping": gradient_dropping_case,
     "gradient_dropping_replica": gradient_dropping_replica_case,
@@ -133,6 +145,7 @@ CASES = {
                                             sg_hidden_layers=1),
     "truncated_bptt": truncated_bptt_case("bptt"),
     "truncated_bptt_dni_aux": truncated_bptt_case("dni_aux"),
+    "multi_network_dni": multi_network_case,
 }
 # Cases whose ops XLA cannot compile, with the reason (reported, not hidden).
 _DYNAMIC_WINDOWS = ("the LSTM runs over windows sliced at a loop index inside tf.while_loop; "
