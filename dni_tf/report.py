@@ -187,7 +187,7 @@ class RunSet:
         if self.root is not None:
             return []
         configs = [c.get("config", {}) for c in self.children.values()]
-        keys = sorted({k for c in configs for k in c})
+        keys = sorted({k for c in configs for k in c} - {"flags"})  # flags repeat the settings
         return [k for k in keys if len({json.dumps(c.get(k), sort_keys=True) for c in configs}) > 1]
 
     def child_history(self, name: str) -> pd.DataFrame:
@@ -439,7 +439,7 @@ def setup_differences(runs: RunSet) -> List[str]:
 
 def _show(value) -> str:
     if isinstance(value, (list, tuple)):
-        return ",".join(_show(v) for v in value)
+        return ",".join(_show(v) for v in value) if value else "none"
     if isinstance(value, float):
         return f"{value:g}"
     return str(value)
@@ -468,14 +468,8 @@ def _figure_links(runs: RunSet, out_dir: str, copy_to: Optional[str]) -> List[st
     return links
 
 
-def _display_path(path: str, out_dir: str) -> str:
-    relative = os.path.relpath(path, out_dir)
-    far = os.path.join(os.pardir, os.pardir, os.pardir)
-    return os.path.abspath(path) if relative.startswith(far) else relative
-
-
 def render_run_set(runs: RunSet, out_dir: str, copy_to: Optional[str]) -> str:
-    lines = [f"### `{_display_path(runs.path, out_dir)}`", "", f"Budget: {budget(runs)}.", ""]
+    lines = [f"### `{os.path.normpath(runs.path)}`", "", f"Budget: {budget(runs)}.", ""]
     differences = setup_differences(runs)
     if differences:
         lines += ["Differs from the published setup:", ""]
