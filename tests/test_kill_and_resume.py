@@ -30,22 +30,30 @@ def _metrics(workdir):
 
 def test_sigkill_after_a_checkpoint_then_rerun_matches_uninterrupted(tmp_path):
     uninterrupted, killed = str(tmp_path / "uninterrupted"), str(tmp_path / "killed")
-    _run(uninterrupted)
+    # The reference run goes on beside the run that gets killed.
+    reference_log = open(tmp_path / "reference.log", "w")
+    reference = subprocess.Popen(COMMAND + [f"--workdir={uninterrupted}"], cwd=REPO_ROOT,
+                                 stdout=subprocess.DEVNULL, stderr=reference_log)
 
-    checkpoints = os.path.join(killed, "keep_prob_0.5", "checkpoints")
-    process = subprocess.Popen(COMMAND + [f"--workdir={killed}"], cwd=REPO_ROOT,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 240
-    while not (os.path.isdir(checkpoints) and os.listdir(checkpoints)):
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            pytest.fail("the run ended or stalled before writing its first checkpoint")
-        time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert not os.path.exists(os.path.join(killed, "results.json")), "killed too late"
+    try:
+        checkpoints = os.path.join(killed, "keep_prob_0.5", "checkpoints")
+        process = subprocess.Popen(COMMAND + [f"--workdir={killed}"], cwd=REPO_ROOT,
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 240
+        while not (os.path.isdir(checkpoints) and os.listdir(checkpoints)):
+            if process.poll() is not None or time.monotonic() > deadline:
+                process.kill()
+                pytest.fail("the run ended or stalled before writing its first checkpoint")
+            time.sleep(0.05)
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        assert not os.path.exists(os.path.join(killed, "results.json")), "killed too late"
 
-    _run(killed)
+        _run(killed)
+        assert reference.wait(timeout=300) == 0, (tmp_path / "reference.log").read_text()[-3000:]
+    finally:
+        reference.kill()
+        reference_log.close()
     for relative in ("keep_prob_0.5/history.csv", "history.csv"):
         expected = pd.read_csv(os.path.join(uninterrupted, relative))
         resumed = pd.read_csv(os.path.join(killed, relative))
