@@ -15,6 +15,8 @@ Modules (one concept each):
   training           the shared fit() loop: evaluation, history, TensorBoard,
                      checkpoints and resume
   results, plots     atomic result files and seaborn figures
+  tensorboard_views  custom-scalar layouts and hparams for TensorBoard
+  report             the reproduction report (our runs beside the published results)
   cli                absl entry-point helpers (usage errors, exit codes)
 """
 
