@@ -181,3 +181,34 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="method"):
         TruncatedBPTT(3, 2, method="rtrl")
     assert METHODS == ("bptt", "dni", "dni_aux")
+
+
+def test_curriculum_in_fit_trains_on_the_current_length_only():
+    """Inside fit(), every batch has the curriculum's current length (no stale,
+    prefetched batches of the old length), and each check averages only the
+    batches seen since the previous check."""
+    from dni_tf.data import sequence_tasks
+
+    curriculum = sequence_tasks.Curriculum(1, 5, threshold=1e9, check_every=2)
+
+    class Recorder(TruncatedBPTT):
+        def build(self, input_shape=None):
+            super().build(input_shape)
+            self.stale = self.add_weight(shape=(), initializer="zeros", trainable=False,
+                                         name="stale")
+
+        def train_step(self, data):
+            expected = 2 * tf.convert_to_tensor(self.curriculum.length.value) + 1
+            self.stale.assign_add(tf.cast(tf.not_equal(tf.shape(data[0])[1], expected),
+                                          tf.float32))
+            return super().train_step(data)
+
+    model = Recorder(8, 3, hidden_size=4, curriculum=curriculum)
+    model.build((None, None, 9))
+    model.compile(optimizer="adam")
+    data = sequence_tasks.task_dataset("copy", 2, curriculum, seed=0)
+    model.fit(data, steps_per_epoch=5, epochs=2, verbose=0)
+    assert float(model.stale.numpy()) == 0.0
+    # 10 batches, a check every 2 (always solved): 1 -> 5 (capped), sums reset.
+    assert int(curriculum.length.value) == 5 and int(curriculum.max_solved.value) == 5
+    assert int(curriculum.count.value) == 0 and float(curriculum.error_sum.value) == 0.0
