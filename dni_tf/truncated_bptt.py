@@ -251,16 +251,15 @@ class TruncatedBPTT(keras.Model):
         Gives the same logits as `forward` (state carries across windows); it
         is the forward half of `compute_gradients`.
         """
-        features, _, _, n, num_windows = self._pad(x, None, None)
+        features, _, _, n, num_windows, t = self._pad(x, None, None)
         batch = tf.shape(features)[0]
-        t = self.truncation
         if state is None:
             state = self.initial_state(batch)
         logits_ta = tf.TensorArray(tf.float32, size=num_windows)
 
         def body(k, s, ta):
             xs = features[:, k * t:(k + 1) * t]
-            out, s = self._run_core(xs, s, self._valid(k, n, batch))
+            out, s = self._run_core(xs, s, self._valid(k, t, n, batch))
             return k + 1, s, ta.write(k, self.head(out))
 
         _, state, logits_ta = tf.while_loop(lambda k, *_: k < num_windows, body,
@@ -269,17 +268,20 @@ class TruncatedBPTT(keras.Model):
         logits = tf.reshape(logits, [batch, num_windows * t, self.num_outputs])
         return logits[:, :n], state
 
-    def _valid(self, k, n, batch):
-        """[B, T] bool: which steps of window k are real (not padding)."""
-        t = self.truncation
+    def _valid(self, k, t, n, batch):
+        """[B, t] bool: which steps of window k (windows of t steps) are real (not padding)."""
         valid = tf.range(k * t, (k + 1) * t) < n
         return tf.broadcast_to(valid[None, :], [batch, t])
 
     def _pad(self, x, y, mask):
-        """Pads the time axis to a multiple of T; returns features, y, mask, N, K."""
+        """Pads the time axis to a multiple of the window; returns features, y, mask, N, K, t.
+
+        The window is t = min(T, N): a sequence shorter than T is one window of N
+        steps (padding it to T steps would give the same result at T/N the cost).
+        """
         features = self._features(x)
         n = tf.shape(features)[1]
-        t = self.truncation
+        t = tf.minimum(tf.constant(self.truncation, tf.int32), n)
         num_windows = (n + t - 1) // t
         pad = num_windows * t - n
 
@@ -289,7 +291,7 @@ class TruncatedBPTT(keras.Model):
             paddings = tf.concat([[[0, 0], [0, pad]], tf.zeros([tf.rank(v) - 2, 2], tf.int32)], 0)
             return tf.pad(v, paddings)
 
-        return pad_time(features), pad_time(y), pad_time(mask), n, num_windows
+        return pad_time(features), pad_time(y), pad_time(mask), n, num_windows, t
 
     # ------------------------------------------------------------ gradients
     def compute_gradients(self, x, y, mask=None, state=None, episodic: bool = True
@@ -315,7 +317,7 @@ class TruncatedBPTT(keras.Model):
         (mean norm of the true gradients reaching window starts, the regression
         targets), `aux_loss`.
         """
-        features, y, mask_p, n, num_windows = self._pad(x, y, mask)
+        features, y, mask_p, n, num_windows, t = self._pad(x, y, mask)
         batch = tf.shape(features)[0]
         batch_f = tf.cast(batch, tf.float32)
         if mask_p is None:
@@ -324,10 +326,9 @@ class TruncatedBPTT(keras.Model):
         if state is None:
             state = self.initial_state(batch)
         state = tf.convert_to_tensor(state, tf.float32)
-        t = self.truncation
-        # Every window's loss is divided by B * min(T, N): windows weigh the same,
-        # and with T >= N the objective is the ordinary per-step mean.
-        steps = tf.cast(tf.minimum(t, n), tf.float32)
+        # Every window's loss is divided by B * min(T, N) (= B * t): windows weigh the
+        # same, and with T >= N the objective is the ordinary per-step mean.
+        steps = tf.cast(t, tf.float32)
         use_sg = self.synthetic_gradient is not None
         core_vars = self.core_variables
         sg_vars = self.sg_variables
@@ -341,7 +342,7 @@ class TruncatedBPTT(keras.Model):
             with tf.GradientTape() as tape:
                 # The incoming state is a plain tensor: watch it, or its gradient is None.
                 tape.watch(s)
-                out, new_s = self._run_core(xs, s, self._valid(k, n, batch))
+                out, new_s = self._run_core(xs, s, self._valid(k, t, n, batch))
                 logits = self.head(out)
                 nats = self._step_losses(logits, ys) * ms
                 task_loss = tf.reduce_sum(nats) / (batch_f * steps)

@@ -63,7 +63,7 @@ def test_short_window_cuts_gradients():
                                rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("truncation", [1, 3])
+@pytest.mark.parametrize("truncation", [1, 3, 25])
 def test_windows_give_same_outputs_as_whole(truncation):
     model = _model(truncation)
     x, _, _ = _batch(n=10)
@@ -72,6 +72,20 @@ def test_windows_give_same_outputs_as_whole(truncation):
     windowed, windowed_state = tf.function(model.forward_windows)(x, state)
     np.testing.assert_allclose(windowed, whole, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(windowed_state, whole_state, rtol=1e-5, atol=1e-6)
+
+
+def test_window_longer_than_the_sequence_is_not_padded():
+    """T > N runs one window of N steps, not N steps padded to T (same result, T/N the cost)."""
+    model = _model(10_000)
+    x, y, mask = _batch()
+    features, y_p, mask_p, n, num_windows, t = model._pad(x, y, mask)
+    assert features.shape[1] == N and y_p.shape[1] == N and mask_p.shape[1] == N
+    assert (int(n), int(num_windows), int(t)) == (N, 1, N)
+    _, _, _, _, num_windows, t = model._pad(tf.concat([x, x, x], axis=1), None, None)
+    assert (int(num_windows), int(t)) == (1, 3 * N)
+    short = _model(3)
+    features, _, _, _, num_windows, t = short._pad(x, None, None)  # 7 steps -> 3 windows of 3
+    assert features.shape[1] == 9 and (int(num_windows), int(t)) == (3, 3)
 
 
 def test_first_dni_step_equals_first_bptt_step():
