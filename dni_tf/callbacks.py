@@ -9,7 +9,9 @@
   resumes exactly.
 * `DivergenceGuard`: stops the run with `TrainingDiverged` on a NaN/inf loss,
   before the bad state is checkpointed.
-* `ProgressLogger`: a periodic log line with step, rate and ETA.
+* `ProgressLogger`: a periodic log line with step, rate and ETA; inside a
+  `SweepProgress` loop it also shows the run's place in the sweep and the whole
+  sweep's ETA.
 
 In `fit()` one "epoch" is one evaluation period of `eval_every` steps.
 """
@@ -21,7 +23,7 @@ import math
 import os
 import re
 import time
-from typing import Dict, Optional
+from typing import Callable, Dict, Iterable, List, Optional
 
 import keras
 import pandas as pd
@@ -189,8 +191,69 @@ class DivergenceGuard(keras.callbacks.Callback):
                 f"(step {epoch * self.eval_every}) is kept")
 
 
+class SweepProgress:
+    """Iterates a sweep's configurations and tracks the whole sweep's progress.
+
+    While the loop body runs, every `ProgressLogger` line also shows
+    `sweep i/n` and the sweep's ETA, and each run starts with a
+    `[sweep i/n] <description>` line:
+
+        for keep_prob in SweepProgress(keep_probs, lambda p: f"keep_prob={p:g}"):
+            train_and_evaluate(...)
+
+    The ETA assumes every remaining run has as many steps as the current one and
+    trains at the rate measured so far in this process; runs read back or
+    resumed from a checkpoint cost no time and do not count towards the rate, so
+    while later runs are already finished the ETA is an upper bound.
+    """
+
+    def __init__(self, items: Iterable, describe: Callable[[object], str] = str):
+        self.items = list(items)
+        self.describe = describe
+        self.index = 0
+        self._trained_steps = 0
+        self._trained_seconds = 0.0
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __iter__(self):
+        _ACTIVE_SWEEPS.append(self)
+        start = time.time()
+        try:
+            for index, item in enumerate(self.items):
+                self.index = index
+                logging.info("[sweep %d/%d] %s", index + 1, len(self.items), self.describe(item))
+                yield item
+            logging.info("[sweep] %d runs done in %s", len(self.items),
+                         _format_seconds(time.time() - start))
+        finally:
+            _ACTIVE_SWEEPS.remove(self)
+
+    def record(self, steps: int, seconds: float) -> None:
+        """Adds `steps` trained in `seconds` (one evaluation period) to the rate."""
+        self._trained_steps += steps
+        self._trained_seconds += seconds
+
+    def eta_seconds(self, run_step: int, run_total_steps: int) -> float:
+        """Seconds left in the sweep when the current run is at `run_step`."""
+        if not self._trained_steps:
+            return float("inf")
+        rate = self._trained_steps / max(self._trained_seconds, 1e-9)
+        runs_after = len(self.items) - self.index - 1
+        return (run_total_steps - run_step + runs_after * run_total_steps) / rate
+
+    def position(self, run_step: int, run_total_steps: int) -> str:
+        return (f"sweep {self.index + 1}/{len(self.items)} ETA "
+                f"{_format_seconds(self.eta_seconds(run_step, run_total_steps))}")
+
+
+# The innermost `SweepProgress` loop running now, read by `ProgressLogger`.
+_ACTIVE_SWEEPS: List[SweepProgress] = []
+
+
 class ProgressLogger(keras.callbacks.Callback):
-    """Logs `step N/M (p%) rate ETA metrics` after every evaluation."""
+    """Logs `step N/M (p%) rate ETA [sweep i/n ETA] metrics` after every evaluation."""
 
     def __init__(self, total_steps: int, eval_every: int, label: str = ""):
         super().__init__()
@@ -199,25 +262,32 @@ class ProgressLogger(keras.callbacks.Callback):
         self.label = f"[{label}] " if label else ""
         self._start: Optional[float] = None
         self._start_step = 0
+        self._epoch_start = 0.0
 
     def on_train_begin(self, logs=None):
         self._start = time.time()
         self._start_step = None
 
     def on_epoch_begin(self, epoch, logs=None):
+        self._epoch_start = time.time()
         if self._start_step is None:
             self._start_step = epoch * self.eval_every
-            self._start = time.time()
+            self._start = self._epoch_start
 
     def on_epoch_end(self, epoch, logs=None):
+        now = time.time()
         step = (epoch + 1) * self.eval_every
-        elapsed = max(time.time() - self._start, 1e-9)
+        elapsed = max(now - self._start, 1e-9)
         rate = (step - self._start_step) / elapsed
         eta = (self.total_steps - step) / rate if rate > 0 else float("inf")
+        sweep = ""
+        if _ACTIVE_SWEEPS:
+            _ACTIVE_SWEEPS[-1].record(self.eval_every, now - self._epoch_start)
+            sweep = " " + _ACTIVE_SWEEPS[-1].position(step, self.total_steps)
         shown = " ".join(f"{k}={v:.4g}" for k, v in split_logs(logs).items())
-        logging.info("%sstep %d/%d (%.0f%%) %.1f steps/s ETA %s %s", self.label, step,
+        logging.info("%sstep %d/%d (%.0f%%) %.1f steps/s ETA %s%s %s", self.label, step,
                      self.total_steps, 100.0 * step / self.total_steps, rate,
-                     _format_seconds(eta), shown)
+                     _format_seconds(eta), sweep, shown)
 
 
 def _format_seconds(seconds: float) -> str:

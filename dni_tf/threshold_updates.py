@@ -575,10 +575,10 @@ def run_sweep(config: dict, data, workdir: str) -> dict:
     import pandas as pd
 
     from dni_tf import results, tensorboard_views
-    from dni_tf.training import train_and_evaluate
+    from dni_tf.training import SweepProgress, train_and_evaluate
 
     rows, curves, runs = [], [], []
-    for threshold in config["thresholds"]:
+    for threshold in SweepProgress(config["thresholds"], lambda t: f"T={t:g}"):
         subdir = os.path.join(workdir, f"threshold_{threshold:g}")
         network = build_classifier(config, data)
         model = ThresholdUpdates(

@@ -16,7 +16,7 @@ import tensorflow as tf
 
 from dni_tf import results
 from dni_tf.callbacks import (DivergenceGuard, EvaluationLogger, ProgressLogger,
-                              ResumableCheckpoint)
+                              ResumableCheckpoint, SweepProgress)
 
 
 def train_and_evaluate(model: keras.Model, train_data, eval_data, *, steps: int,

@@ -1,4 +1,4 @@
-"""The shared fit loop: history rows, exact resume, divergence handling."""
+"""The shared fit loop: history rows, exact resume, divergence handling, progress."""
 
 import json
 import os
@@ -8,11 +8,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from dni_tf import results
+from dni_tf import callbacks, results
 from dni_tf.cli import TrainingDiverged
 from dni_tf.data import make_dataset
 from dni_tf.gradient_dropping import GradientDropping
-from dni_tf.training import train_and_evaluate
+from dni_tf.training import SweepProgress, train_and_evaluate
 
 
 def _data(n=96, seed=0, poison=False):
@@ -72,3 +72,31 @@ def test_results_are_written_atomically(tmp_path):
     path = results.save_results(str(tmp_path), {"lr": 0.1}, {"acc": float("nan")})
     assert json.loads(open(path).read())["metrics"]["acc"] == "nan"
     assert os.listdir(tmp_path) == ["results.json"]  # no temporary left behind
+
+
+def test_sweep_eta_counts_the_rest_of_this_run_and_every_later_run():
+    sweep = SweepProgress(["a", "b", "c"])
+    iterator = iter(sweep)
+    next(iterator), next(iterator)  # now in run 2 of 3
+    sweep.record(50, 10.0)  # 5 steps/s
+    # 100-step runs, run 2 at step 50: 50 + 100 steps left at 5 steps/s.
+    assert sweep.eta_seconds(50, 100) == pytest.approx(30.0)
+    assert sweep.position(50, 100) == "sweep 2/3 ETA 0m30s"
+    iterator.close()
+    assert not callbacks._ACTIVE_SWEEPS
+
+
+def test_progress_lines_show_the_sweep_position_only_inside_a_sweep(tmp_path, monkeypatch):
+    lines = []
+    monkeypatch.setattr(callbacks.logging, "info", lambda fmt, *args: lines.append(fmt % args))
+    for name in SweepProgress(["first", "second"], lambda n: f"run {n}"):
+        _run(tmp_path / name, 8)
+    _run(tmp_path / "alone", 4)
+    progress = [line for line in lines if " steps/s " in line]
+    assert len(progress) == 5
+    assert [line for line in lines if line.startswith("[sweep")] == [
+        "[sweep 1/2] run first", "[sweep 2/2] run second", lines[-2]]
+    assert lines[-2].startswith("[sweep] 2 runs done in ")
+    assert [" sweep 1/2 ETA " in line for line in progress] == [True, True, False, False, False]
+    assert [" sweep 2/2 ETA " in line for line in progress] == [False, False, True, True, False]
+    assert " sweep 2/2 ETA 0m00s " in progress[3]  # the last step of the last run

@@ -25,7 +25,7 @@ from absl import logging
 from dni_tf import data as data_lib
 from dni_tf import plots, results, tensorboard_views
 from dni_tf.dni_feedforward import METHODS, UNLOCKS, build_classifier
-from dni_tf.training import train_and_evaluate
+from dni_tf.training import SweepProgress, train_and_evaluate
 
 MODELS = ("fcn", "cnn")
 # The paper's schedule: Adam, batch 256, lr 3e-5 divided by 10 at 300k and 400k of 500k.
@@ -165,7 +165,7 @@ def run_grid(config: DNIConfig, methods: Sequence[str], depths: Sequence[int], w
     image_data = data_lib.load_image_data(config.dataset, config.data_dir)
     logging.info("data: %s from %s", config.dataset, image_data.source)
     finals, frames = [], []
-    for c in configs:
+    for c in SweepProgress(configs, lambda c: f"{c.method}, {c.layers} layers"):
         metrics = run_single(c, run_dir(workdir, c), image_data, extra_config)
         finals.append({"method": c.method, "layers": c.layers, **metrics})
         frame = results.load_history(run_dir(workdir, c)).copy()

@@ -22,7 +22,7 @@ from dni_tf import data as data_lib
 from dni_tf import models, plots, results, tensorboard_views
 from dni_tf.cli import TrainingDiverged
 from dni_tf.gradient_dropping import DROPPED_STATES, GRANULARITIES, GradientDropping
-from dni_tf.training import train_and_evaluate
+from dni_tf.training import SweepProgress, train_and_evaluate
 
 # Published numbers (seed 000, after 20k batches of 50 on MNIST).
 SEED_TEST_ACCURACY = {1.0: 0.992, 0.8: 0.992, 0.5: 0.992, 0.2: 0.899}
@@ -126,7 +126,7 @@ def run_sweep(config: GradientDropConfig, workdir: str, extra_config: Optional[d
     logging.info("data: %s from %s (%d train, %d test)", config.dataset, image_data.source,
                  len(image_data.train[1]), len(image_data.test[1]))
     finals = {}
-    for keep_prob in config.keep_probs:
+    for keep_prob in SweepProgress(config.keep_probs, lambda p: f"keep_prob={p:g}"):
         finals[f"{keep_prob:g}"] = run_single(config, keep_prob, run_dir(workdir, keep_prob), image_data)
     tensorboard_views.log_sweep(workdir, [
         (run_dir(workdir, p), {"keep_prob": p, "granularity": config.granularity,

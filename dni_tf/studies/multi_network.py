@@ -19,7 +19,7 @@ import pandas as pd
 from dni_tf import data as data_lib
 from dni_tf import plots, results, tensorboard_views
 from dni_tf.multi_network import METHODS, SG_CONTEXTS, MultiNetwork, episode_dataset
-from dni_tf.training import train_and_evaluate
+from dni_tf.training import SweepProgress, train_and_evaluate
 
 
 @dataclasses.dataclass
@@ -93,20 +93,20 @@ def run_comparison(cfg: MultiNetworkConfig, workdir: str, methods: Sequence[str]
     """Both methods for each k; finished runs are read back (rerun resumes)."""
     images = None
     rows, runs = [], []
-    for k in tick_ratios:
-        for method in methods:
-            subdir = os.path.join(workdir, f"{method}_k{k}")
-            done = results.load_results(subdir)
-            if done and done.get("status") == "completed":
-                metrics = done["metrics"]
-            else:
-                images = images or data_lib.load_image_data(cfg.dataset, cfg.data_dir)
-                run_cfg = dataclasses.replace(cfg, method=method, tick_ratio=int(k))
-                metrics = run_multi_network(run_cfg, subdir, extra_config, images)
-            rows.append({"method": method, "tick_ratio": int(k),
-                         "test_a_accuracy": metrics["test_a_accuracy"],
-                         "test_b_accuracy": metrics["test_b_accuracy"]})
-            runs.append((subdir, {"method": method, "tick_ratio": int(k)}, metrics))
+    cells = [(k, method) for k in tick_ratios for method in methods]
+    for k, method in SweepProgress(cells, lambda cell: f"{cell[1]} k={cell[0]}"):
+        subdir = os.path.join(workdir, f"{method}_k{k}")
+        done = results.load_results(subdir)
+        if done and done.get("status") == "completed":
+            metrics = done["metrics"]
+        else:
+            images = images or data_lib.load_image_data(cfg.dataset, cfg.data_dir)
+            run_cfg = dataclasses.replace(cfg, method=method, tick_ratio=int(k))
+            metrics = run_multi_network(run_cfg, subdir, extra_config, images)
+        rows.append({"method": method, "tick_ratio": int(k),
+                     "test_a_accuracy": metrics["test_a_accuracy"],
+                     "test_b_accuracy": metrics["test_b_accuracy"]})
+        runs.append((subdir, {"method": method, "tick_ratio": int(k)}, metrics))
     tensorboard_views.log_sweep(workdir, runs)
     table = pd.DataFrame(rows)
     results.write_csv(os.path.join(workdir, "table.csv"), table)

@@ -26,7 +26,7 @@ from absl import logging
 from dni_tf import plots, results, tensorboard_views
 from dni_tf.data import sequence_tasks, text
 from dni_tf.truncated_bptt import METHODS, ResetEvalState, TruncatedBPTT
-from dni_tf.training import train_and_evaluate
+from dni_tf.training import SweepProgress, train_and_evaluate
 
 TABLE_TRUNCATIONS = (2, 3, 4, 5, 8)
 
@@ -264,17 +264,17 @@ def run_table(run_fn: Callable, cfg, workdir: str, methods: Sequence[str],
     columns added) and `curves.png` (that column against step, a panel per T).
     """
     rows, runs = [], []
-    for method in methods:
-        for t in truncations:
-            run_cfg = dataclasses.replace(cfg, method=method, truncation=int(t))
-            subdir = os.path.join(workdir, f"{method}_T{t}")
-            done = results.load_results(subdir)
-            if done and done.get("status") == "completed":
-                metrics = done["metrics"]
-            else:
-                metrics = run_fn(run_cfg, subdir, extra_config)
-            rows.append({"method": method, "T": int(t), value: metrics[value]})
-            runs.append((subdir, {"method": method, "T": int(t)}, metrics))
+    cells = [(method, t) for method in methods for t in truncations]
+    for method, t in SweepProgress(cells, lambda cell: f"{cell[0]} T={cell[1]}"):
+        run_cfg = dataclasses.replace(cfg, method=method, truncation=int(t))
+        subdir = os.path.join(workdir, f"{method}_T{t}")
+        done = results.load_results(subdir)
+        if done and done.get("status") == "completed":
+            metrics = done["metrics"]
+        else:
+            metrics = run_fn(run_cfg, subdir, extra_config)
+        rows.append({"method": method, "T": int(t), value: metrics[value]})
+        runs.append((subdir, {"method": method, "T": int(t)}, metrics))
     tensorboard_views.log_sweep(workdir, runs)
     table = pd.DataFrame(rows)
     write_table(table, workdir, value, lower_is_better)

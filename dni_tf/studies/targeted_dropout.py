@@ -168,7 +168,7 @@ def run_study(data, workdir: str, config: dict, *, regimes: Sequence[str],
 
     baseline = data.name == "fashion_mnist"
     tables, magnitudes, metrics, runs = [], [], {}, []
-    for regime in regimes:
+    for regime in training.SweepProgress(regimes):
         rundir = os.path.join(workdir, regime)
         keras.utils.clear_session()
         model = compiled_model(regime, data.image_shape, data.num_classes, learning_rate,
