@@ -13,10 +13,15 @@ import contextlib
 import importlib
 import io
 import json
+import os
 import sys
 import traceback
 
 from absl import flags
+
+# Run as a script, this file's folder (tests/) heads sys.path, not the checkout,
+# so `experiments` would only be found through an install of this very checkout.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 MARKER = "=== cli_driver results ==="
 
