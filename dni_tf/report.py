@@ -475,7 +475,8 @@ def render_run_set(runs: RunSet, out_dir: str, copy_to: Optional[str]) -> str:
         lines += ["Differs from the published setup:", ""]
         lines += [f"- {d}" for d in differences] + [""]
     elif PUBLISHED[runs.study].setup:
-        lines += ["Same setup as published (for the settings the source gives).", ""]
+        given = ", ".join(f"`{k}`" for k in PUBLISHED[runs.study].setup)
+        lines += [f"Same setup as published in the only settings the source gives: {given}.", ""]
     lines += [results.markdown_table(TABLES[runs.study](runs), "{:.4g}")]
     figures = _figure_links(runs, out_dir, copy_to)
     if figures:

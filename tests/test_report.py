@@ -102,7 +102,7 @@ def test_each_study_gets_its_section_with_our_numbers_beside_the_published(runs,
     copy = section(text, "Recurrent DNI: Copy")
     assert table_row(copy, "dni")[1:] == ["7", "11"]
     assert "varied: method, truncation" in copy
-    assert "Same setup as published" in copy
+    assert "Same setup as published in the only settings the source gives: `sg_scale`." in copy
 
     td = section(text, "Targeted dropout")
     published = report.TARGETED_DROPOUT_BASELINE["unit"][80]
