@@ -15,6 +15,7 @@ a traceback.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import sys
 from typing import Callable, Iterable, Iterator, List, Optional, Sequence
@@ -74,6 +75,39 @@ def parse_floats(name: str, text, low: Optional[float] = None,
     if not values:
         raise UsageError(f"--{name}: give at least one value")
     return values
+
+
+def parse_ints(name: str, text, low: Optional[int] = None,
+               high: Optional[int] = None) -> List[int]:
+    """Parses a comma-separated list (or absl list) of integers, each range-checked."""
+    items = text if isinstance(text, (list, tuple)) else str(text).split(",")
+    values = []
+    for item in items:
+        try:
+            value = int(item)
+        except ValueError:
+            raise UsageError(f"--{name}: {item!r} is not an integer") from None
+        check_range(name, value, low, high)
+        values.append(value)
+    if not values:
+        raise UsageError(f"--{name}: give at least one value")
+    return values
+
+
+def config_from_flags(config_class):
+    """An instance of the dataclass `config_class` from the flags of the same names.
+
+    The config's `validate()` raises `ValueError("flag_name ...")`; that becomes a
+    UsageError naming the flag.
+    """
+    values = flags.FLAGS
+    config = config_class(**{f.name: getattr(values, f.name)
+                             for f in dataclasses.fields(config_class)})
+    try:
+        config.validate()
+    except ValueError as exc:
+        raise UsageError(f"--{exc}") from None
+    return config
 
 
 def prepare_workdir(workdir: str, flag_name: str = "workdir") -> str:

@@ -10,8 +10,6 @@ reports `max_length_solved`, history.csv the curriculum position per evaluation.
 `<method>_T<T>/` and writes table.csv / table.md / table.png (rerun resumes).
 """
 
-import dataclasses
-
 from absl import flags
 
 from dni_tf import cli
@@ -48,39 +46,17 @@ cli.define_common_flags()
 FLAGS = flags.FLAGS
 
 
-def config_from_flags() -> CopyTaskConfig:
-    """The validated config; UsageError naming the flag otherwise."""
-    names = [f.name for f in dataclasses.fields(CopyTaskConfig)]
-    config = CopyTaskConfig(**{n: getattr(FLAGS, n) for n in names})
-    try:
-        config.validate()
-    except ValueError as exc:
-        raise cli.UsageError(f"--{exc}") from None
-    return config
-
-
-def table_lists():
-    for method in FLAGS.table_methods:
-        cli.check_choice("table_methods", method, METHODS)
-    try:
-        truncations = [int(t) for t in FLAGS.table_truncations]
-    except ValueError:
-        raise cli.UsageError("--table_truncations: integers >= 1, got "
-                             f"{','.join(FLAGS.table_truncations)}") from None
-    for t in truncations:
-        cli.check_range("table_truncations", t, 1)
-    return FLAGS.table_methods, truncations
-
-
 def main(argv):
     del argv
-    config = config_from_flags()
-    methods, truncations = table_lists()
+    config = cli.config_from_flags(CopyTaskConfig)
+    for method in FLAGS.table_methods:
+        cli.check_choice("table_methods", method, METHODS)
+    truncations = cli.parse_ints("table_truncations", FLAGS.table_truncations, 1)
     workdir = cli.prepare_workdir(FLAGS.workdir)
     extra = {"flags": cli.flag_values()}
     with cli.distributed(workdir) as workdir:
         if FLAGS.table:
-            run_table(run_copy_task, config, workdir, methods, truncations,
+            run_table(run_copy_task, config, workdir, FLAGS.table_methods, truncations,
                       "max_length_solved", extra_config=extra, curve="train_bit_errors")
         else:
             run_copy_task(config, workdir, extra_config=extra)

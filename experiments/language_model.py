@@ -13,8 +13,6 @@ nats / ln 2). `--table` runs --table_methods x
 --table_truncations and writes table.csv / table.md / table.png.
 """
 
-import dataclasses
-
 from absl import flags
 
 from dni_tf import cli
@@ -56,21 +54,11 @@ FLAGS = flags.FLAGS
 
 def main(argv):
     del argv
-    names = [f.name for f in dataclasses.fields(LanguageModelConfig)]
-    config = LanguageModelConfig(**{n: getattr(FLAGS, n) for n in names})
-    try:
-        config.validate()
-    except ValueError as exc:
-        raise cli.UsageError(f"--{exc}") from None
+    config = cli.config_from_flags(LanguageModelConfig)
     for method in FLAGS.table_methods:
         cli.check_choice("table_methods", method, METHODS)
-    try:
-        truncations = [int(t) for t in FLAGS.table_truncations]
-    except ValueError:
-        raise cli.UsageError(f"--table_truncations: integers >= 1, got "
-                             f"{','.join(FLAGS.table_truncations)}") from None
+    truncations = cli.parse_ints("table_truncations", FLAGS.table_truncations, 1)
     for t in truncations:
-        cli.check_range("table_truncations", t, 1)
         if FLAGS.table and config.chunk_length % t:
             raise cli.UsageError(f"--table_truncations: {t} does not divide --chunk_length="
                                  f"{config.chunk_length}")

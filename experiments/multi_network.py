@@ -10,8 +10,6 @@ A-to-B interface; --method=backprop trains both with synchronised ticks.
 table.csv / table.md / table.png (rerun resumes).
 """
 
-import dataclasses
-
 from absl import flags
 
 from dni_tf import cli
@@ -46,21 +44,10 @@ FLAGS = flags.FLAGS
 
 def main(argv):
     del argv
-    names = [f.name for f in dataclasses.fields(MultiNetworkConfig)]
-    config = MultiNetworkConfig(**{n: getattr(FLAGS, n) for n in names})
-    try:
-        config.validate()
-    except ValueError as exc:
-        raise cli.UsageError(f"--{exc}") from None
+    config = cli.config_from_flags(MultiNetworkConfig)
     for method in FLAGS.compare_methods:
         cli.check_choice("compare_methods", method, METHODS)
-    try:
-        ratios = [int(k) for k in FLAGS.compare_tick_ratios]
-    except ValueError:
-        raise cli.UsageError("--compare_tick_ratios: integers >= 1, got "
-                             f"{','.join(FLAGS.compare_tick_ratios)}") from None
-    for k in ratios:
-        cli.check_range("compare_tick_ratios", k, 1)
+    ratios = cli.parse_ints("compare_tick_ratios", FLAGS.compare_tick_ratios, 1)
     workdir = cli.prepare_workdir(FLAGS.workdir)
     extra = {"flags": cli.flag_values()}
     with cli.distributed(workdir) as workdir:

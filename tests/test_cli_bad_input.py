@@ -64,15 +64,20 @@ ENTRY_POINTS = {
         (["--truncation=0"], "--truncation"),
         (["--task=sort"], "--task"),
         (["--method=rtrl"], "--method"),
+        (["--table", "--table_truncations=2,x"], "--table_truncations: 'x' is not an integer"),
+        (["--table", "--table_truncations=0"], "--table_truncations=0 is out of range"),
+        (["--table", "--table_methods=bptt,rtrl"], "--table_methods='rtrl'"),
     ]),
     "experiments.language_model": (["--data_dir={ptb}"], [
         (["--truncation=0"], "--truncation"),
         (["--method=rtrl"], "--method"),
         (["--data_dir={empty}"], "ptb.char.train.txt"),
+        (["--table", "--table_truncations=3"], "does not divide --chunk_length"),
     ]),
     "experiments.multi_network": ([], [
         (["--tick_ratio=0"], "--tick_ratio"),
         (["--method=rtrl"], "--method"),
+        (["--compare", "--compare_tick_ratios=2,-1"], "--compare_tick_ratios=-1 is out of range"),
     ]),
 }
 # Cases every entry point must reject the same way.
