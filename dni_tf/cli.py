@@ -63,30 +63,23 @@ def check_choice(name: str, value: str, choices: Iterable[str]) -> None:
 def parse_floats(name: str, text, low: Optional[float] = None,
                  high: Optional[float] = None) -> List[float]:
     """Parses a comma-separated list (or absl list) of floats, each range-checked."""
-    items = text if isinstance(text, (list, tuple)) else str(text).split(",")
-    values = []
-    for item in items:
-        try:
-            value = float(item)
-        except ValueError:
-            raise UsageError(f"--{name}: {item!r} is not a number") from None
-        check_range(name, value, low, high)
-        values.append(value)
-    if not values:
-        raise UsageError(f"--{name}: give at least one value")
-    return values
+    return _parse_list(name, text, float, "a number", low, high)
 
 
 def parse_ints(name: str, text, low: Optional[int] = None,
                high: Optional[int] = None) -> List[int]:
     """Parses a comma-separated list (or absl list) of integers, each range-checked."""
+    return _parse_list(name, text, int, "an integer", low, high)
+
+
+def _parse_list(name, text, convert, kind, low, high) -> list:
     items = text if isinstance(text, (list, tuple)) else str(text).split(",")
     values = []
     for item in items:
         try:
-            value = int(item)
+            value = convert(item)
         except ValueError:
-            raise UsageError(f"--{name}: {item!r} is not an integer") from None
+            raise UsageError(f"--{name}: {item!r} is not {kind}") from None
         check_range(name, value, low, high)
         values.append(value)
     if not values:
