@@ -255,11 +255,13 @@ _ACTIVE_SWEEPS: List[SweepProgress] = []
 class ProgressLogger(keras.callbacks.Callback):
     """Logs `step N/M (p%) rate ETA [sweep i/n ETA] metrics` after every evaluation."""
 
-    def __init__(self, total_steps: int, eval_every: int, label: str = ""):
+    def __init__(self, total_steps: int, eval_every: int, label: str = "",
+                 eval_prefix: str = "test"):
         super().__init__()
         self.total_steps = total_steps
         self.eval_every = eval_every
         self.label = f"[{label}] " if label else ""
+        self.eval_prefix = eval_prefix
         self._start: Optional[float] = None
         self._start_step = 0
         self._epoch_start = 0.0
@@ -284,7 +286,7 @@ class ProgressLogger(keras.callbacks.Callback):
         if _ACTIVE_SWEEPS:
             _ACTIVE_SWEEPS[-1].record(self.eval_every, now - self._epoch_start)
             sweep = " " + _ACTIVE_SWEEPS[-1].position(step, self.total_steps)
-        shown = " ".join(f"{k}={v:.4g}" for k, v in split_logs(logs).items())
+        shown = " ".join(f"{k}={v:.4g}" for k, v in split_logs(logs, self.eval_prefix).items())
         logging.info("%sstep %d/%d (%.0f%%) %.1f steps/s ETA %s%s %s", self.label, step,
                      self.total_steps, 100.0 * step / self.total_steps, rate,
                      _format_seconds(eta), sweep, shown)

@@ -74,7 +74,7 @@ def train_and_evaluate(model: keras.Model, train_data, eval_data, *, steps: int,
             DivergenceGuard(eval_every),
             EvaluationLogger(workdir, eval_every, eval_prefix, extra_metrics),
             ResumableCheckpoint(checkpoint_dir),
-            ProgressLogger(steps, eval_every, label),
+            ProgressLogger(steps, eval_every, label, eval_prefix),
             *callbacks,
         ],
         shuffle=False,  # the dataset shuffles itself (seeded)

@@ -34,11 +34,12 @@ def _model():
     return model
 
 
-def _run(workdir, steps, data=None):
+def _run(workdir, steps, data=None, eval_prefix="test"):
     x, y = data or _data()
     return train_and_evaluate(
         _model(), make_dataset(x, y, 16, shuffle=True, seed=0, repeat=True, drop_remainder=True),
-        make_dataset(x, y, 32, shuffle=False), steps=steps, eval_every=4, workdir=str(workdir))
+        make_dataset(x, y, 32, shuffle=False), steps=steps, eval_every=4, workdir=str(workdir),
+        eval_prefix=eval_prefix)
 
 
 def test_history_has_one_row_per_evaluation(tmp_path):
@@ -91,7 +92,7 @@ def test_progress_lines_show_the_sweep_position_only_inside_a_sweep(tmp_path, mo
     monkeypatch.setattr(callbacks.logging, "info", lambda fmt, *args: lines.append(fmt % args))
     for name in SweepProgress(["first", "second"], lambda n: f"run {n}"):
         _run(tmp_path / name, 8)
-    _run(tmp_path / "alone", 4)
+    _run(tmp_path / "alone", 4, eval_prefix="val")
     progress = [line for line in lines if " steps/s " in line]
     assert len(progress) == 5
     assert [line for line in lines if line.startswith("[sweep")] == [
@@ -100,3 +101,6 @@ def test_progress_lines_show_the_sweep_position_only_inside_a_sweep(tmp_path, mo
     assert [" sweep 1/2 ETA " in line for line in progress] == [True, True, False, False, False]
     assert [" sweep 2/2 ETA " in line for line in progress] == [False, False, True, True, False]
     assert " sweep 2/2 ETA 0m00s " in progress[3]  # the last step of the last run
+    # Evaluation metrics carry the run's own prefix, as in its history.csv.
+    assert " test_loss=" in progress[0] and " val_loss=" in progress[4]
+    assert "test_" not in progress[4]
