@@ -214,9 +214,6 @@ class SweepProgress:
         self._trained_steps = 0
         self._trained_seconds = 0.0
 
-    def __len__(self) -> int:
-        return len(self.items)
-
     def __iter__(self):
         _ACTIVE_SWEEPS.append(self)
         start = time.time()
