@@ -49,6 +49,12 @@ across batches and a checkpoint restores it; `reset_eval_state()` (the
 `ResetEvalState` callback does it before each evaluation) zeroes the latter.
 A `curriculum` (see `dni_tf.data.sequence_tasks.Curriculum`) is updated in
 `train_step` with each batch's bit errors per sequence.
+
+XLA: `compile(jit_compile=True)` works when the sequence length is static in
+the data's shape (e.g. PTB chunks: windows then have static sizes); lengths
+that change from batch to batch (the Copy curriculum) cannot be compiled and
+raise a ValueError saying so. Keras' default `"auto"` would turn XLA on
+whenever a GPU is present, so here it means off.
 """
 
 from __future__ import annotations
@@ -64,6 +70,13 @@ from dni_tf.synthetic_gradients import regression_loss, surrogate_objective
 METHODS = ("bptt", "dni", "dni_aux")
 LOSS_TYPES = ("bernoulli", "categorical")
 LN2 = math.log(2.0)
+
+
+def _window(v, k, t):
+    """v[:, k*t:(k+1)*t] as a slice of static size t (XLA needs it: `k` is a loop index)."""
+    begin = tf.concat([[0, k * t], tf.zeros([tf.rank(v) - 2], tf.int32)], 0)
+    size = tf.concat([[-1, t], -tf.ones([tf.rank(v) - 2], tf.int32)], 0)
+    return tf.slice(v, begin, size)
 
 
 def bits_per_character(nats):
@@ -140,6 +153,11 @@ class TruncatedBPTT(keras.Model):
         self._trackers = {name: keras.metrics.Mean(name=name) for name in self._metric_names()}
 
     # ----------------------------------------------------------------- setup
+    def compile(self, *args, jit_compile="auto", **kwargs):
+        # "auto" would enable XLA on any GPU machine, which fails for dynamic lengths.
+        self._xla_requested = jit_compile is True
+        super().compile(*args, jit_compile=self._xla_requested, **kwargs)
+
     def _metric_names(self):
         names = ["loss"]
         names += ["bit_errors", "sequence_error"] if self.loss_type == "bernoulli" else ["bpc"]
@@ -258,7 +276,7 @@ class TruncatedBPTT(keras.Model):
         logits_ta = tf.TensorArray(tf.float32, size=num_windows)
 
         def body(k, s, ta):
-            xs = features[:, k * t:(k + 1) * t]
+            xs = _window(features, k, t)
             out, s = self._run_core(xs, s, self._valid(k, t, n, batch))
             return k + 1, s, ta.write(k, self.head(out))
 
@@ -270,7 +288,7 @@ class TruncatedBPTT(keras.Model):
 
     def _valid(self, k, t, n, batch):
         """[B, t] bool: which steps of window k (windows of t steps) are real (not padding)."""
-        valid = tf.range(k * t, (k + 1) * t) < n
+        valid = k * t + tf.range(t) < n
         return tf.broadcast_to(valid[None, :], [batch, t])
 
     def _pad(self, x, y, mask):
@@ -280,8 +298,17 @@ class TruncatedBPTT(keras.Model):
         steps (padding it to T steps would give the same result at T/N the cost).
         """
         features = self._features(x)
-        n = tf.shape(features)[1]
-        t = tf.minimum(tf.constant(self.truncation, tf.int32), n)
+        n = features.shape[1]
+        if n is not None:
+            # A static length gives static window sizes and count, which XLA needs.
+            t = min(self.truncation, n)
+        else:
+            if getattr(self, "_xla_requested", False):
+                raise ValueError("TruncatedBPTT with jit_compile=True needs a static sequence "
+                                 "length in the data's shape (got None); compile with "
+                                 "jit_compile=False for variable-length sequences")
+            n = tf.shape(features)[1]
+            t = tf.minimum(tf.constant(self.truncation, tf.int32), n)
         num_windows = (n + t - 1) // t
         pad = num_windows * t - n
 
@@ -335,9 +362,9 @@ class TruncatedBPTT(keras.Model):
         zeros = lambda vs: [tf.zeros_like(v) for v in vs]  # noqa: E731
 
         def body(k, s, core_acc, sg_acc, first_grad, stats):
-            xs = features[:, k * t:(k + 1) * t]
-            ys = y[:, k * t:(k + 1) * t]
-            ms = mask_p[:, k * t:(k + 1) * t]
+            xs = _window(features, k, t)
+            ys = _window(y, k, t)
+            ms = _window(mask_p, k, t)
             is_last = tf.equal(k, num_windows - 1)
             with tf.GradientTape() as tape:
                 # The incoming state is a plain tensor: watch it, or its gradient is None.

@@ -226,3 +226,33 @@ def test_curriculum_in_fit_trains_on_the_current_length_only():
     # 10 batches, a check every 2 (always solved): 1 -> 5 (capped), sums reset.
     assert int(curriculum.length.value) == 5 and int(curriculum.max_solved.value) == 5
     assert int(curriculum.count.value) == 0 and float(curriculum.error_sum.value) == 0.0
+
+
+def _fit_two_steps(jit_compile, dataset=None):
+    model = _model(4, "dni_aux", seed=3)  # N=7, T=4: two windows, the last one padded
+    model.compile(optimizer=keras.optimizers.Adam(1e-2), jit_compile=jit_compile)
+    if dataset is None:
+        x, y, mask = _batch()
+        dataset = tf.data.Dataset.from_tensors((x, y, mask)).repeat(2)
+    model.fit(dataset, epochs=1, verbose=0)
+    return model
+
+
+def test_xla_with_a_static_length_trains_like_graph_mode():
+    graph = _fit_two_steps(jit_compile=False)
+    xla = _fit_two_steps(jit_compile=True)
+    assert xla.jit_compile and not graph.jit_compile
+    for a, b in zip(graph.trainable_variables, xla.trainable_variables):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-5, err_msg=a.path)
+
+
+def test_xla_with_a_dynamic_length_says_so_and_auto_means_off():
+    def batches():  # the Copy curriculum's kind of stream: the length changes
+        for n in (5, 7):
+            yield tuple(t.numpy() for t in _batch(n=n))
+    spec = (tf.TensorSpec([B, None, D]), tf.TensorSpec([B, None, O]), tf.TensorSpec([B, None]))
+    dataset = tf.data.Dataset.from_generator(batches, output_signature=spec)
+    with pytest.raises(ValueError, match="needs a static sequence length"):
+        _fit_two_steps(jit_compile=True, dataset=dataset)
+    # Keras' "auto" would pick XLA on a GPU machine; for TruncatedBPTT it means off.
+    assert not _fit_two_steps(jit_compile="auto", dataset=dataset).jit_compile
