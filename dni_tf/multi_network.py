@@ -32,6 +32,7 @@ import numpy as np
 import tensorflow as tf
 
 from dni_tf.synthetic_gradients import regression_loss, surrogate_objective
+from dni_tf.training import replica_mean
 
 METHODS = ("backprop", "dni")
 SG_CONTEXTS = ("none", "count")
@@ -204,10 +205,7 @@ class MultiNetwork(keras.Model):
     def train_step(self, data):
         digits, labels = data
         grads, variables, stats = self.compute_gradients(digits, labels)
-        # Losses are means over this replica's batch and the optimizer sums the
-        # replicas' gradients: dividing by the replica count gives the global mean.
-        replicas = tf.distribute.get_strategy().num_replicas_in_sync
-        self.optimizer.apply([g / replicas for g in grads], variables)
+        self.optimizer.apply(replica_mean(grads), variables)
         return self._record(labels, *stats)
 
     def test_step(self, data):

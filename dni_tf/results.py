@@ -73,6 +73,12 @@ def load_results(workdir: str) -> Optional[dict]:
         return json.load(f)
 
 
+def completed_metrics(workdir: str) -> Optional[dict]:
+    """The metrics of a finished run in `workdir` (results.json, status completed), else None."""
+    done = load_results(workdir)
+    return done["metrics"] if done and done.get("status") == "completed" else None
+
+
 def load_history(workdir: str) -> pd.DataFrame:
     path = os.path.join(workdir, HISTORY_FILE)
     if not os.path.exists(path):

@@ -366,13 +366,13 @@ class ThresholdUpdates(keras.Model):
             # taken on the summed gradient (the loss is already 1/replicas scaled).
             grads = tf.distribute.get_replica_context().all_reduce(
                 tf.distribute.ReduceOp.SUM, grads)
-        updates, fired = self.accumulate_and_fire(grads)
+        updates, _ = self.accumulate_and_fire(grads)
         updates = self._delay(updates)
         if replicas > 1:
             # The optimizer sums gradients over replicas again.
             updates = [u / replicas for u in updates]
         self.optimizer.apply(updates, self._vars)
-        self._record(fired)
+        self._record()
         logs = self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
         logs["weight_updates"] = ops.cast(self.weight_update_count, "float32")
         logs["cancelled_fraction"] = ops.cast(
@@ -423,6 +423,8 @@ class ThresholdUpdates(keras.Model):
             # int32 sums are exact up to 2**31 fired elements per variable.
             fired_counts.append(ops.cast(ops.sum(ops.cast(fired, "int32")), "int64"))
         self._fired_count = ops.sum(ops.stack(fired_counts))
+        # Sparse backward needs the notified units every step; the statistics reuse them.
+        self._notified = self._notified_units(fired_masks) if self.sparse_backward else None
         self._step_statistics = self._sampled_statistics(step, increments, updates, remainders,
                                                          fired_masks)
         return updates, fired_masks
@@ -438,8 +440,8 @@ class ThresholdUpdates(keras.Model):
             received = ops.sum(ops.stack([ops.sum(ops.abs(i)) for i in increments]))
             emitted = ops.sum(ops.stack([ops.sum(ops.abs(u)) for u in updates]))
             squares = ops.sum(ops.stack([2.0 * tf.nn.l2_loss(r) for r in remainders]))
-            notified = (ops.sum(ops.stack([ops.sum(ops.cast(unit, "float32"))
-                                           for unit in self._notified_units(fired)]))
+            units = self._notified if self._notified is not None else self._notified_units(fired)
+            notified = (ops.sum(ops.stack([ops.sum(ops.cast(unit, "float32")) for unit in units]))
                         if self._kernel_layers else ops.zeros(()))
             return ops.ones(()), received, emitted, squares, notified
 
@@ -477,7 +479,7 @@ class ThresholdUpdates(keras.Model):
             buf.assign(pending * ops.reshape(1.0 - out_mask, expand))
         return applied
 
-    def _record(self, fired):
+    def _record(self):
         weight, received, emitted, acc_squares, notified = self._step_statistics
         self.weight_update_count.assign_add(self._fired_count)
         self.update_fraction_tracker.update_state(
@@ -489,7 +491,7 @@ class ThresholdUpdates(keras.Model):
             self.notify_fraction_tracker.update_state(notified / float(self._num_units),
                                                       sample_weight=weight)
         if self.sparse_backward:
-            for (_, _, layer), unit in zip(self._kernel_layers, self._notified_units(fired)):
+            for (_, _, layer), unit in zip(self._kernel_layers, self._notified):
                 if layer is not None:
                     layer.notify_mask.assign(ops.cast(unit, layer.notify_mask.dtype))
 

@@ -127,3 +127,14 @@ def track_loss(model: keras.Model, loss, x) -> None:
     batch_size = tf.shape(tf.nest.flatten(x)[0])[0]
     model._loss_tracker.update_state(loss_module.unscale_loss_for_distribution(loss),
                                      sample_weight=batch_size)
+
+
+def replica_mean(grads):
+    """Gradients of per-replica batch means -> what `optimizer.apply` needs for the global mean.
+
+    For train steps that compute their own losses (not `compute_loss`, which
+    Keras already scales by 1 / replicas): the optimizer sums the replicas'
+    gradients, so each replica's share is divided by the replica count.
+    """
+    replicas = tf.distribute.get_strategy().num_replicas_in_sync
+    return [g / replicas for g in grads]

@@ -66,6 +66,7 @@ import keras
 import tensorflow as tf
 
 from dni_tf.synthetic_gradients import regression_loss, surrogate_objective
+from dni_tf.training import replica_mean
 
 METHODS = ("bptt", "dni", "dni_aux")
 LOSS_TYPES = ("bernoulli", "categorical")
@@ -458,11 +459,8 @@ class TruncatedBPTT(keras.Model):
                 sg_grads = tf.clip_by_global_norm(sg_grads, self.clip_norm)[0]
         # Apply in `trainable_variables` order: the optimizer's slots are created
         # in the order of its first apply, and a restore builds them in this order.
-        # Losses are means over this replica's batch and the optimizer sums the
-        # replicas' gradients: dividing by the replica count gives the global mean.
-        replicas = tf.distribute.get_strategy().num_replicas_in_sync
-        grad_of = {id(v): g / replicas for v, g in zip(self.core_variables + self.sg_variables,
-                                                      core_grads + sg_grads)}
+        grad_of = {id(v): g for v, g in zip(self.core_variables + self.sg_variables,
+                                            replica_mean(core_grads + sg_grads))}
         self.optimizer.apply([grad_of[id(v)] for v in self.trainable_variables],
                              self.trainable_variables)
         if self.stateful:

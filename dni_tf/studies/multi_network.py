@@ -96,10 +96,8 @@ def run_comparison(cfg: MultiNetworkConfig, workdir: str, methods: Sequence[str]
     cells = [(k, method) for k in tick_ratios for method in methods]
     for k, method in SweepProgress(cells, lambda cell: f"{cell[1]} k={cell[0]}"):
         subdir = os.path.join(workdir, f"{method}_k{k}")
-        done = results.load_results(subdir)
-        if done and done.get("status") == "completed":
-            metrics = done["metrics"]
-        else:
+        metrics = results.completed_metrics(subdir)
+        if metrics is None:
             images = images or data_lib.load_image_data(cfg.dataset, cfg.data_dir)
             run_cfg = dataclasses.replace(cfg, method=method, tick_ratio=int(k))
             metrics = run_multi_network(run_cfg, subdir, extra_config, images)

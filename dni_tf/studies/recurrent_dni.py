@@ -268,10 +268,8 @@ def run_table(run_fn: Callable, cfg, workdir: str, methods: Sequence[str],
     for method, t in SweepProgress(cells, lambda cell: f"{cell[0]} T={cell[1]}"):
         run_cfg = dataclasses.replace(cfg, method=method, truncation=int(t))
         subdir = os.path.join(workdir, f"{method}_T{t}")
-        done = results.load_results(subdir)
-        if done and done.get("status") == "completed":
-            metrics = done["metrics"]
-        else:
+        metrics = results.completed_metrics(subdir)
+        if metrics is None:
             metrics = run_fn(run_cfg, subdir, extra_config)
         rows.append({"method": method, "T": int(t), value: metrics[value]})
         runs.append((subdir, {"method": method, "T": int(t)}, metrics))
