@@ -1,7 +1,8 @@
 """Helpers for absl entry points: flag checks, one-line errors, exit codes.
 
 Usage errors (bad flag values, missing data, unwritable workdir) print one line
-on stderr and exit with code 2; a diverged run exits with code 1. Neither prints
+on stderr and exit with code 2; a diverged run, or one whose checkpoints cannot
+be resumed from, exits with code 1. Neither prints
 a traceback.
 
     from dni_tf import cli
@@ -32,7 +33,11 @@ class UsageError(ValueError):
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite; the last good checkpoint is kept."""
+    """A training metric became NaN or infinite; the last good checkpoint is kept."""
+
+
+class CheckpointError(RuntimeError):
+    """No checkpoint of the run can be resumed from; the message names the file."""
 
 
 def fail(message: str, code: int) -> None:
@@ -170,7 +175,7 @@ def run(main: Callable[[List[str]], None]) -> None:
             main(argv)
         except (UsageError, DataError, DistributionError) as exc:
             fail(str(exc), 2)
-        except TrainingDiverged as exc:
+        except (TrainingDiverged, CheckpointError) as exc:
             fail(str(exc), 1)
 
     app.run(guarded_main, flags_parser=parse_flags)
