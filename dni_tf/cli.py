@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import os
 import sys
 from typing import Callable, Iterable, Iterator, List, Optional, Sequence
@@ -48,15 +49,62 @@ def fail(message: str, code: int) -> None:
 def check_range(name: str, value: float, low: Optional[float] = None,
                 high: Optional[float] = None, low_open: bool = False,
                 high_open: bool = False) -> None:
-    """Raises UsageError unless `low <(=) value <(=) high`."""
+    """Raises UsageError unless `value` is finite and `low <(=) value <(=) high`.
+
+    NaN and infinities are always rejected (a comparison with NaN is false, so
+    a range test alone would let it through).
+    """
+    left = "(" if low_open else "["
+    right = ")" if high_open else "]"
+    lo = "-inf" if low is None else f"{low:g}"
+    hi = "inf" if high is None else f"{high:g}"
+    allowed = f"allowed {left}{lo}, {hi}{right}"
+    if not is_finite(value):
+        raise UsageError(f"--{name}={value!r} is not a finite number: {allowed}")
     too_low = low is not None and (value <= low if low_open else value < low)
     too_high = high is not None and (value >= high if high_open else value > high)
     if too_low or too_high:
-        left = "(" if low_open else "["
-        right = ")" if high_open else "]"
-        lo = "-inf" if low is None else f"{low:g}"
-        hi = "inf" if high is None else f"{high:g}"
-        raise UsageError(f"--{name}={value!r} is out of range: allowed {left}{lo}, {hi}{right}")
+        raise UsageError(f"--{name}={value!r} is out of range: {allowed}")
+
+
+def is_finite(value) -> bool:
+    """False for NaN and infinities (and anything that is not a real number)."""
+    try:
+        return math.isfinite(value)
+    except TypeError:
+        return False
+
+
+def check_finite_fields(config) -> None:
+    """Raises ValueError("<field>=<value>: must be a finite number") for a NaN/inf float field.
+
+    For the `validate()` of a dataclass config; list/tuple fields are checked
+    element by element.
+    """
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        items = value if isinstance(value, (list, tuple)) else [value]
+        for item in items:
+            if isinstance(item, float) and not math.isfinite(item):
+                raise ValueError(f"{field.name}={item!r}: must be a finite number")
+
+
+def check_batch_size(batch_size: int, limit: int, reason: str, name: str = "batch_size") -> None:
+    """Raises UsageError unless 1 <= batch_size <= limit; `reason` explains the limit."""
+    if not 1 <= batch_size <= limit:
+        raise UsageError(f"--{name}={batch_size} is out of range: allowed [1, {limit}] ({reason})")
+
+
+def value_label(value: float) -> str:
+    """A short, exact text for a sweep value (run folder names, table keys).
+
+    `f"{value:g}"` when that reads back as the same number (0.5, 1e-4, 20),
+    else `repr` (1.000001e-4 -> "0.0001000001"): two different values never
+    share a label, so they never share a run folder.
+    """
+    value = float(value)
+    short = f"{value:g}"
+    return short if float(short) == value else repr(value)
 
 
 def check_choice(name: str, value: str, choices: Iterable[str]) -> None:
@@ -65,30 +113,57 @@ def check_choice(name: str, value: str, choices: Iterable[str]) -> None:
         raise UsageError(f"--{name}={value!r} is not allowed: choose from {', '.join(choices)}")
 
 
+def parse_choices(name: str, values, choices: Iterable[str]) -> List[str]:
+    """A non-empty list flag of distinct names, each one of `choices`."""
+    choices = list(choices)
+    values = list(values) if isinstance(values, (list, tuple)) else str(values).split(",")
+    if not values:
+        raise UsageError(f"--{name}: give at least one of {', '.join(choices)}")
+    for value in values:
+        check_choice(name, value, choices)
+    _check_distinct(name, values)
+    return values
+
+
+def _check_distinct(name: str, values: Sequence) -> None:
+    seen = set()
+    for value in values:
+        if value in seen:
+            raise UsageError(f"--{name}: {value!r} is given more than once; each value "
+                             "must be distinct (one run per value)")
+        seen.add(value)
+
+
 def parse_floats(name: str, text, low: Optional[float] = None,
-                 high: Optional[float] = None) -> List[float]:
-    """Parses a comma-separated list (or absl list) of floats, each range-checked."""
-    return _parse_list(name, text, float, "a number", low, high)
+                 high: Optional[float] = None, distinct: bool = True) -> List[float]:
+    """Parses a comma-separated list (or absl list) of floats, each finite and range-checked.
+
+    With `distinct` (the default: a list flag is a sweep, one run per value) a
+    repeated value is a UsageError.
+    """
+    return _parse_list(name, text, float, "a number", low, high, distinct)
 
 
 def parse_ints(name: str, text, low: Optional[int] = None,
-               high: Optional[int] = None) -> List[int]:
+               high: Optional[int] = None, distinct: bool = True) -> List[int]:
     """Parses a comma-separated list (or absl list) of integers, each range-checked."""
-    return _parse_list(name, text, int, "an integer", low, high)
+    return _parse_list(name, text, int, "an integer", low, high, distinct)
 
 
-def _parse_list(name, text, convert, kind, low, high) -> list:
+def _parse_list(name, text, convert, kind, low, high, distinct=True) -> list:
     items = text if isinstance(text, (list, tuple)) else str(text).split(",")
     values = []
     for item in items:
         try:
-            value = convert(item)
-        except ValueError:
+            value = convert(str(item).strip() if isinstance(item, str) else item)
+        except (TypeError, ValueError):
             raise UsageError(f"--{name}: {item!r} is not {kind}") from None
         check_range(name, value, low, high)
         values.append(value)
     if not values:
         raise UsageError(f"--{name}: give at least one value")
+    if distinct:
+        _check_distinct(name, values)
     return values
 
 
