@@ -151,3 +151,58 @@ def test_digits_needs_no_download():
 def test_unknown_dataset():
     with pytest.raises(ValueError, match="allowed: mnist"):
         data.load_image_data("imagenet")
+
+
+def test_explicit_data_dir_without_the_files_names_them_and_never_tries_tfds(tmp_path,
+                                                                             monkeypatch):
+    def no_download(name):
+        raise AssertionError("tensorflow-datasets must not be tried for an explicit data_dir")
+
+    monkeypatch.setattr(images, "_load_tfds", no_download)
+    monkeypatch.setattr(images, "DEBIAN_FASHION_MNIST_DIRS", ())
+    (tmp_path / "mnist").mkdir()
+    _write_idx(tmp_path / "mnist" / "train-images-idx3-ubyte.gz", np.zeros((2, 28, 28)))
+    with pytest.raises(data.DataError) as info:
+        data.load_image_data("mnist", str(tmp_path), use_tfds=True)
+    message = str(info.value)
+    for name in ("train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz",
+                 "t10k-labels-idx1-ubyte.gz"):
+        assert os.path.join(str(tmp_path), "mnist", name) in message
+    assert "train-images-idx3-ubyte.gz" not in message  # present, so not missing
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    with pytest.raises(data.DataError, match="is a file, not a directory"):
+        data.load_image_data("fashion_mnist", str(a_file), use_tfds=True)
+    with pytest.raises(data.DataError, match="cifar-10-batches-py"):
+        data.load_image_data("cifar10", str(tmp_path), use_tfds=True)
+
+
+def test_data_dir_from_the_environment_still_falls_through(tmp_path, monkeypatch):
+    tried = []
+
+    def fake_tfds(name):
+        tried.append(name)
+        return _fake_split(), _fake_split()
+
+    monkeypatch.setattr(images, "_load_tfds", fake_tfds)
+    monkeypatch.setenv(data.DATA_DIR_ENV, str(tmp_path))
+    loaded = data.load_image_data("mnist", use_tfds=True)
+    assert tried == ["mnist"] and loaded.source == "tfds"
+
+
+def _fake_split(n=4, value=0.5):
+    return np.full((n, 28, 28, 1), value, np.float32), np.arange(n, dtype=np.int32) % 10
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_images_are_a_data_error_naming_the_source(bad):
+    train, test = _fake_split(), _fake_split()
+    train[0][1, 3, 4, 0] = bad
+    with pytest.raises(data.DataError, match=r"my arrays: mnist train images: 1 of 3136 values"):
+        data.ImageData("mnist", "my arrays", train, test, None, 10)
+    with pytest.raises(data.DataError, match="my arrays: mnist validation images"):
+        data.ImageData("mnist", "my arrays", _fake_split(), _fake_split(), train, 10)
+    labels = np.array([0.0, np.nan, 1.0, 2.0])
+    with pytest.raises(data.DataError, match="test labels"):
+        data.ImageData("mnist", "my arrays", _fake_split(), (test[0], labels), None, 10)
+    data.ImageData("mnist", "my arrays", _fake_split(), _fake_split(), None, 10)  # finite: fine

@@ -49,3 +49,28 @@ def test_real_ptb_characters():
     assert len(corpus.valid) == 389_672 + 3_370
     assert len(corpus.test) == 438_662 + 3_761
     assert corpus.vocab_size == 50
+
+
+def test_non_finite_or_fractional_ids_are_a_data_error():
+    ids = np.arange(100, dtype=np.float32)
+    ids[7] = np.nan
+    with pytest.raises(DataError, match="character stream: 1 of 100 values are NaN or infinite"):
+        text.stream_arrays(ids, batch_size=2, length=5)
+    with pytest.raises(DataError, match="NaN or infinite"):
+        text.stream_dataset(np.where(np.arange(100) == 3, np.inf, 1.0), 2, 5)
+    with pytest.raises(DataError, match="whole numbers"):
+        text.stream_arrays(np.arange(100) + 0.5, batch_size=2, length=5)
+    x, _ = text.stream_arrays(np.arange(100, dtype=np.float64), batch_size=2, length=5)
+    assert x.dtype == np.int32 and x[0, 1, 0] == 49
+    good = np.array([0, 1, 2], np.int32)
+    with pytest.raises(DataError, match="my corpus: valid: 1 of 3 values are NaN"):
+        text.CharCorpus(["a", "b", "c"], good, np.array([0.0, np.nan, 1.0]), good, "my corpus")
+    with pytest.raises(DataError, match=r"my corpus: test: character ids must be in \[0, 2\]"):
+        text.CharCorpus(["a", "b", "c"], good, good, np.array([0, 3]), "my corpus")
+
+
+def test_a_data_dir_that_is_a_file_is_named(tmp_path):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    with pytest.raises(DataError, match=r"a_file is a file, not a directory holding .*ptb.char.train.txt"):
+        text.load_ptb_chars(str(a_file))

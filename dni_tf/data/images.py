@@ -10,11 +10,18 @@ this order, and the first that works wins:
 2. for Fashion-MNIST, the files Debian's `dataset-fashion-mnist` package installs;
 3. tensorflow-datasets (its local cache first, then a download).
 
+An explicit `data_dir` (the `--data_dir` flag) is the only source tried: if it
+does not hold the files, `DataError` names the expected paths (no fall-through,
+no download). Only `$DNI_TF_DATA_DIR` or no directory at all falls through to
+2 and 3.
+
 `digits` is scikit-learn's bundled set of 1,797 real 8x8 handwritten digits,
 resized to 28x28 so the MNIST models run on it unchanged; it needs no download.
 
 A truncated or corrupt file raises `DataError` naming the file; a file is never
-read as silently fewer examples.
+read as silently fewer examples. Float arrays (an `ImageData` built from the
+caller's arrays, tensorflow-datasets output) must be finite: NaN or infinite
+values raise `DataError` naming the source.
 """
 
 from __future__ import annotations
@@ -72,6 +79,14 @@ class ImageData:
     validation: Optional[Tuple[Array, Array]]
     num_classes: int
 
+    def __post_init__(self):
+        splits = [("train", self.train), ("test", self.test)]
+        if self.validation is not None:
+            splits.append(("validation", self.validation))
+        for split, arrays in splits:
+            for kind, array in zip(("images", "labels"), arrays):
+                check_finite(array, f"{self.source}: {self.name} {split} {kind}")
+
     @property
     def image_shape(self) -> Tuple[int, int, int]:
         return tuple(self.train[0].shape[1:])
@@ -93,6 +108,20 @@ class ImageData:
         if self.validation is None:
             raise ValueError("no validation split: pass validation_size > 0")
         return make_dataset(*self.validation, batch_size=batch_size, shuffle=False)
+
+
+def check_finite(array, what: str) -> None:
+    """Raises DataError("<what> ... NaN or infinite") if a float array holds such values.
+
+    Integer arrays (the uint8 files, int labels) cannot and are not scanned.
+    """
+    array = np.asarray(array)
+    if not np.issubdtype(array.dtype, np.inexact):
+        return
+    bad = array.size - int(np.count_nonzero(np.isfinite(array)))
+    if bad:
+        raise DataError(f"{what}: {bad} of {array.size} values are NaN or infinite; "
+                        "give finite inputs")
 
 
 def make_dataset(images: Array, labels: Array, batch_size: int, shuffle: bool,
@@ -142,8 +171,11 @@ def load_image_data(name: str, data_dir: Optional[str] = None,
     if name == "digits":
         source, train, test, num_classes = "scikit-learn", *_load_digits(), 10
     else:
-        source, train, test = _load_from_sources(name, default_data_dir(data_dir), use_tfds,
-                                                 check_counts)
+        if data_dir:  # explicit: only there, no fall-through and no download
+            source, train, test = _load_from_data_dir(name, data_dir, check_counts)
+        else:
+            source, train, test = _load_from_sources(name, default_data_dir(data_dir),
+                                                     use_tfds, check_counts)
         num_classes = 10
     validation = None
     if validation_size:
@@ -152,6 +184,36 @@ def load_image_data(name: str, data_dir: Optional[str] = None,
         validation = (train[0][-validation_size:], train[1][-validation_size:])
         train = (train[0][:-validation_size], train[1][:-validation_size])
     return ImageData(name, source, train, test, validation, num_classes)
+
+
+def _expected_files(name, directory):
+    if name == "cifar10":
+        return [os.path.join(directory, "cifar-10-batches-py", f)
+                for f in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]]
+    return [os.path.join(directory, f) for pair in _IDX_FILES.values() for f in pair]
+
+
+def _load_from_data_dir(name, data_dir, check_counts):
+    """Loads `name` from an explicitly given directory only; DataError names what is missing."""
+    sub = os.path.join(data_dir, "cifar10" if name == "cifar10" else name)
+    expected = _EXPECTED_COUNTS[name] if check_counts else None
+    if not os.path.isdir(data_dir):
+        what = "a file" if os.path.exists(data_dir) else "missing"
+        raise DataError(f"could not load {name}: --data_dir={data_dir} is {what}, not a "
+                        f"directory; it must hold {', '.join(_expected_files(name, sub))}")
+    for directory in (sub, data_dir):
+        if name == "cifar10":
+            found = _find_cifar_dir(directory)
+            if found:
+                return found, *load_cifar10_dir(found, expected)
+        elif all(os.path.exists(f) for f in _expected_files(name, directory)):
+            return directory, *load_idx_dir(directory, expected)
+    # Name the files missing from the layout closer to complete (sub/ by default).
+    missing = min(([f for f in _expected_files(name, d) if not os.path.exists(f)]
+                   for d in (sub, data_dir)), key=len)
+    raise DataError(f"could not load {name}: --data_dir={data_dir} does not hold the data; "
+                    f"missing {', '.join(missing)} (tensorflow-datasets is not tried for an "
+                    f"explicit --data_dir)")
 
 
 def _load_from_sources(name, data_dir, use_tfds, check_counts):

@@ -23,7 +23,7 @@ from typing import Dict, List, Optional
 import numpy as np
 import tensorflow as tf
 
-from dni_tf.data.images import DataError, default_data_dir
+from dni_tf.data.images import DataError, check_finite, default_data_dir
 
 SPLITS = ("train", "valid", "test")
 EOL = "\n"
@@ -39,6 +39,11 @@ class CharCorpus:
     test: np.ndarray
     source: str
 
+    def __post_init__(self):
+        for split in SPLITS:
+            setattr(self, split, character_ids(getattr(self, split), f"{self.source}: {split}",
+                                               len(self.vocab)))
+
     @property
     def vocab_size(self) -> int:
         return len(self.vocab)
@@ -50,6 +55,29 @@ class CharCorpus:
         return "".join(" " if self.vocab[i] == "_" else self.vocab[i] for i in ids)
 
 
+def character_ids(ids, what: str, vocab_size: Optional[int] = None) -> np.ndarray:
+    """`ids` as an int32 array; DataError naming `what` for NaN/inf, fractions or bad ids.
+
+    Float arrays are accepted only when every value is a finite whole number
+    (a NaN cast to int32 would silently become an arbitrary id).
+    """
+    array = np.asarray(ids)
+    if array.dtype == np.int32:
+        values = array
+    else:
+        if not (np.issubdtype(array.dtype, np.number) or array.dtype == bool):
+            raise DataError(f"{what}: expected integer character ids, got dtype {array.dtype}")
+        check_finite(array, what)
+        if np.issubdtype(array.dtype, np.inexact) and np.any(array != np.round(array)):
+            raise DataError(f"{what}: character ids must be whole numbers")
+        values = array.astype(np.int32)
+    if values.size and (values.min() < 0 or (vocab_size is not None and values.max() >= vocab_size)):
+        upper = "" if vocab_size is None else f", {vocab_size - 1}"
+        raise DataError(f"{what}: character ids must be in [0{upper}], got "
+                        f"{values.min()}..{values.max()}")
+    return values
+
+
 def ptb_char_paths(data_dir: Optional[str] = None) -> Dict[str, str]:
     """Paths of the three char files; DataError if the directory is unknown or a file is missing."""
     root = default_data_dir(data_dir)
@@ -58,6 +86,10 @@ def ptb_char_paths(data_dir: Optional[str] = None) -> Dict[str, str]:
                         "at a directory with ptb/ptb.char.{train,valid,test}.txt")
     paths = {s: os.path.join(root, "ptb", f"ptb.char.{s}.txt") for s in SPLITS}
     missing = [p for p in paths.values() if not os.path.isfile(p)]
+    if not os.path.isdir(root):
+        what = "a file" if os.path.exists(root) else "missing"
+        raise DataError(f"data directory {root} is {what}, not a directory holding "
+                        f"{', '.join(missing)} (Mikolov's simple-examples ptb.char.*.txt)")
     if missing:
         raise DataError(f"missing Penn Treebank character file(s): {', '.join(missing)} "
                         "(Mikolov's simple-examples ptb.char.*.txt)")
@@ -103,7 +135,7 @@ def stream_arrays(ids: np.ndarray, batch_size: int, length: int):
 
     Characters that do not fill a whole batch at the end are dropped.
     """
-    ids = np.asarray(ids, np.int32)
+    ids = character_ids(ids, "character stream")
     row = (len(ids) - 1) // batch_size
     num_batches = row // length
     if num_batches < 1:
