@@ -515,9 +515,8 @@ def check_config(values: dict) -> dict:
     from dni_tf import cli
 
     config = dict(values)
+    # Finite, >= 0 and distinct (each threshold trains in its own folder).
     config["thresholds"] = cli.parse_floats("thresholds", values["thresholds"], low=0.0)
-    if len(set(config["thresholds"])) != len(config["thresholds"]):
-        raise cli.UsageError("--thresholds: values must be distinct")
     cli.check_choice("accumulation", values["accumulation"], ACCUMULATIONS)
     cli.check_range("decay", values["decay"], 0.0, 1.0)
     cli.check_range("clip", values["clip"], 0.0)
@@ -576,12 +575,20 @@ def run_sweep(config: dict, data, workdir: str) -> dict:
     """
     import pandas as pd
 
-    from dni_tf import results, tensorboard_views
+    from dni_tf import cli, results, tensorboard_views
     from dni_tf.training import SweepProgress, train_and_evaluate
 
+    thresholds = [float(t) for t in config["thresholds"]]
+    labels = [cli.value_label(t) for t in thresholds]
+    if len(set(labels)) != len(labels):
+        raise cli.UsageError(f"--thresholds: each value must be distinct, got "
+                             f"{', '.join(labels)}")
+    cli.check_batch_size(config["batch_size"], len(data.train[1]),
+                         f"{data.name} has {len(data.train[1])} training examples")
     rows, curves, runs = [], [], []
-    for threshold in SweepProgress(config["thresholds"], lambda t: f"T={t:g}"):
-        subdir = os.path.join(workdir, f"threshold_{threshold:g}")
+    for threshold in SweepProgress(thresholds, lambda t: f"T={cli.value_label(t)}"):
+        # Exact folder names: 1e-4 and 1.000001e-4 must not share (and resume) one run.
+        subdir = os.path.join(workdir, f"threshold_{cli.value_label(threshold)}")
         network = build_classifier(config, data)
         model = ThresholdUpdates(
             network, threshold=threshold, accumulation=config["accumulation"],
@@ -595,7 +602,7 @@ def run_sweep(config: dict, data, workdir: str) -> dict:
         train_and_evaluate(model, data.train_dataset(config["batch_size"], seed=config["seed"]),
                            data.test_dataset(1000), steps=config["steps"],
                            eval_every=config["eval_every"], workdir=subdir,
-                           label=f"T={threshold:g}")
+                           label=f"T={cli.value_label(threshold)}")
         history = results.load_history(subdir)
         num_weights = model._num_elements
         row = summarize_run(history, threshold, num_weights, config["target_accuracy"])
@@ -616,7 +623,7 @@ def run_sweep(config: dict, data, workdir: str) -> dict:
     results.atomic_write_text(os.path.join(workdir, "summary.md"), results.markdown_table(summary))
     results.write_csv(os.path.join(workdir, "curves.csv"), curves)
     plot_sweep(summary, curves, workdir)
-    metrics = {f"T={r['threshold']:g}": r for r in rows}
+    metrics = {f"T={cli.value_label(r['threshold'])}": r for r in rows}
     results.save_results(workdir, config, metrics)
     return metrics
 
@@ -654,7 +661,9 @@ def plot_sweep(summary, curves, workdir: str) -> None:
     import matplotlib.pyplot as plt
     import seaborn as sns
 
-    curves = curves.assign(T=curves["threshold"].map(lambda t: f"{t:g}"))
+    from dni_tf.cli import value_label
+
+    curves = curves.assign(T=curves["threshold"].map(value_label))
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
     sns.lineplot(data=curves, x="step", y="test_accuracy", hue="T", marker="o", ax=axes[0])
     sns.lineplot(data=curves, x="weight_updates", y="test_accuracy", hue="T", marker="o",
@@ -666,7 +675,7 @@ def plot_sweep(summary, curves, workdir: str) -> None:
     fig.savefig(os.path.join(workdir, "curves.png"), dpi=100)
     plt.close(fig)
 
-    table = summary.assign(T=summary["threshold"].map(lambda t: f"{t:g}"))
+    table = summary.assign(T=summary["threshold"].map(value_label))
     fig, ax = plt.subplots(figsize=(4.5, 3.4))
     sns.scatterplot(data=table, x="update_fraction", y="test_accuracy", hue="T", s=70, ax=ax)
     ax.set_xscale("log")

@@ -49,14 +49,13 @@ FLAGS = flags.FLAGS
 def main(argv):
     del argv
     config = cli.config_from_flags(CopyTaskConfig)
-    for method in FLAGS.table_methods:
-        cli.check_choice("table_methods", method, METHODS)
+    methods = cli.parse_choices("table_methods", FLAGS.table_methods, METHODS)  # distinct: one folder each
     truncations = cli.parse_ints("table_truncations", FLAGS.table_truncations, 1)
     workdir = cli.prepare_workdir(FLAGS.workdir)
     extra = {"flags": cli.flag_values()}
     with cli.distributed(workdir) as workdir:
         if FLAGS.table:
-            run_table(run_copy_task, config, workdir, FLAGS.table_methods, truncations,
+            run_table(run_copy_task, config, workdir, methods, truncations,
                       "max_length_solved", extra_config=extra, curve="train_bit_errors")
         else:
             run_copy_task(config, workdir, extra_config=extra)

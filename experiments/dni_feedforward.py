@@ -56,23 +56,14 @@ cli.define_common_flags()
 FLAGS = flags.FLAGS
 
 
-def _ints(name, values):
-    try:
-        return [int(v) for v in values]
-    except ValueError:
-        raise cli.UsageError(f"--{name}={','.join(values)}: give integers") from None
-
-
 def parse_config():
     """Validates every flag; returns (base DNIConfig, methods, depths). Raises UsageError."""
     preset = PRESETS[FLAGS.preset]
-    methods = list(FLAGS.method)
-    for method in methods:
-        cli.check_choice("method", method, METHODS)
-    depths = _ints("layers", FLAGS.layers)
-    if not methods or not depths:
-        raise cli.UsageError("--method and --layers need at least one value")
-    decouple = None if FLAGS.decouple.strip() == "all" else _ints("decouple", FLAGS.decouple.split(","))
+    # Distinct values: each method x depth trains in its own folder.
+    methods = cli.parse_choices("method", FLAGS.method, METHODS)
+    depths = cli.parse_ints("layers", FLAGS.layers, 2)
+    decouple = (None if FLAGS.decouple.strip() == "all"
+                else cli.parse_ints("decouple", FLAGS.decouple, 1))
     boundaries = cli.parse_floats("lr_boundaries", FLAGS.lr_boundaries) if FLAGS.lr_boundaries else []
     config = DNIConfig(
         dataset=FLAGS.dataset, data_dir=FLAGS.data_dir, model=FLAGS.model, layers=depths[0],

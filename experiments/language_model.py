@@ -55,8 +55,7 @@ FLAGS = flags.FLAGS
 def main(argv):
     del argv
     config = cli.config_from_flags(LanguageModelConfig)
-    for method in FLAGS.table_methods:
-        cli.check_choice("table_methods", method, METHODS)
+    methods = cli.parse_choices("table_methods", FLAGS.table_methods, METHODS)  # distinct: one folder each
     truncations = cli.parse_ints("table_truncations", FLAGS.table_truncations, 1)
     for t in truncations:
         if FLAGS.table and config.chunk_length % t:
@@ -67,7 +66,7 @@ def main(argv):
     extra = {"flags": cli.flag_values()}
     with cli.distributed(workdir) as workdir:
         if FLAGS.table:
-            run_table(run_language_model, config, workdir, FLAGS.table_methods, truncations,
+            run_table(run_language_model, config, workdir, methods, truncations,
                       "test_bpc", extra_config=extra, lower_is_better=True, curve="val_bpc")
         else:
             run_language_model(config, workdir, extra_config=extra)

@@ -45,14 +45,13 @@ FLAGS = flags.FLAGS
 def main(argv):
     del argv
     config = cli.config_from_flags(MultiNetworkConfig)
-    for method in FLAGS.compare_methods:
-        cli.check_choice("compare_methods", method, METHODS)
+    methods = cli.parse_choices("compare_methods", FLAGS.compare_methods, METHODS)  # distinct: one folder each
     ratios = cli.parse_ints("compare_tick_ratios", FLAGS.compare_tick_ratios, 1)
     workdir = cli.prepare_workdir(FLAGS.workdir)
     extra = {"flags": cli.flag_values()}
     with cli.distributed(workdir) as workdir:
         if FLAGS.compare:
-            run_comparison(config, workdir, FLAGS.compare_methods, ratios, extra)
+            run_comparison(config, workdir, methods, ratios, extra)
         else:
             run_multi_network(config, workdir, extra)
 

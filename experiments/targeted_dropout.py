@@ -51,12 +51,7 @@ def validate(values) -> dict:
     """Checks every flag; returns parsed lists. Raises cli.UsageError (one line)."""
     if not values.workdir:
         raise cli.UsageError("--workdir is required")
-    if not values.regimes:
-        raise cli.UsageError(f"--regimes: give at least one of {', '.join(REGIMES)}")
-    for regime in values.regimes:
-        cli.check_choice("regimes", regime, REGIMES)
-    if len(set(values.regimes)) != len(values.regimes):
-        raise cli.UsageError("--regimes: each regime at most once")
+    cli.parse_choices("regimes", values.regimes, REGIMES)  # distinct: one folder each
     cli.check_range("alpha", values.alpha, 0.0, 1.0)
     cli.check_range("gamma", values.gamma, 0.0, 1.0)
     cli.check_range("dropout_rate", values.dropout_rate, 0.0, 1.0, high_open=True)
@@ -69,6 +64,7 @@ def validate(values) -> dict:
         raise cli.UsageError(f"--eval_every={values.eval_every} must divide --steps={values.steps}")
     cli.check_range("batch_size", values.batch_size, 1)
     cli.check_range("learning_rate", values.learning_rate, 0.0, low_open=True)
+    # Finite and distinct (each fraction is one column of the table).
     fractions = cli.parse_floats("prune_fractions", values.prune_fractions, 0.0, 100.0)
     for value in fractions:
         cli.check_range("prune_fractions", value, 0.0, 100.0, high_open=True)
@@ -79,7 +75,7 @@ def validate(values) -> dict:
         hidden.append(int(item))
     if not hidden:
         raise cli.UsageError("--hidden: give at least one width")
-    return {"fractions": sorted(set(fractions)), "hidden": hidden}
+    return {"fractions": sorted(fractions), "hidden": hidden}
 
 
 def schedule(values, train_size: int):
@@ -103,6 +99,9 @@ def main(argv):
 
     with cli.distributed(workdir) as workdir:
         images = data.load_image_data(FLAGS.dataset, FLAGS.data_dir)
+        count = len(images.train[1])  # batches are full: at most one batch per epoch
+        cli.check_batch_size(FLAGS.batch_size, count,
+                             f"{FLAGS.dataset} has {count} training examples")
         steps, eval_every, per_epoch = schedule(FLAGS, len(images.train[1]))
         config = dict(cli.flag_values(), workdir=workdir, total_steps=steps,
                       eval_every_steps=eval_every, steps_per_epoch=per_epoch)

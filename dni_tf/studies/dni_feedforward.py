@@ -22,6 +22,7 @@ import keras
 import pandas as pd
 from absl import logging
 
+from dni_tf import cli
 from dni_tf import data as data_lib
 from dni_tf import plots, results, tensorboard_views
 from dni_tf.dni_feedforward import METHODS, UNLOCKS, build_classifier
@@ -65,6 +66,7 @@ class DNIConfig:
 
     def validate(self) -> None:
         """Raises ValueError("<field>...") naming the field and the allowed values."""
+        cli.check_finite_fields(self)  # NaN would slip through the range tests below
         if self.dataset not in data_lib.IMAGE_DATASETS:
             raise ValueError(f"dataset={self.dataset!r}: choose from {', '.join(data_lib.IMAGE_DATASETS)}")
         if self.model not in MODELS:
@@ -137,6 +139,7 @@ def run_single(config: DNIConfig, workdir: str, image_data=None,
     """Trains one configuration in `workdir` (resumes); returns its final metrics."""
     config.validate()
     image_data = image_data or data_lib.load_image_data(config.dataset, config.data_dir)
+    check_batch_size(config, image_data)
     model = build_model(config, image_data.image_shape, image_data.num_classes)
     start = time.time()
     final = train_and_evaluate(
@@ -152,6 +155,13 @@ def run_single(config: DNIConfig, workdir: str, image_data=None,
     return metrics
 
 
+def check_batch_size(config: DNIConfig, image_data) -> None:
+    """UsageError unless --batch_size fits the training split (batches are full)."""
+    count = len(image_data.train[1])
+    cli.check_batch_size(config.batch_size, count,
+                         f"{image_data.name} has {count} training examples")
+
+
 def run_dir(workdir: str, config: DNIConfig) -> str:
     return os.path.join(workdir, f"{config.model}{config.layers}_{config.method}")
 
@@ -160,9 +170,13 @@ def run_grid(config: DNIConfig, methods: Sequence[str], depths: Sequence[int], w
              extra_config: Optional[dict] = None) -> pd.DataFrame:
     """Runs every method x depth, then writes the table and figures; returns the table."""
     configs = [dataclasses.replace(config, method=m, layers=d) for d in depths for m in methods]
+    if len({run_dir(workdir, c) for c in configs}) != len(configs):
+        raise ValueError(f"methods {list(methods)} and depths {list(depths)} must each be "
+                         "distinct: two configurations would share one run folder")
     for c in configs:
         c.validate()
     image_data = data_lib.load_image_data(config.dataset, config.data_dir)
+    check_batch_size(config, image_data)  # before the first configuration trains
     logging.info("data: %s from %s", config.dataset, image_data.source)
     finals, frames = [], []
     for c in SweepProgress(configs, lambda c: f"{c.method}, {c.layers} layers"):

@@ -20,6 +20,7 @@ from absl import logging
 
 from dni_tf import data as data_lib
 from dni_tf import models, plots, results, tensorboard_views
+from dni_tf import cli
 from dni_tf.cli import TrainingDiverged
 from dni_tf.gradient_dropping import DROPPED_STATES, GRANULARITIES, GradientDropping
 from dni_tf.training import SweepProgress, train_and_evaluate
@@ -48,11 +49,16 @@ class GradientDropConfig:
 
     def validate(self) -> None:
         """Raises ValueError naming the field and the allowed values."""
+        cli.check_finite_fields(self)
         for p in self.keep_probs:
             if not 0.0 <= p <= 1.0:
                 raise ValueError(f"keep_probs: {p} is outside [0, 1]")
         if not self.keep_probs:
             raise ValueError("keep_probs: give at least one value")
+        labels = [cli.value_label(p) for p in self.keep_probs]
+        if len(set(labels)) != len(labels):
+            raise ValueError(f"keep_probs: each value must be distinct (one run folder per "
+                             f"value), got {', '.join(labels)}")
         if self.granularity not in GRANULARITIES:
             raise ValueError(f"granularity: {self.granularity!r} not in {', '.join(GRANULARITIES)}")
         if self.dropped_state not in DROPPED_STATES:
@@ -84,13 +90,22 @@ def build_model(config: GradientDropConfig, keep_prob: float, image_shape, num_c
 
 
 def run_dir(workdir: str, keep_prob: float) -> str:
-    return os.path.join(workdir, f"keep_prob_{keep_prob:g}")
+    # Exact names: two different keep_probs never share (and resume) one folder.
+    return os.path.join(workdir, f"keep_prob_{cli.value_label(keep_prob)}")
+
+
+def check_batch_size(config: GradientDropConfig, image_data: data_lib.ImageData) -> None:
+    """UsageError unless --batch_size fits the training split (batches are full)."""
+    count = len(image_data.train[1])
+    cli.check_batch_size(config.batch_size, count,
+                         f"{image_data.name} has {count} training examples")
 
 
 def run_single(config: GradientDropConfig, keep_prob: float, workdir: str,
                image_data: Optional[data_lib.ImageData] = None) -> dict:
     """Trains one `keep_prob`; writes results.json/history.csv in `workdir`; returns metrics."""
     image_data = image_data or data_lib.load_image_data(config.dataset, config.data_dir)
+    check_batch_size(config, image_data)
     model = build_model(config, keep_prob, image_data.image_shape, image_data.num_classes)
     run_config = {**dataclasses.asdict(config), "keep_prob": keep_prob}
     run_config.pop("keep_probs")
@@ -100,7 +115,7 @@ def run_single(config: GradientDropConfig, keep_prob: float, workdir: str,
             image_data.train_dataset(config.batch_size, seed=config.seed),
             image_data.test_dataset(config.eval_batch_size),
             steps=config.steps, eval_every=config.eval_every, workdir=workdir,
-            label=f"keep_prob={keep_prob:g}")
+            label=f"keep_prob={cli.value_label(keep_prob)}")
     except TrainingDiverged as exc:
         results.save_results(workdir, run_config, {}, status="diverged", error=str(exc))
         raise
@@ -123,14 +138,15 @@ def run_sweep(config: GradientDropConfig, workdir: str, extra_config: Optional[d
     """
     config.validate()
     image_data = data_lib.load_image_data(config.dataset, config.data_dir)
+    check_batch_size(config, image_data)
     logging.info("data: %s from %s (%d train, %d test)", config.dataset, image_data.source,
                  len(image_data.train[1]), len(image_data.test[1]))
     finals = {}
-    for keep_prob in SweepProgress(config.keep_probs, lambda p: f"keep_prob={p:g}"):
-        finals[f"{keep_prob:g}"] = run_single(config, keep_prob, run_dir(workdir, keep_prob), image_data)
+    for keep_prob in SweepProgress(config.keep_probs, lambda p: f"keep_prob={cli.value_label(p)}"):
+        finals[cli.value_label(keep_prob)] = run_single(config, keep_prob, run_dir(workdir, keep_prob), image_data)
     tensorboard_views.log_sweep(workdir, [
         (run_dir(workdir, p), {"keep_prob": p, "granularity": config.granularity,
-                               "dropped_state": config.dropped_state}, finals[f"{p:g}"])
+                               "dropped_state": config.dropped_state}, finals[cli.value_label(p)])
         for p in config.keep_probs])
     history = combined_history(workdir, config.keep_probs)
     results.write_csv(os.path.join(workdir, results.HISTORY_FILE), history)

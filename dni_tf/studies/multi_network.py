@@ -16,6 +16,7 @@ from typing import Optional, Sequence
 import keras
 import pandas as pd
 
+from dni_tf import cli
 from dni_tf import data as data_lib
 from dni_tf import plots, results, tensorboard_views
 from dni_tf.multi_network import METHODS, SG_CONTEXTS, MultiNetwork, episode_dataset
@@ -40,6 +41,7 @@ class MultiNetworkConfig:
     seed: int = 0
 
     def validate(self) -> None:
+        cli.check_finite_fields(self)  # NaN would slip through the range tests below
         if self.method not in METHODS:
             raise ValueError(f"method: {self.method!r} not in {', '.join(METHODS)}")
         if self.sg_context not in SG_CONTEXTS:
@@ -60,6 +62,21 @@ class MultiNetworkConfig:
         return self.tick_ratio * self.ticks_per_episode
 
 
+def check_batch_size(cfg: MultiNetworkConfig, images) -> None:
+    """UsageError unless the train and test splits each fill one batch of episodes.
+
+    An episode is `cfg.episode_length` consecutive digits; incomplete episodes
+    and batches are dropped.
+    """
+    episode_length = cfg.episode_length
+    count = min(len(images.train[1]), len(images.test[1]))
+    cli.check_batch_size(
+        cfg.batch_size, count // episode_length,
+        f"episodes per batch: {images.name} has {len(images.train[1])} train and "
+        f"{len(images.test[1])} test digits, {episode_length} per episode "
+        f"(--tick_ratio x --ticks_per_episode)")
+
+
 def build_model(cfg: MultiNetworkConfig, image_shape) -> MultiNetwork:
     keras.utils.set_random_seed(cfg.seed)
     model = MultiNetwork(cfg.tick_ratio, cfg.method, cfg.hidden_a, cfg.hidden_b,
@@ -74,6 +91,7 @@ def run_multi_network(cfg: MultiNetworkConfig, workdir: str, extra_config: Optio
     """Trains one system; `images` (an ImageData) may be passed to skip loading."""
     cfg.validate()
     images = images or data_lib.load_image_data(cfg.dataset, cfg.data_dir)
+    check_batch_size(cfg, images)
     model = build_model(cfg, images.image_shape)
     train = episode_dataset(*images.train, cfg.episode_length, cfg.batch_size, shuffle=True,
                             seed=cfg.seed)
@@ -91,16 +109,28 @@ def run_multi_network(cfg: MultiNetworkConfig, workdir: str, extra_config: Optio
 def run_comparison(cfg: MultiNetworkConfig, workdir: str, methods: Sequence[str],
                    tick_ratios: Sequence[int], extra_config: Optional[dict] = None) -> pd.DataFrame:
     """Both methods for each k; finished runs are read back (rerun resumes)."""
-    images = None
-    rows, runs = [], []
+    if len(set(methods)) != len(methods) or len({int(k) for k in tick_ratios}) != len(tick_ratios):
+        raise ValueError(f"methods {list(methods)} and tick ratios {list(tick_ratios)} must "
+                         "each be distinct: two cells would share one run folder")
     cells = [(k, method) for k in tick_ratios for method in methods]
+    # Every cell's settings (and the batch size against the data) are checked
+    # before the first cell trains.
+    configs = {cell: dataclasses.replace(cfg, method=cell[1], tick_ratio=int(cell[0]))
+               for cell in cells}
+    for run_cfg in configs.values():
+        run_cfg.validate()
+    pending = [cell for cell in cells
+               if results.completed_metrics(os.path.join(workdir, f"{cell[1]}_k{cell[0]}")) is None]
+    images = data_lib.load_image_data(cfg.dataset, cfg.data_dir) if pending else None
+    for cell in pending:
+        check_batch_size(configs[cell], images)
+    rows, runs = [], []
     for k, method in SweepProgress(cells, lambda cell: f"{cell[1]} k={cell[0]}"):
         subdir = os.path.join(workdir, f"{method}_k{k}")
         metrics = results.completed_metrics(subdir)
         if metrics is None:
             images = images or data_lib.load_image_data(cfg.dataset, cfg.data_dir)
-            run_cfg = dataclasses.replace(cfg, method=method, tick_ratio=int(k))
-            metrics = run_multi_network(run_cfg, subdir, extra_config, images)
+            metrics = run_multi_network(configs[k, method], subdir, extra_config, images)
         rows.append({"method": method, "tick_ratio": int(k),
                      "test_a_accuracy": metrics["test_a_accuracy"],
                      "test_b_accuracy": metrics["test_b_accuracy"]})

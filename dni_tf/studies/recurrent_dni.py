@@ -23,15 +23,21 @@ import keras
 import pandas as pd
 from absl import logging
 
-from dni_tf import plots, results, tensorboard_views
+from dni_tf import cli, plots, results, tensorboard_views
 from dni_tf.data import sequence_tasks, text
 from dni_tf.truncated_bptt import METHODS, ResetEvalState, TruncatedBPTT
 from dni_tf.training import SweepProgress, train_and_evaluate
 
 TABLE_TRUNCATIONS = (2, 3, 4, 5, 8)
+# Copy / Repeat Copy batches are generated in memory, every sequence up to
+# 2 * max_length + 1 (Copy) or max_length * (max_repeats + 1) + 2 (Repeat
+# Copy) steps long, and truncated BPTT keeps the core's activations for every
+# step of a window: more sequences per batch than this only exhausts memory.
+MAX_GENERATED_BATCH = 4096
 
 
 def _check_common(cfg) -> None:
+    cli.check_finite_fields(cfg)  # NaN would slip through the range tests below
     if cfg.method not in METHODS:
         raise ValueError(f"method: {cfg.method!r} not in {', '.join(METHODS)}")
     if cfg.truncation < 1:
@@ -45,6 +51,9 @@ def _check_common(cfg) -> None:
         raise ValueError(f"learning_rate: must be > 0, got {cfg.learning_rate}")
     if not cfg.sg_scale > 0:
         raise ValueError(f"sg_scale: must be > 0, got {cfg.sg_scale}")
+    for name in ("clip_norm", "aux_weight"):
+        if getattr(cfg, name) < 0:
+            raise ValueError(f"{name}: must be >= 0, got {getattr(cfg, name)}")
 
 
 def _optimizer(cfg):
@@ -89,6 +98,13 @@ class CopyTaskConfig:
                              f"got {self.max_length}")
         if not self.threshold > 0:
             raise ValueError(f"threshold: must be > 0, got {self.threshold}")
+        if self.batch_size > MAX_GENERATED_BATCH:
+            steps = (2 * self.max_length + 1 if self.task == "copy"
+                     else self.max_length * (self.max_repeats + 1) + 2)
+            raise ValueError(
+                f"batch_size={self.batch_size} is out of range: allowed [1, "
+                f"{MAX_GENERATED_BATCH}] (each batch of {self.task} sequences is generated in "
+                f"memory, up to {steps} steps per sequence at --max_length={self.max_length})")
 
 
 def build_copy_model(cfg: CopyTaskConfig):
@@ -172,6 +188,29 @@ class LanguageModelConfig:
                 raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)}")
 
 
+def check_stream_sizes(cfg: LanguageModelConfig, corpus: text.CharCorpus) -> None:
+    """UsageError unless every split fills at least one batch of `batch_size` rows.
+
+    Each split is cut into `batch_size` contiguous rows; a training row needs
+    `chunk_length` + 1 characters, a validation or test row `eval_length` + 1.
+    """
+    needs = {"train": ("chunk_length", cfg.chunk_length), "valid": ("eval_length", cfg.eval_length),
+             "test": ("eval_length", cfg.eval_length)}
+    sizes = {split: len(corpus.split(split)) for split in needs}
+    for split, (flag, length) in needs.items():
+        if (sizes[split] - 1) // length < 1:
+            raise cli.UsageError(
+                f"--{flag}={length} is out of range: the {split} split "
+                f"({os.path.join(corpus.source, f'ptb.char.{split}.txt')}) holds "
+                f"{sizes[split]} characters, too few for one row of {length} + 1")
+    limit = min((sizes[split] - 1) // length for split, (_, length) in needs.items())
+    cli.check_batch_size(
+        cfg.batch_size, limit,
+        f"each of the batch_size rows needs --chunk_length={cfg.chunk_length} + 1 training "
+        f"and --eval_length={cfg.eval_length} + 1 validation/test characters; the splits "
+        f"hold {sizes['train']} / {sizes['valid']} / {sizes['test']}")
+
+
 def build_language_model(cfg: LanguageModelConfig, vocab_size: int) -> TruncatedBPTT:
     keras.utils.set_random_seed(cfg.seed)
     model = TruncatedBPTT(vocab_size, cfg.truncation, method=cfg.method,
@@ -228,6 +267,7 @@ def run_language_model(cfg: LanguageModelConfig, workdir: str,
     """Trains on PTB characters; returns best validation BPC and its test BPC."""
     cfg.validate()
     corpus = text.load_ptb_chars(cfg.data_dir)
+    check_stream_sizes(cfg, corpus)  # before any training
     model = build_language_model(cfg, corpus.vocab_size)
     train = text.stream_dataset(corpus.train, cfg.batch_size, cfg.chunk_length, repeat=True)
     max_batches = cfg.eval_batches or None
@@ -263,6 +303,9 @@ def run_table(run_fn: Callable, cfg, workdir: str, methods: Sequence[str],
     history column), also writes the combined `history.csv` (method and T
     columns added) and `curves.png` (that column against step, a panel per T).
     """
+    if len(set(methods)) != len(methods) or len({int(t) for t in truncations}) != len(truncations):
+        raise ValueError(f"methods {list(methods)} and truncations {list(truncations)} must "
+                         "each be distinct: two cells would share one run folder")
     rows, runs = [], []
     cells = [(method, t) for method in methods for t in truncations]
     for method, t in SweepProgress(cells, lambda cell: f"{cell[0]} T={cell[1]}"):

@@ -17,6 +17,7 @@ from typing import Sequence
 import keras
 import numpy as np
 
+from dni_tf.cli import value_label
 from dni_tf.targeted_dropout import targeted_dropout_mlp
 
 # Public baseline (design.md): the plain 784-1000-1000-500-200-10 MLP on
@@ -95,7 +96,7 @@ def wide_table(table, baseline: bool):
                       ignore_index=True)
     wide = frame.pivot_table(index=["kind", "regime"], columns="fraction", values="accuracy",
                              sort=False)
-    wide.columns = [f"{c:g}%" for c in wide.columns]
+    wide.columns = [f"{value_label(c)}%" for c in wide.columns]
     return wide.reset_index()
 
 
@@ -166,6 +167,11 @@ def run_study(data, workdir: str, config: dict, *, regimes: Sequence[str],
 
     from dni_tf import results, tensorboard_views, training
 
+    if len(set(regimes)) != len(regimes):
+        raise ValueError(f"regimes must be distinct (one folder each), got {list(regimes)}")
+    labels = [value_label(f) for f in fractions]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"fractions must be distinct, got {', '.join(labels)}")
     baseline = data.name == "fashion_mnist"
     tables, magnitudes, metrics, runs = [], [], {}, []
     for regime in training.SweepProgress(regimes):
@@ -184,8 +190,9 @@ def run_study(data, workdir: str, config: dict, *, regimes: Sequence[str],
         plot_magnitudes(mags, os.path.join(rundir, "weight_magnitudes.png"))
         run_metrics = {"test_accuracy": last.get("test_accuracy"), "step": last.get("step")}
         for row in table.itertuples():
-            run_metrics[f"{row.kind}_pruned_{row.fraction:g}_accuracy"] = row.accuracy
-            run_metrics[f"{row.kind}_pruned_{row.fraction:g}_sparsity"] = row.sparsity
+            label = value_label(row.fraction)  # exact: 50 and 50.0000001 stay apart
+            run_metrics[f"{row.kind}_pruned_{label}_accuracy"] = row.accuracy
+            run_metrics[f"{row.kind}_pruned_{label}_sparsity"] = row.sparsity
         results.save_results(rundir, dict(config, regime=regime), run_metrics)
         runs.append((rundir, {"regime": regime}, run_metrics))
         metrics.update({f"{regime}/{k}": v for k, v in run_metrics.items()})
