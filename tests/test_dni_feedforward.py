@@ -210,3 +210,143 @@ def test_cli_grid_writes_table_history_and_figures(tmp_path):
     assert run["config"]["method"] == "cdni" and run["metrics"]["steps"] == 4
     history = pd.read_csv(workdir / "fcn3_cdni" / "history.csv")
     assert list(history["step"]) == [2, 4] and "train_sg_loss_2" in history
+
+
+# --------------------------------------------------------------- one step by hand
+STEP_B = 6  # tiny batch: per-example (B * dL/dh) and batch-mean units differ 6-fold
+
+
+def _step_model(method, sg_scale, lambda_mix, unlock, sg_hidden_layers=0):
+    """A 3-layer FCN (2 decoupling points) with random, NON-zero modules, SGD lr 1."""
+    net = fcn_layers(3, 10, width=5, seed=1)
+    model = DNIClassifier(net, 10, method=method, sg_scale=sg_scale, lambda_mix=lambda_mix,
+                          unlock=unlock, sg_hidden_layers=sg_hidden_layers, sg_units=4,
+                          input_hidden_layers=0, diagnostics=True, seed=3)
+    model.build((None, 8, 8, 1))
+    # Zero-initialised output layers would hide wrong targets, scales and inputs.
+    rng = np.random.default_rng(7)
+    for module in model.sg_modules:
+        for v in module.trainable_variables:
+            if "output" in v.path:
+                v.assign(rng.normal(0.0, 0.5, v.shape).astype("float32"))
+    model.compile(optimizer=keras.optimizers.SGD(learning_rate=1.0),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    return model
+
+
+def _reference_gradients(model, x, y):
+    """DNI/cDNI gradients of one step, from the paper, with a tape per block.
+
+    Returns ({id(variable): gradient}, [(cosine, norm ratio) per point]).
+    Every block j < last is trained by the surrogate sum(h_j * sg_scale * M_j) / B
+    (M in per-example units); the last one by the batch-mean loss. The target of
+    M_k is lam * B * (true dL/dh_k) + (1 - lam) * bootstrap, where bootstrap =
+    the next module's UNSCALED prediction backpropagated through the next block
+    (or B * dL/dh_k at the last point). With complete unlock block j > 0 runs on
+    I_j(x), and I_j regresses onto the real output of block j - 1.
+    """
+    b = float(x.shape[0])
+    x = tf.constant(x)
+    y = tf.constant(y)
+    context = tf.one_hot(y, 10) if model.method == "cdni" else None
+    loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    num_points = len(model.points)
+    complete = model.unlock == "complete"
+    scale, lam = model.sg_scale, model.lambda_mix
+    grads = {}
+
+    def run(j, h):
+        start, stop = model.block_slices[j]
+        for layer in model.net_layers[start:stop]:
+            h = layer(h, training=True)
+        return h
+
+    # Block inputs (constants) and the input models' regression.
+    block_in = [x]
+    h = x
+    for j in range(num_points):
+        real = run(j, block_in[j])
+        if complete:
+            imodel = model.input_models[j]
+            with tf.GradientTape() as tape:
+                pred = imodel(x, training=True)
+                loss = tf.reduce_mean(tf.reduce_sum(tf.square(pred - real), axis=-1))
+            for v, g in zip(imodel.trainable_variables,
+                            tape.gradient(loss, imodel.trainable_variables)):
+                grads[id(v)] = g
+            block_in.append(tf.constant(pred.numpy()))
+        else:
+            block_in.append(tf.constant(real.numpy()))
+    # Per block: layer gradients and the gradient at the block's input.
+    input_grad = [None] * (num_points + 1)   # per-example units, unscaled
+    jacobian_vjp = []
+    for j in range(num_points + 1):
+        start, stop = model.block_slices[j]
+        variables = [v for layer in model.net_layers[start:stop] for v in layer.trainable_variables]
+        u = block_in[j]
+        with tf.GradientTape(persistent=True) as tape:
+            tape.watch(u)
+            out = run(j, u)
+            if j < num_points:
+                m = model.sg_modules[j](out, context=context, training=True)
+                objective = tf.reduce_sum(out * tf.stop_gradient(scale * m)) / b
+            else:
+                objective = loss_fn(y, out)
+        for v, g in zip(variables, tape.gradient(objective, variables)):
+            grads[id(v)] = g
+        if j > 0:
+            gu = tape.gradient(objective, u) * b
+            input_grad[j] = gu if j == num_points else gu / scale
+        jacobian_vjp.append((tape, out, u))
+    # True per-example gradients at each point: chain back from the loss.
+    true = [None] * num_points
+    g = input_grad[num_points]                      # B * dL/dh at the last point
+    for k in range(num_points - 1, -1, -1):
+        true[k] = g
+        if k > 0:
+            tape, out, u = jacobian_vjp[k]
+            g = tape.gradient(out, u, output_gradients=g)
+    # Modules: L2 regression onto the (constant) targets.
+    diagnostics = []
+    for k, module in enumerate(model.sg_modules):
+        out = run(k, block_in[k])
+        target = lam * true[k] + (1.0 - lam) * input_grad[k + 1]
+        with tf.GradientTape() as tape:
+            m = module(out, context=context, training=True)
+            loss = tf.reduce_mean(tf.reduce_sum(tf.square(m - target), axis=-1))
+        for v, g in zip(module.trainable_variables,
+                        tape.gradient(loss, module.trainable_variables)):
+            grads[id(v)] = g
+        sg = np.ravel(scale * m.numpy())
+        tg = np.ravel(true[k].numpy())
+        diagnostics.append((sg @ tg / (np.linalg.norm(sg) * np.linalg.norm(tg)),
+                            np.linalg.norm(sg) / np.linalg.norm(tg)))
+    return grads, diagnostics
+
+
+@pytest.mark.parametrize("method,sg_scale,lambda_mix,unlock,hidden", [
+    ("dni", 1.0, 0.0, "update", 0),
+    ("cdni", 0.5, 0.0, "update", 0),
+    ("dni", 2.0, 0.3, "update", 0),
+    ("cdni", 0.5, 1.0, "update", 0),
+    ("cdni", 0.5, 0.3, "update", 1),
+    ("dni", 0.5, 0.0, "complete", 0),
+    ("cdni", 1.0, 0.5, "complete", 0),
+])
+def test_one_step_matches_a_hand_computed_dni_step(method, sg_scale, lambda_mix, unlock, hidden):
+    """SGD lr 1: every variable (layers, modules, input models) moves by minus its
+    reference gradient, and the diagnostics compare the scaled synthetic gradient
+    with the TRUE gradient (not the bootstrapped target)."""
+    model = _step_model(method, sg_scale, lambda_mix, unlock, sg_hidden_layers=hidden)
+    x, y = X[:STEP_B], Y[:STEP_B]
+    expected, diagnostics = _reference_gradients(model, x, y)
+    variables = model.trainable_variables
+    assert {id(v) for v in variables} == set(expected)
+    before = values(variables)
+    logs = model.train_on_batch(x, y, return_dict=True)
+    for v, b in zip(variables, before):
+        np.testing.assert_allclose(v.numpy() - b, -expected[id(v)].numpy(),
+                                   rtol=1e-4, atol=1e-5, err_msg=v.path)
+    for k, (cosine, ratio) in zip(model.points, diagnostics):
+        assert logs[f"sg_cosine_{k}"] == pytest.approx(cosine, rel=1e-4, abs=1e-5)
+        assert logs[f"sg_norm_ratio_{k}"] == pytest.approx(ratio, rel=1e-4)
