@@ -256,3 +256,88 @@ def test_xla_with_a_dynamic_length_says_so_and_auto_means_off():
         _fit_two_steps(jit_compile=True, dataset=dataset)
     # Keras' "auto" would pick XLA on a GPU machine; for TruncatedBPTT it means off.
     assert not _fit_two_steps(jit_compile="auto", dataset=dataset).jit_compile
+
+
+# ----------------------------------------------------- one batch by hand, M != 0
+def _reference_dni_batch(model, x, y, mask, state, episodic):
+    """Recurrent DNI for one batch, written out with a separate tape per window.
+
+    Window k runs from s_k to s_{k+1}. The core minimises the window's loss plus
+    sum(s_{k+1} * 0.1 * M(s_{k+1})) / B (no injection after the last window of an
+    episode). M(s_k) regresses onto B * d(that objective of window k)/ds_k: the
+    window's true gradient PLUS its scaled synthetic gradient backpropagated
+    through it (the bootstrap). An episode's first state trains nothing and
+    M(s_K) at its end regresses onto 0. Returns ({id(var): grad}, s_K).
+    """
+    t, b, h = model.truncation, x.shape[0], model.hidden_size
+    num_windows = x.shape[1] // t
+    module = model.synthetic_gradient
+    core_vars, sg_vars = model.core_variables, model.sg_variables
+    grads = {id(v): tf.zeros_like(v) for v in core_vars + sg_vars}
+
+    def add(variables, gs):
+        for v, g in zip(variables, gs):
+            if g is not None:
+                grads[id(v)] += g
+
+    s = tf.constant(state)
+    for k in range(num_windows):
+        xs, ys, ms = x[:, k * t:(k + 1) * t], y[:, k * t:(k + 1) * t], mask[:, k * t:(k + 1) * t]
+        last = k == num_windows - 1
+        with tf.GradientTape() as tape:
+            tape.watch(s)
+            out, new_h, new_c = model.core(xs, initial_state=[s[:, :h], s[:, h:]])
+            new_s = tf.concat([new_h, new_c], axis=-1)
+            ce = tf.nn.sigmoid_cross_entropy_with_logits(labels=ys, logits=model.head(out))
+            objective = tf.reduce_sum(tf.reduce_sum(ce, -1) * ms) / (b * t)
+            sg_next = tf.constant(module(new_s).numpy())        # M at the window's LAST state
+            if not (episodic and last):
+                objective += tf.reduce_sum(new_s * 0.1 * sg_next) / b
+            if model.aux_head is not None:
+                pred = model.aux_head(out)
+                objective += model.aux_weight * tf.reduce_mean(
+                    tf.square(pred - sg_next[:, None, :]))
+        gs = tape.gradient(objective, core_vars + [s])
+        add(core_vars, gs[:-1])
+        target = gs[-1] * b                                     # true + bootstrap
+        with tf.GradientTape() as tape:
+            sg_loss = tf.constant(0.0)
+            if k > 0 or not episodic:
+                sg_loss += tf.reduce_mean(tf.reduce_sum(tf.square(module(s) - target), -1))
+            if episodic and last:
+                sg_loss += tf.reduce_mean(tf.reduce_sum(tf.square(module(new_s)), -1))
+        add(sg_vars, tape.gradient(sg_loss, sg_vars))
+        s = new_s
+    return grads, s
+
+
+@pytest.mark.parametrize("method,stateful", [("dni", False), ("dni", True), ("dni_aux", False)])
+def test_one_batch_matches_hand_written_recurrent_dni(method, stateful):
+    """Three windows, random non-zero M (a zero M hides where it is read, the
+    bootstrap and its 0.1 scale), plain SGD lr 1: every weight moves by minus the
+    reference gradient."""
+    t = 2
+    x, y, mask = _batch(seed=3, n=3 * t)
+    model = _model(t, method, seed=4, stateful=stateful, batch_size=B)
+    rng = np.random.default_rng(11)
+    for layer in (model.synthetic_gradient, model.aux_head):
+        if layer is not None:
+            for v in layer.trainable_variables:
+                v.assign(rng.normal(0.0, 0.3, v.shape).astype("float32"))
+    state = np.zeros((B, 2 * H), "float32")
+    if stateful:  # a carried state: M(s_0) is trained and s_K gets a synthetic gradient
+        state = rng.normal(0.0, 0.5, (B, 2 * H)).astype("float32")
+        model.train_state.assign(state)
+    # Graph mode for the carried state (the while_loop path), eager otherwise (fast).
+    model.compile(optimizer=keras.optimizers.SGD(learning_rate=1.0), run_eagerly=not stateful)
+    expected, final_state = _reference_dni_batch(model, x, y, mask, state, episodic=not stateful)
+    variables = model.trainable_variables
+    assert {id(v) for v in variables} == set(expected)
+    assert all(float(tf.reduce_max(tf.abs(expected[id(v)]))) > 0 for v in model.sg_variables)
+    before = [v.numpy().copy() for v in variables]
+    model.train_on_batch(x, y, sample_weight=mask)
+    for v, b in zip(variables, before):
+        np.testing.assert_allclose(v.numpy() - b, -expected[id(v)].numpy(),
+                                   rtol=1e-4, atol=1e-5, err_msg=v.path)
+    if stateful:
+        np.testing.assert_allclose(model.train_state.numpy(), final_state, rtol=1e-5, atol=1e-6)
