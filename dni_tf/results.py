@@ -6,24 +6,33 @@
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import json
 import math
 import os
 import tempfile
-from typing import Any, Mapping, Optional
+from typing import Any, List, Mapping, Optional
 
 import numpy as np
 import pandas as pd
 
 RESULTS_FILE = "results.json"
 HISTORY_FILE = "history.csv"
+TEMPORARY_PREFIX = ".tmp-"  # atomic_write_text's temporary files
 
 
 def atomic_write_text(path: str, text: str) -> None:
-    """Writes `text` to `path` via a temporary file in the same directory and a rename."""
+    """Writes `text` to `path` durably: temporary file, fsync, rename, fsync of the directory.
+
+    A reader (or a rerun after a kill or a power loss) sees either the old file
+    or the new one, never a mix; a kill can leave only a `.tmp-*` file behind,
+    which `remove_stale_temporaries` deletes.
+    """
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(path), dir=directory)
+    fd, tmp = tempfile.mkstemp(prefix=TEMPORARY_PREFIX, suffix=os.path.basename(path),
+                               dir=directory)
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
@@ -35,6 +44,44 @@ def atomic_write_text(path: str, text: str) -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+    fsync_directory(directory)
+
+
+def fsync_file(path: str) -> None:
+    """Flushes `path`'s contents to disk (for files written by other libraries, e.g. h5py)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_directory(directory: str) -> None:
+    """Makes renames and new names in `directory` durable; a no-op where unsupported."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some filesystems refuse fsync on a directory
+        pass
+    finally:
+        os.close(fd)
+
+
+def remove_stale_temporaries(directory: str) -> List[str]:
+    """Deletes the `.tmp-*` files a killed `atomic_write_text` left in `directory`.
+
+    Call it only where no other process writes at the same time (a run's own
+    directory, at the start of the run). Returns the removed paths.
+    """
+    removed = []
+    for path in glob.glob(os.path.join(directory, TEMPORARY_PREFIX + "*")):
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
+            removed.append(path)
+    return removed
 
 
 def _jsonable(value: Any) -> Any:
