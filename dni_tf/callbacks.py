@@ -3,12 +3,13 @@
 * `EvaluationLogger`: one `history.csv` row and one set of TensorBoard scalars per
   evaluation, indexed by training step (not epoch); rows are rewritten atomically
   so a resumed run never duplicates or half-writes a row.
-* `ResumableCheckpoint`: atomically written `.weights.h5` checkpoints (weights,
-  optimizer slots, every other model variable such as algorithm state, and the
-  SeedGenerator states that Keras' save_weights leaves out) from which a rerun
-  resumes exactly.
-* `DivergenceGuard`: stops the run with `TrainingDiverged` on a NaN/inf loss,
-  before the bad state is checkpointed.
+* `ResumableCheckpoint`: atomically written, fsynced and checksummed
+  `.weights.h5` checkpoints (weights, optimizer slots, every other model
+  variable such as algorithm state, and the SeedGenerator states that Keras'
+  save_weights leaves out) from which a rerun resumes exactly; an unreadable
+  newest checkpoint falls back to the newest one that reads back.
+* `DivergenceGuard`: stops the run with `TrainingDiverged` when the loss or any
+  other training metric is NaN/inf, before the bad state is checkpointed.
 * `ProgressLogger`: a periodic log line with step, rate and ETA; inside a
   `SweepProgress` loop it also shows the run's place in the sweep and the whole
   sweep's ETA.
@@ -19,19 +20,21 @@ In `fit()` one "epoch" is one evaluation period of `eval_every` steps.
 from __future__ import annotations
 
 import glob
+import hashlib
 import math
 import os
 import re
 import time
-from typing import Callable, Dict, Iterable, List, Optional
+from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 import keras
+import numpy as np
 import pandas as pd
 import tensorflow as tf
 from absl import logging
 
 from dni_tf import results, tensorboard_views
-from dni_tf.cli import TrainingDiverged
+from dni_tf.cli import CheckpointError, TrainingDiverged
 
 
 def split_logs(logs: Dict[str, float], eval_prefix: str = "test") -> Dict[str, float]:
@@ -95,14 +98,23 @@ class EvaluationLogger(keras.callbacks.Callback):
 class ResumableCheckpoint(keras.callbacks.Callback):
     """Saves every model variable after each evaluation; restores at train begin.
 
-    Checkpoints are `ckpt-{epoch}.weights.h5`, written to a temporary name and
-    renamed, so a kill never leaves a partial checkpoint under the real name.
+    Checkpoints are `ckpt-{epoch}.weights.h5`, written to `tmp-{pid}.weights.h5`,
+    fsynced and renamed (then the directory is fsynced), so a kill never leaves a
+    partial checkpoint under the real name; the temporary a kill leaves behind is
+    deleted at the next train begin. Each checkpoint carries a checksum of its
+    contents. On resume the newest checkpoint that reads back whole is used:
+    newer unreadable ones (truncated, say, by a crash of the filesystem) are
+    renamed to `*.corrupt` with one warning line, and when none reads back the
+    run fails with `CheckpointError` naming the file.
+
     Keras builds the model and its optimizer before `on_train_begin`, which is
     where the restore happens; models with extra optimizers or state must create
     their variables in `build()`.
     """
 
-    _PATTERN = re.compile(r"ckpt-(\d+)\.weights\.h5$")
+    _PATTERN = re.compile(r"^ckpt-(\d+)\.weights\.h5$")
+    TEMPORARY_GLOB = "tmp-*.weights.h5"
+    CORRUPT_SUFFIX = ".corrupt"
 
     def __init__(self, directory: str, keep: int = 2):
         super().__init__()
@@ -111,31 +123,88 @@ class ResumableCheckpoint(keras.callbacks.Callback):
         os.makedirs(directory, exist_ok=True)
 
     @classmethod
+    def checkpoints(cls, directory: str) -> List[Tuple[int, str]]:
+        """`(epochs, path)` of every checkpoint file in `directory`, newest first."""
+        found = [(int(m.group(1)), p) for p in glob.glob(os.path.join(directory, "ckpt-*.weights.h5"))
+                 if (m := cls._PATTERN.match(os.path.basename(p)))]
+        return sorted(found, reverse=True)
+
+    @classmethod
+    def latest(cls, directory: str) -> Tuple[int, Optional[str]]:
+        """`(epochs, path)` of the newest checkpoint that reads back whole; `(0, None)` if none exists.
+
+        Newer checkpoints that do not read back are renamed to `*.corrupt` (one
+        warning line names them and the checkpoint used instead), so the next
+        save and the pruning of old checkpoints never see them.
+
+        Raises:
+          dni_tf.cli.CheckpointError: there are checkpoints but none reads back.
+        """
+        bad = []
+        for epochs, path in cls.checkpoints(directory):
+            problem = verify(path)
+            if problem is None:
+                if bad:
+                    for bad_path, _ in bad:
+                        os.replace(bad_path, bad_path + cls.CORRUPT_SUFFIX)
+                    results.fsync_directory(directory)
+                    logging.warning(
+                        "checkpoint %s is unreadable (%s): moved it aside to *%s; resuming "
+                        "from %s instead", ", ".join(p for p, _ in bad), bad[0][1],
+                        cls.CORRUPT_SUFFIX, path)
+                return epochs, path
+            bad.append((path, problem))
+        if bad:
+            older = f"; the {len(bad) - 1} older one(s) do not read back either" if len(bad) > 1 else ""
+            raise CheckpointError(
+                f"cannot resume: checkpoint {bad[0][0]} is unreadable ({bad[0][1]}){older}; "
+                f"remove {directory} to start the run over")
+        return 0, None
+
+    @classmethod
     def completed_epochs(cls, directory: str) -> int:
-        """Number of epochs (evaluation periods) in the latest checkpoint, 0 if none."""
-        epochs = [int(m.group(1)) for p in glob.glob(os.path.join(directory, "ckpt-*.weights.h5"))
-                  if (m := cls._PATTERN.search(p))]
-        return max(epochs, default=0)
+        """Epochs (evaluation periods) in the checkpoint a resume loads (`latest`), 0 if none."""
+        return cls.latest(directory)[0]
 
     def _path(self, epochs: int) -> str:
         return os.path.join(self.directory, f"ckpt-{epochs:07d}.weights.h5")
 
     def on_train_begin(self, logs=None):
-        epochs = self.completed_epochs(self.directory)
-        if epochs:
-            restore(self.model, self._path(epochs))
-            logging.info("resumed from %s", self._path(epochs))
+        for stale in glob.glob(os.path.join(self.directory, self.TEMPORARY_GLOB)):
+            os.remove(stale)
+            logging.info("removed %s, left behind by a killed checkpoint save", stale)
+        _, path = self.latest(self.directory)
+        if path is not None:
+            try:
+                restore(self.model, path)
+            except Exception as exc:  # noqa: BLE001 - h5py/Keras raise many kinds
+                raise CheckpointError(f"cannot resume from checkpoint {path}: "
+                                      f"{_first_line(exc)}") from exc
+            logging.info("resumed from %s", path)
 
     def on_epoch_end(self, epoch, logs=None):
         path = self._path(epoch + 1)
         tmp = os.path.join(self.directory, f"tmp-{os.getpid()}.weights.h5")
-        save(self.model, tmp)
-        os.replace(tmp, path)
-        for old in sorted(glob.glob(os.path.join(self.directory, "ckpt-*.weights.h5")))[:-self.keep]:
+        try:
+            save(self.model, tmp)
+            results.fsync_file(tmp)
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise
+        results.fsync_directory(self.directory)
+        for _, old in self.checkpoints(self.directory)[self.keep:]:
             os.remove(old)
 
 
 _RNG_GROUP = "dni_tf_rng_state"
+_CHECKSUM_ATTR = "dni_tf_sha256"
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
 
 
 def _rng_state(model: keras.Model):
@@ -144,8 +213,25 @@ def _rng_state(model: keras.Model):
     return [v for v in model.variables if id(v) not in weights]
 
 
+def _checksum(h5file) -> str:
+    """SHA-256 over the name, dtype, shape and bytes of every dataset in the file."""
+    import h5py
+
+    digest = hashlib.sha256()
+
+    def add(name, item):
+        if isinstance(item, h5py.Dataset):
+            value = np.asarray(item[()])
+            digest.update(f"{name}|{value.dtype.str}|{value.shape}|".encode())
+            digest.update(value.tobytes() if value.dtype != object
+                          else repr(value.tolist()).encode())
+
+    h5file.visititems(add)
+    return digest.hexdigest()
+
+
 def save(model: keras.Model, path: str) -> None:
-    """`model.save_weights(path)` plus the random generators' states."""
+    """`model.save_weights(path)` plus the random generators' states and a checksum."""
     import h5py
 
     model.save_weights(path)
@@ -153,6 +239,27 @@ def save(model: keras.Model, path: str) -> None:
         group = f.create_group(_RNG_GROUP)
         for i, variable in enumerate(_rng_state(model)):
             group.create_dataset(str(i), data=variable.numpy()).attrs["path"] = variable.path
+        f.attrs[_CHECKSUM_ATTR] = _checksum(f)
+
+
+def verify(path: str) -> Optional[str]:
+    """None if the checkpoint at `path` reads back whole, else what is wrong with it (one line).
+
+    Reads every dataset; a checkpoint written by `save` must also match its checksum.
+    """
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            if _RNG_GROUP not in f:
+                return "incomplete: it has no random-generator state"
+            expected = f.attrs.get(_CHECKSUM_ATTR)
+            actual = _checksum(f)
+            if expected is not None and expected != actual:
+                return "its contents do not match its checksum"
+    except Exception as exc:  # noqa: BLE001 - h5py raises OSError, KeyError, RuntimeError...
+        return _first_line(exc)
+    return None
 
 
 def restore(model: keras.Model, path: str) -> None:
@@ -171,24 +278,42 @@ def restore(model: keras.Model, path: str) -> None:
 
 
 class DivergenceGuard(keras.callbacks.Callback):
-    """Raises `TrainingDiverged` when an evaluation period's loss is NaN or inf.
+    """Raises `TrainingDiverged` when any training metric of an evaluation period is NaN or inf.
 
-    Place it before `ResumableCheckpoint` in the callback list so the diverged
-    weights are never saved.
+    Every training log value counts (the loss and an algorithm's own metrics,
+    e.g. the norm of an accumulator); the message names the key. Evaluation
+    metrics (`val_*`) are not checked. Place it before `ResumableCheckpoint` in
+    the callback list so the diverged state is never saved; `checkpoint_dir`
+    lets the message name the checkpoint that is kept.
     """
 
-    def __init__(self, eval_every: int, key: str = "loss"):
+    def __init__(self, eval_every: int, checkpoint_dir: Optional[str] = None):
         super().__init__()
         self.eval_every = eval_every
-        self.key = key
+        self.checkpoint_dir = checkpoint_dir
 
     def on_epoch_end(self, epoch, logs=None):
-        value = float((logs or {}).get(self.key, 0.0))
-        if not math.isfinite(value):
-            step = (epoch + 1) * self.eval_every
-            raise TrainingDiverged(
-                f"{self.key} became {value} by step {step}; the last good checkpoint "
-                f"(step {epoch * self.eval_every}) is kept")
+        logs = logs or {}
+        for key in sorted(logs, key=lambda k: k != "loss"):  # the loss first
+            if key.startswith("val_"):
+                continue
+            try:
+                value = np.asarray(logs[key], dtype=np.float64)
+            except (TypeError, ValueError):
+                continue  # not a number
+            if not np.all(np.isfinite(value)):
+                shown = value.item() if value.size == 1 else value.tolist()
+                step = (epoch + 1) * self.eval_every
+                raise TrainingDiverged(f"{key} became {shown} by step {step}; {self._kept(epoch)}")
+
+    def _kept(self, epoch: int) -> str:
+        if self.checkpoint_dir is None:
+            return f"the last good checkpoint (step {epoch * self.eval_every}) is kept"
+        found = ResumableCheckpoint.checkpoints(self.checkpoint_dir)
+        if not found:
+            return "no checkpoint had been written"
+        epochs, path = found[0]
+        return f"the last good checkpoint ({path}, step {epochs * self.eval_every}) is kept"
 
 
 class SweepProgress:

@@ -42,13 +42,18 @@ def train_and_evaluate(model: keras.Model, train_data, eval_data, *, steps: int,
       The last history row (`step` and every metric) as a dict.
 
     Raises:
-      dni_tf.cli.TrainingDiverged: the loss became NaN/inf (checkpoint kept).
+      dni_tf.cli.TrainingDiverged: the loss or another training metric became
+        NaN/inf (the last good checkpoint is kept).
+      dni_tf.cli.CheckpointError: there are checkpoints, but none can be resumed from.
     """
     if steps <= 0 or eval_every <= 0 or steps % eval_every:
         raise ValueError(f"steps ({steps}) must be a positive multiple of eval_every ({eval_every})")
     os.makedirs(workdir, exist_ok=True)
+    results.remove_stale_temporaries(workdir)  # left by a kill during a history.csv write
     epochs = steps // eval_every
     checkpoint_dir = os.path.join(workdir, "checkpoints")
+    # The checkpoint ResumableCheckpoint restores at train begin (an unreadable
+    # newest one is moved aside here), so the data stream skips exactly its steps.
     done = min(ResumableCheckpoint.completed_epochs(checkpoint_dir), epochs)
     multi_worker = isinstance(tf.distribute.get_strategy(),
                               tf.distribute.MultiWorkerMirroredStrategy)
@@ -71,7 +76,7 @@ def train_and_evaluate(model: keras.Model, train_data, eval_data, *, steps: int,
         steps_per_epoch=eval_every,
         validation_data=eval_data,
         callbacks=[
-            DivergenceGuard(eval_every),
+            DivergenceGuard(eval_every, checkpoint_dir),
             EvaluationLogger(workdir, eval_every, eval_prefix, extra_metrics),
             ResumableCheckpoint(checkpoint_dir),
             ProgressLogger(steps, eval_every, label, eval_prefix),

@@ -2,30 +2,30 @@
 
 import json
 import os
+import sys
 
 import keras
 import numpy as np
 import pandas as pd
 import pytest
+import tensorflow as tf
 
-from dni_tf import callbacks, results
-from dni_tf.cli import TrainingDiverged
+from dni_tf import callbacks, cli, results
+from dni_tf.cli import CheckpointError, TrainingDiverged
 from dni_tf.data import make_dataset
 from dni_tf.gradient_dropping import GradientDropping
 from dni_tf.training import SweepProgress, train_and_evaluate
 
 
-def _data(n=96, seed=0, poison=False):
+def _data(n=96, seed=0):
     rng = np.random.RandomState(seed)
     x = rng.rand(n, 5).astype("float32")
-    if poison:
-        x[:] = np.nan
     return x, rng.randint(0, 3, n).astype("int32")
 
 
-def _model():
+def _model(hidden=8):
     keras.utils.set_random_seed(0)
-    network = keras.Sequential([keras.Input((5,)), keras.layers.Dense(8, activation="relu"),
+    network = keras.Sequential([keras.Input((5,)), keras.layers.Dense(hidden, activation="relu"),
                                 keras.layers.Dropout(0.3, seed=1), keras.layers.Dense(3)])
     model = GradientDropping(network, keep_prob=0.5, seed=2)
     model.compile(optimizer=keras.optimizers.Adam(1e-2),
@@ -34,12 +34,30 @@ def _model():
     return model
 
 
-def _run(workdir, steps, data=None, eval_prefix="test"):
-    x, y = data or _data()
+def _run(workdir, steps, eval_prefix="test", model=None, extra_callbacks=()):
+    x, y = _data()
     return train_and_evaluate(
-        _model(), make_dataset(x, y, 16, shuffle=True, seed=0, repeat=True, drop_remainder=True),
+        model or _model(),
+        make_dataset(x, y, 16, shuffle=True, seed=0, repeat=True, drop_remainder=True),
         make_dataset(x, y, 32, shuffle=False), steps=steps, eval_every=4, workdir=str(workdir),
-        eval_prefix=eval_prefix)
+        eval_prefix=eval_prefix, callbacks=extra_callbacks)
+
+
+class _PoisonWeights(keras.callbacks.Callback):
+    """Writes NaN into every trainable weight at train begin (after the resume).
+
+    Divergence is injected into the weights, not the inputs: how a NaN input
+    flows through an op depends on the CPU and its kernels (oneDNN's MatMul fused
+    with ReLU turns it into 0), while NaN logits make the loss NaN everywhere.
+    """
+
+    def on_train_begin(self, logs=None):
+        for variable in self.model.trainable_variables:
+            variable.assign(tf.fill(variable.shape, float("nan")))
+
+
+def _checkpoint_names(workdir):
+    return sorted(os.listdir(os.path.join(workdir, "checkpoints")))
 
 
 def test_history_has_one_row_per_evaluation(tmp_path):
@@ -62,11 +80,158 @@ def test_interrupted_and_resumed_equals_uninterrupted(tmp_path):
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     _run(tmp_path, 8)
-    checkpoints = sorted(os.listdir(tmp_path / "checkpoints"))
-    with pytest.raises(TrainingDiverged, match="became nan by step 12"):
-        _run(tmp_path, 16, data=_data(poison=True))
-    assert sorted(os.listdir(tmp_path / "checkpoints")) == checkpoints
+    checkpoints = _checkpoint_names(tmp_path)
+    with pytest.raises(TrainingDiverged, match=r"^loss became nan by step 12; the last good "
+                       r"checkpoint \(.*ckpt-0000002\.weights\.h5, step 8\) is kept$"):
+        _run(tmp_path, 16, extra_callbacks=[_PoisonWeights()])
+    assert _checkpoint_names(tmp_path) == checkpoints
     assert pd.read_csv(tmp_path / "history.csv")["step"].tolist() == [4, 8]
+
+
+class _AccumulatorModel(keras.Model):
+    """A finite loss, but its own metric `acc_norm` turns NaN after step 8.
+
+    Stands for an algorithm whose internal state (say, a threshold accumulator)
+    became non-finite while the loss it reports did not.
+    """
+
+    def __init__(self):
+        super().__init__(name="accumulator_model")
+        self.dense = keras.layers.Dense(3)
+        self.acc_norm = keras.metrics.Mean(name="acc_norm")
+
+    def call(self, inputs):
+        return self.dense(inputs)
+
+    def train_step(self, data):
+        logs = super().train_step(data)
+        broken = self.optimizer.iterations > 8
+        self.acc_norm.update_state(tf.where(broken, float("nan"), 1.0))
+        return {**logs, "acc_norm": self.acc_norm.result()}
+
+    @property
+    def metrics(self):
+        return [*super().metrics, self.acc_norm]
+
+
+def test_a_non_finite_algorithm_metric_stops_the_run_although_the_loss_is_finite(tmp_path):
+    keras.utils.set_random_seed(0)
+    model = _AccumulatorModel()
+    model.compile(optimizer="sgd", jit_compile=False,
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    with pytest.raises(TrainingDiverged, match=r"^acc_norm became nan by step 12; the last good "
+                       r"checkpoint \(.*ckpt-0000002\.weights\.h5, step 8\) is kept$"):
+        _run(tmp_path, 16, model=model)
+    history = pd.read_csv(tmp_path / "history.csv")
+    assert history["step"].tolist() == [4, 8]
+    assert np.isfinite(history["train_loss"]).all() and (history["train_acc_norm"] == 1.0).all()
+    assert _checkpoint_names(tmp_path) == ["ckpt-0000001.weights.h5", "ckpt-0000002.weights.h5"]
+
+
+def _truncate(path):
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+
+
+def test_a_truncated_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, monkeypatch):
+    whole = _run(tmp_path / "whole", 12)
+    workdir = tmp_path / "split"
+    _run(workdir, 8)
+    _truncate(workdir / "checkpoints" / "ckpt-0000002.weights.h5")
+    warnings = []
+    monkeypatch.setattr(callbacks.logging, "warning", lambda fmt, *a: warnings.append(fmt % a))
+    resumed = _run(workdir, 12)
+    # One line names the bad file and the one used instead.
+    assert len(warnings) == 1 and "\n" not in warnings[0]
+    assert "ckpt-0000002.weights.h5 is unreadable" in warnings[0]
+    assert warnings[0].endswith("resuming from " + str(workdir / "checkpoints" / "ckpt-0000001.weights.h5")
+                                + " instead")
+    # Resumed from step 4 with the data stream at step 4: as if never interrupted.
+    assert resumed == whole
+    assert pd.read_csv(workdir / "history.csv")["step"].tolist() == [4, 8, 12]
+    # The bad file was moved aside before steps 5-8 were checkpointed again.
+    assert _checkpoint_names(workdir) == ["ckpt-0000002.weights.h5", "ckpt-0000002.weights.h5.corrupt",
+                                          "ckpt-0000003.weights.h5"]
+
+
+def test_no_readable_checkpoint_fails_with_one_line_naming_the_file_and_exit_code_1(
+        tmp_path, monkeypatch, capsys):
+    _run(tmp_path, 4)
+    bad = tmp_path / "checkpoints" / "ckpt-0000001.weights.h5"
+    _truncate(bad)
+    monkeypatch.setattr(sys, "argv", ["train"])
+    with pytest.raises(SystemExit) as exit_info:
+        cli.run(lambda argv: _run(tmp_path, 8))
+    assert exit_info.value.code == 1
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"error: cannot resume: checkpoint {bad} is unreadable (")
+    assert _checkpoint_names(tmp_path) == ["ckpt-0000001.weights.h5"]  # kept for inspection
+
+
+def test_a_checkpoint_of_another_model_fails_with_one_line_naming_the_file(tmp_path):
+    _run(tmp_path, 4)
+    with pytest.raises(CheckpointError) as error:
+        _run(tmp_path, 8, model=_model(hidden=4))
+    message = str(error.value)
+    assert message.startswith("cannot resume from checkpoint ") and "\n" not in message
+    assert str(tmp_path / "checkpoints" / "ckpt-0000001.weights.h5") in message
+
+
+def test_a_checkpoint_with_a_corrupted_dataset_is_detected_by_its_checksum(tmp_path):
+    import h5py
+
+    _run(tmp_path, 4)
+    path = str(tmp_path / "checkpoints" / "ckpt-0000001.weights.h5")
+    assert callbacks.verify(path) is None
+    with h5py.File(path, "r+") as f:  # flip one weight, as a bad disk block would
+        dataset = next(f[name] for name in _datasets(f) if f[name].size > 1)
+        values = dataset[()]
+        values.flat[0] += 1.0
+        dataset[...] = values
+    assert callbacks.verify(path) == "its contents do not match its checksum"
+
+
+def _datasets(h5file):
+    import h5py
+
+    names = []
+    h5file.visititems(lambda name, item: names.append(name) if isinstance(item, h5py.Dataset) else None)
+    return names
+
+
+def test_stale_temporaries_of_a_killed_save_are_removed_at_the_next_start(tmp_path):
+    _run(tmp_path, 4)
+    stale_checkpoint = tmp_path / "checkpoints" / "tmp-999999.weights.h5"
+    stale_history = tmp_path / ".tmp-abc123history.csv"
+    stale_checkpoint.write_bytes(b"half a checkpoint")
+    stale_history.write_text("step,train_lo")
+    _run(tmp_path, 8)
+    assert not stale_checkpoint.exists() and not stale_history.exists()
+    assert _checkpoint_names(tmp_path) == ["ckpt-0000001.weights.h5", "ckpt-0000002.weights.h5"]
+
+
+def test_checkpoints_and_result_files_are_fsynced_before_and_after_the_rename(tmp_path, monkeypatch):
+    synced = []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    results.save_results(str(tmp_path), {}, {"acc": 1.0})
+    (name,) = [os.path.basename(p) for p in synced[:-1]]
+    assert name.startswith(results.TEMPORARY_PREFIX) and name.endswith("results.json")
+    assert synced[-1] == str(tmp_path)  # the directory, after the rename
+
+    synced.clear()
+    _run(tmp_path / "run", 4)
+    checkpoints = str(tmp_path / "run" / "checkpoints")
+    temporary = os.path.join(checkpoints, f"tmp-{os.getpid()}.weights.h5")
+    assert synced.index(temporary) < synced.index(checkpoints)
+    history = [p for p in synced if p.endswith("history.csv")]
+    assert len(history) == 1 and os.path.basename(history[0]).startswith(results.TEMPORARY_PREFIX)
+    assert synced.index(history[0]) < synced.index(str(tmp_path / "run"))
 
 
 def test_results_are_written_atomically(tmp_path):
