@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -23,6 +24,35 @@ def _run(workdir):
     assert result.returncode == 0, result.stderr[-3000:]
 
 
+def _leftovers(workdir):
+    """Temporary files under `workdir`: what a kill during a write leaves behind.
+
+    Result files are written as `.tmp-*`, checkpoints as `tmp-PID.weights.h5`;
+    a checkpoints folder holds nothing but `ckpt-N.weights.h5` files.
+    """
+    found = []
+    for directory, _, files in os.walk(workdir):
+        for name in files:
+            temporary = name.startswith((".", "tmp")) or ".tmp" in name
+            stray = (os.path.basename(directory) == "checkpoints"
+                     and not re.fullmatch(r"ckpt-\d+\.weights\.h5", name))
+            if temporary or stray:
+                found.append(os.path.join(directory, name))
+    return found
+
+
+def test_leftover_check_sees_the_temporaries_of_a_killed_write(tmp_path):
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "run" / "checkpoints" / "ckpt-0000001.weights.h5").write_bytes(b"")
+    (tmp_path / "run" / "history.csv").write_text("step\n")
+    assert _leftovers(str(tmp_path)) == []
+    for stale in ("run/checkpoints/tmp-4242.weights.h5", "run/.tmp-k2j3history.csv",
+                  "run/checkpoints/ckpt-0000002.weights.h5.corrupt"):
+        (tmp_path / stale).write_bytes(b"")
+        assert _leftovers(str(tmp_path)) == [str(tmp_path / stale)]
+        (tmp_path / stale).unlink()
+
+
 def _metrics(workdir):
     with open(os.path.join(workdir, "results.json")) as f:
         return json.load(f)["metrics"]
@@ -40,7 +70,9 @@ def test_sigkill_after_a_checkpoint_then_rerun_matches_uninterrupted(tmp_path):
         process = subprocess.Popen(COMMAND + [f"--workdir={killed}"], cwd=REPO_ROOT,
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 240
-        while not (os.path.isdir(checkpoints) and os.listdir(checkpoints)):
+        # A finished checkpoint, not the temporary file it is written to first.
+        while not (os.path.isdir(checkpoints)
+                   and any(name.startswith("ckpt-") for name in os.listdir(checkpoints))):
             if process.poll() is not None or time.monotonic() > deadline:
                 process.kill()
                 pytest.fail("the run ended or stalled before writing its first checkpoint")
@@ -48,6 +80,10 @@ def test_sigkill_after_a_checkpoint_then_rerun_matches_uninterrupted(tmp_path):
         process.send_signal(signal.SIGKILL)
         process.wait()
         assert not os.path.exists(os.path.join(killed, "results.json")), "killed too late"
+        # What a kill in the middle of the next checkpoint save leaves behind:
+        # the rerun removes it.
+        with open(os.path.join(checkpoints, "tmp-4194304.weights.h5"), "wb") as f:
+            f.write(b"half a checkpoint")
 
         _run(killed)
         assert reference.wait(timeout=300) == 0, (tmp_path / "reference.log").read_text()[-3000:]
@@ -61,6 +97,4 @@ def test_sigkill_after_a_checkpoint_then_rerun_matches_uninterrupted(tmp_path):
                                               or c == "keep_prob"]).any(), relative
         pd.testing.assert_frame_equal(resumed, expected, check_exact=True)
     assert _metrics(killed) == _metrics(uninterrupted)
-    leftovers = [name for _, _, files in os.walk(killed) for name in files
-                 if ".tmp" in name or name.startswith(".")]
-    assert not leftovers
+    assert not _leftovers(killed)
