@@ -1,8 +1,10 @@
 """Every entry point, every kind of bad input: one line, exit code 2, no traceback.
 
-Table-driven: for each entry point, wrong types, out-of-range values, unknown
-names, an unwritable workdir, unusable distribution settings and missing or
-corrupt data. Each case must print exactly one `error:` line on stderr naming
+Table-driven: for each entry point, wrong types, out-of-range values, NaN and
+infinities, repeated sweep values (two runs in one folder), batch sizes the
+data cannot fill, unknown names, an unwritable workdir, unusable distribution
+settings and missing or corrupt data (an explicit --data_dir that is a file or
+lacks the files). Each case must print exactly one `error:` line on stderr naming
 the problem, exit with code 2, print no traceback, and leave what was already
 in the workdir intact. One process per entry point runs all of its cases
 (`tests/cli_driver.py`), so the table costs one TensorFlow import per entry
@@ -23,6 +25,14 @@ pytestmark = pytest.mark.xdist_group("cli_bad_input")
 
 UNWRITABLE = "/proc/dni_tf_cannot_write_here"
 
+# Added to a case that the old code let through, so that it fails fast there
+# (a short run that exits 0) instead of training for long. For the same reason
+# a too-large --batch_size is the smallest one rejected, not 99999999: the old
+# code would try to build that batch (hundreds of GB, from the repeated data).
+TINY = ["--steps=2", "--eval_every=1"]
+CPU = ["--preset=cpu", *TINY]
+ONE_REGIME = ["--regimes=none", "--hidden=8", *TINY]
+
 # Every entry point: (arguments every case needs, its own bad cases).
 # A case is (arguments, text the error line must contain).
 ENTRY_POINTS = {
@@ -32,6 +42,15 @@ ENTRY_POINTS = {
         (["--steps=1000", "--eval_every=300"], "eval_every"),
         (["--dataset=mnist", "--data_dir={empty}"], "could not load mnist"),
         (["--dataset=mnist", "--data_dir={corrupt}"], "train-images-idx3-ubyte.gz"),
+        (["--keep_probs=0.5,nan"], "--keep_probs=nan is not a finite number: allowed [0, 1]"),
+        (["--keep_probs=1,inf"], "--keep_probs=inf is not a finite number"),
+        (["--keep_probs=0.5,0.5", *TINY], "--keep_probs: 0.5 is given more than once"),
+        (["--learning_rate=nan", *TINY], "--learning_rate=nan: must be a finite number"),
+        (["--learning_rate=inf", *TINY], "--learning_rate=inf: must be a finite number"),
+        (["--batch_size=1498", *TINY],
+         "--batch_size=1498 is out of range: allowed [1, 1497] (digits has 1497"),
+        (["--dataset=mnist", "--data_dir={empty}"], "missing {empty}/mnist/train-images"),
+        (["--dataset=mnist", "--data_dir={file}"], "--data_dir={file} is a file, not a directory"),
     ]),
     "experiments.threshold_updates": (["--dataset=digits"], [
         (["--thresholds=0,-1e-3"], "--thresholds=-0.001 is out of range"),
@@ -40,6 +59,17 @@ ENTRY_POINTS = {
         (["--statistics_every=0"], "--statistics_every"),
         (["--dataset=mnist", "--data_dir={empty}"], "could not load mnist"),
         (["--dataset=mnist", "--data_dir={corrupt}"], "train-images-idx3-ubyte.gz"),
+        (["--thresholds=nan", *TINY], "--thresholds=nan is not a finite number: allowed [0, inf]"),
+        (["--thresholds=0,inf", *TINY], "--thresholds=inf is not a finite number"),
+        (["--thresholds=1e-4,0.0001", *TINY], "--thresholds: 0.0001 is given more than once"),
+        (["--decay=nan", *TINY], "--decay=nan is not a finite number: allowed [0, 1]"),
+        (["--learning_rate=nan", *TINY], "--learning_rate=nan is not a finite number"),
+        (["--noise_stddev=inf", *TINY], "--noise_stddev=inf is not a finite number"),
+        (["--target_accuracy=nan", *TINY], "--target_accuracy=nan is not a finite number"),
+        (["--batch_size=1498", *TINY],
+         "--batch_size=1498 is out of range: allowed [1, 1497]"),
+        (["--dataset=mnist", "--data_dir={empty}"], "missing {empty}/mnist/train-images"),
+        (["--dataset=mnist", "--data_dir={file}"], "--data_dir={file} is a file, not a directory"),
     ]),
     "experiments.dni_feedforward": (["--dataset=digits"], [
         (["--update_prob=1.5"], "--update_prob"),
@@ -50,6 +80,17 @@ ENTRY_POINTS = {
         (["--layers=3", "--decouple=1,3"], "--decouple"),
         (["--unlock=partial"], "--unlock"),
         (["--dataset=mnist", "--data_dir={empty}"], "could not load mnist"),
+        (["--learning_rate=inf", *CPU], "--learning_rate=inf: must be a finite number"),
+        (["--sg_scale=inf", *CPU], "--sg_scale=inf: must be a finite number"),
+        (["--lr_boundaries=0.5,nan", *CPU], "--lr_boundaries=nan is not a finite number"),
+        (["--lr_boundaries=0.5,0.5", *CPU], "--lr_boundaries: 0.5 is given more than once"),
+        (["--method=dni,dni", *CPU], "--method: 'dni' is given more than once"),
+        (["--layers=3,3", *CPU], "--layers: 3 is given more than once"),
+        (["--batch_size=1498", *CPU],
+         "--batch_size=1498 is out of range: allowed [1, 1497]"),
+        (["--method=dni,cdni", "--batch_size=1498", *CPU],
+         "--batch_size=1498 is out of range: allowed [1, 1497]"),
+        (["--dataset=mnist", "--data_dir={file}"], "--data_dir={file} is a file, not a directory"),
     ]),
     "experiments.targeted_dropout": (["--dataset=digits"], [
         (["--alpha=1.5"], "--alpha"),
@@ -59,6 +100,19 @@ ENTRY_POINTS = {
         (["--regimes=none,magic"], "--regimes"),
         (["--prune_fractions=0,50,100"], "--prune_fractions"),
         (["--dataset=fashion_mnist", "--data_dir={empty}"], "could not load fashion_mnist"),
+        (["--alpha=nan", *ONE_REGIME], "--alpha=nan is not a finite number: allowed [0, 1]"),
+        (["--epochs=nan"], "--epochs=nan is not a finite number: allowed (0, inf]"),
+        (["--epochs=inf"], "--epochs=inf is not a finite number"),
+        (["--ramp_epochs=nan"], "--ramp_epochs=nan is not a finite number"),
+        (["--prune_fractions=0,nan", *ONE_REGIME], "--prune_fractions=nan is not a finite number"),
+        (["--prune_fractions=50,50", *ONE_REGIME], "--prune_fractions: 50.0 is given more than once"),
+        (["--learning_rate=nan", *ONE_REGIME], "--learning_rate=nan is not a finite number"),
+        (["--batch_size=1498", *ONE_REGIME],
+         "--batch_size=1498 is out of range: allowed [1, 1497]"),
+        (["--dataset=fashion_mnist", "--data_dir={empty}"],
+         "missing {empty}/fashion_mnist/train-images-idx3-ubyte.gz"),
+        (["--dataset=fashion_mnist", "--data_dir={file}"],
+         "--data_dir={file} is a file, not a directory"),
     ]),
     "experiments.copy_task": ([], [
         (["--truncation=0"], "--truncation"),
@@ -67,17 +121,47 @@ ENTRY_POINTS = {
         (["--table", "--table_truncations=2,x"], "--table_truncations: 'x' is not an integer"),
         (["--table", "--table_truncations=0"], "--table_truncations=0 is out of range"),
         (["--table", "--table_methods=bptt,rtrl"], "--table_methods='rtrl'"),
+        (["--learning_rate=inf", *TINY], "--learning_rate=inf: must be a finite number"),
+        (["--clip_norm=nan", *TINY], "--clip_norm=nan: must be a finite number"),
+        (["--threshold=inf", *TINY], "--threshold=inf: must be a finite number"),
+        (["--aux_weight=-1", *TINY], "--aux_weight: must be >= 0"),
+        (["--batch_size=4097", *TINY], "--batch_size=4097 is out of range: allowed [1, 4096] "
+                                       "(each batch of copy sequences is generated in memory"),
+        (["--table", "--table_methods=bptt", "--table_truncations=2,2", *TINY],
+         "--table_truncations: 2 is given more than once"),
+        (["--table", "--table_methods=bptt,bptt", "--table_truncations=2", *TINY],
+         "--table_methods: 'bptt' is given more than once"),
     ]),
     "experiments.language_model": (["--data_dir={ptb}"], [
         (["--truncation=0"], "--truncation"),
         (["--method=rtrl"], "--method"),
         (["--data_dir={empty}"], "ptb.char.train.txt"),
         (["--table", "--table_truncations=3"], "does not divide --chunk_length"),
+        (["--learning_rate=inf", *TINY], "--learning_rate=inf: must be a finite number"),
+        (["--sg_scale=nan", *TINY], "--sg_scale=nan: must be a finite number"),
+        (["--batch_size=99999999", *TINY],
+         "--batch_size=99999999 is out of range: allowed [1, 1] (each of the batch_size rows"),
+        (["--batch_size=1", "--eval_length=1000", *TINY], "--eval_length=1000 is out of range: "
+                                                          "the valid split"),
+        (["--table", "--table_methods=bptt", "--table_truncations=5,5", *TINY],
+         "--table_truncations: 5 is given more than once"),
+        (["--data_dir={file}"], "data directory {file} is a file, not a directory"),
     ]),
     "experiments.multi_network": ([], [
         (["--tick_ratio=0"], "--tick_ratio"),
         (["--method=rtrl"], "--method"),
         (["--compare", "--compare_tick_ratios=2,-1"], "--compare_tick_ratios=-1 is out of range"),
+        (["--learning_rate=inf", "--dataset=digits", *TINY],
+         "--learning_rate=inf: must be a finite number"),
+        (["--batch_size=19", "--dataset=digits", *TINY],
+         "--batch_size=19 is out of range: allowed [1, 18] (episodes per batch"),
+        (["--compare", "--compare_tick_ratios=2,2", "--dataset=digits", "--batch_size=4", *TINY],
+         "--compare_tick_ratios: 2 is given more than once"),
+        (["--compare", "--compare_methods=dni,dni", "--dataset=digits", "--batch_size=4", *TINY],
+         "--compare_methods: 'dni' is given more than once"),
+        (["--compare", "--compare_tick_ratios=1,8", "--dataset=digits", "--batch_size=10", *TINY],
+         "--batch_size=10 is out of range: allowed [1, 9]"),
+        (["--data_dir={file}"], "--data_dir={file} is a file, not a directory"),
     ]),
 }
 # Cases every entry point must reject the same way.
@@ -95,6 +179,7 @@ COMMON_CASES = [
 def data_dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("data")
     (root / "empty").mkdir()
+    (root / "a_file").write_text("not a directory")
     corrupt = root / "corrupt" / "mnist"
     corrupt.mkdir(parents=True)
     for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
@@ -105,7 +190,7 @@ def data_dirs(tmp_path_factory):
     for split in ("train", "valid", "test"):
         (ptb / f"ptb.char.{split}.txt").write_text("a b c _ d e f\n" * 50)
     return {"empty": str(root / "empty"), "corrupt": str(root / "corrupt"),
-            "ptb": str(root / "ptb")}
+            "ptb": str(root / "ptb"), "file": str(root / "a_file")}
 
 
 @pytest.fixture(scope="module")
@@ -147,9 +232,10 @@ CASES = [(module, index, args, expected)
 
 @pytest.mark.parametrize("module,index,args,expected", CASES,
                          ids=[f"{m.split('.')[1]}:{' '.join(a)}" for m, _, a, _ in CASES])
-def test_bad_input_gives_one_line_exit_2_and_keeps_the_workdir(outcomes, module, index,
-                                                               args, expected):
+def test_bad_input_gives_one_line_exit_2_and_keeps_the_workdir(outcomes, data_dirs, module,
+                                                               index, args, expected):
     outcome, workdir = outcomes[module, index]
+    expected = expected.format(**data_dirs)
     stderr = outcome["stderr"]
     assert "Traceback" not in stderr, stderr
     errors = [line for line in stderr.splitlines() if line.startswith("error:")]

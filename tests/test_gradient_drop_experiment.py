@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pandas as pd
+import pytest
 
 from conftest import REPO_ROOT
 from dni_tf.studies.gradient_drop import GradientDropConfig, run_sweep
@@ -42,3 +43,13 @@ def test_sweep_writes_runs_table_figures_and_resumes(tmp_path):
     pd.testing.assert_frame_equal(after.iloc[:2], before)
 
 
+def test_close_keep_probs_get_their_own_folders_and_duplicates_are_rejected():
+    from dni_tf.studies.gradient_drop import run_dir
+
+    # `:g` would give both "keep_prob_0.5": the second run would resume the first.
+    assert run_dir("w", 0.5) == os.path.join("w", "keep_prob_0.5")
+    assert run_dir("w", 0.5000001) == os.path.join("w", "keep_prob_0.5000001")
+    with pytest.raises(ValueError, match="keep_probs: each value must be distinct"):
+        GradientDropConfig(keep_probs=(0.5, 0.5)).validate()
+    with pytest.raises(ValueError, match="learning_rate=nan: must be a finite number"):
+        GradientDropConfig(learning_rate=float("nan")).validate()

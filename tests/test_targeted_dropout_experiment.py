@@ -34,11 +34,15 @@ def test_validate_names_the_allowed_values():
         exp.validate(_flags(regimes=["none", "targeted"]))
     with pytest.raises(exp.cli.UsageError, match=r"allowed \[0, 100\)"):
         exp.validate(_flags(prune_fractions=["99.5", "100"]))
-    with pytest.raises(exp.cli.UsageError, match="at most once"):
+    with pytest.raises(exp.cli.UsageError, match="'none' is given more than once"):
         exp.validate(_flags(regimes=["none", "none"]))
     with pytest.raises(exp.cli.UsageError, match="must divide"):
         exp.validate(_flags(steps=10, eval_every=3))
-    assert exp.validate(_flags(prune_fractions=["90", "0", "90"]))["fractions"] == [0.0, 90.0]
+    with pytest.raises(exp.cli.UsageError, match="90.0 is given more than once"):
+        exp.validate(_flags(prune_fractions=["90", "0", "90"]))
+    with pytest.raises(exp.cli.UsageError, match="--prune_fractions=nan is not a finite number"):
+        exp.validate(_flags(prune_fractions=["0", "nan"]))
+    assert exp.validate(_flags(prune_fractions=["90", "0", "50"]))["fractions"] == [0.0, 50.0, 90.0]
 
 
 def test_schedule_evaluates_once_per_epoch_or_at_a_divisor():

@@ -49,3 +49,36 @@ def test_sweep_writes_tables_figures_and_resumes(tmp_path):
     # A rerun finds the checkpoints and trains no further.
     again = tu.run_sweep(config, data, str(tmp_path))
     assert again["T=0.001"]["weight_updates"] == sparse["weight_updates"]
+
+
+def test_value_labels_are_short_and_exact():
+    assert [cli.value_label(v) for v in (0, 1e-4, 0.5, 20.0, 1e-12)] == [
+        "0", "0.0001", "0.5", "20", "1e-12"]
+    assert cli.value_label(1.000001e-4) == "0.0001000001"
+    assert cli.value_label(0.1 + 0.2) == "0.30000000000000004"
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(thresholds=["nan"]), "--thresholds=nan is not a finite number"),
+    (dict(thresholds=["1e-4", "0.0001"]), "--thresholds: 0.0001 is given more than once"),
+    (dict(decay=float("nan")), "--decay=nan is not a finite number"),
+    (dict(learning_rate=float("inf")), "--learning_rate=inf is not a finite number")])
+def test_non_finite_and_repeated_values_are_rejected(change, message):
+    with pytest.raises(cli.UsageError, match=message):
+        tu.check_config({**GOOD, **change})
+
+
+def test_close_thresholds_train_in_their_own_folders(tmp_path):
+    data = load_image_data("digits")
+    config = tu.check_config({**GOOD, "dataset": "digits", "workdir": str(tmp_path),
+                              "thresholds": ["1e-4", "1.000001e-4"], "steps": 2,
+                              "eval_every": 2})
+    metrics = tu.run_sweep(config, data, str(tmp_path))
+    for name in ("threshold_0.0001", "threshold_0.0001000001"):
+        assert (tmp_path / name / "results.json").is_file(), name
+    assert set(metrics) == {"T=0.0001", "T=0.0001000001"}
+    summary = (tmp_path / "summary.csv").read_text().splitlines()
+    assert len(summary) == 3 and summary[1].split(",")[0] != summary[2].split(",")[0]
+    with pytest.raises(cli.UsageError, match=r"--batch_size=5000 is out of range: allowed \[1, 1497\]"):
+        tu.run_sweep({**config, "batch_size": 5000}, data, str(tmp_path / "big"))
+    assert not os.path.exists(tmp_path / "big")
