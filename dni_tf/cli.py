@@ -54,8 +54,8 @@ def check_range(name: str, value: float, low: Optional[float] = None,
     NaN and infinities are always rejected (a comparison with NaN is false, so
     a range test alone would let it through).
     """
-    left = "(" if low_open else "["
-    right = ")" if high_open else "]"
+    left = "(" if low_open or low is None else "["
+    right = ")" if high_open or high is None else "]"
     lo = "-inf" if low is None else f"{low:g}"
     hi = "inf" if high is None else f"{high:g}"
     allowed = f"allowed {left}{lo}, {hi}{right}"
@@ -125,45 +125,52 @@ def parse_choices(name: str, values, choices: Iterable[str]) -> List[str]:
     return values
 
 
-def _check_distinct(name: str, values: Sequence) -> None:
-    seen = set()
-    for value in values:
+def _check_distinct(name: str, values: Sequence, texts: Optional[Sequence[str]] = None) -> None:
+    """UsageError on a repeated value; `texts` (as typed) name it in the message."""
+    texts = [repr(v) for v in values] if texts is None else [str(t) for t in texts]
+    seen = {}
+    for value, text in zip(values, texts):
         if value in seen:
-            raise UsageError(f"--{name}: {value!r} is given more than once; each value "
-                             "must be distinct (one run per value)")
-        seen.add(value)
+            same = (f"{text} is given more than once" if text == seen[value]
+                    else f"{seen[value]} and {text} are the same value")
+            raise UsageError(f"--{name}: {same}; each value must be distinct "
+                             "(one run per value)")
+        seen[value] = text
 
 
 def parse_floats(name: str, text, low: Optional[float] = None,
-                 high: Optional[float] = None, distinct: bool = True) -> List[float]:
+                 high: Optional[float] = None, distinct: bool = True,
+                 low_open: bool = False, high_open: bool = False) -> List[float]:
     """Parses a comma-separated list (or absl list) of floats, each finite and range-checked.
 
     With `distinct` (the default: a list flag is a sweep, one run per value) a
     repeated value is a UsageError.
     """
-    return _parse_list(name, text, float, "a number", low, high, distinct)
+    return _parse_list(name, text, float, "a number", distinct,
+                       dict(low=low, high=high, low_open=low_open, high_open=high_open))
 
 
 def parse_ints(name: str, text, low: Optional[int] = None,
                high: Optional[int] = None, distinct: bool = True) -> List[int]:
     """Parses a comma-separated list (or absl list) of integers, each range-checked."""
-    return _parse_list(name, text, int, "an integer", low, high, distinct)
+    return _parse_list(name, text, int, "an integer", distinct, dict(low=low, high=high))
 
 
-def _parse_list(name, text, convert, kind, low, high, distinct=True) -> list:
+def _parse_list(name, text, convert, kind, distinct, bounds) -> list:
     items = text if isinstance(text, (list, tuple)) else str(text).split(",")
+    items = [item.strip() if isinstance(item, str) else item for item in items]
     values = []
     for item in items:
         try:
-            value = convert(str(item).strip() if isinstance(item, str) else item)
+            value = convert(item)
         except (TypeError, ValueError):
             raise UsageError(f"--{name}: {item!r} is not {kind}") from None
-        check_range(name, value, low, high)
+        check_range(name, value, **bounds)
         values.append(value)
     if not values:
         raise UsageError(f"--{name}: give at least one value")
     if distinct:
-        _check_distinct(name, values)
+        _check_distinct(name, values, items)
     return values
 
 

@@ -64,7 +64,8 @@ def parse_config():
     depths = cli.parse_ints("layers", FLAGS.layers, 2)
     decouple = (None if FLAGS.decouple.strip() == "all"
                 else cli.parse_ints("decouple", FLAGS.decouple, 1))
-    boundaries = cli.parse_floats("lr_boundaries", FLAGS.lr_boundaries) if FLAGS.lr_boundaries else []
+    boundaries = (cli.parse_floats("lr_boundaries", FLAGS.lr_boundaries, 0.0, 1.0, low_open=True,
+                                   high_open=True) if FLAGS.lr_boundaries else [])
     config = DNIConfig(
         dataset=FLAGS.dataset, data_dir=FLAGS.data_dir, model=FLAGS.model, layers=depths[0],
         width=FLAGS.width,

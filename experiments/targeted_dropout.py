@@ -65,9 +65,8 @@ def validate(values) -> dict:
     cli.check_range("batch_size", values.batch_size, 1)
     cli.check_range("learning_rate", values.learning_rate, 0.0, low_open=True)
     # Finite and distinct (each fraction is one column of the table).
-    fractions = cli.parse_floats("prune_fractions", values.prune_fractions, 0.0, 100.0)
-    for value in fractions:
-        cli.check_range("prune_fractions", value, 0.0, 100.0, high_open=True)
+    fractions = cli.parse_floats("prune_fractions", values.prune_fractions, 0.0, 100.0,
+                                 high_open=True)
     hidden = []
     for item in values.hidden:
         if not str(item).isdigit() or int(item) < 1:

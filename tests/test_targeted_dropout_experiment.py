@@ -38,7 +38,7 @@ def test_validate_names_the_allowed_values():
         exp.validate(_flags(regimes=["none", "none"]))
     with pytest.raises(exp.cli.UsageError, match="must divide"):
         exp.validate(_flags(steps=10, eval_every=3))
-    with pytest.raises(exp.cli.UsageError, match="90.0 is given more than once"):
+    with pytest.raises(exp.cli.UsageError, match="--prune_fractions: 90 is given more than once"):
         exp.validate(_flags(prune_fractions=["90", "0", "90"]))
     with pytest.raises(exp.cli.UsageError, match="--prune_fractions=nan is not a finite number"):
         exp.validate(_flags(prune_fractions=["0", "nan"]))

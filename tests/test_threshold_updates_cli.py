@@ -60,7 +60,7 @@ def test_value_labels_are_short_and_exact():
 
 @pytest.mark.parametrize("change, message", [
     (dict(thresholds=["nan"]), "--thresholds=nan is not a finite number"),
-    (dict(thresholds=["1e-4", "0.0001"]), "--thresholds: 0.0001 is given more than once"),
+    (dict(thresholds=["1e-4", "0.0001"]), "--thresholds: 1e-4 and 0.0001 are the same value"),
     (dict(decay=float("nan")), "--decay=nan is not a finite number"),
     (dict(learning_rate=float("inf")), "--learning_rate=inf is not a finite number")])
 def test_non_finite_and_repeated_values_are_rejected(change, message):
