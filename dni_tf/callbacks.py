@@ -281,7 +281,10 @@ class DivergenceGuard(keras.callbacks.Callback):
     """Raises `TrainingDiverged` when any training metric of an evaluation period is NaN or inf.
 
     Every training log value counts (the loss and an algorithm's own metrics,
-    e.g. the norm of an accumulator); the message names the key. Evaluation
+    e.g. the norm of an accumulator), and so does a positive count named
+    `nonfinite_*`: an algorithm's report of NaN/inf gradients or state that
+    need not reach the loss (e.g. `ThresholdUpdates`' `nonfinite_steps`: a NaN
+    accumulator never fires). The message names the key. Evaluation
     metrics (`val_*`) are not checked. Place it before `ResumableCheckpoint` in
     the callback list so the diverged state is never saved; `checkpoint_dir`
     lets the message name the checkpoint that is kept.
@@ -301,10 +304,13 @@ class DivergenceGuard(keras.callbacks.Callback):
                 value = np.asarray(logs[key], dtype=np.float64)
             except (TypeError, ValueError):
                 continue  # not a number
+            step = (epoch + 1) * self.eval_every
             if not np.all(np.isfinite(value)):
                 shown = value.item() if value.size == 1 else value.tolist()
-                step = (epoch + 1) * self.eval_every
                 raise TrainingDiverged(f"{key} became {shown} by step {step}; {self._kept(epoch)}")
+            if key.startswith("nonfinite_") and np.any(value > 0):
+                raise TrainingDiverged(f"{key}={value.max():g} by step {step}: a gradient or "
+                                       f"algorithm state became NaN or inf; {self._kept(epoch)}")
 
     def _kept(self, epoch: int) -> str:
         if self.checkpoint_dir is None:

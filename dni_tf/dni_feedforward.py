@@ -60,6 +60,7 @@ from typing import List, Optional, Sequence, Tuple
 import keras
 import tensorflow as tf
 
+from dni_tf import random_streams
 from dni_tf.synthetic_gradients import SyntheticGradient, regression_loss
 from dni_tf.training import track_loss
 
@@ -456,8 +457,7 @@ class DNIClassifier(keras.Model):
         free = [v for v in self.trainable_variables if id(v) not in gated_ids and id(v) in grad_of]
         self.optimizer.apply([grad_of[id(v)] for v in free], free)
         if gated_groups:
-            draws = tf.random.stateless_uniform([len(gated_groups)], seed=self.rng_state.value,
-                                                alg="philox")
+            draws = random_streams.uniform([len(gated_groups)], self.rng_state.value)
             self.rng_state.assign_add(tf.constant([0, 1], tf.int32))
             selected = draws < self.update_prob
             for g, (opt, variables) in enumerate(gated_groups):

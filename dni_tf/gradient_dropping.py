@@ -32,8 +32,11 @@ Kept gradients can be rescaled by `1 / keep_prob` (`rescale=True`, off by defaul
 as in the seed) so the expected update equals the full one.
 
 With `keep_prob=1` training is exactly plain backprop; with `keep_prob=0` no
-variable changes (with Adam from a fresh start, in both modes). Masks come from a `keras.random.SeedGenerator`, so
-runs are reproducible and the generator state is checkpointed with the model.
+variable changes (with Adam from a fresh start, in both modes). Masks are
+drawn through `dni_tf.random_streams` from a `keras.random.SeedGenerator`, so
+runs are reproducible, identical with and without XLA, and the generator state
+is checkpointed with the model. Lost gradients are selected away, not
+multiplied by zero, so a lost NaN or inf never reaches the weights.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ import keras
 import tensorflow as tf
 from keras import ops
 
+from dni_tf import random_streams
 from dni_tf.training import track_loss
 
 GRANULARITIES = ("variable", "layer", "element", "worker", "replica")
@@ -166,14 +170,16 @@ class GradientDropping(keras.Model):
                 self._groups = worker_groups(variables, self.num_workers)
         return self._groups
 
+    def _uniform(self, shape):
+        return random_streams.uniform(shape, random_streams.next_seed(self.mask_generator))
+
     def draw_masks(self, variables) -> List[tf.Tensor]:
         """One boolean mask per variable: scalar, or the variable's shape for `element`.
 
         Also records the kept fractions in the metric trackers.
         """
         if self.granularity == "element":
-            masks = [keras.random.uniform(v.shape, seed=self.mask_generator) < self.keep_prob
-                     for v in variables]
+            masks = [self._uniform(v.shape) < self.keep_prob for v in variables]
             kept = [ops.sum(ops.cast(m, "float32")) for m in masks]
             total = float(sum(_numel(v.shape) for v in variables))
             fraction = ops.sum(ops.stack(kept)) / total
@@ -182,7 +188,7 @@ class GradientDropping(keras.Model):
             return masks
         groups = self._group_index(variables)
         num_groups = max(groups) + 1
-        group_kept = keras.random.uniform((num_groups,), seed=self.mask_generator) < self.keep_prob
+        group_kept = self._uniform((num_groups,)) < self.keep_prob
         masks = [group_kept[g] for g in groups]
         sizes = ops.convert_to_tensor([float(_numel(v.shape)) for v in variables])
         kept_float = ops.cast(ops.stack(masks), "float32")
@@ -206,15 +212,26 @@ class GradientDropping(keras.Model):
         """
         context = tf.distribute.get_replica_context()
         replicas = context.num_replicas_in_sync
-        survived = keras.random.uniform((replicas,), seed=self.mask_generator) < self.keep_prob
+        survived = self._uniform((replicas,)) < self.keep_prob
         survivors = ops.sum(ops.cast(survived, "float32"))
         mine = ops.take(survived, context.replica_id_in_sync_group)
         weight = ops.where(mine, replicas / ops.maximum(survivors, 1.0), 0.0)
         anything_applied = survivors > 0
         self.kept_fraction_tracker.update_state(survivors / replicas)
         self.kept_parameter_tracker.update_state(ops.cast(anything_applied, "float32"))
-        return ([g * ops.cast(weight, g.dtype) for g in grads],
+        # A select, so that a lost replica's NaN or inf gradient vanishes.
+        return ([ops.where(mine, g * ops.cast(weight, g.dtype), ops.zeros_like(g)) for g in grads],
                 [anything_applied] * len(grads))
+
+    def apply_masks(self, grads, masks):
+        """Zeroes the lost parts of `grads` (and rescales the kept ones with `rescale`).
+
+        A select, not a multiplication by the mask: a lost NaN or inf gradient
+        must vanish (NaN * 0 is NaN), as it would if its machine never answered.
+        """
+        return [ops.where(m, g * (1.0 / self.keep_prob) if self.rescale else g,
+                          ops.zeros_like(g))
+                for g, m in zip(grads, masks)]
 
     # -- optimizer state -----------------------------------------------------
 
@@ -256,8 +273,7 @@ class GradientDropping(keras.Model):
             grads, masks = self.average_surviving_replicas(grads)
         else:
             masks = self.draw_masks(variables)
-            scale = 1.0 / self.keep_prob if self.rescale else 1.0
-            grads = [g * ops.cast(m, g.dtype) * scale for g, m in zip(grads, masks)]
+            grads = self.apply_masks(grads, masks)
         if self.dropped_state == "freeze":
             self._apply_frozen(grads, variables, masks)
         else:

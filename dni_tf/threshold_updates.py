@@ -64,6 +64,11 @@ Metrics (in `fit()` logs, `history.csv`, TensorBoard):
                    gradient mass that never reached the weights because
                    opposite-signed gradients cancelled in the accumulators (or
                    decayed, or were clipped, or are still accumulating). 0 at T=0.
+  nonfinite_steps  number of steps so far in which a gradient or accumulator
+                   element was NaN or inf. Such an element never fires again
+                   (|NaN| > T is false), so any value above 0 means the run has
+                   diverged; `dni_tf.training` stops the run on it and keeps
+                   the last good checkpoint.
 """
 
 from __future__ import annotations
@@ -76,12 +81,13 @@ import keras
 import tensorflow as tf
 from keras import ops
 
+from dni_tf import random_streams
 from dni_tf.training import track_loss
 
 ACCUMULATIONS = ("sum", "decay", "normalized")
 DATASETS = ("mnist", "fashion_mnist", "cifar10", "digits")
 _OWN_METRICS = ("update_fraction", "notify_fraction", "acc_norm", "weight_updates",
-                "cancelled_fraction")
+                "cancelled_fraction", "nonfinite_steps")
 
 
 def _notifying_linear(fn, inputs, kernel, mask):
@@ -299,6 +305,7 @@ class ThresholdUpdates(keras.Model):
                               if self.max_delay else [])
         self.step_counter = state((), "step_counter", dtype="int64")
         self.weight_update_count = state((), "weight_update_count", dtype="int64")
+        self.nonfinite_step_count = state((), "nonfinite_step_count", dtype="int64")
         # Keras does not save a SeedGenerator's state with the weights: give the
         # generator a state variable of ours so a checkpoint restores the noise
         # and delay streams exactly.
@@ -375,6 +382,7 @@ class ThresholdUpdates(keras.Model):
         self._record()
         logs = self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
         logs["weight_updates"] = ops.cast(self.weight_update_count, "float32")
+        logs["nonfinite_steps"] = ops.cast(self.nonfinite_step_count, "float32")
         logs["cancelled_fraction"] = ops.cast(
             1.0 - self.emitted_l1 / ops.maximum(self.received_l1, 1e-30), "float32")
         return logs
@@ -391,12 +399,12 @@ class ThresholdUpdates(keras.Model):
         """
         step = self.step_counter + 1
         self.step_counter.assign(step)
-        increments, updates, fired_masks, remainders, fired_counts = [], [], [], [], []
+        increments, updates, fired_masks, remainders, fired_counts, totals = [], [], [], [], [], []
         for i, (g, acc) in enumerate(zip(grads, self.accumulators)):
             g = ops.cast(g, acc.dtype)
             if self.noise_stddev:
-                g = g + self.noise_stddev * keras.random.normal(
-                    ops.shape(g), seed=self.seed_generator, dtype=acc.dtype)
+                g = g + self.noise_stddev * ops.cast(random_streams.normal(
+                    g.shape, random_streams.next_seed(self.seed_generator)), acc.dtype)
             if self.accumulation == "sum":
                 increment, total = g, acc + g
             elif self.accumulation == "decay":
@@ -422,7 +430,11 @@ class ThresholdUpdates(keras.Model):
             remainders.append(remaining)
             # int32 sums are exact up to 2**31 fired elements per variable.
             fired_counts.append(ops.cast(ops.sum(ops.cast(fired, "int32")), "int64"))
+            # One NaN or inf element makes the sum non-finite (so does an
+            # overflowing sum, which is divergence too).
+            totals.append(ops.sum(total))
         self._fired_count = ops.sum(ops.stack(fired_counts))
+        self._nonfinite = ops.logical_not(ops.all(ops.isfinite(ops.stack(totals))))
         # Sparse backward needs the notified units every step; the statistics reuse them.
         self._notified = self._notified_units(fired_masks) if self.sparse_backward else None
         self._step_statistics = self._sampled_statistics(step, increments, updates, remainders,
@@ -465,8 +477,8 @@ class ThresholdUpdates(keras.Model):
         if not self.max_delay:
             return updates
         slots = self.max_delay + 1
-        delays = keras.random.randint((self._num_groups,), 0, slots,
-                                      seed=self.seed_generator, dtype="int32")
+        delays = random_streams.randint((self._num_groups,), slots,
+                                        random_streams.next_seed(self.seed_generator))
         now = ops.cast(ops.mod(self.step_counter - 1, slots), "int32")
         out_mask = ops.one_hot(now, slots, dtype="float32")
         applied = []
@@ -482,6 +494,7 @@ class ThresholdUpdates(keras.Model):
     def _record(self):
         weight, received, emitted, acc_squares, notified = self._step_statistics
         self.weight_update_count.assign_add(self._fired_count)
+        self.nonfinite_step_count.assign_add(ops.cast(self._nonfinite, "int64"))
         self.update_fraction_tracker.update_state(
             ops.cast(self._fired_count, "float32") / float(max(self._num_elements, 1)))
         self.received_l1.assign_add(ops.cast(received, "float64"))

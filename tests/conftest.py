@@ -56,3 +56,31 @@ def mirrored_strategy():
     if len(tf.config.list_logical_devices("CPU")) < LOGICAL_CPUS:
         pytest.skip("two logical CPU devices could not be configured")
     return tf.distribute.MirroredStrategy([f"/cpu:{i}" for i in range(LOGICAL_CPUS)])
+
+
+def _nan_gradient_layer():
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    @tf.custom_gradient
+    def identity_with_nan_gradient(inputs, w):
+        return tf.identity(inputs), lambda upstream: (upstream, tf.fill(tf.shape(w), np.nan))
+
+    class NaNGradient(keras.layers.Layer):
+        """Identity in the forward pass; its one weight's gradient is NaN.
+
+        No NaN ever flows forward, so the loss stays finite on every CPU (a NaN
+        input to a fused MatMul+ReLU comes out as 0 under oneDNN on some CPUs).
+        """
+
+        def build(self, input_shape):
+            self.w = self.add_weight(shape=(), initializer="ones", name="w")
+
+        def call(self, inputs):
+            return identity_with_nan_gradient(inputs, self.w)
+
+    return NaNGradient
+
+
+NaNGradient = _nan_gradient_layer()

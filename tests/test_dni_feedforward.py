@@ -50,6 +50,15 @@ def optimizer_slots(optimizer):
             if s is not optimizer.iterations and "learning_rate" not in s.path]
 
 
+def nonzero_module_outputs(model, seed=5):
+    """Random module output layers (they start at zero)."""
+    rng = np.random.default_rng(seed)
+    for module in model.sg_modules:
+        for v in module.trainable_variables:
+            if "output" in v.path:
+                v.assign(rng.normal(0.0, 0.1, v.shape).astype("float32"))
+
+
 def layer_vars(model, i):
     return model.net_layers[i].trainable_variables
 
@@ -102,6 +111,10 @@ def test_first_step_moves_only_the_last_block_and_the_top_module(method, cnn):
 def test_sparse_updates_leave_unselected_blocks_and_their_optimizer_state_unchanged():
     model = make(method="cdni", update_prob=0.5, lambda_mix=1.0)
     assert len(model.block_optimizers) == 3
+    # Non-zero module outputs: a zero-initialised module that has not been
+    # selected yet predicts exactly 0, and its block then legitimately stays put
+    # while the module itself learns.
+    nonzero_module_outputs(model)
     for step in range(4):  # warm up: modules and layers become non-trivial
         model.train_on_batch(*batch(step))
     pattern = []
@@ -122,6 +135,7 @@ def test_sparse_updates_leave_unselected_blocks_and_their_optimizer_state_unchan
     assert flat.any() and not flat.all(), pattern  # both outcomes happen
     # The draws are seeded: a second model repeats them.
     again = make(method="cdni", update_prob=0.5, lambda_mix=1.0)
+    nonzero_module_outputs(again)
     for step in range(10):
         again.train_on_batch(*batch(step))
     for va, vb in zip(model.trainable_variables, again.trainable_variables):

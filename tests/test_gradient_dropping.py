@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from conftest import NaNGradient
 from dni_tf.gradient_dropping import GradientDropping, layer_groups, worker_groups
 
 
@@ -141,21 +142,93 @@ def test_element_granularity_fraction_and_rescale():
         GradientDropping(_network(), keep_prob=0.0, rescale=True)
 
 
-def test_rescale_multiplies_kept_gradients():
+def _linear_network(seed=0):
+    """No ReLU: every gradient element is non-zero, so "moved" means "kept"."""
+    return keras.Sequential([
+        keras.Input((6,)),
+        keras.layers.Dense(5, name="hidden", bias_initializer="ones",
+                           kernel_initializer=keras.initializers.GlorotUniform(seed)),
+        keras.layers.Dense(3, name="out", kernel_initializer=keras.initializers.GlorotUniform(seed + 1)),
+    ])
+
+
+def _sgd_update(model, x, y):
+    """One SGD(1) step: minus the applied gradient, per network variable."""
+    model.compile(optimizer=keras.optimizers.SGD(1.0),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.build((None, 6))
+    before = _weights(model.network)
+    model.train_on_batch(x, y)
+    return [b - a for a, b in zip(before, _weights(model.network))]
+
+
+@pytest.mark.parametrize("granularity", ["variable", "element"])
+def test_rescale_multiplies_kept_gradients_and_zeroes_the_rest(granularity):
     x, y = _data(16)
-    # SGD makes the update proportional to the applied gradient.
-    def sgd_step(model):
-        model.compile(optimizer=keras.optimizers.SGD(0.1),
-                      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-        model.build((None, 6))
-        before = _weights(model.network)
-        model.train_on_batch(x, y)
-        return [b - a for a, b in zip(before, _weights(model.network))]
-    plain = sgd_step(GradientDropping(_network(), keep_prob=1.0, seed=0))
-    rescaled = sgd_step(GradientDropping(_network(), keep_prob=0.5, rescale=True, seed=0))
-    for p, r in zip(plain, rescaled):
-        if np.any(r):
-            np.testing.assert_allclose(r, 2 * p, rtol=1e-4, atol=1e-7)
+    plain = _sgd_update(GradientDropping(_linear_network(), keep_prob=1.0), x, y)
+    kept = dropped = 0
+    for seed in range(8):
+        rescaled = _sgd_update(GradientDropping(_linear_network(), keep_prob=0.5, rescale=True,
+                                                granularity=granularity, seed=seed), x, y)
+        for p, r in zip(plain, rescaled):
+            assert np.all(p != 0)
+            is_kept = r != 0
+            np.testing.assert_allclose(r[is_kept], 2 * p[is_kept], rtol=1e-4)
+            if granularity == "variable":  # the variable is one part
+                assert np.all(is_kept) or not np.any(is_kept)
+                is_kept = is_kept.ravel()[:1]
+            kept += int(np.sum(is_kept))
+            dropped += int(np.sum(~is_kept))
+    # Both outcomes occur, at the keep probability (binomial, 4 sigma).
+    draws = kept + dropped
+    assert kept and dropped
+    assert abs(kept / draws - 0.5) < 4 * np.sqrt(0.25 / draws)
+
+
+@pytest.mark.parametrize("dropped_state", ["freeze", "zero_gradient"])
+def test_variable_granularity_drops_kernel_and_bias_independently(dropped_state):
+    """Each variable is its own coin: a kernel and its bias agree only half the time."""
+    x, y = _data(16)
+    model = _compile(GradientDropping(_linear_network(), keep_prob=0.5, seed=4,
+                                      dropped_state=dropped_state), lr=0.0)
+    model.compile(optimizer=keras.optimizers.SGD(1e-3),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+
+    class RecordMoves(keras.callbacks.Callback):
+        moves = []
+
+        def on_train_batch_begin(self, batch, logs=None):
+            self.before = _weights(model.network)
+
+        def on_train_batch_end(self, batch, logs=None):
+            RecordMoves.moves.append([not np.array_equal(a, b) for a, b in
+                                      zip(self.before, _weights(model.network))])
+
+    steps = 160
+    ds = tf.data.Dataset.from_tensors((x, y)).repeat(steps)
+    model.fit(ds, epochs=1, verbose=0, callbacks=[RecordMoves()])
+    moves = np.array(RecordMoves.moves)  # [steps, 4]: hidden kernel, bias, out kernel, bias
+    assert moves.shape == (steps, 4)
+    sigma = np.sqrt(0.25 / steps)
+    np.testing.assert_array_less(np.abs(moves.mean(axis=0) - 0.5), 4 * sigma)
+    for kernel, bias in [(0, 1), (2, 3)]:
+        # Independent coins disagree with probability 2 * 0.5 * 0.5 = 0.5.
+        disagree = np.mean(moves[:, kernel] != moves[:, bias])
+        assert abs(disagree - 0.5) < 4 * sigma, (kernel, bias, disagree)
+
+
+@pytest.mark.parametrize("dropped_state", ["freeze", "zero_gradient"])
+@pytest.mark.parametrize("granularity", ["variable", "element", "worker"])
+def test_a_dropped_non_finite_gradient_never_reaches_the_weights(granularity, dropped_state):
+    x, y = _data(16)
+    network = keras.Sequential([keras.Input((6,)), keras.layers.Dense(3), NaNGradient()])
+    model = _compile(GradientDropping(network, keep_prob=0.0, granularity=granularity,
+                                      dropped_state=dropped_state, seed=0))
+    model.build((None, 6))
+    before = _weights(model.network)
+    model.fit(x, y, batch_size=16, epochs=2, verbose=0)
+    for a, b in zip(before, _weights(model.network)):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_masks_are_reproducible_for_a_seed():
@@ -208,3 +281,17 @@ def test_replica_granularity_applies_the_mean_of_surviving_replicas(mirrored_str
         assert matches, f"update {delta.ravel()} is no survivor mean"
         outcomes.add(matches[0])
     assert {"first", "second"} & outcomes and "both" in outcomes and "none" in outcomes
+
+
+def test_replica_granularity_drops_a_lost_replicas_non_finite_gradient(mirrored_strategy):
+    x, y = _data(16)
+    with mirrored_strategy.scope():
+        network = keras.Sequential([keras.Input((6,)), keras.layers.Dense(3), NaNGradient()])
+        model = GradientDropping(network, keep_prob=0.0, granularity="replica", seed=0)
+        model.compile(optimizer=keras.optimizers.SGD(0.1),
+                      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        model.build((None, 6))
+    before = _weights(model.network)
+    model.fit(x, y, batch_size=16, epochs=2, verbose=0)
+    for a, b in zip(before, _weights(model.network)):
+        np.testing.assert_array_equal(a, b)

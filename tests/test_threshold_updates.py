@@ -8,6 +8,7 @@ import pytest
 import tensorflow as tf
 from keras import ops
 
+from conftest import NaNGradient
 from dni_tf import models
 from dni_tf.threshold_updates import (NotifyingConv2D, NotifyingDense, ThresholdUpdates,
                                       validate, with_sparse_backward)
@@ -91,11 +92,11 @@ def test_gradient_mass_is_conserved_with_sgd(max_delay):
     assert 0.0 < float(model.weight_update_count.numpy())
 
 
-def _constant_gradient_model(threshold, use_bias=False, sparse_backward=False):
+def _constant_gradient_model(threshold, use_bias=False, sparse_backward=False, **options):
     """A linear layer whose loss sum(y_pred * y) has the constant gradient x^T y."""
     net = keras.Sequential([keras.Input((2,)),
                             keras.layers.Dense(3, use_bias=use_bias, kernel_initializer="zeros")])
-    model = ThresholdUpdates(net, threshold=threshold, sparse_backward=sparse_backward)
+    model = ThresholdUpdates(net, threshold=threshold, sparse_backward=sparse_backward, **options)
     model.compile(optimizer=keras.optimizers.SGD(1.0),
                   loss=lambda t, p: ops.sum(p * t, axis=-1))
     x = np.array([[1.0, 2.0]], "float32")
@@ -266,3 +267,106 @@ def test_sampled_statistics_leave_training_and_update_counts_exact():
     # Steps 1..4 with k=3: only step 3 is sampled, so the L1 sums cover one step.
     assert 0 < sampled.received_l1.numpy() < every_step.received_l1.numpy()
     assert h3["acc_norm"][0] > 0 and h3["acc_norm"][0] != h1["acc_norm"][0]
+
+
+def test_sparse_backward_stops_the_layers_below_when_nothing_upstream_fires():
+    # T is out of reach: step 1 (masks start at one) is plain backprop into the
+    # accumulators and fires nothing, so every unit stops notifying. From step 2
+    # on only the logits layer (whose own weight gradient is never gated) still
+    # accumulates; the layers below receive no error at all.
+    x, y = _data(16)
+    model = ThresholdUpdates(_net(), threshold=1e9, sparse_backward=True)
+    model.compile(optimizer=keras.optimizers.SGD(0.3), loss=XENT)
+    _fit(model, x, y, steps=1)
+    for layer in model.network.layers:
+        if hasattr(layer, "notify_mask"):
+            np.testing.assert_array_equal(layer.notify_mask.numpy(), 0.0, err_msg=layer.name)
+    after_one = [a.numpy().copy() for a in model.accumulators]
+    weights = [v.numpy().copy() for v in model.network.trainable_variables]
+    assert all(np.any(a) for a in after_one)  # every layer received error in step 1
+    _fit(model, x, y, steps=2)
+    paths = [v.path for v in model.network.trainable_variables]
+    for path, before, acc in zip(paths, after_one, model.accumulators):
+        if path.startswith(model.network.get_layer("logits").path):
+            assert not np.array_equal(acc.numpy(), before), path  # still accumulating
+        else:
+            np.testing.assert_array_equal(acc.numpy(), before, err_msg=path)  # gated
+    for path, w, v in zip(paths, weights, model.network.trainable_variables):
+        np.testing.assert_array_equal(v.numpy(), w, err_msg=path)  # nothing fired
+    # Control: without sparse backward the same layers keep accumulating.
+    dense = ThresholdUpdates(_net(), threshold=1e9)
+    dense.compile(optimizer=keras.optimizers.SGD(0.3), loss=XENT)
+    _fit(dense, x, y, steps=1)
+    first = dense.accumulators[0].numpy().copy()
+    _fit(dense, x, y, steps=1)
+    assert not np.array_equal(dense.accumulators[0].numpy(), first)
+
+
+def _net_with_nan_gradient():
+    return keras.Sequential([keras.Input((6, 6, 1)), keras.layers.Flatten(),
+                             keras.layers.Dense(4), NaNGradient()])
+
+
+def test_non_finite_gradient_is_counted_as_divergence():
+    x, y = _data(16)
+    model = ThresholdUpdates(_net_with_nan_gradient(), threshold=1e-3)
+    model.compile(optimizer=keras.optimizers.SGD(0.1), loss=XENT)
+    history = _fit(model, x, y, steps=3).history
+    assert np.all(np.isfinite(history["loss"]))  # invisible in the loss
+    np.testing.assert_array_equal(history["nonfinite_steps"], [1, 2, 3])
+    healthy = ThresholdUpdates(_net(), threshold=1e-3)
+    healthy.compile(optimizer=keras.optimizers.SGD(0.1), loss=XENT)
+    np.testing.assert_array_equal(_fit(healthy, x, y, steps=2).history["nonfinite_steps"], [0, 0])
+
+
+def test_training_stops_on_a_non_finite_gradient_and_keeps_the_last_good_checkpoint(tmp_path):
+    from dni_tf.cli import TrainingDiverged
+    from dni_tf.training import train_and_evaluate
+
+    x, y = _data(16)
+    # Statistics (acc_norm would turn NaN too) only every 100th step: the
+    # per-step count alone must stop the run.
+    model = ThresholdUpdates(_net_with_nan_gradient(), threshold=1e-3, statistics_every=100)
+    model.compile(optimizer=keras.optimizers.SGD(0.1), loss=XENT)
+    data = tf.data.Dataset.from_tensors((x, y))
+    with pytest.raises(TrainingDiverged, match=r"^nonfinite_steps=2 by step 2: "):
+        train_and_evaluate(model, data.repeat(), data, steps=4, eval_every=2,
+                           workdir=str(tmp_path))
+    assert not os.listdir(tmp_path / "checkpoints")  # the diverged state was never saved
+
+
+def test_an_accumulator_exactly_at_the_threshold_does_not_fire():
+    # g = [[.25, .5, 1], [.5, 1, 2]] (exact in float32); T = .5: the rule is |acc| > T.
+    model, x, y = _constant_gradient_model(threshold=0.5)
+    history = model.fit(x, y, batch_size=1, epochs=1, verbose=0).history
+    np.testing.assert_array_equal(history["weight_updates"], [3])
+    np.testing.assert_array_equal(model.accumulators[0].numpy(), [[0.25, 0.5, 0], [0.5, 0, 0]])
+
+
+def test_decay_accumulation_on_a_hand_computed_example():
+    model, x, y = _constant_gradient_model(threshold=2.5, accumulation="decay", decay=0.5)
+    g = x.T @ y  # [[.25, .5, 1], [.5, 1, 2]]
+    model.fit(x, y, batch_size=1, epochs=1, verbose=0)
+    np.testing.assert_array_equal(model.accumulators[0].numpy(), g)
+    # acc = .5 g + g = 1.5 g: only 1.5 * 2 = 3 passes 2.5; it fires and resets.
+    model.fit(x, y, batch_size=1, epochs=1, verbose=0)
+    want = 1.5 * g
+    want[1, 2] = 0.0
+    np.testing.assert_array_equal(model.accumulators[0].numpy(), want)
+    kernel = np.zeros((2, 3), "float32")
+    kernel[1, 2] = -3.0
+    np.testing.assert_array_equal(model.network.layers[-1].kernel.numpy(), kernel)
+
+
+def test_normalized_accumulation_on_a_hand_computed_example():
+    beta_2, eps = 0.5, 1e-8
+    model, x, y = _constant_gradient_model(threshold=10.0, accumulation="normalized",
+                                           beta_2=beta_2, epsilon=eps)
+    g = (x.T @ y).astype(np.float64)
+    acc, v = np.zeros_like(g), np.zeros_like(g)
+    for t in (1, 2, 3):
+        model.fit(x, y, batch_size=1, epochs=1, verbose=0)
+        v = beta_2 * v + (1 - beta_2) * g**2
+        acc += g / (np.sqrt(v / (1 - beta_2**t)) + eps)
+        np.testing.assert_allclose(model.accumulators[0].numpy(), acc, rtol=1e-6)
+        np.testing.assert_allclose(model.second_moments[0].numpy(), v, rtol=1e-6)
