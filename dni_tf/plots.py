@@ -1,4 +1,12 @@
-"""Seaborn figures written as PNG (Agg backend, atomic rename)."""
+"""Seaborn figures written as PNG files (atomic rename), without touching pyplot's state.
+
+Importing this module changes nothing global: matplotlib's backend is left as
+the user (or Jupyter, whose default is inline figures) chose it. Figures drawn
+here are plain `matplotlib.figure.Figure`s on an Agg canvas (`new_figure`), so
+they need no display and never enter pyplot's list of open figures;
+`save_figure` also accepts a figure made through pyplot (e.g. by seaborn's
+`relplot`) and closes it there.
+"""
 
 from __future__ import annotations
 
@@ -6,13 +14,18 @@ import os
 import tempfile
 from typing import Optional
 
-import matplotlib
+import matplotlib.pyplot as plt
+import pandas as pd
+import seaborn as sns
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")  # files only; works without a display
 
-import matplotlib.pyplot as plt  # noqa: E402
-import pandas as pd  # noqa: E402
-import seaborn as sns  # noqa: E402
+def new_figure(**kwargs) -> Figure:
+    """A figure for files only: an Agg canvas, outside pyplot (no backend, no display)."""
+    figure = Figure(**kwargs)
+    FigureCanvasAgg(figure)
+    return figure
 
 
 def save_figure(figure, path: str, dpi: int = 120) -> str:
@@ -22,11 +35,11 @@ def save_figure(figure, path: str, dpi: int = 120) -> str:
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=directory)
     os.close(fd)
     try:
-        figure.savefig(tmp, dpi=dpi, bbox_inches="tight")
+        figure.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight")
         os.chmod(tmp, 0o644)  # mkstemp creates 0600
         os.replace(tmp, path)
     finally:
-        plt.close(figure)
+        plt.close(figure)  # a pyplot figure leaves pyplot's list; a new_figure() is untouched
         if os.path.exists(tmp):
             os.remove(tmp)
     return path
@@ -39,13 +52,23 @@ def learning_curves(history: pd.DataFrame, x: str, hue: str, path: str,
     """Line plot of `y` against `x`, one line per `hue` value (a panel per `col`)."""
     frame = history.copy()
     frame[hue] = frame[hue].astype(str)
-    grid = sns.relplot(data=frame, x=x, y=y, hue=hue, col=col, kind="line", marker="o",
-                       markersize=3, height=4, aspect=1.3, palette="viridis_r")
-    grid.set_axis_labels(xlabel or x, ylabel or y.replace("_", " "))
-    if ylim is not None:
-        grid.set(ylim=ylim)
-    if title:
-        grid.figure.suptitle(title, y=1.02)
-    for ax in grid.axes.flat:
+    hue_order = list(pd.unique(frame[hue]))
+    palette = dict(zip(hue_order, sns.color_palette("viridis_r", len(hue_order))))
+    panels = [(None, frame)] if col is None else list(frame.groupby(col, sort=True))
+    figure = new_figure(figsize=(5.2 * len(panels), 4))
+    axes = figure.subplots(1, len(panels), sharey=True, squeeze=False)[0]
+    for index, (ax, (value, panel)) in enumerate(zip(axes, panels)):
+        last = index == len(panels) - 1
+        sns.lineplot(data=panel, x=x, y=y, hue=hue, hue_order=hue_order, palette=palette,
+                     marker="o", markersize=3, ax=ax, legend=last)
+        ax.set(xlabel=xlabel or x, ylabel=(ylabel or y.replace("_", " ")) if index == 0 else "")
+        if col is not None:
+            ax.set_title(f"{col} = {value}")
+        if ylim is not None:
+            ax.set_ylim(ylim)
         ax.grid(alpha=0.3)
-    return save_figure(grid.figure, path)
+        if last:
+            sns.move_legend(ax, "upper left", bbox_to_anchor=(1.02, 1), frameon=False, title=hue)
+    if title:
+        figure.suptitle(title, y=1.02)
+    return save_figure(figure, path)

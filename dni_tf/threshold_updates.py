@@ -668,8 +668,6 @@ def summarize_run(history, threshold: float, num_weights: int, target_accuracy: 
 
 def plot_sweep(summary, curves, workdir: str) -> None:
     """`curves.png` (accuracy vs steps and vs updates) and `accuracy_vs_sparsity.png`."""
-    import matplotlib
-    matplotlib.use("Agg")
     import matplotlib.ticker
     import matplotlib.pyplot as plt
     import seaborn as sns

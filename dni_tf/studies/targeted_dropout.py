@@ -112,8 +112,6 @@ def markdown_table(wide) -> str:
 
 def plot_accuracy(table, path: str, baseline: bool) -> None:
     """Accuracy vs pruning fraction: a line per regime, a panel per pruning kind."""
-    import matplotlib
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import pandas as pd
     import seaborn as sns
@@ -135,8 +133,6 @@ def plot_accuracy(table, path: str, baseline: bool) -> None:
 
 def plot_magnitudes(magnitudes, path: str) -> None:
     """|w| histograms (log x): a panel per layer, a line per regime if present."""
-    import matplotlib
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import seaborn as sns
 
