@@ -56,7 +56,9 @@ class EvaluationLogger(keras.callbacks.Callback):
     custom-scalar layout (`dni_tf.tensorboard_views.write_scalar_layout`).
 
     Args:
-      workdir: run directory; `history.csv` and `tensorboard/` go there.
+      workdir: run directory; `history.csv` and the TensorBoard event files go
+        there (directly, so `tensorboard --logdir SWEEP_ROOT` names the run by
+        its folder; event files of the old `workdir/tensorboard/` are moved up).
       eval_every: training steps per fit() epoch, to turn epochs into steps.
       eval_prefix: column prefix of the validation_data metrics ("test"/"val").
       extra_metrics: optional `fn(model) -> dict` evaluated at each evaluation
@@ -70,7 +72,8 @@ class EvaluationLogger(keras.callbacks.Callback):
         self.eval_every = eval_every
         self.eval_prefix = eval_prefix
         self.extra_metrics = extra_metrics
-        self.writer = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
+        tensorboard_views.adopt_legacy_events(workdir)
+        self.writer = tf.summary.create_file_writer(workdir)
         self._layout_written = False
 
     def on_epoch_end(self, epoch, logs=None):
@@ -82,8 +85,7 @@ class EvaluationLogger(keras.callbacks.Callback):
         with self.writer.as_default(step=step):
             for key, value in row.items():
                 if key != "step":
-                    group, _, name = key.partition("_")
-                    tags.append(f"{group}/{name}")
+                    tags.append(tensorboard_views.column_tag(key))
                     tf.summary.scalar(tags[-1], value)
             if not self._layout_written:  # the tags are known after the first evaluation
                 tensorboard_views.write_scalar_layout(tags, self.model, step=step)

@@ -2,19 +2,30 @@
 
 * `write_scalar_layout(tags, model)`: a Custom Scalars layout for one run,
   written into the default summary writer. Scalars are grouped in a category
-  per study (loss, accuracy and each of the algorithm's own diagnostics, with
-  the train and evaluation curves of a metric in one chart) and, for metrics
+  per study (loss, accuracy and each of the algorithm's own diagnostics, one
+  chart per metric and split: `accuracy, train` next to `accuracy, test`, as
+  TensorBoard colours curves by run, not by tag) and, for metrics
   logged per decoupled layer (`train/sg_cosine_1`, `train/sg_loss_2`, ...), in
   a category per layer, plus one chart per metric comparing the layers.
   `dni_tf.callbacks.EvaluationLogger` calls it once per `fit()`, after the
   first evaluation, when the run's tags are known. TensorBoard merges the
   layouts of every run under `--logdir`, skipping duplicate charts.
-* `log_sweep(sweep_root, runs)`: the HParams plugin's view of a sweep: the
-  experiment (every hyper-parameter's values and the metrics) in
-  `sweep_root`, and in each run's `tensorboard/` directory its hyper-parameter
-  values and its final metrics as `final/<name>` scalars. The studies' sweep
-  functions call it after their runs; calling it again (a resumed sweep)
+* `log_sweep(sweep_root, runs)`: the HParams plugin's view of a sweep: each
+  run's hyper-parameter values and final metrics, and the experiment (every
+  hyper-parameter's values and the metrics). A final metric that is the last
+  point of one of the run's curves (`test_accuracy` and `test/accuracy`,
+  `kept_fraction` and `train/kept_fraction`) is shown through that curve, so it
+  adds no chart; only metrics that exist only at the end of a run (e.g. pruned
+  accuracies, a full-set evaluation) are logged as `final/<name>`. Run
+  bookkeeping (`NOT_METRICS`: steps, wall time, ...) is left out. The studies'
+  sweep functions call it after their runs; calling it again (a resumed sweep)
   replaces what it wrote before.
+
+Layout: every run writes its event files directly into its run directory, so
+`tensorboard --logdir SWEEP_ROOT` names each run by its configuration folder
+(`keep_prob_0.5`) and nothing is written at the sweep root (the experiment
+summary goes into the first run's folder). Runs written by earlier versions
+into `RUN_DIR/tensorboard/` are moved up by `adopt_legacy_events`.
 
 Tags follow `EvaluationLogger`: `train/<metric>` and `<eval prefix>/<metric>`.
 """
@@ -27,7 +38,7 @@ import numbers
 import os
 import re
 from collections import OrderedDict
-from typing import Any, Dict, Iterable, List, Mapping, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import tensorflow as tf
 
@@ -50,6 +61,36 @@ LAYER_METRICS = {
 _LAYER_TAG = re.compile(r"^(?P<group>[^/]+)/(?P<metric>%s)_(?P<layer>\d+)$"
                         % "|".join(sorted(LAYER_METRICS, key=len, reverse=True)))
 HPARAMS_SUFFIX = ".hparams"
+EXPERIMENT_SUFFIX = ".hparams_experiment"
+LEGACY_DIR = "tensorboard"  # where event files went before they went into the run folder
+# Final values that describe the run rather than measure it (they stay in
+# results.json); `test_error` is 1 - test accuracy, shown as test/accuracy.
+NOT_METRICS = frozenset({"step", "steps", "best_step", "wall_seconds_this_call", "num_weights",
+                         "characters_trained", "curriculum_length", "test_error"})
+
+
+def column_tag(column: str) -> str:
+    """The scalar tag of a history column: `train_loss` -> `train/loss`."""
+    group, _, name = column.partition("_")
+    return f"{group}/{name}"
+
+
+def adopt_legacy_events(run_dir: str) -> None:
+    """Moves event files from `run_dir/tensorboard/` (the old layout) into `run_dir`.
+
+    A run resumed from, or a sweep re-logged over, a workdir written before the
+    event files went into the run folder then shows as one run named by its
+    configuration, with its earlier curves.
+    """
+    legacy = os.path.join(run_dir, LEGACY_DIR)
+    paths = glob.glob(os.path.join(legacy, "events.out.tfevents.*"))
+    for path in paths:
+        if path.endswith((HPARAMS_SUFFIX, EXPERIMENT_SUFFIX)):
+            os.remove(path)  # log_sweep writes these again
+        else:
+            os.replace(path, os.path.join(run_dir, os.path.basename(path)))
+    if paths and not os.listdir(legacy):
+        os.rmdir(legacy)
 
 
 def study_title(model) -> str:
@@ -74,8 +115,10 @@ def scalar_layout(tags: Iterable[str], study: str):
             layer = int(match["layer"])
             layer_charts.setdefault(layer, {}).setdefault(match["metric"], []).append(tag)
             continue
-        _, _, metric = tag.partition("/")
-        study_charts.setdefault(metric or tag, []).append(tag)
+        group, _, metric = tag.partition("/")
+        # One chart per metric and split: runs are told apart by colour, so the
+        # train and evaluation curves of one run would share a colour.
+        study_charts.setdefault(f"{metric}, {group}" if metric else tag, []).append(tag)
 
     def chart(title, tag_list):
         regex = "|".join(f"^{re.escape(t)}$" for t in sorted(set(tag_list)))
@@ -83,7 +126,8 @@ def scalar_layout(tags: Iterable[str], study: str):
                                 multiline=layout_pb2.MultilineChartContent(tag=[regex]))
 
     categories = [layout_pb2.Category(
-        title=study, chart=[chart(f"{study}: {metric}", t) for metric, t in study_charts.items()])]
+        title=study, chart=[chart(f"{study}: {title}", t)
+                            for title, t in sorted(study_charts.items())])]
     if layer_charts:
         # One chart per metric with every layer, then a category per layer.
         by_metric: "OrderedDict[str, List[str]]" = OrderedDict()
@@ -120,18 +164,37 @@ def _hparam_value(value: Any):
     return str(value)
 
 
-def _final_scalars(metrics: Mapping[str, Any], skip: Iterable[str]) -> Dict[str, float]:
-    skip = set(skip)
+def _final_metrics(metrics: Mapping[str, Any], skip: Iterable[str]) -> Dict[str, float]:
+    """The finite numbers among `metrics`, except hparam names and `NOT_METRICS`."""
+    skip = set(skip) | NOT_METRICS
     return {name: float(value) for name, value in metrics.items()
             if name not in skip and isinstance(value, numbers.Number)
             and not isinstance(value, bool) and math.isfinite(float(value))}
 
 
-def _replace_hparams_events(directory: str):
-    """A writer for `directory` after deleting the event files an earlier call wrote."""
-    for path in glob.glob(os.path.join(directory, f"events.out.tfevents.*{HPARAMS_SUFFIX}")):
+def _curve_tag(name: str, value: float, history) -> Optional[str]:
+    """The tag of the run's curve whose last point is the final metric `name`, if any."""
+    if not len(history):
+        return None
+    last = history.sort_values("step").iloc[-1]
+    for column in [name] + [c for c in history.columns if c.partition("_")[2] == name]:
+        if column in history.columns and column != "step" and "_" in column:
+            logged = last[column]
+            if isinstance(logged, numbers.Number) and math.isclose(
+                    float(logged), value, rel_tol=1e-6, abs_tol=1e-9):
+                return column_tag(column)
+    return None
+
+
+def _remove(pattern: str) -> None:
+    for path in glob.glob(pattern):
         os.remove(path)
-    return tf.summary.create_file_writer(directory, filename_suffix=HPARAMS_SUFFIX)
+
+
+def _events_writer(directory: str, suffix: str):
+    """A writer for `directory` after deleting the `suffix` event files an earlier call wrote."""
+    _remove(os.path.join(directory, f"events.out.tfevents.*{suffix}"))
+    return tf.summary.create_file_writer(directory, filename_suffix=suffix)
 
 
 def log_sweep(sweep_root: str,
@@ -139,14 +202,14 @@ def log_sweep(sweep_root: str,
     """Logs a sweep for TensorBoard's HParams dashboard.
 
     Args:
-      sweep_root: the directory TensorBoard is pointed at for this sweep; the
-        experiment summary is written there.
+      sweep_root: the directory TensorBoard is pointed at for this sweep.
       runs: one `(run_dir, hparams, final_metrics)` per run: `run_dir` is the
-        run's directory (its `tensorboard/` holds its scalars), `hparams` maps
-        names to bool/number/string values (others become strings),
-        `final_metrics` maps names to values; the finite numbers among them
-        (except hparam names) are logged as `final/<name>` at the run's last
-        history step and are the metrics of the HParams table.
+        run's directory (its event files are there), `hparams` maps names to
+        bool/number/string values (others become strings), `final_metrics`
+        maps names to values; the finite numbers among them (except hparam
+        names and `NOT_METRICS`) are the metrics of the HParams table: shown
+        through the run's curve whose last point they are, else logged as
+        `final/<name>` at the run's last history step.
     """
     from tensorboard.plugins.hparams import api as hp
 
@@ -155,33 +218,46 @@ def log_sweep(sweep_root: str,
     if not runs:
         return
     values: "OrderedDict[str, set]" = OrderedDict()
-    metric_names: "OrderedDict[str, None]" = OrderedDict()
-    for _, hparams, final in runs:
+    metric_tags: "OrderedDict[str, str]" = OrderedDict()  # tag -> display name
+    per_run = []
+    for run_dir, hparams, final in runs:
+        adopt_legacy_events(run_dir)
+        history = results.load_history(run_dir)
         for name, value in hparams.items():
             values.setdefault(name, set()).add(_hparam_value(value))
-        for name in _final_scalars(final, hparams):
-            metric_names[name] = None
+        final_only = {}
+        for name, value in _final_metrics(final, hparams).items():
+            tag = _curve_tag(name, value, history)
+            if tag is None:
+                final_only[name] = value
+                tag = f"final/{name}"
+            metric_tags.setdefault(tag, name)
+        step = int(history["step"].max()) if len(history) else 0
+        per_run.append((run_dir, hparams, final_only, step))
     domains, stringified = {}, set()
     for name, seen in values.items():
         if len({type(v) for v in seen}) > 1:  # Discrete needs values of one type
             seen = {str(v) for v in seen}
             stringified.add(name)
         domains[name] = hp.HParam(name, hp.Discrete(sorted(seen)))
-    writer = _replace_hparams_events(sweep_root)
+    # Earlier layouts and sweeps: the experiment at the root, in another run.
+    _remove(os.path.join(sweep_root, f"events.out.tfevents.*{HPARAMS_SUFFIX}"))
+    _remove(os.path.join(sweep_root, "*", f"events.out.tfevents.*{EXPERIMENT_SUFFIX}"))
+    # The experiment goes into the first run's folder: at the sweep root it
+    # would show as an extra run named `.`.
+    writer = _events_writer(runs[0][0], EXPERIMENT_SUFFIX)
     with writer.as_default():
         hp.hparams_config(hparams=list(domains.values()),
-                          metrics=[hp.Metric(f"final/{name}", display_name=name)
-                                   for name in metric_names])
+                          metrics=[hp.Metric(tag, display_name=f"{name} (final)")
+                                   for tag, name in metric_tags.items()])
     writer.close()
-    for run_dir, hparams, final in runs:
-        history = results.load_history(run_dir)
-        step = int(history["step"].max()) if len(history) else 0
-        writer = _replace_hparams_events(os.path.join(run_dir, "tensorboard"))
+    for run_dir, hparams, final_only, step in per_run:
+        writer = _events_writer(run_dir, HPARAMS_SUFFIX)
         with writer.as_default(step=step):
             hp.hparams({domains[name]: (str(_hparam_value(value)) if name in stringified
                                          else _hparam_value(value))
                         for name, value in hparams.items()},
                        trial_id=os.path.relpath(run_dir, sweep_root))
-            for name, value in _final_scalars(final, hparams).items():
+            for name, value in final_only.items():
                 tf.summary.scalar(f"final/{name}", value)
         writer.close()
