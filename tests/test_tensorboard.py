@@ -69,6 +69,22 @@ def test_runs_are_named_by_their_configuration_with_none_at_the_sweep_root(sweep
     assert not glob.glob(os.path.join(sweep, "*", tensorboard_views.LEGACY_DIR))
 
 
+def test_a_run_writes_its_event_files_into_its_own_folder(tmp_path):
+    """While a sweep trains (before `log_sweep`), its runs already show by configuration."""
+    import keras
+
+    from dni_tf.callbacks import EvaluationLogger
+
+    run = tmp_path / "keep_prob_0.5"
+    logger = EvaluationLogger(str(run), eval_every=10)
+    logger.set_model(keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)]))
+    for epoch in range(2):
+        logger.on_epoch_end(epoch, {"loss": 1.0 - epoch / 4, "val_loss": 2.0})
+    logger.writer.close()
+    assert runs_as_tensorboard_lists_them(str(tmp_path)) == {
+        "keep_prob_0.5": {"train/loss": [(10, 1.0), (20, 0.75)], "test/loss": [(10, 2.0), (20, 2.0)]}}
+
+
 def test_scalars_of_every_metric_including_per_layer_diagnostics(sweep):
     tags = set(runs_as_tensorboard_lists_them(sweep)["fcn3_dni"])
     for expected in ("train/loss", "train/accuracy", "test/loss", "test/accuracy",
