@@ -2,7 +2,7 @@
 
     python -m benchmarks.targeted_dropout_benchmark [--steps=60] [--repeats=3]
 
-Builds seed 003's 784-1000-1000-500-200-10 MLP per regime, runs `fit` on random
+Builds the targeted-dropout study's 784-1000-1000-500-200-10 MLP per regime, runs `fit` on random
 batches of 128 and prints the median seconds per step and the ratio to the plain
 network ("none"), all in one process. Target: targeted regimes at most 1.5x.
 The weight variant is shown at several `rank_every` values, since ranking |w|

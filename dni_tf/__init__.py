@@ -3,13 +3,13 @@
 Modules (one concept each):
   data               tf.data pipelines for images, sequence tasks and text
   models             plain Keras building blocks (tutorial CNN, MLPs)
-  gradient_dropping  per-variable / layer / element / worker gradient dropping (seed 000)
-  threshold_updates  accumulate-and-fire per-weight updates (seed 001)
+  gradient_dropping  per-variable / layer / element / worker gradient dropping
+  threshold_updates  accumulate-and-fire per-weight updates
   synthetic_gradients  the synthetic gradient module M(h, c)
-  dni_feedforward    DNI / cDNI for feed-forward networks (seeds 002, 004)
-  truncated_bptt     truncated BPTT with synthetic gradients for RNNs (seed 004)
+  dni_feedforward    DNI / cDNI for feed-forward networks (Jaderberg et al. 2016)
+  truncated_bptt     truncated BPTT with synthetic gradients for RNNs (Jaderberg et al. 2016)
   multi_network      two RNNs on two clocks joined by a synthetic gradient
-  targeted_dropout   targeted weight / unit dropout (seed 003)
+  targeted_dropout   targeted weight / unit dropout (Gomez et al. 2019)
   pruning            weight and unit magnitude pruning without retraining
   studies            whole studies (sweeps, tables, figures) for CLIs and notebooks
   training           the shared fit() loop: evaluation, history, TensorBoard,

@@ -1,15 +1,18 @@
-"""Gradient dropping: train on whatever part of each backward pass survives (seed 000).
+"""Gradient dropping: train on whatever part of each backward pass survives.
+
+Source: the write-up *Effective learning while misplacing gradient updates*
+(README, Sources [1]): MNIST, the TensorFlow tutorial CNN, batch 50, 20,000 steps.
 
 Each step the full gradient is computed, then parts of it are lost at random and
 only the surviving part is applied. What counts as a "part" is the granularity:
 
-* `variable` (the seed's method): each trainable variable (a kernel, a bias) is
+* `variable` (the write-up's method): each trainable variable (a kernel, a bias) is
   kept with probability `keep_prob`, independently.
 * `layer`: all variables of one layer are kept or lost together.
 * `element`: each scalar of each gradient is kept independently.
 * `worker`: the variables are spread over `num_workers` simulated machines
   (greedily balancing parameter counts); each machine's whole share is lost with
-  probability `1 - keep_prob` (the seed's motivation: unreliable machines).
+  probability `1 - keep_prob` (the write-up's motivation: unreliable machines).
 * `replica`: the real thing under a `tf.distribute` strategy: each replica's
   whole gradient contribution is lost with probability `1 - keep_prob` per step
   and the update is the mean over the surviving replicas (nothing is applied
@@ -20,7 +23,7 @@ only the surviving part is applied. What counts as a "part" is the granularity:
 What happens to a lost gradient is `dropped_state`:
 
 * `"zero_gradient"` (default): the optimizer receives a zero gradient, which is
-  what the seed's method does ("apply the gradients, some of which are zero"):
+  what the write-up's method does ("apply the gradients, some of which are zero"):
   Adam's moments decay and the variable keeps moving along its momentum for
   that step. It costs nothing over a plain step.
 * `"freeze"`: the optimizer never sees it. The variable *and its optimizer
@@ -29,7 +32,7 @@ What happens to a lost gradient is `dropped_state`:
   snapshot of every variable and slot per step (about 7% on the tutorial CNN).
 
 Kept gradients can be rescaled by `1 / keep_prob` (`rescale=True`, off by default
-as in the seed) so the expected update equals the full one.
+as in the write-up) so the expected update equals the full one.
 
 With `keep_prob=1` training is exactly plain backprop; with `keep_prob=0` no
 variable changes (with Adam from a fresh start, in both modes). Masks are

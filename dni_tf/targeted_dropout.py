@@ -242,7 +242,7 @@ def targeted_dropout_mlp(regime: str = "none", input_shape: Tuple[int, ...] = (2
                          use_bias: bool = True, alpha: float = 0.5, gamma: float = 0.5,
                          dropout_rate: float = 0.25, ramp_steps: int = 0, rank_every: int = 1,
                          target_logits: bool = False, seed: int = 0) -> keras.Sequential:
-    """Seed 003's MLP (784-1000-1000-500-200-10, ReLU, logits out) under a regime.
+    """The 784-1000-1000-500-200-10 ReLU MLP (logits out) of the targeted-dropout study, under a regime.
 
     Regimes: "none" (plain `dni_tf.models.mlp`), "dropout" (standard inverted
     dropout of rate `dropout_rate` after every hidden ReLU), "targeted_weight" and

@@ -1,4 +1,7 @@
-"""Threshold-triggered, unsynchronised weight updates (seed 001).
+"""Threshold-triggered, unsynchronised weight updates.
+
+Source: the blog post *Backprop without synchronization* (2016; README,
+Sources [2]).
 
 Every weight element keeps an accumulator of the gradient it receives. Only
 where the accumulated value passes a threshold, `|acc| > T`, is the update

@@ -9,7 +9,7 @@ import keras
 
 def tutorial_cnn(input_shape: Tuple[int, int, int] = (28, 28, 1), num_classes: int = 10,
                  dropout_rate: float = 0.5, seed: int = 0) -> keras.Sequential:
-    """The TensorFlow "Deep MNIST for experts" CNN (seed 000).
+    """The TensorFlow "Deep MNIST for experts" CNN (used by the gradient-dropping write-up).
 
     5x5 conv 32 + ReLU, 2x2 max pool, 5x5 conv 64 + ReLU, 2x2 max pool,
     dense 1024 + ReLU, dropout 0.5, dense `num_classes` (logits). 'same' padding,
@@ -40,7 +40,7 @@ def mlp(input_shape: Tuple[int, ...] = (28, 28, 1), hidden: Sequence[int] = (100
         name: str = "mlp") -> keras.Sequential:
     """Flatten, then ReLU dense layers of sizes `hidden`, then logits.
 
-    Default sizes are seed 003's 784-1000-1000-500-200-10 network. Dense layers
+    Default sizes are the targeted-dropout study's 784-1000-1000-500-200-10 network. Dense layers
     are named `dense_0`, `dense_1`, ... and `logits`.
     """
     layers = [keras.Input(input_shape), keras.layers.Flatten(name="flatten")]
