@@ -14,11 +14,14 @@
   `SweepProgress` loop it also shows the run's place in the sweep and the whole
   sweep's ETA.
 
-In `fit()` one "epoch" is one evaluation period of `eval_every` steps.
+In `fit()` one "epoch" is one evaluation period of `eval_every` steps; the last
+period of a run whose steps are not a multiple of `eval_every` is shorter (see
+`EvaluationSchedule`, which the callbacks take to turn epochs into steps).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import hashlib
 import math
@@ -35,6 +38,42 @@ from absl import logging
 
 from dni_tf import results, tensorboard_views
 from dni_tf.cli import CheckpointError, TrainingDiverged
+
+
+@dataclasses.dataclass(frozen=True)
+class EvaluationSchedule:
+    """Which training step each fit() epoch (evaluation period) ends at.
+
+    Epoch `first_epoch` starts at step `first_step` (a resumed run: the
+    checkpoint's epochs and step); each period is `eval_every` steps long,
+    except the last, which ends at `total_steps`. A fresh run, or one resumed
+    from a checkpoint at a multiple of `eval_every`, evaluates at every multiple
+    of `eval_every` below `total_steps` and at `total_steps`.
+    """
+
+    eval_every: int
+    total_steps: Optional[int] = None
+    first_epoch: int = 0
+    first_step: int = 0
+
+    def start_step(self, epoch: int) -> int:
+        return self.first_step + (epoch - self.first_epoch) * self.eval_every
+
+    def end_step(self, epoch: int) -> int:
+        step = self.start_step(epoch) + self.eval_every
+        return step if self.total_steps is None else min(step, self.total_steps)
+
+    def epochs(self) -> int:
+        """The fit() `epochs` argument: one past the epoch that reaches `total_steps`."""
+        remaining = max(self.total_steps - self.first_step, 0)
+        return self.first_epoch + -(-remaining // self.eval_every)
+
+
+def period_end_step(epoch: int, eval_every: int,
+                    schedule: Optional[EvaluationSchedule] = None) -> int:
+    """The training step at the end of fit() epoch `epoch` (0-based): `schedule`'s, else
+    `(epoch + 1) * eval_every`."""
+    return (epoch + 1) * eval_every if schedule is None else schedule.end_step(epoch)
 
 
 def split_logs(logs: Dict[str, float], eval_prefix: str = "test") -> Dict[str, float]:
@@ -66,10 +105,11 @@ class EvaluationLogger(keras.callbacks.Callback):
     """
 
     def __init__(self, workdir: str, eval_every: int, eval_prefix: str = "test",
-                 extra_metrics=None):
+                 extra_metrics=None, schedule: Optional[EvaluationSchedule] = None):
         super().__init__()
         self.path = os.path.join(workdir, results.HISTORY_FILE)
         self.eval_every = eval_every
+        self.schedule = schedule  # epochs -> steps when periods are not all eval_every long
         self.eval_prefix = eval_prefix
         self.extra_metrics = extra_metrics
         tensorboard_views.adopt_legacy_events(workdir)
@@ -77,7 +117,7 @@ class EvaluationLogger(keras.callbacks.Callback):
         self._layout_written = False
 
     def on_epoch_end(self, epoch, logs=None):
-        step = (epoch + 1) * self.eval_every
+        step = period_end_step(epoch, self.eval_every, self.schedule)
         row = {"step": step, **split_logs(logs, self.eval_prefix)}
         if self.extra_metrics is not None:
             row.update({k: float(v) for k, v in self.extra_metrics(self.model).items()})
@@ -100,7 +140,9 @@ class EvaluationLogger(keras.callbacks.Callback):
 class ResumableCheckpoint(keras.callbacks.Callback):
     """Saves every model variable after each evaluation; restores at train begin.
 
-    Checkpoints are `ckpt-{epoch}.weights.h5`, written to `tmp-{pid}.weights.h5`,
+    Checkpoints are `ckpt-{epochs}.weights.h5` (`epochs`: evaluation periods
+    completed; the training step is stored inside, see `checkpoint_step`),
+    written to `tmp-{pid}.weights.h5`,
     fsynced and renamed (then the directory is fsynced), so a kill never leaves a
     partial checkpoint under the real name; the temporary a kill leaves behind is
     deleted at the next train begin. Each checkpoint carries a checksum of its
@@ -118,10 +160,12 @@ class ResumableCheckpoint(keras.callbacks.Callback):
     TEMPORARY_GLOB = "tmp-*.weights.h5"
     CORRUPT_SUFFIX = ".corrupt"
 
-    def __init__(self, directory: str, keep: int = 2):
+    def __init__(self, directory: str, keep: int = 2,
+                 schedule: Optional[EvaluationSchedule] = None):
         super().__init__()
         self.directory = directory
         self.keep = keep
+        self.schedule = schedule  # gives the step stored in each checkpoint
         os.makedirs(directory, exist_ok=True)
 
     @classmethod
@@ -168,6 +212,19 @@ class ResumableCheckpoint(keras.callbacks.Callback):
         """Epochs (evaluation periods) in the checkpoint a resume loads (`latest`), 0 if none."""
         return cls.latest(directory)[0]
 
+    @classmethod
+    def resume_point(cls, directory: str, eval_every: int) -> Tuple[int, int]:
+        """`(epochs, step)` of the checkpoint a resume loads (`latest`); `(0, 0)` if none.
+
+        The step is the one stored in the checkpoint; one written before steps
+        were stored counts `epochs * eval_every`.
+        """
+        epochs, path = cls.latest(directory)
+        if path is None:
+            return 0, 0
+        step = checkpoint_step(path)
+        return epochs, (epochs * eval_every if step is None else step)
+
     def _path(self, epochs: int) -> str:
         return os.path.join(self.directory, f"ckpt-{epochs:07d}.weights.h5")
 
@@ -187,8 +244,9 @@ class ResumableCheckpoint(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         path = self._path(epoch + 1)
         tmp = os.path.join(self.directory, f"tmp-{os.getpid()}.weights.h5")
+        step = None if self.schedule is None else self.schedule.end_step(epoch)
         try:
-            save(self.model, tmp)
+            save(self.model, tmp, step=step)
             results.fsync_file(tmp)
             os.replace(tmp, path)
         except BaseException:
@@ -202,6 +260,7 @@ class ResumableCheckpoint(keras.callbacks.Callback):
 
 _RNG_GROUP = "dni_tf_rng_state"
 _CHECKSUM_ATTR = "dni_tf_sha256"
+_STEP_ATTR = "dni_tf_step"
 
 
 def _first_line(exc: BaseException) -> str:
@@ -232,8 +291,11 @@ def _checksum(h5file) -> str:
     return digest.hexdigest()
 
 
-def save(model: keras.Model, path: str) -> None:
-    """`model.save_weights(path)` plus the random generators' states and a checksum."""
+def save(model: keras.Model, path: str, step: Optional[int] = None) -> None:
+    """`model.save_weights(path)` plus the random generators' states and a checksum.
+
+    `step`, the training steps done, is stored for `checkpoint_step`.
+    """
     import h5py
 
     model.save_weights(path)
@@ -241,7 +303,18 @@ def save(model: keras.Model, path: str) -> None:
         group = f.create_group(_RNG_GROUP)
         for i, variable in enumerate(_rng_state(model)):
             group.create_dataset(str(i), data=variable.numpy()).attrs["path"] = variable.path
+        if step is not None:
+            f.attrs[_STEP_ATTR] = int(step)
         f.attrs[_CHECKSUM_ATTR] = _checksum(f)
+
+
+def checkpoint_step(path: str) -> Optional[int]:
+    """The training step stored in a checkpoint by `save`; None if it has none."""
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        step = f.attrs.get(_STEP_ATTR)
+    return None if step is None else int(step)
 
 
 def verify(path: str) -> Optional[str]:
@@ -292,10 +365,12 @@ class DivergenceGuard(keras.callbacks.Callback):
     lets the message name the checkpoint that is kept.
     """
 
-    def __init__(self, eval_every: int, checkpoint_dir: Optional[str] = None):
+    def __init__(self, eval_every: int, checkpoint_dir: Optional[str] = None,
+                 schedule: Optional[EvaluationSchedule] = None):
         super().__init__()
         self.eval_every = eval_every
         self.checkpoint_dir = checkpoint_dir
+        self.schedule = schedule  # epochs -> steps when periods are not all eval_every long
 
     def on_epoch_end(self, epoch, logs=None):
         logs = logs or {}
@@ -306,7 +381,7 @@ class DivergenceGuard(keras.callbacks.Callback):
                 value = np.asarray(logs[key], dtype=np.float64)
             except (TypeError, ValueError):
                 continue  # not a number
-            step = (epoch + 1) * self.eval_every
+            step = period_end_step(epoch, self.eval_every, self.schedule)
             if not np.all(np.isfinite(value)):
                 shown = value.item() if value.size == 1 else value.tolist()
                 raise TrainingDiverged(f"{key} became {shown} by step {step}; {self._kept(epoch)}")
@@ -316,12 +391,41 @@ class DivergenceGuard(keras.callbacks.Callback):
 
     def _kept(self, epoch: int) -> str:
         if self.checkpoint_dir is None:
-            return f"the last good checkpoint (step {epoch * self.eval_every}) is kept"
+            step = period_end_step(epoch - 1, self.eval_every, self.schedule) if epoch else 0
+            return f"the last good checkpoint (step {step}) is kept"
         found = ResumableCheckpoint.checkpoints(self.checkpoint_dir)
         if not found:
             return "no checkpoint had been written"
         epochs, path = found[0]
-        return f"the last good checkpoint ({path}, step {epochs * self.eval_every}) is kept"
+        try:
+            step = checkpoint_step(path)
+        except Exception:  # noqa: BLE001 - an unreadable file: the step it should have
+            step = None
+        if step is None:
+            step = epochs * self.eval_every
+        return f"the last good checkpoint ({path}, step {step}) is kept"
+
+
+class StopAtLastStep(keras.callbacks.Callback):
+    """Ends fit()'s last epoch after `schedule.total_steps`: a short last period.
+
+    fit() epochs all have `steps_per_epoch` = `eval_every` batches; when the
+    period `schedule` gives an epoch is shorter (the run's last), training stops
+    after its last batch and Keras still evaluates and ends the epoch, so one
+    fit() call and one pass over the data stream cover the whole run.
+    """
+
+    def __init__(self, schedule: EvaluationSchedule):
+        super().__init__()
+        self.schedule = schedule
+        self._length = schedule.eval_every
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._length = self.schedule.end_step(epoch) - self.schedule.start_step(epoch)
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self._length < self.schedule.eval_every and batch + 1 >= self._length:
+            self.model.stop_training = True
 
 
 class SweepProgress:
@@ -386,35 +490,36 @@ class ProgressLogger(keras.callbacks.Callback):
     """Logs `step N/M (p%) rate ETA [sweep i/n ETA] metrics` after every evaluation."""
 
     def __init__(self, total_steps: int, eval_every: int, label: str = "",
-                 eval_prefix: str = "test"):
+                 eval_prefix: str = "test", schedule: Optional[EvaluationSchedule] = None):
         super().__init__()
         self.total_steps = total_steps
         self.eval_every = eval_every
+        self.schedule = schedule or EvaluationSchedule(eval_every, total_steps)
         self.label = f"[{label}] " if label else ""
         self.eval_prefix = eval_prefix
-        self._start: Optional[float] = None
-        self._start_step = 0
+        self._start: Optional[float] = None  # when (and at which step) this process began
+        self._start_step: Optional[int] = None  # training, over every fit() of the run
         self._epoch_start = 0.0
 
     def on_train_begin(self, logs=None):
-        self._start = time.time()
         self._start_step = None
 
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch_start = time.time()
         if self._start_step is None:
-            self._start_step = epoch * self.eval_every
+            self._start_step = self.schedule.start_step(epoch)
             self._start = self._epoch_start
 
     def on_epoch_end(self, epoch, logs=None):
         now = time.time()
-        step = (epoch + 1) * self.eval_every
+        step = self.schedule.end_step(epoch)
         elapsed = max(now - self._start, 1e-9)
         rate = (step - self._start_step) / elapsed
         eta = (self.total_steps - step) / rate if rate > 0 else float("inf")
         sweep = ""
         if _ACTIVE_SWEEPS:
-            _ACTIVE_SWEEPS[-1].record(self.eval_every, now - self._epoch_start)
+            _ACTIVE_SWEEPS[-1].record(step - self.schedule.start_step(epoch),
+                                      now - self._epoch_start)
             sweep = " " + _ACTIVE_SWEEPS[-1].position(step, self.total_steps)
         shown = " ".join(f"{k}={v:.4g}" for k, v in split_logs(logs, self.eval_prefix).items())
         logging.info("%sstep %d/%d (%.0f%%) %.1f steps/s ETA %s%s %s", self.label, step,

@@ -553,9 +553,6 @@ def check_config(values: dict) -> dict:
     cli.check_range("learning_rate", values["learning_rate"], 0.0, low_open=True)
     cli.check_range("steps", values["steps"], 1)
     cli.check_range("eval_every", values["eval_every"], 1)
-    if values["steps"] % values["eval_every"]:
-        raise cli.UsageError(f"--steps={values['steps']} must be a multiple of "
-                             f"--eval_every={values['eval_every']}")
     cli.check_range("batch_size", values["batch_size"], 1)
     cli.check_range("target_accuracy", values["target_accuracy"], 0.0, 1.0)
     if not values["workdir"]:

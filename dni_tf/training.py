@@ -15,8 +15,8 @@ import keras
 import tensorflow as tf
 
 from dni_tf import results
-from dni_tf.callbacks import (DivergenceGuard, EvaluationLogger, ProgressLogger,
-                              ResumableCheckpoint, SweepProgress)
+from dni_tf.callbacks import (DivergenceGuard, EvaluationLogger, EvaluationSchedule,
+                              ProgressLogger, ResumableCheckpoint, StopAtLastStep, SweepProgress)
 
 
 def train_and_evaluate(model: keras.Model, train_data, eval_data, *, steps: int,
@@ -24,7 +24,16 @@ def train_and_evaluate(model: keras.Model, train_data, eval_data, *, steps: int,
                        callbacks: Sequence[keras.callbacks.Callback] = (),
                        extra_metrics: Optional[Callable[[keras.Model], Dict[str, float]]] = None,
                        label: str = "", verbose: int = 0) -> Dict[str, float]:
-    """Trains a compiled `model` for `steps` steps, evaluating every `eval_every`.
+    """Trains a compiled `model` for `steps` steps, evaluating every `eval_every` and at the end.
+
+    Evaluations happen at every multiple of `eval_every` below `steps` and at
+    `steps` itself, so `steps` need not be a multiple of `eval_every` (the last
+    period is shorter) and an `eval_every` above `steps` evaluates once, at the
+    end. One fit() "epoch" is one evaluation period; one fit() call trains the
+    whole run (`StopAtLastStep` ends a short last period). A run resumed from a
+    checkpoint that is not at a multiple of `eval_every` (it was run with fewer
+    steps, or another `eval_every`) evaluates every `eval_every` steps from
+    that checkpoint's step.
 
     Args:
       model: a compiled Keras model (any custom `train_step`/`test_step`).
@@ -32,7 +41,8 @@ def train_and_evaluate(model: keras.Model, train_data, eval_data, *, steps: int,
         only on its seed; on resume the already-consumed batches are skipped, so
         a resumed run sees the same batches as an uninterrupted one.
       eval_data: a finite dataset evaluated with `test_step` at each evaluation.
-      steps: total training steps; must be a multiple of `eval_every`.
+      steps: total training steps.
+      eval_every: training steps between evaluations.
       workdir: run directory (history.csv, tensorboard/, checkpoints/).
       eval_prefix: history column prefix for `eval_data` metrics.
       callbacks: extra Keras callbacks.
@@ -46,15 +56,16 @@ def train_and_evaluate(model: keras.Model, train_data, eval_data, *, steps: int,
         NaN/inf (the last good checkpoint is kept).
       dni_tf.cli.CheckpointError: there are checkpoints, but none can be resumed from.
     """
-    if steps <= 0 or eval_every <= 0 or steps % eval_every:
-        raise ValueError(f"steps ({steps}) must be a positive multiple of eval_every ({eval_every})")
+    if steps <= 0 or eval_every <= 0:
+        raise ValueError(f"steps ({steps}) and eval_every ({eval_every}) must be positive")
     os.makedirs(workdir, exist_ok=True)
     results.remove_stale_temporaries(workdir)  # left by a kill during a history.csv write
-    epochs = steps // eval_every
     checkpoint_dir = os.path.join(workdir, "checkpoints")
     # The checkpoint ResumableCheckpoint restores at train begin (an unreadable
     # newest one is moved aside here), so the data stream skips exactly its steps.
-    done = min(ResumableCheckpoint.completed_epochs(checkpoint_dir), epochs)
+    done_epochs, done_step = ResumableCheckpoint.resume_point(checkpoint_dir, eval_every)
+    schedule = EvaluationSchedule(eval_every, steps, first_epoch=done_epochs, first_step=done_step)
+    done = bool(done_epochs)
     multi_worker = isinstance(tf.distribute.get_strategy(),
                               tf.distribute.MultiWorkerMirroredStrategy)
     if done or multi_worker:
@@ -69,17 +80,22 @@ def train_and_evaluate(model: keras.Model, train_data, eval_data, *, steps: int,
         # (Keras 3.15: a PerReplica batch cannot be reduced). The model is built.
         model._maybe_symbolic_build = lambda *args, **kwargs: None
         _logs_as_vectors(model)
+    # One fit() and one iterator over train_data: a second iterator over the
+    # same dataset would draw another shuffle order. A finished run (or one
+    # asked for fewer steps than it has) runs no epochs; the checkpoint is
+    # still restored at train begin.
     model.fit(
-        train_data.skip(done * eval_every),
-        epochs=epochs,
-        initial_epoch=done,
+        train_data.skip(done_step),
+        epochs=schedule.epochs(),
+        initial_epoch=done_epochs,
         steps_per_epoch=eval_every,
         validation_data=eval_data,
         callbacks=[
-            DivergenceGuard(eval_every, checkpoint_dir),
-            EvaluationLogger(workdir, eval_every, eval_prefix, extra_metrics),
-            ResumableCheckpoint(checkpoint_dir),
-            ProgressLogger(steps, eval_every, label, eval_prefix),
+            StopAtLastStep(schedule),
+            DivergenceGuard(eval_every, checkpoint_dir, schedule=schedule),
+            EvaluationLogger(workdir, eval_every, eval_prefix, extra_metrics, schedule=schedule),
+            ResumableCheckpoint(checkpoint_dir, schedule=schedule),
+            ProgressLogger(steps, eval_every, label, eval_prefix, schedule=schedule),
             *callbacks,
         ],
         shuffle=False,  # the dataset shuffles itself (seeded)

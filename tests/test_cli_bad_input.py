@@ -39,7 +39,6 @@ ENTRY_POINTS = {
     "experiments.gradient_drop": (["--dataset=digits"], [
         (["--keep_probs=1.0,1.5"], "--keep_probs=1.5 is out of range: allowed [0, 1]"),
         (["--granularity=neuron"], "--granularity"),
-        (["--steps=1000", "--eval_every=300"], "eval_every"),
         (["--dataset=mnist", "--data_dir={empty}"], "could not load mnist"),
         (["--dataset=mnist", "--data_dir={corrupt}"], "train-images-idx3-ubyte.gz"),
         (["--keep_probs=0.5,nan"], "--keep_probs=nan is not a finite number: allowed [0, 1]"),

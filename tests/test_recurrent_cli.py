@@ -12,7 +12,7 @@ from dni_tf.studies import recurrent_dni as study
 
 @pytest.mark.parametrize("field, value", [("task", "sort"), ("method", "rtrl"),
                                           ("truncation", 0), ("max_length", 0),
-                                          ("eval_every", 7)])
+                                          ("eval_every", 0)])
 def test_copy_config_validation(field, value):
     with pytest.raises(ValueError, match=field):
         study.CopyTaskConfig(**{field: value}).validate()

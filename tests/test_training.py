@@ -34,13 +34,13 @@ def _model(hidden=8):
     return model
 
 
-def _run(workdir, steps, eval_prefix="test", model=None, extra_callbacks=()):
+def _run(workdir, steps, eval_prefix="test", model=None, extra_callbacks=(), eval_every=4):
     x, y = _data()
     return train_and_evaluate(
         model or _model(),
         make_dataset(x, y, 16, shuffle=True, seed=0, repeat=True, drop_remainder=True),
-        make_dataset(x, y, 32, shuffle=False), steps=steps, eval_every=4, workdir=str(workdir),
-        eval_prefix=eval_prefix, callbacks=extra_callbacks)
+        make_dataset(x, y, 32, shuffle=False), steps=steps, eval_every=eval_every,
+        workdir=str(workdir), eval_prefix=eval_prefix, callbacks=extra_callbacks)
 
 
 class _PoisonWeights(keras.callbacks.Callback):
@@ -67,7 +67,7 @@ def test_history_has_one_row_per_evaluation(tmp_path):
     assert {"train_loss", "train_accuracy", "train_kept_fraction", "test_loss",
             "test_accuracy"} <= set(history.columns)
     assert final["step"] == 12 and final["test_loss"] == pytest.approx(history["test_loss"].iloc[-1])
-    assert os.listdir(tmp_path / "tensorboard")
+    assert _tensorboard_steps(tmp_path) == [4, 8, 12]
 
 
 def test_interrupted_and_resumed_equals_uninterrupted(tmp_path):
@@ -76,6 +76,67 @@ def test_interrupted_and_resumed_equals_uninterrupted(tmp_path):
     resumed = _run(tmp_path / "split", 12)
     assert resumed == whole  # shuffle order, dropout and gradient masks all restored
     assert pd.read_csv(tmp_path / "split" / "history.csv")["step"].tolist() == [4, 8, 12]
+
+
+def _tensorboard_steps(workdir, tag="test/loss"):
+    """Steps of the TensorBoard scalar `tag`, wherever under `workdir` the events are."""
+    import glob
+
+    steps = []
+    for path in glob.glob(os.path.join(str(workdir), "**", "events.out.tfevents.*"), recursive=True):
+        for event in tf.compat.v1.train.summary_iterator(path):
+            steps += [event.step for value in event.summary.value if value.tag == tag]
+    return sorted(steps)
+
+
+def test_steps_not_a_multiple_of_eval_every_evaluate_at_the_last_step(tmp_path):
+    model = _model()
+    final = _run(tmp_path, 10, model=model)  # evaluations every 4 steps: 4, 8 and 10
+    assert int(model.optimizer.iterations.numpy()) == 10  # the last period is 2 steps
+    assert pd.read_csv(tmp_path / "history.csv")["step"].tolist() == [4, 8, 10]
+    assert final["step"] == 10
+    assert _tensorboard_steps(tmp_path) == [4, 8, 10]
+    assert _checkpoint_names(tmp_path) == ["ckpt-0000002.weights.h5", "ckpt-0000003.weights.h5"]
+    assert callbacks.checkpoint_step(str(tmp_path / "checkpoints" / "ckpt-0000003.weights.h5")) == 10
+    # eval_every above steps: one evaluation, at the end.
+    assert _run(tmp_path / "once", 3)["step"] == 3
+    assert pd.read_csv(tmp_path / "once" / "history.csv")["step"].tolist() == [3]
+
+
+def test_a_short_last_period_resumes_exactly(tmp_path):
+    whole = _run(tmp_path / "whole", 10)
+    _run(tmp_path / "split", 8)  # killed after the last full period
+    assert _run(tmp_path / "split", 10) == whole
+    assert pd.read_csv(tmp_path / "split" / "history.csv")["step"].tolist() == [4, 8, 10]
+    # Rerunning the finished run trains nothing and restores the step-10 weights.
+    model = _model()
+    assert _run(tmp_path / "whole", 10, model=model) == whole
+    assert pd.read_csv(tmp_path / "whole" / "history.csv")["step"].tolist() == [4, 8, 10]
+    reference = _model()
+    _run(tmp_path / "split", 10, model=reference)
+    for a, b in zip(model.weights, reference.weights):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
+def test_a_run_that_ended_on_a_short_period_continues_exactly(tmp_path):
+    # 10 steps (evaluated at 4, 8, 10), then the same run asked for 12: it trains
+    # steps 11-12 on the batches an uninterrupted 12-step run sees there.
+    whole = _run(tmp_path / "whole", 12)
+    _run(tmp_path / "extended", 10)
+    extended = _run(tmp_path / "extended", 12)
+    assert pd.read_csv(tmp_path / "extended" / "history.csv")["step"].tolist() == [4, 8, 10, 12]
+    # Evaluations do not change training: the step-12 test metrics are identical
+    # (train_* metrics average over the period, 9-12 against 11-12).
+    assert {k: v for k, v in extended.items() if not k.startswith("train_")} == {
+        k: v for k, v in whole.items() if not k.startswith("train_")}
+    assert _tensorboard_steps(tmp_path / "extended") == [4, 8, 10, 12]
+
+
+def test_a_resume_with_another_eval_every_evaluates_every_eval_every_from_the_checkpoint(tmp_path):
+    _run(tmp_path, 10)  # checkpoint after 3 evaluations, at step 10
+    _run(tmp_path, 16, eval_every=3)
+    assert pd.read_csv(tmp_path / "history.csv")["step"].tolist() == [4, 8, 10, 13, 16]
+    assert callbacks.checkpoint_step(str(tmp_path / "checkpoints" / "ckpt-0000005.weights.h5")) == 16
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):

@@ -101,8 +101,6 @@ class DNIConfig:
             raise ValueError(f"width={self.width}: must be > 0")
         if self.sg_units is not None and self.sg_units <= 0:
             raise ValueError(f"sg_units={self.sg_units}: must be > 0")
-        if self.steps % self.eval_every:
-            raise ValueError(f"eval_every={self.eval_every}: must divide steps ({self.steps})")
         if not self.learning_rate > 0:
             raise ValueError(f"learning_rate={self.learning_rate}: must be > 0")
         if any(not 0.0 < b < 1.0 for b in self.lr_boundaries) or list(self.lr_boundaries) != sorted(

@@ -68,8 +68,6 @@ class GradientDropConfig:
         for name in ("steps", "batch_size", "eval_every", "eval_batch_size", "num_workers"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}: must be > 0, got {getattr(self, name)}")
-        if self.steps % self.eval_every:
-            raise ValueError(f"eval_every: must divide steps ({self.steps}), got {self.eval_every}")
         if self.learning_rate <= 0:
             raise ValueError(f"learning_rate: must be > 0, got {self.learning_rate}")
         if self.rescale and 0.0 in self.keep_probs:

@@ -52,8 +52,6 @@ class MultiNetworkConfig:
                      "steps", "batch_size", "eval_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
-        if self.steps % self.eval_every:
-            raise ValueError(f"eval_every: must divide steps ({self.steps}), got {self.eval_every}")
         if not self.learning_rate > 0:
             raise ValueError(f"learning_rate: must be > 0, got {self.learning_rate}")
 

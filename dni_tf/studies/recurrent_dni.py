@@ -45,8 +45,6 @@ def _check_common(cfg) -> None:
     for name in ("hidden_size", "steps", "batch_size", "eval_every"):
         if getattr(cfg, name) <= 0:
             raise ValueError(f"{name}: must be > 0, got {getattr(cfg, name)}")
-    if cfg.steps % cfg.eval_every:
-        raise ValueError(f"eval_every: must divide steps ({cfg.steps}), got {cfg.eval_every}")
     if not cfg.learning_rate > 0:
         raise ValueError(f"learning_rate: must be > 0, got {cfg.learning_rate}")
     if not cfg.sg_scale > 0:
@@ -283,7 +281,7 @@ def run_language_model(cfg: LanguageModelConfig, workdir: str,
     valid_full = text.stream_dataset(corpus.valid, cfg.batch_size, cfg.eval_length)
     test = text.stream_dataset(corpus.test, cfg.batch_size, cfg.eval_length)
     metrics = {"val_bpc": evaluate_bpc(model, valid_full), "test_bpc": evaluate_bpc(model, test),
-               "best_step": (best._info()["epoch"] + 1) * cfg.eval_every,
+               "best_step": min((best._info()["epoch"] + 1) * cfg.eval_every, cfg.steps),
                "train_bpc": last.get("train_bpc"), "steps": cfg.steps,
                "characters_trained": cfg.steps * cfg.batch_size * cfg.chunk_length}
     metrics["bpc"] = metrics["test_bpc"]
