@@ -55,15 +55,15 @@ class Published:
     setup: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
 
-DESIGN_NOTES = "`shared/design.md` (facts from the papers)"
 DNI_PAPER = "Jaderberg et al. 2016, *Decoupled Neural Interfaces using Synthetic Gradients*, arXiv 1608.05343"
 
-# Seed 000, MNIST test accuracy after 20,000 batches of 50 ("keeping 50%+ ... 99.2%").
+# The gradient-dropping write-up: MNIST test accuracy after 20,000 batches of 50
+# ("keeping 50%+ ... 99.2%").
 SEED_000_TEST_ACCURACY = {1.0: 0.992, 0.8: 0.992, 0.5: 0.992, 0.2: 0.899}
 SEED_000_STEPS = 20_000
 # Public baseline for targeted dropout's MLP (784-1000-1000-500-200-10 ReLU,
 # Fashion-MNIST, Adam 1e-3, batch 128, 20 epochs, no targeted dropout): test
-# accuracy % by percentage pruned, from shared/design.md.
+# accuracy % by percentage pruned.
 TARGETED_DROPOUT_BASELINE = {
     "weight": {0: 88.5, 25: 88.6, 50: 88.6, 60: 88.2, 70: 86.9, 80: 86.3, 90: 80.5,
                95: 59.6, 97: 41.1, 99: 16.1},
@@ -74,28 +74,28 @@ TARGETED_DROPOUT_EPOCHS = 20
 
 PUBLISHED: Dict[str, Published] = {
     "gradient_drop": Published(
-        title="Gradient dropping (seed 000)",
-        source="seed 000, *Effective learning while misplacing gradient updates* "
-               f"(`shared/seeds/000_*.txt`); numbers as in {DESIGN_NOTES}",
+        title="Gradient dropping",
+        source="the write-up *Effective learning while misplacing gradient updates* "
+               "(MNIST, TensorFlow tutorial CNN, batch 50, 20,000 steps)",
         claims=("After 20k batches of 50 on MNIST, keep_prob >= 0.5 reaches about 99.2% test "
                 "accuracy and keep_prob 0.2 about 89.9%.",
                 "Pro-rated by keep_prob, keep_prob 0.5 trains a little faster than twice as "
                 "slowly as keep_prob 1.0."),
         setup={"dataset": "mnist", "steps": SEED_000_STEPS, "batch_size": 50,
                "granularity": "variable", "dropped_state": "zero_gradient", "rescale": False,
-               # the TensorFlow tutorial CNN the seed trains uses Adam 1e-4
+               # the TensorFlow tutorial CNN the write-up trains uses Adam 1e-4
                "learning_rate": 1e-4}),
     "threshold_updates": Published(
-        title="Threshold-triggered, unsynchronised updates (seed 001)",
-        source="seed 001, *Backprop without synchronization* (`shared/seeds/001_*.txt`), "
+        title="Threshold-triggered, unsynchronised updates",
+        source="the blog post *Backprop without synchronization* (2016), "
                "a proposal with no experiment: no published numbers",
         claims=("Far fewer weight updates: small noisy gradients cancel before firing.",
                 "Sparser backprop, with dropout-like effects.",
                 "Increasing T acts like changing the learning rate.")),
     "dni_feedforward": Published(
-        title="Synthetic gradients for feed-forward networks (seeds 002, 004)",
-        source=f"{DNI_PAPER}, section 3.1 and supplementary; as summarised in {DESIGN_NOTES} "
-               "(qualitative there, so no numbers are compared)",
+        title="Synthetic gradients for feed-forward networks",
+        source=f"{DNI_PAPER}, section 3.1 and supplementary "
+               "(compared qualitatively, so no numbers are compared)",
         claims=("Every-layer cDNI trains MNIST FCNs of 3-6 layers to within a few tenths of a "
                 "percent of backprop.",
                 "Unconditioned DNI degrades with depth.",
@@ -103,27 +103,29 @@ PUBLISHED: Dict[str, Published] = {
         setup={"model": "fcn", "width": 256, "batch_size": 256, "steps": 500_000,
                "learning_rate": 3e-5, "lr_boundaries": [0.6, 0.8]}),
     "copy_task": Published(
-        title="Recurrent DNI: Copy and Repeat Copy (seed 004)",
-        source=f"{DNI_PAPER}, section 3.2; as summarised in {DESIGN_NOTES}",
+        title="Recurrent DNI: Copy and Repeat Copy",
+        source=f"{DNI_PAPER}, section 3.2",
         claims=("DNI lets an RNN with a short truncation window T solve much longer Copy / "
                 "Repeat Copy sequences than BPTT with the same T (longest length solved under "
                 "a curriculum).",),
         setup={"sg_scale": 0.1}),
     "language_model": Published(
-        title="Recurrent DNI: Penn Treebank characters (seed 004)",
-        source=f"{DNI_PAPER}, section 3.2; as summarised in {DESIGN_NOTES}",
+        title="Recurrent DNI: Penn Treebank characters",
+        source=f"{DNI_PAPER}, section 3.2",
         claims=("DNI improves test bits per character over BPTT at equal T (early stopping on "
                 "validation).",),
         setup={"sg_scale": 0.1}),
     "multi_network": Published(
-        title="Multi-network system (seed 004)",
-        source=f"{DNI_PAPER}, section 3.3; as summarised in {DESIGN_NOTES}",
+        title="Multi-network system",
+        source=f"{DNI_PAPER}, section 3.3",
         claims=("Two RNNs ticking at different rates communicate through a DNI; the slow "
                 "network is trained by synthetic gradients from the fast one.",)),
     "targeted_dropout": Published(
-        title="Targeted dropout and pruning (seed 003)",
-        source="seed 003 (`shared/seeds/003_*.txt`) and Gomez et al. 2019; the baseline "
-               f"table is the public one in {DESIGN_NOTES}",
+        title="Targeted dropout and pruning",
+        source="Gomez et al. 2019, *Learning Sparse Networks Using Targeted Dropout*, "
+               "arXiv 1905.13678, and the write-up *targeted-dropout: An inquiry into the nature "
+               "of pruning and targeted dropout*; the baseline table is a public one for this "
+               "exact network and setup",
         claims=("Targeted dropout makes a network robust to magnitude pruning (weight or unit) "
                 "without retraining.",
                 "Baseline (no targeted dropout, 20 epochs): table below."),
@@ -259,7 +261,7 @@ def gradient_drop_table(runs: RunSet) -> pd.DataFrame:
             row[f"ours at {at} %"] = _accuracy_at(runs.history, at, where)
         row[f"ours at {steps} %"] = _percent(metrics.get("test_accuracy"))
         published = SEED_000_TEST_ACCURACY.get(keep_prob)
-        row[f"seed 000 at {SEED_000_STEPS} (MNIST) %"] = _percent(published)
+        row[f"write-up at {SEED_000_STEPS} (MNIST) %"] = _percent(published)
         row["gradients applied"] = metrics.get("kept_fraction")
         rows.append(row)
     return pd.DataFrame(rows)
