@@ -5,6 +5,10 @@ on stderr and exit with code 2; a diverged run, or one whose checkpoints cannot
 be resumed from, exits with code 1. Neither prints
 a traceback.
 
+Log lines are printed plainly (`[keep_prob=0.5] step 500/5000 (10%) ...`);
+warnings and errors start with `warning:` / `error:`. `--v=1` (absl's
+`--verbosity`) adds debug lines and absl's full prefixes (time, thread, file).
+
     from dni_tf import cli
     def main(argv):
         cli.check_range("keep_prob", FLAGS.keep_prob, 0.0, 1.0)
@@ -17,12 +21,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging as python_logging
 import math
 import os
 import sys
 from typing import Callable, Iterable, Iterator, List, Optional, Sequence
 
 from absl import app, flags
+from absl import logging as absl_logging
 
 from dni_tf.data.images import DataError
 from dni_tf import distribution
@@ -241,8 +247,34 @@ def flag_values(names: Optional[Sequence[str]] = None) -> dict:
     return {k: values[k] for k in names}
 
 
+class ConsoleFormatter(python_logging.Formatter):
+    """A log record as its message alone; warnings and errors get a short prefix."""
+
+    def format(self, record: python_logging.LogRecord) -> str:
+        message = super().format(record)
+        if record.levelno >= python_logging.ERROR:
+            return f"error: {message}"
+        if record.levelno >= python_logging.WARNING:
+            return f"warning: {message}"
+        return message
+
+
+def use_console_format() -> None:
+    """Plain log lines (`ConsoleFormatter`) unless `--v`/`--verbosity` asks for more.
+
+    absl's prefix (`I1130 09:01:45.461307 139825585863552 callbacks.py:287]`)
+    is kept with `--verbosity >= 1`.
+    """
+    if flags.FLAGS.is_parsed() and flags.FLAGS.verbosity >= 1:
+        return
+    absl_logging.get_absl_handler().setFormatter(ConsoleFormatter())
+
+
 def run(main: Callable[[List[str]], None]) -> None:
-    """`absl.app.run(main)` with one-line errors and exit code 2 for usage errors."""
+    """`absl.app.run(main)` with one-line errors and exit code 2 for usage errors.
+
+    Log lines are printed plainly (`use_console_format`).
+    """
 
     def parse_flags(argv):
         try:
@@ -251,6 +283,7 @@ def run(main: Callable[[List[str]], None]) -> None:
             fail(str(exc).splitlines()[0], 2)
 
     def guarded_main(argv):
+        use_console_format()
         if len(argv) > 1:
             fail(f"unexpected positional arguments: {' '.join(argv[1:])}", 2)
         try:
