@@ -1,1 +1,4 @@
-"""absl entry points: `python -m experiments.NAME --workdir=DIR`."""
+"""Checkout shims: `python -m experiments.NAME` runs `dni_tf.apps.NAME` (installed: `dni-tf`).
+
+Not installed: `pip install` provides the `dni-tf` command instead.
+"""

@@ -1,4 +1,5 @@
-"""experiments.targeted_dropout: usage errors (exit 2, one line) and a tiny full run."""
+"""dni-tf targeted-dropout (python -m experiments.targeted_dropout): usage errors (exit 2,
+one line) and a tiny full run."""
 
 import json
 import os
@@ -9,7 +10,7 @@ import types
 import pandas as pd
 import pytest
 
-from experiments import targeted_dropout as exp
+from dni_tf.apps import targeted_dropout as exp
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -36,8 +37,7 @@ def test_validate_names_the_allowed_values():
         exp.validate(_flags(prune_fractions=["99.5", "100"]))
     with pytest.raises(exp.cli.UsageError, match="'none' is given more than once"):
         exp.validate(_flags(regimes=["none", "none"]))
-    with pytest.raises(exp.cli.UsageError, match="must divide"):
-        exp.validate(_flags(steps=10, eval_every=3))
+    exp.validate(_flags(steps=10, eval_every=3))  # evaluates at 3, 6, 9 and 10
     with pytest.raises(exp.cli.UsageError, match="--prune_fractions: 90 is given more than once"):
         exp.validate(_flags(prune_fractions=["90", "0", "90"]))
     with pytest.raises(exp.cli.UsageError, match="--prune_fractions=nan is not a finite number"):
@@ -45,10 +45,12 @@ def test_validate_names_the_allowed_values():
     assert exp.validate(_flags(prune_fractions=["90", "0", "50"]))["fractions"] == [0.0, 50.0, 90.0]
 
 
-def test_schedule_evaluates_once_per_epoch_or_at_a_divisor():
+def test_schedule_evaluates_once_per_epoch_or_every_eval_every_steps():
     assert exp.schedule(_flags(epochs=2.0), 60000) == (936, 468, 468)
-    assert exp.schedule(_flags(steps=1000), 60000)[1] == 250
+    assert exp.schedule(_flags(steps=1000), 60000) == (1000, 468, 468)  # and at step 1000
     assert exp.schedule(_flags(steps=7), 60000)[1] == 7
+    assert exp.schedule(_flags(steps=10, eval_every=3), 60000)[:2] == (10, 3)
+    assert exp.schedule(_flags(steps=10, eval_every=30), 60000)[:2] == (10, 10)
 
 
 def test_tiny_run_writes_table_figures_and_results(tmp_path):
