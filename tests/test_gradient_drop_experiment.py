@@ -1,5 +1,6 @@
 """The gradient-dropping entry point: end-to-end sweep, resume, and usage errors."""
 
+import glob
 import json
 import os
 import subprocess
@@ -30,7 +31,8 @@ def test_sweep_writes_runs_table_figures_and_resumes(tmp_path):
                  "summary.csv", "summary.md"):
         assert (tmp_path / name).stat().st_size > 0, name
     run = tmp_path / "keep_prob_0.5"
-    assert os.listdir(run / "tensorboard") and os.listdir(run / "checkpoints")
+    assert glob.glob(str(run / "**" / "events.out.tfevents.*"), recursive=True)
+    assert os.listdir(run / "checkpoints")
     results = json.loads((tmp_path / "results.json").read_text())
     assert set(results["metrics"]["by_keep_prob"]) == {"1", "0.5"}
     assert 0.0 <= results["metrics"]["by_keep_prob"]["1"]["test_accuracy"] <= 1.0

@@ -21,7 +21,7 @@ GOOD = dict(workdir="/tmp/x", thresholds=["0", "1e-3"], accumulation="sum", deca
     (dict(accumulation="adam"), "accumulation"), (dict(max_delay=-1), "max_delay"),
     (dict(decay=2.0), "decay"), (dict(clip=-1.0), "clip"), (dict(model="rnn"), "model"),
     (dict(dataset="imagenet"), "dataset"), (dict(hidden=["0"]), "hidden"),
-    (dict(steps=25), "steps"), (dict(learning_rate=0.0), "learning_rate"),
+    (dict(steps=0), "steps"), (dict(learning_rate=0.0), "learning_rate"),
     (dict(optimizer="lbfgs"), "optimizer"), (dict(workdir=""), "workdir")])
 def test_bad_values_name_the_flag(change, flag):
     with pytest.raises(cli.UsageError, match=f"--{flag}"):
