@@ -13,15 +13,15 @@ its C++ start-up lines (oneDNN notice, CPU feature guard) unless
 
 # subcommand -> (module in this package, one-line description)
 COMMANDS = {
-    "gradient-drop": ("gradient_drop", "gradient dropping sweep over keep_prob (seed 000)"),
+    "gradient-drop": ("gradient_drop", "gradient dropping sweep over keep_prob"),
     "threshold-updates": ("threshold_updates",
-                          "threshold-triggered, unsynchronised updates: a sweep over T (seed 001)"),
+                          "threshold-triggered, unsynchronised updates: a sweep over T"),
     "dni-feedforward": ("dni_feedforward",
-                        "synthetic gradients (DNI, cDNI) for feed-forward nets (seeds 002, 004)"),
-    "copy-task": ("copy_task", "recurrent DNI on Copy / Repeat Copy (seed 004)"),
-    "language-model": ("language_model", "recurrent DNI on Penn Treebank characters (seed 004)"),
+                        "synthetic gradients (DNI, cDNI) for feed-forward nets (Jaderberg et al. 2016)"),
+    "copy-task": ("copy_task", "recurrent DNI on Copy / Repeat Copy (Jaderberg et al. 2016)"),
+    "language-model": ("language_model", "recurrent DNI on Penn Treebank characters (Jaderberg et al. 2016)"),
     "multi-network": ("multi_network", "two RNNs on two clocks joined by a synthetic gradient"),
-    "targeted-dropout": ("targeted_dropout", "targeted dropout and magnitude pruning (seed 003)"),
+    "targeted-dropout": ("targeted_dropout", "targeted dropout and magnitude pruning (Gomez et al. 2019)"),
     "report": ("report", "reproduction report: finished runs beside the published results"),
 }
 

@@ -1,4 +1,6 @@
-r"""Gradient dropping sweep (seed 000): one training run per keep_prob.
+r"""Gradient dropping sweep: one training run per keep_prob.
+
+Source: the write-up *Effective learning while misplacing gradient updates*.
 
     python -m experiments.gradient_drop --workdir=/tmp/gd \
         --keep_probs=1.0,0.8,0.5,0.2 --steps=20000 --dataset=mnist

@@ -1,9 +1,9 @@
-"""Targeted dropout and magnitude pruning (seed 003, Gomez et al. 2019).
+"""Targeted dropout and magnitude pruning (Gomez et al. 2019, arXiv:1905.13678).
 
     python -m experiments.targeted_dropout --workdir=/tmp/td --dataset=fashion_mnist \
         --regimes=none,dropout,targeted_weight,targeted_unit --epochs=20
 
-Trains seed 003's 784-1000-1000-500-200-10 ReLU MLP once per regime (each in
+Trains the 784-1000-1000-500-200-10 ReLU MLP once per regime (each in
 `workdir/<regime>/`, resumable), prunes each trained network at every fraction
 with weight and unit pruning (no retraining), and writes beside them:
 `pruning_accuracy.csv` / `.md` (the table; on Fashion-MNIST with the public

@@ -1,4 +1,4 @@
-"""Threshold-triggered, unsynchronised updates (seed 001): a sweep over T.
+"""Threshold-triggered, unsynchronised updates (*Backprop without synchronization*, 2016): a sweep over T.
 
     python -m experiments.threshold_updates --workdir=/tmp/tu \\
         --thresholds=0,1e-4,1e-3,1e-2 --accumulation=sum [--sparse_backward] \\

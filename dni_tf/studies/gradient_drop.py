@@ -1,4 +1,6 @@
-"""The gradient-dropping study of seed 000 as importable code.
+"""The gradient-dropping study as importable code.
+
+Source: the write-up *Effective learning while misplacing gradient updates*.
 
 `run_sweep(config, workdir)` trains the tutorial CNN once per `keep_prob` (each in
 `workdir/keep_prob_<p>/`, resumable), then writes beside them the combined
@@ -25,7 +27,7 @@ from dni_tf.cli import TrainingDiverged
 from dni_tf.gradient_dropping import DROPPED_STATES, GRANULARITIES, GradientDropping
 from dni_tf.training import SweepProgress, train_and_evaluate
 
-# Published numbers (seed 000, after 20k batches of 50 on MNIST).
+# Published numbers (the write-up, after 20k batches of 50 on MNIST).
 SEED_TEST_ACCURACY = {1.0: 0.992, 0.8: 0.992, 0.5: 0.992, 0.2: 0.899}
 
 

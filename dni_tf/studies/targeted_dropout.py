@@ -1,6 +1,10 @@
-"""The targeted-dropout / pruning study of seed 003 as importable code.
+"""The targeted-dropout / pruning study as importable code.
 
-`run_study(...)` trains seed 003's MLP once per regime ("none", "dropout",
+Sources: Gomez et al. 2019 (arXiv:1905.13678) and the write-up
+*targeted-dropout: An inquiry into the nature of pruning and targeted dropout*.
+
+`run_study(...)` trains the 784-1000-1000-500-200-10 MLP once per regime ("none",
+"dropout",
 "targeted_weight", "targeted_unit"; each in `workdir/<regime>/`, resumable, through
 `dni_tf.training.train_and_evaluate`), prunes each trained network with
 `dni_tf.pruning` at every fraction with weight and unit pruning (no retraining),
@@ -20,7 +24,7 @@ import numpy as np
 from dni_tf.cli import value_label
 from dni_tf.targeted_dropout import targeted_dropout_mlp
 
-# Public baseline (design.md): the plain 784-1000-1000-500-200-10 MLP on
+# Public baseline: the plain 784-1000-1000-500-200-10 MLP on
 # Fashion-MNIST, Adam 1e-3, batch 128, 20 epochs; test accuracy % by pruning %.
 PUBLISHED_BASELINE = {
     "weight": {0: 88.5, 25: 88.6, 50: 88.6, 60: 88.2, 70: 86.9, 80: 86.3, 90: 80.5,
