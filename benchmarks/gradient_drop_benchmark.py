@@ -2,7 +2,7 @@ r"""Step time of the gradient-dropping train_step against a plain Keras fit step
 
     python benchmarks/gradient_drop_benchmark.py [--batch_size=50 --steps=50]
 
-Both use the seed's tutorial CNN, Adam and the same in-memory batch, measured in
+Both use the write-up's tutorial CNN, Adam and the same in-memory batch, measured in
 one process with interleaved repeats (best of N). Prints the ratio per
 configuration (target: <= 1.05 for the default: variable granularity, zero_gradient) and the
 achieved GFLOP/s of the plain step.

@@ -242,7 +242,7 @@ def _accuracy_at(history: pd.DataFrame, step: int, where: Optional[pd.Series] = 
 
 
 def gradient_drop_table(runs: RunSet) -> pd.DataFrame:
-    """keep_prob rows: ours at a quarter, half and all of the budget, the seed's at 20k."""
+    """keep_prob rows: ours at a quarter, half and all of the budget, the write-up's at 20k."""
     config = runs.config
     steps = int(config.get("steps", 0))
     if runs.root and "by_keep_prob" in runs.root.get("metrics", {}):

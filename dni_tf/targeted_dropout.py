@@ -1,4 +1,4 @@
-"""Targeted dropout (Gomez et al. 2019) for dense layers, and the seed-003 MLP.
+"""Targeted dropout (Gomez et al. 2019) for dense layers, and the study's 784-1000-1000-500-200-10 MLP.
 
 Targeted dropout drops, during training only, elements that a later magnitude
 pruning would remove anyway, so the network learns not to rely on them:

@@ -23,12 +23,12 @@ from dni_tf.studies.gradient_drop import GradientDropConfig, run_sweep
 flags.DEFINE_list("keep_probs", ["1.0", "0.8", "0.5", "0.2"],
                   "Probabilities in [0, 1] of keeping each gradient part; one run per value.")
 flags.DEFINE_enum("granularity", "variable", GRANULARITIES,
-                  "What is kept or dropped together: a variable (the seed), a layer, "
+                  "What is kept or dropped together: a variable (the write-up), a layer, "
                   "each element, or a simulated worker's share.")
 flags.DEFINE_integer("num_workers", 4, "Simulated machines for --granularity=worker.")
 flags.DEFINE_boolean("rescale", False, "Multiply kept gradients by 1/keep_prob.")
 flags.DEFINE_enum("dropped_state", "zero_gradient", DROPPED_STATES,
-                  "zero_gradient: the optimizer gets a zero gradient (the seed's method); "
+                  "zero_gradient: the optimizer gets a zero gradient (the write-up's method); "
                   "freeze: a dropped variable and its optimizer slots are untouched.")
 flags.DEFINE_enum("dataset", "mnist", IMAGE_DATASETS, "Image dataset.")
 flags.DEFINE_string("data_dir", None, "Directory with mnist/ etc.; default $DNI_TF_DATA_DIR.")

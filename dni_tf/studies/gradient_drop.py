@@ -5,8 +5,9 @@ Source: the write-up *Effective learning while misplacing gradient updates*.
 `run_sweep(config, workdir)` trains the tutorial CNN once per `keep_prob` (each in
 `workdir/keep_prob_<p>/`, resumable), then writes beside them the combined
 `history.csv` (with `keep_prob` and `prorated_step` = step x keep_prob columns),
-`summary.csv`/`summary.md`, `results.json`, and the seed's two figures: test accuracy against batches (`results_raw.png`) and against
-batches x keep_prob (`results_prorated.png`). The CLI
+`summary.csv`/`summary.md`, `results.json`, and the write-up's two figures: test
+accuracy against batches (`results_raw.png`) and against batches x keep_prob
+(`results_prorated.png`). The CLI
 `python -m experiments.gradient_drop` and the notebook both call it.
 """
 
@@ -33,7 +34,7 @@ SEED_TEST_ACCURACY = {1.0: 0.992, 0.8: 0.992, 0.5: 0.992, 0.2: 0.899}
 
 @dataclasses.dataclass
 class GradientDropConfig:
-    """Everything one sweep needs; the defaults are the seed's setup."""
+    """Everything one sweep needs; the defaults are the write-up's setup."""
 
     keep_probs: Sequence[float] = (1.0, 0.8, 0.5, 0.2)
     granularity: str = "variable"
@@ -77,7 +78,7 @@ class GradientDropConfig:
 
 
 def build_model(config: GradientDropConfig, keep_prob: float, image_shape, num_classes) -> GradientDropping:
-    """The seed's tutorial CNN wrapped in `GradientDropping`, compiled with Adam."""
+    """The write-up's tutorial CNN wrapped in `GradientDropping`, compiled with Adam."""
     keras.utils.set_random_seed(config.seed)
     network = models.tutorial_cnn(image_shape, num_classes, seed=config.seed)
     model = GradientDropping(network, keep_prob=keep_prob, granularity=config.granularity,
@@ -176,7 +177,7 @@ def combined_history(workdir: str, keep_probs: Sequence[float]) -> pd.DataFrame:
 
 
 def summary_table(finals: dict, dataset: str, steps: int) -> pd.DataFrame:
-    """Final test accuracy per keep_prob beside the seed's (MNIST, 20k steps)."""
+    """Final test accuracy per keep_prob beside the write-up's (MNIST, 20k steps)."""
     rows = []
     for key, metrics in finals.items():
         published = SEED_TEST_ACCURACY.get(float(key)) if dataset == "mnist" else None
