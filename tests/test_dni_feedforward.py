@@ -193,8 +193,7 @@ def test_config_validation_names_the_flag():
                           (dict(update_prob=1.5), "update_prob"), (dict(method="sgd"), "method"),
                           (dict(layers=4, decouple=[4]), "decouple"),
                           (dict(layers=4, decouple=[0]), "decouple"),
-                          (dict(method="backprop", update_prob=0.5), "backprop"),
-                          (dict(steps=100, eval_every=30), "eval_every")]:
+                          (dict(method="backprop", update_prob=0.5), "backprop")]:
         with pytest.raises(ValueError, match=match):
             DNIConfig(**kwargs).validate()
     with pytest.raises(ValueError, match="decoupling points"):
