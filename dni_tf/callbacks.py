@@ -37,7 +37,7 @@ import tensorflow as tf
 from absl import logging
 
 from dni_tf import results, tensorboard_views
-from dni_tf.cli import CheckpointError, TrainingDiverged
+from dni_tf.errors import CheckpointError, TrainingDiverged
 
 
 @dataclasses.dataclass(frozen=True)

@@ -30,21 +30,10 @@ from typing import Callable, Iterable, Iterator, List, Optional, Sequence
 from absl import app, flags
 from absl import logging as absl_logging
 
-from dni_tf.data.images import DataError
 from dni_tf import distribution
-from dni_tf.distribution import STRATEGIES, DistributionError
-
-
-class UsageError(ValueError):
-    """Bad command-line input; the message names the flag and the allowed values."""
-
-
-class TrainingDiverged(RuntimeError):
-    """A training metric became NaN or infinite; the last good checkpoint is kept."""
-
-
-class CheckpointError(RuntimeError):
-    """No checkpoint of the run can be resumed from; the message names the file."""
+from dni_tf.distribution import STRATEGIES
+from dni_tf.errors import (CheckpointError, DataError, DistributionError, TrainingDiverged,
+                           UsageError)
 
 
 def fail(message: str, code: int) -> None:

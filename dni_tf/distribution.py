@@ -30,11 +30,9 @@ from typing import Iterator
 
 import tensorflow as tf
 
+from dni_tf.errors import DistributionError
+
 STRATEGIES = ("none", "mirrored", "multi_worker")
-
-
-class DistributionError(ValueError):
-    """The requested strategy cannot be set up (e.g. no or malformed TF_CONFIG)."""
 
 
 def cluster_task() -> dict:

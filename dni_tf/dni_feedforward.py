@@ -62,7 +62,7 @@ import tensorflow as tf
 
 from dni_tf import random_streams
 from dni_tf.synthetic_gradients import SyntheticGradient, regression_loss
-from dni_tf.training import track_loss
+from dni_tf.core import track_loss
 
 METHODS = ("backprop", "dni", "cdni")
 UNLOCKS = ("update", "complete")

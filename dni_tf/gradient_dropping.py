@@ -52,7 +52,7 @@ import tensorflow as tf
 from keras import ops
 
 from dni_tf import random_streams
-from dni_tf.training import track_loss
+from dni_tf.core import track_loss
 
 GRANULARITIES = ("variable", "layer", "element", "worker", "replica")
 DROPPED_STATES = ("freeze", "zero_gradient")

@@ -32,7 +32,7 @@ import numpy as np
 import tensorflow as tf
 
 from dni_tf.synthetic_gradients import regression_loss, surrogate_objective
-from dni_tf.training import replica_mean
+from dni_tf.core import replica_mean
 
 METHODS = ("backprop", "dni")
 SG_CONTEXTS = ("none", "count")

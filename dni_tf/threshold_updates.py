@@ -85,7 +85,7 @@ import tensorflow as tf
 from keras import ops
 
 from dni_tf import random_streams
-from dni_tf.training import track_loss
+from dni_tf.core import track_loss
 
 ACCUMULATIONS = ("sum", "decay", "normalized")
 DATASETS = ("mnist", "fashion_mnist", "cifar10", "digits")

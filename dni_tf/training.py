@@ -15,6 +15,7 @@ import keras
 import tensorflow as tf
 
 from dni_tf import results
+from dni_tf.core import build_for_restore, prepare_for_multi_worker
 from dni_tf.callbacks import (DivergenceGuard, EvaluationLogger, EvaluationSchedule,
                               ProgressLogger, ResumableCheckpoint, StopAtLastStep, SweepProgress)
 
@@ -75,11 +76,7 @@ def train_and_evaluate(model: keras.Model, train_data, eval_data, *, steps: int,
             lambda spec: tf.zeros([d or 1 for d in spec.shape], spec.dtype),
             train_data.element_spec))
     if multi_worker:
-        # Keras' fit() builds a distributed model from a batch averaged over the
-        # replicas, and that average fails under MultiWorkerMirroredStrategy
-        # (Keras 3.15: a PerReplica batch cannot be reduced). The model is built.
-        model._maybe_symbolic_build = lambda *args, **kwargs: None
-        _logs_as_vectors(model)
+        prepare_for_multi_worker(model)
     # One fit() and one iterator over train_data: a second iterator over the
     # same dataset would draw another shuffle order. A finished run (or one
     # asked for fewer steps than it has) runs no epochs; the checkpoint is
@@ -103,59 +100,3 @@ def train_and_evaluate(model: keras.Model, train_data, eval_data, *, steps: int,
     )
     history = results.load_history(workdir)
     return {k: (int(v) if k == "step" else float(v)) for k, v in history.iloc[-1].items()}
-
-
-def _logs_as_vectors(model: keras.Model) -> None:
-    """Makes the train/test steps return logs of shape [1] instead of scalars.
-
-    Under MultiWorkerMirroredStrategy Keras 3.15 reduces each step's logs with
-    `strategy.reduce("MEAN", value, axis=0)`, which fails on scalars; a
-    one-element vector reduces to the same mean.
-    """
-    for name in ("train_step", "test_step"):
-        step = getattr(model, name)
-
-        def vector_logs(data, step=step):
-            return {k: tf.reshape(v, [1]) for k, v in step(data).items()}
-
-        setattr(model, name, vector_logs)
-
-
-def build_for_restore(model: keras.Model, batch) -> None:
-    """Creates every variable `fit()` would (layers, metrics, optimizer slots).
-
-    Without a distribution strategy Keras builds lazily at the first traced
-    step, which is too late to load a checkpoint; this is the build it performs
-    under a strategy. Models with extra optimizers must build them in `build()`.
-    """
-    if hasattr(model, "_symbolic_build"):
-        model._symbolic_build(data_batch=batch)
-    else:  # fallback for Keras versions without the private hook
-        model(keras.utils.unpack_x_y_sample_weight(batch)[0])
-    if model.optimizer is not None and not model.optimizer.built:
-        model.optimizer.build(model.trainable_variables)
-
-
-def track_loss(model: keras.Model, loss, x) -> None:
-    """Records `loss` in the model's `loss` metric, as Keras' own train_step does.
-
-    Keras 3's `compute_loss` does not update the `loss` tracker; a custom
-    `train_step`/`test_step` must call this (before `compute_metrics`). Under a
-    distribution strategy the per-replica scaling is undone first.
-    """
-    from keras.src.losses import loss as loss_module  # no public alias yet
-
-    batch_size = tf.shape(tf.nest.flatten(x)[0])[0]
-    model._loss_tracker.update_state(loss_module.unscale_loss_for_distribution(loss),
-                                     sample_weight=batch_size)
-
-
-def replica_mean(grads):
-    """Gradients of per-replica batch means -> what `optimizer.apply` needs for the global mean.
-
-    For train steps that compute their own losses (not `compute_loss`, which
-    Keras already scales by 1 / replicas): the optimizer sums the replicas'
-    gradients, so each replica's share is divided by the replica count.
-    """
-    replicas = tf.distribute.get_strategy().num_replicas_in_sync
-    return [g / replicas for g in grads]

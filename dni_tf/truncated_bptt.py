@@ -66,7 +66,7 @@ import keras
 import tensorflow as tf
 
 from dni_tf.synthetic_gradients import regression_loss, surrogate_objective
-from dni_tf.training import replica_mean
+from dni_tf.core import replica_mean
 
 METHODS = ("bptt", "dni", "dni_aux")
 LOSS_TYPES = ("bernoulli", "categorical")

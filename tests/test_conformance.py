@@ -20,7 +20,7 @@ import pytest
 import tensorflow as tf
 
 from dni_tf.callbacks import restore, save
-from dni_tf.training import build_for_restore
+from dni_tf.core import build_for_restore
 
 
 def _classification_data(n=48, shape=(6,), classes=3, seed=0):

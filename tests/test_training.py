@@ -11,7 +11,7 @@ import pytest
 import tensorflow as tf
 
 from dni_tf import callbacks, cli, results
-from dni_tf.cli import CheckpointError, TrainingDiverged
+from dni_tf.errors import CheckpointError, TrainingDiverged
 from dni_tf.data import make_dataset
 from dni_tf.gradient_dropping import GradientDropping
 from dni_tf.training import SweepProgress, train_and_evaluate

@@ -36,6 +36,8 @@ from typing import Optional, Tuple
 
 import numpy as np
 
+from dni_tf.errors import DataError
+
 DATA_DIR_ENV = "DNI_TF_DATA_DIR"
 # Set to 0 to never try tensorflow-datasets (offline machines, tests).
 USE_TFDS_ENV = "DNI_TF_USE_TFDS"
@@ -53,10 +55,6 @@ _EXPECTED_COUNTS = {
 }
 
 Array = np.ndarray
-
-
-class DataError(RuntimeError):
-    """A dataset could not be loaded; the message says why and how to fix it."""
 
 
 @dataclasses.dataclass

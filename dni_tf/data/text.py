@@ -23,7 +23,8 @@ from typing import Dict, List, Optional
 import numpy as np
 import tensorflow as tf
 
-from dni_tf.data.images import DataError, check_finite, default_data_dir
+from dni_tf.data.images import check_finite, default_data_dir
+from dni_tf.errors import DataError
 
 SPLITS = ("train", "valid", "test")
 EOL = "\n"

@@ -24,7 +24,7 @@ from absl import logging
 from dni_tf import data as data_lib
 from dni_tf import models, plots, results, tensorboard_views
 from dni_tf import cli
-from dni_tf.cli import TrainingDiverged
+from dni_tf.errors import TrainingDiverged
 from dni_tf.gradient_dropping import DROPPED_STATES, GRANULARITIES, GradientDropping
 from dni_tf.training import SweepProgress, train_and_evaluate
 
