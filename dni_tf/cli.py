@@ -172,14 +172,17 @@ def _parse_list(name, text, convert, kind, distinct, bounds) -> list:
 def config_from_flags(config_class):
     """An instance of the dataclass `config_class` from the flags of the same names.
 
-    The config's `validate()` raises `ValueError("flag_name ...")`; that becomes a
-    UsageError naming the flag.
+    The config's `validate()` raises `ValueError("flag_name ...")`, which becomes
+    a UsageError naming the flag, or a `UsageError` (e.g. from `check_range`),
+    which is passed on as it is.
     """
     values = flags.FLAGS
     config = config_class(**{f.name: getattr(values, f.name)
                              for f in dataclasses.fields(config_class)})
     try:
         config.validate()
+    except UsageError:
+        raise  # already names the flag
     except ValueError as exc:
         raise UsageError(f"--{exc}") from None
     return config

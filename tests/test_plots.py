@@ -30,7 +30,7 @@ CHILD = textwrap.dedent("""
     import dni_tf.plots as plots
     import dni_tf.studies.dni_feedforward, dni_tf.studies.gradient_drop  # noqa: F401
     import dni_tf.studies.multi_network, dni_tf.studies.recurrent_dni  # noqa: F401
-    from dni_tf import threshold_updates
+    from dni_tf.studies import threshold_updates
     from dni_tf.studies import targeted_dropout
     report = {"after_import": matplotlib.get_backend()}
     out = sys.argv[1]

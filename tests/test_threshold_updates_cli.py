@@ -1,19 +1,25 @@
 """Tests of the experiments.threshold_updates entry point and its sweep outputs."""
 
+import dataclasses
 import os
 
 import pytest
 
 from dni_tf import cli, results
-from dni_tf import threshold_updates as tu
 from dni_tf.data import load_image_data
+from dni_tf.studies.threshold_updates import ThresholdSweepConfig, run_sweep
 
-
-GOOD = dict(workdir="/tmp/x", thresholds=["0", "1e-3"], accumulation="sum", decay=0.9,
+GOOD = dict(thresholds=["0", "1e-3"], accumulation="sum", decay=0.9,
             clip=0.0, noise_stddev=0.0, sparse_backward=False, max_delay=0,
             dataset="mnist", model="mlp", hidden=["16"], optimizer="sgd",
             learning_rate=0.1, steps=20, eval_every=10, batch_size=8, seed=0,
             target_accuracy=0.9, data_dir=None)
+
+
+def check_config(values):
+    config = ThresholdSweepConfig(**values)
+    config.validate()
+    return config
 
 
 @pytest.mark.parametrize("change, flag", [
@@ -22,22 +28,21 @@ GOOD = dict(workdir="/tmp/x", thresholds=["0", "1e-3"], accumulation="sum", deca
     (dict(decay=2.0), "decay"), (dict(clip=-1.0), "clip"), (dict(model="rnn"), "model"),
     (dict(dataset="imagenet"), "dataset"), (dict(hidden=["0"]), "hidden"),
     (dict(steps=0), "steps"), (dict(learning_rate=0.0), "learning_rate"),
-    (dict(optimizer="lbfgs"), "optimizer"), (dict(workdir=""), "workdir")])
+    (dict(optimizer="lbfgs"), "optimizer")])
 def test_bad_values_name_the_flag(change, flag):
     with pytest.raises(cli.UsageError, match=f"--{flag}"):
-        tu.check_config({**GOOD, **change})
+        check_config({**GOOD, **change})
 
 
 def test_good_values_parse():
-    config = tu.check_config(GOOD)
-    assert config["thresholds"] == [0.0, 1e-3] and config["hidden"] == [16]
+    config = check_config(GOOD)
+    assert config.thresholds == [0.0, 1e-3] and config.hidden == [16]
 
 
 def test_sweep_writes_tables_figures_and_resumes(tmp_path):
     data = load_image_data("digits")
-    config = tu.check_config({**GOOD, "dataset": "digits", "workdir": str(tmp_path),
-                              "max_delay": 1, "sparse_backward": True})
-    metrics = tu.run_sweep(config, data, str(tmp_path))
+    config = check_config({**GOOD, "dataset": "digits", "max_delay": 1, "sparse_backward": True})
+    metrics = run_sweep(config, str(tmp_path), data)
     for name in ("summary.csv", "summary.md", "curves.csv", "curves.png",
                  "accuracy_vs_sparsity.png", "results.json",
                  "threshold_0/history.csv", "threshold_0.001/results.json"):
@@ -47,7 +52,7 @@ def test_sweep_writes_tables_figures_and_resumes(tmp_path):
     assert 0 < sparse["weight_updates"] < dense["weight_updates"]
     assert dense["cancelled_fraction"] == 0.0
     # A rerun finds the checkpoints and trains no further.
-    again = tu.run_sweep(config, data, str(tmp_path))
+    again = run_sweep(config, str(tmp_path), data)
     assert again["T=0.001"]["weight_updates"] == sparse["weight_updates"]
 
 
@@ -65,20 +70,19 @@ def test_value_labels_are_short_and_exact():
     (dict(learning_rate=float("inf")), "--learning_rate=inf is not a finite number")])
 def test_non_finite_and_repeated_values_are_rejected(change, message):
     with pytest.raises(cli.UsageError, match=message):
-        tu.check_config({**GOOD, **change})
+        check_config({**GOOD, **change})
 
 
 def test_close_thresholds_train_in_their_own_folders(tmp_path):
     data = load_image_data("digits")
-    config = tu.check_config({**GOOD, "dataset": "digits", "workdir": str(tmp_path),
-                              "thresholds": ["1e-4", "1.000001e-4"], "steps": 2,
-                              "eval_every": 2})
-    metrics = tu.run_sweep(config, data, str(tmp_path))
+    config = check_config({**GOOD, "dataset": "digits", "thresholds": ["1e-4", "1.000001e-4"],
+                           "steps": 2, "eval_every": 2})
+    metrics = run_sweep(config, str(tmp_path), data)
     for name in ("threshold_0.0001", "threshold_0.0001000001"):
         assert (tmp_path / name / "results.json").is_file(), name
     assert set(metrics) == {"T=0.0001", "T=0.0001000001"}
     summary = (tmp_path / "summary.csv").read_text().splitlines()
     assert len(summary) == 3 and summary[1].split(",")[0] != summary[2].split(",")[0]
     with pytest.raises(cli.UsageError, match=r"--batch_size=5000 is out of range: allowed \[1, 1497\]"):
-        tu.run_sweep({**config, "batch_size": 5000}, data, str(tmp_path / "big"))
+        run_sweep(dataclasses.replace(config, batch_size=5000), str(tmp_path / "big"), data)
     assert not os.path.exists(tmp_path / "big")
