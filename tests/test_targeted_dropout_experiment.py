@@ -1,5 +1,5 @@
 """dni-tf targeted-dropout (python -m experiments.targeted_dropout): usage errors (exit 2,
-one line) and a tiny full run."""
+one line), a tiny full run, per-(regime, seed) resume and partial tables."""
 
 import glob
 import json
@@ -26,7 +26,7 @@ def _flags(**overrides):
     values = dict(workdir="/tmp/x", regimes=["none"], alpha=0.5, gamma=0.5, dropout_rate=0.25,
                   ramp_epochs=0.0, rank_every=1, epochs=1.0, steps=0, eval_every=0,
                   batch_size=128, learning_rate=1e-3, prune_fractions=["0", "50"],
-                  hidden=["8"])
+                  hidden=["8"], seed=0, seeds=[], steps_per_execution=1, xla_regimes=[])
     values.update(overrides)
     return types.SimpleNamespace(**values)
 
@@ -44,6 +44,24 @@ def test_validate_names_the_allowed_values():
     with pytest.raises(exp.cli.UsageError, match="--prune_fractions=nan is not a finite number"):
         exp.validate(_flags(prune_fractions=["0", "nan"]))
     assert exp.validate(_flags(prune_fractions=["90", "0", "50"]))["fractions"] == [0.0, 50.0, 90.0]
+    assert exp.validate(_flags(seed=4))["seeds"] == [4]
+    assert exp.validate(_flags(seeds=["1", "2", "3"]))["seeds"] == [1, 2, 3]
+    with pytest.raises(exp.cli.UsageError, match="--seeds: 2 is given more than once"):
+        exp.validate(_flags(seeds=["2", "2"]))
+    with pytest.raises(exp.cli.UsageError, match="--steps_per_execution"):
+        exp.validate(_flags(steps_per_execution=0))
+    exp.validate(_flags(regimes=["targeted_weight_ramp", "targeted_unit_ramp"],
+                        xla_regimes=["targeted_weight_ramp"]))
+    with pytest.raises(exp.cli.UsageError, match="--xla_regimes='weight'"):
+        exp.validate(_flags(xla_regimes=["weight"]))
+
+
+def test_steps_per_execution_must_divide_every_evaluation_period():
+    exp.check_steps_per_execution(_flags(steps_per_execution=12), 9360, 468)
+    with pytest.raises(exp.cli.UsageError, match="must divide every evaluation period"):
+        exp.check_steps_per_execution(_flags(steps_per_execution=10), 9360, 468)
+    with pytest.raises(exp.cli.UsageError, match="and the last one, 4"):
+        exp.check_steps_per_execution(_flags(steps_per_execution=3), 1000, 12)
 
 
 def test_schedule_evaluates_once_per_epoch_or_every_eval_every_steps():
@@ -54,20 +72,53 @@ def test_schedule_evaluates_once_per_epoch_or_every_eval_every_steps():
     assert exp.schedule(_flags(steps=10, eval_every=30), 60000)[:2] == (10, 10)
 
 
-def test_tiny_run_writes_table_figures_and_results(tmp_path):
+def test_tables_from_finished_cells_list_the_missing_ones(tmp_path):
+    from dni_tf.studies import targeted_dropout as study
+
+    def cell(regime, seed, accuracy):
+        table = pd.DataFrame({"kind": ["weight", "weight", "unit", "unit"],
+                              "fraction": [0.0, 50.0, 0.0, 50.0],
+                              "accuracy": [accuracy] * 4, "sparsity": [0.0, 0.5, 0.0, 0.5],
+                              "model_sparsity": [0.0, 0.4, 0.0, 0.4], "evaluation": "dense",
+                              "regime": regime, "seed": seed})
+        return table, None, {"test_accuracy": accuracy, "step": 10,
+                             "weight_pruned_50_accuracy": accuracy}
+
+    cells = [("none", 1), ("targeted_unit", 1), ("none", 2), ("targeted_unit", 2)]
+    finished = {("none", 1): cell("none", 1, 0.5), ("none", 2): cell("none", 2, 0.7),
+                ("targeted_unit", 1): cell("targeted_unit", 1, 0.9)}
+    metrics = study.write_tables(str(tmp_path), {"regimes": ["none"]}, cells, finished,
+                                 baseline=False, evaluation="dense")
+    assert metrics["none/weight_pruned_50_accuracy"] == pytest.approx(0.6)  # mean of 2 seeds
+    assert metrics["none/seed_2/test_accuracy"] == 0.7
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["status"] == "partial" and saved["missing_cells"] == ["targeted_unit seed 2"]
+    text = (tmp_path / "pruning_accuracy.md").read_text()
+    assert "| kind | regime | seeds | 0% (dense) | 50% |" in text
+    assert "| weight | none | 2 | 60.0 | 60.0 |" in text
+    assert "| unit | targeted_unit | 1 | 90.0 | 90.0 |" in text
+    wide = study.wide_table(pd.concat([finished[c][0] for c in finished]), True,
+                            "remove_targets")
+    assert "0% (targets removed)" in wide.columns
+
+
+def test_tiny_run_writes_table_figures_and_results_and_resumes_per_cell(tmp_path):
     workdir = tmp_path / "td"
-    proc = _run([f"--workdir={workdir}", "--dataset=digits", "--regimes=none,targeted_unit",
-                 "--hidden=16,8", "--steps=6", "--eval_every=3", "--batch_size=32",
-                 "--prune_fractions=0,50,90", "--seed=1"])
+    common = [f"--workdir={workdir}", "--dataset=digits", "--regimes=none,targeted_unit",
+              "--hidden=16,8", "--steps=6", "--eval_every=3", "--batch_size=32",
+              "--prune_fractions=0,50,90", "--steps_per_execution=3",
+              "--xla_regimes=targeted_unit"]
+    proc = _run([*common, "--seeds=1"])
     assert proc.returncode == 0, proc.stderr[-2000:]
     for name in ["pruning_accuracy.csv", "pruning_accuracy.md", "pruning_accuracy.png",
                  "weight_magnitudes.png", "results.json"]:
         assert (workdir / name).is_file(), name
     for regime in ["none", "targeted_unit"]:
-        history = pd.read_csv(workdir / regime / "history.csv")
+        cell = workdir / regime / "seed_1"
+        history = pd.read_csv(cell / "history.csv")
         assert list(history["step"]) == [3, 6]
-        assert (workdir / regime / "weight_magnitudes.png").is_file()
-        assert glob.glob(str(workdir / regime / "**" / "events.out.tfevents.*"), recursive=True)
+        assert (cell / "weight_magnitudes.png").is_file()
+        assert glob.glob(str(cell / "**" / "events.out.tfevents.*"), recursive=True)
     table = pd.read_csv(workdir / "pruning_accuracy.csv")
     assert len(table) == 2 * 2 * 3  # regimes x kinds x fractions
     unpruned = table[table["fraction"] == 0]
@@ -78,4 +129,19 @@ def test_tiny_run_writes_table_figures_and_results(tmp_path):
     assert results["config"]["alpha"] == 0.5 and results["config"]["hidden"] == ["16", "8"]
     assert 0.0 <= results["metrics"]["targeted_unit/unit_pruned_50_accuracy"] <= 1.0
     assert "published_baseline" not in results  # only for fashion_mnist
-    assert "| unit | targeted_unit |" in (workdir / "pruning_accuracy.md").read_text()
+    assert "| unit | targeted_unit | 1 |" in (workdir / "pruning_accuracy.md").read_text()
+
+    # A second seed: the finished seed-1 cells are read back, not retrained.
+    first = (workdir / "none" / "seed_1" / "history.csv").stat().st_mtime_ns
+    proc = _run([*common, "--seeds=1,2"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (workdir / "none" / "seed_1" / "history.csv").stat().st_mtime_ns == first
+    assert list(pd.read_csv(workdir / "none" / "seed_2" / "history.csv")["step"]) == [3, 6]
+    assert "| unit | targeted_unit | 2 |" in (workdir / "pruning_accuracy.md").read_text()
+    assert len(pd.read_csv(workdir / "pruning_accuracy.csv")) == 2 * 2 * 2 * 3
+
+    # Other training settings in the same folder: one line, exit 2, nothing overwritten.
+    proc = _run([*common, "--seeds=1", "--alpha=0.3"])
+    assert proc.returncode == 2
+    assert "was trained with other settings: alpha=0.5 (now 0.3)" in proc.stderr
+    assert (workdir / "none" / "seed_1" / "history.csv").stat().st_mtime_ns == first

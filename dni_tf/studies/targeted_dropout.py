@@ -1,30 +1,36 @@
-"""The targeted-dropout / pruning study as importable code.
+"""The targeted-dropout / pruning study (the write-up *targeted-dropout: An inquiry
+into the nature of pruning and targeted dropout*) as importable code.
 
-Sources: Gomez et al. 2019 (arXiv:1905.13678) and the write-up
-*targeted-dropout: An inquiry into the nature of pruning and targeted dropout*.
-
-`run_study(...)` trains the 784-1000-1000-500-200-10 MLP once per regime ("none",
-"dropout",
-"targeted_weight", "targeted_unit"; each in `workdir/<regime>/`, resumable, through
+`run_study(...)` trains the write-up's MLP once per (regime, seed) cell
+("none", "dropout", "targeted_weight", "targeted_unit" and the ramped
+"targeted_weight_ramp", "targeted_unit_ramp"; each cell in
+`workdir/<regime>/seed_<seed>/`, resumable, through
 `dni_tf.training.train_and_evaluate`), prunes each trained network with
 `dni_tf.pruning` at every fraction with weight and unit pruning (no retraining),
-and writes beside them `pruning_accuracy.csv`/`.md` (next to `PUBLISHED_BASELINE`
-on Fashion-MNIST), `pruning_accuracy.png`, `weight_magnitudes.png` and
-`results.json`. The CLI `python -m experiments.targeted_dropout` calls it.
+and after every cell rewrites, from all finished cells, `pruning_accuracy.csv`
+(one row per cell, kind and fraction) / `.md` (mean over the finished seeds,
+next to `PUBLISHED_BASELINE` on Fashion-MNIST), `pruning_accuracy.png`,
+`weight_magnitudes.png` and `results.json` (status "completed" once every cell
+is done, "partial" before, with the missing cells listed). Seeds are the outer
+loop, so the first seed of every regime finishes first. A finished cell (its
+results.json completed with the same settings) is read back, not retrained; a
+cell trained with other settings is an error. The CLI
+`python -m experiments.targeted_dropout` calls it.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Sequence
+from typing import List, Optional, Sequence
 
 import keras
 import numpy as np
 
 from dni_tf.cli import value_label
-from dni_tf.targeted_dropout import targeted_dropout_mlp
+from dni_tf.targeted_dropout import EVALUATIONS, REGIMES, RAMPS, regime_variant, \
+    set_evaluation, targeted_dropout_mlp
 
-# Public baseline: the plain 784-1000-1000-500-200-10 MLP on
+# Public baseline (design.md): the plain 784-1000-1000-500-200-10 MLP on
 # Fashion-MNIST, Adam 1e-3, batch 128, 20 epochs; test accuracy % by pruning %.
 PUBLISHED_BASELINE = {
     "weight": {0: 88.5, 25: 88.6, 50: 88.6, 60: 88.2, 70: 86.9, 80: 86.3, 90: 80.5,
@@ -33,25 +39,37 @@ PUBLISHED_BASELINE = {
              95: 20.7, 97: 12.3, 99: 2.3},
 }
 BASELINE_LABEL = "published baseline (none, 20 epochs)"
+# How the "0%" column was evaluated (targeted regimes; plain networks are the same).
+EVALUATION_LABELS = {"dense": "dense", "remove_targets": "targets removed"}
+# Settings a cell is trained with: a rerun with other values is refused (steps may grow).
+CELL_SETTINGS = ("dataset", "hidden", "alpha", "gamma", "dropout_rate", "ramp_steps", "ramp",
+                 "rank_every", "drop_bias", "use_bias", "batch_size", "learning_rate")
 
 
 def compiled_model(regime: str, input_shape, num_classes: int, learning_rate: float = 1e-3,
-                   **kwargs) -> keras.Model:
+                   jit_compile="auto", steps_per_execution: int = 1, **kwargs) -> keras.Model:
     """`targeted_dropout_mlp(regime, ...)` compiled with Adam and logits cross-entropy."""
     model = targeted_dropout_mlp(regime, input_shape=input_shape, num_classes=num_classes,
                                  **kwargs)
     model.compile(optimizer=keras.optimizers.Adam(learning_rate),
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                  metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")])
+                  metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
+                  jit_compile=jit_compile, steps_per_execution=steps_per_execution)
     return model
 
 
 def pruning_sweep(model: keras.Model, images: np.ndarray, labels: np.ndarray,
-                  fractions_percent: Sequence[float], include_logits: bool = False):
+                  fractions_percent: Sequence[float], include_logits: bool = False,
+                  evaluation: str = "dense"):
     """Accuracy of pruned copies of `model` at each fraction (percent), both kinds.
 
-    Returns a DataFrame with columns kind, fraction (percent), accuracy (0-1),
-    sparsity and model_sparsity (see `pruning.PruneReport`).
+    `evaluation` is how targeted layers of the pruned copy are evaluated:
+    "dense" (every remaining weight used) or "remove_targets" (each targeted
+    layer also removes its whole target set, ranked on the pruned kernel, as
+    the official code's evaluation). Returns a DataFrame with columns kind,
+    fraction (percent), accuracy (0-1), sparsity and model_sparsity (see
+    `pruning.PruneReport`; the pruning's own sparsity, not counting targets
+    removed at evaluation), evaluation.
     """
     import pandas as pd
 
@@ -61,9 +79,11 @@ def pruning_sweep(model: keras.Model, images: np.ndarray, labels: np.ndarray,
     for kind in pruning.KINDS:
         for percent in fractions_percent:
             pruned, report = pruning.prune_model(model, percent / 100.0, kind, include_logits)
+            set_evaluation(pruned, evaluation)
             rows.append({"kind": kind, "fraction": float(percent),
                          "accuracy": pruning.accuracy(pruned, images, labels),
-                         "sparsity": report.sparsity, "model_sparsity": report.model_sparsity})
+                         "sparsity": report.sparsity, "model_sparsity": report.model_sparsity,
+                         "evaluation": evaluation})
             del pruned
     return pd.DataFrame(rows)
 
@@ -85,22 +105,43 @@ def hidden_weight_magnitudes(model: keras.Model, include_logits: bool = False,
     return pd.concat(frames, ignore_index=True)
 
 
-def wide_table(table, baseline: bool):
-    """Long sweep table -> wide (kind, regime) x fraction accuracy in percent."""
+def fraction_label(fraction: float, evaluation: Optional[str] = None) -> str:
+    """Column label of a pruning fraction; 0% names its evaluation ("0% (dense)")."""
+    label = f"{value_label(fraction)}%"
+    if evaluation and float(fraction) == 0.0:
+        label += f" ({EVALUATION_LABELS[evaluation]})"
+    return label
+
+
+def wide_table(table, baseline: bool, evaluation: Optional[str] = None):
+    """Long sweep table -> wide (kind, regime, seeds) x fraction, mean accuracy in percent.
+
+    A `seed` column (if any) is averaged over; `seeds` counts the seeds per row.
+    With `evaluation`, the 0% column is labelled with it.
+    """
     import pandas as pd
 
     frame = table.assign(accuracy=100.0 * table["accuracy"])
+    if "seed" not in frame.columns:
+        frame = frame.assign(seed=0)
+    counts = frame.groupby(["kind", "regime"], sort=False)["seed"].nunique()
+    frame = frame.groupby(["kind", "regime", "fraction"], sort=False, as_index=False)[
+        "accuracy"].mean()
+    frame["seeds"] = [str(counts[(k, r)]) for k, r in zip(frame["kind"], frame["regime"])]
     rows = []
     if baseline:
         for kind, values in PUBLISHED_BASELINE.items():
             for fraction, acc in values.items():
                 rows.append({"kind": kind, "regime": BASELINE_LABEL, "fraction": float(fraction),
-                             "accuracy": acc})
-    frame = pd.concat([frame[["kind", "regime", "fraction", "accuracy"]], pd.DataFrame(rows)],
-                      ignore_index=True)
-    wide = frame.pivot_table(index=["kind", "regime"], columns="fraction", values="accuracy",
-                             sort=False)
-    wide.columns = [f"{value_label(c)}%" for c in wide.columns]
+                             "accuracy": acc, "seeds": "-"})
+    frame = pd.concat([frame[["kind", "regime", "seeds", "fraction", "accuracy"]],
+                       pd.DataFrame(rows)], ignore_index=True)
+    # Baseline rows right after their kind's own rows.
+    frame["_kind"] = frame["kind"].map({"weight": 0, "unit": 1})
+    frame = frame.sort_values("_kind", kind="stable").drop(columns="_kind")
+    wide = frame.pivot_table(index=["kind", "regime", "seeds"], columns="fraction",
+                             values="accuracy", sort=False)
+    wide.columns = [fraction_label(c, evaluation) for c in wide.columns]
     return wide.reset_index()
 
 
@@ -115,7 +156,7 @@ def markdown_table(wide) -> str:
 
 
 def plot_accuracy(table, path: str, baseline: bool) -> None:
-    """Accuracy vs pruning fraction: a line per regime, a panel per pruning kind."""
+    """Accuracy vs pruning fraction: a line per regime (mean over seeds), a panel per kind."""
     import matplotlib.pyplot as plt
     import pandas as pd
     import seaborn as sns
@@ -151,61 +192,192 @@ def plot_magnitudes(magnitudes, path: str) -> None:
     plt.close(grid.figure)
 
 
+def cell_dir(workdir: str, regime: str, seed: int) -> str:
+    """The run directory of one (regime, seed) cell."""
+    return os.path.join(workdir, regime, f"seed_{seed}")
+
+
+class CellMismatch(ValueError):
+    """A cell's folder holds a run trained with other settings."""
+
+
+def _check_cell(rundir: str, settings: dict) -> Optional[dict]:
+    """The cell's saved results (None if none yet); CellMismatch if trained with other settings."""
+    from dni_tf import results
+
+    saved = results.load_results(rundir)
+    if saved is None:
+        return None
+    old = saved.get("config", {}).get("cell", {})
+    changed = [f"{k}={old.get(k)!r} (now {settings.get(k)!r})" for k in CELL_SETTINGS
+               if k in old and old.get(k) != settings.get(k)]
+    if changed:
+        raise CellMismatch(f"{rundir} was trained with other settings: {', '.join(changed)}; "
+                         "use another workdir")
+    return saved
+
+
 def run_study(data, workdir: str, config: dict, *, regimes: Sequence[str],
               fractions: Sequence[float], hidden: Sequence[int], steps: int, eval_every: int,
               alpha: float = 0.5, gamma: float = 0.5, dropout_rate: float = 0.25,
-              rank_every: int = 1, ramp_steps: int = 0, use_bias: bool = True,
+              rank_every: int = 1, ramp_steps: int = 0, ramp: str = "paper",
+              use_bias: bool = True, drop_bias: bool = False, evaluation: str = "dense",
               batch_size: int = 128, learning_rate: float = 1e-3, prune_logits: bool = False,
-              seed: int = 0) -> dict:
-    """Trains each regime in `workdir/<regime>/`, prunes it, writes tables and figures.
+              seed: int = 0, seeds: Optional[Sequence[int]] = None,
+              xla_regimes: Sequence[str] = (), steps_per_execution: int = 1) -> dict:
+    """Trains each (regime, seed) cell, prunes it, writes tables and figures.
 
-    `data` is a `dni_tf.data.ImageData`; `fractions` are percentages. A rerun
-    resumes each regime from its checkpoints (a finished regime is only reloaded
-    and pruned again). Returns the metrics dict written to `workdir/results.json`.
+    `data` is a `dni_tf.data.ImageData`; `fractions` are percentages; `seeds`
+    (default `[seed]`) seed initialisation, data order and masks of each cell.
+    `ramp_steps` is the ramp length of the "*_ramp" regimes (0: the whole run,
+    `steps`); the other regimes never ramp. `evaluation` ("dense" or
+    "remove_targets") is how targeted layers are evaluated in the pruning sweep
+    (and in the training curves). A rerun resumes each cell from its
+    checkpoints; a finished cell is read back. Returns the metrics dict written
+    to `workdir/results.json` (means over the finished seeds).
+
+    Speed (the same training either way): the regimes in `xla_regimes` are
+    compiled with XLA, one step per call (XLA pays off for the weight variant,
+    whose exact ranking dominates its step; it changes float rounding, not the
+    masks); the others run `steps_per_execution` steps per call (bit-identical
+    to one step per call; it must divide every evaluation period).
     """
     import pandas as pd
 
     from dni_tf import results, tensorboard_views, training
 
+    seeds = [seed] if seeds is None else [int(s) for s in seeds]
     if len(set(regimes)) != len(regimes):
         raise ValueError(f"regimes must be distinct (one folder each), got {list(regimes)}")
+    unknown = [r for r in regimes if r not in REGIMES]
+    if unknown:
+        raise ValueError(f"regimes: {unknown} not in {', '.join(REGIMES)}")
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds must be distinct and at least one, got {seeds}")
     labels = [value_label(f) for f in fractions]
     if len(set(labels)) != len(labels):
         raise ValueError(f"fractions must be distinct, got {', '.join(labels)}")
+    if evaluation not in EVALUATIONS:
+        raise ValueError(f"evaluation: {evaluation!r} not in {', '.join(EVALUATIONS)}")
+    if ramp not in RAMPS:
+        raise ValueError(f"ramp: {ramp!r} not in {', '.join(RAMPS)}")
+    if steps_per_execution < 1 or eval_every % steps_per_execution or \
+            (steps % eval_every) % steps_per_execution:
+        raise ValueError(f"steps_per_execution={steps_per_execution} must divide eval_every "
+                         f"({eval_every}) and the last evaluation period ({steps % eval_every or eval_every})")
+    unknown = [r for r in xla_regimes if r not in REGIMES]
+    if unknown:
+        raise ValueError(f"xla_regimes: {unknown} not in {', '.join(REGIMES)}")
     baseline = data.name == "fashion_mnist"
-    tables, magnitudes, metrics, runs = [], [], {}, []
-    for regime in training.SweepProgress(regimes):
-        rundir = os.path.join(workdir, regime)
+    fractions = sorted(float(f) for f in fractions)
+    cells = [(r, s) for s in seeds for r in regimes]
+
+    def settings_of(regime):
+        """The settings that change what this cell trains (a none cell ignores alpha...)."""
+        settings = {"dataset": data.name, "hidden": [int(h) for h in hidden],
+                    "use_bias": use_bias, "batch_size": batch_size,
+                    "learning_rate": learning_rate}
+        variant = regime_variant(regime)
+        if regime == "dropout":
+            settings["dropout_rate"] = dropout_rate
+        if variant is not None:
+            settings.update(alpha=alpha, gamma=gamma)
+            settings.update({"rank_every": rank_every} if variant == "weight"
+                            else {"drop_bias": drop_bias})
+        if regime.endswith("_ramp"):
+            settings.update(ramp_steps=ramp_steps or steps, ramp=ramp)
+        return settings
+
+    finished = {}  # (regime, seed) -> (pruning table, magnitudes, metrics)
+    for regime, cell_seed in training.SweepProgress(cells, lambda c: f"{c[0]} seed {c[1]}"):
+        rundir = cell_dir(workdir, regime, cell_seed)
+        settings = settings_of(regime)
+        saved = _check_cell(rundir, settings)
+        cell_config = dict(config, regime=regime, seed=cell_seed, cell=settings)
+        pruning_csv = os.path.join(rundir, "pruning.csv")
+        if (saved and saved.get("status") == "completed"
+                and saved["metrics"].get("step") == steps and os.path.exists(pruning_csv)):
+            table = pd.read_csv(pruning_csv)
+            if (set(table.get("evaluation", [])) == {evaluation}
+                    and sorted(set(table["fraction"])) == fractions):
+                mags_path = os.path.join(rundir, "weight_magnitudes.csv")
+                mags = pd.read_csv(mags_path) if os.path.exists(mags_path) else None
+                finished[(regime, cell_seed)] = (table, mags, saved["metrics"])
+                continue
+        os.makedirs(rundir, exist_ok=True)
+        results.save_results(rundir, cell_config, {}, status="running")
         keras.utils.clear_session()
+        xla = regime in xla_regimes
         model = compiled_model(regime, data.image_shape, data.num_classes, learning_rate,
+                               jit_compile=xla, steps_per_execution=1 if xla else steps_per_execution,
                                hidden=hidden, use_bias=use_bias, alpha=alpha, gamma=gamma,
-                               dropout_rate=dropout_rate, ramp_steps=ramp_steps,
-                               rank_every=rank_every, seed=seed)
+                               dropout_rate=dropout_rate, ramp_steps=settings.get("ramp_steps", 0),
+                               ramp=ramp, rank_every=rank_every, drop_bias=drop_bias,
+                               evaluation=evaluation, seed=cell_seed)
         last = training.train_and_evaluate(
-            model, data.train_dataset(batch_size, seed=seed), data.test_dataset(1000),
-            steps=steps, eval_every=eval_every, workdir=rundir, label=regime)
-        table = pruning_sweep(model, *data.test, fractions, prune_logits).assign(regime=regime)
-        results.write_csv(os.path.join(rundir, "pruning.csv"), table)
-        mags = hidden_weight_magnitudes(model, prune_logits, seed=seed)
+            model, data.train_dataset(batch_size, seed=cell_seed), data.test_dataset(1000),
+            steps=steps, eval_every=eval_every, workdir=rundir, label=f"{regime} seed {cell_seed}")
+        table = pruning_sweep(model, *data.test, fractions, prune_logits, evaluation)
+        table = table.assign(regime=regime, seed=cell_seed)
+        results.write_csv(pruning_csv, table)
+        mags = hidden_weight_magnitudes(model, prune_logits, seed=cell_seed)
+        results.write_csv(os.path.join(rundir, "weight_magnitudes.csv"), mags)
         plot_magnitudes(mags, os.path.join(rundir, "weight_magnitudes.png"))
         run_metrics = {"test_accuracy": last.get("test_accuracy"), "step": last.get("step")}
         for row in table.itertuples():
             label = value_label(row.fraction)  # exact: 50 and 50.0000001 stay apart
             run_metrics[f"{row.kind}_pruned_{label}_accuracy"] = row.accuracy
             run_metrics[f"{row.kind}_pruned_{label}_sparsity"] = row.sparsity
-        results.save_results(rundir, dict(config, regime=regime), run_metrics)
-        runs.append((rundir, {"regime": regime}, run_metrics))
-        metrics.update({f"{regime}/{k}": v for k, v in run_metrics.items()})
-        tables.append(table)
-        magnitudes.append(mags.assign(regime=regime))
-    tensorboard_views.log_sweep(workdir, runs)
-    table = pd.concat(tables, ignore_index=True)
+        results.save_results(rundir, cell_config, run_metrics)
+        finished[(regime, cell_seed)] = (table, mags, run_metrics)
+        write_tables(workdir, config, cells, finished, baseline, evaluation)
+    metrics = write_tables(workdir, config, cells, finished, baseline, evaluation)
+    tensorboard_views.log_sweep(workdir, [
+        (cell_dir(workdir, r, s), {"regime": r, "seed": s}, finished[(r, s)][2])
+        for r, s in cells])
+    return metrics
+
+
+def write_tables(workdir: str, config: dict, cells, finished: dict, baseline: bool,
+                 evaluation: str) -> dict:
+    """Tables, figures and results.json from the finished cells; returns the metrics.
+
+    Metrics `<regime>/<kind>_pruned_<f>_accuracy` (and `test_accuracy`) are means
+    over the regime's finished seeds; `<regime>/seed_<s>/...` the cells' own.
+    """
+    import pandas as pd
+
+    from dni_tf import results
+
+    if not finished:
+        return {}
+    table = pd.concat([finished[c][0] for c in cells if c in finished], ignore_index=True)
     results.write_csv(os.path.join(workdir, "pruning_accuracy.csv"), table)
-    wide = wide_table(table, baseline)
+    wide = wide_table(table, baseline, evaluation)
     results.atomic_write_text(os.path.join(workdir, "pruning_accuracy.md"), markdown_table(wide))
     plot_accuracy(table, os.path.join(workdir, "pruning_accuracy.png"), baseline)
-    plot_magnitudes(pd.concat(magnitudes, ignore_index=True),
-                    os.path.join(workdir, "weight_magnitudes.png"))
+    mags = []
+    for regime in dict.fromkeys(r for r, _ in cells):
+        first = next((finished[c][1] for c in cells if c[0] == regime and c in finished
+                      and finished[c][1] is not None), None)
+        if first is not None:
+            mags.append(first.assign(regime=regime))
+    if mags:
+        plot_magnitudes(pd.concat(mags, ignore_index=True),
+                        os.path.join(workdir, "weight_magnitudes.png"))
+    metrics = {}
+    for (regime, seed), (_, _, cell_metrics) in finished.items():
+        metrics.update({f"{regime}/seed_{seed}/{k}": v for k, v in cell_metrics.items()})
+    for regime in dict.fromkeys(r for r, _ in cells):
+        done = [finished[c][2] for c in cells if c[0] == regime and c in finished]
+        keys = [k for k in done[0] if k != "step"] if done else []
+        for key in keys:
+            values = [m[key] for m in done if m.get(key) is not None]
+            if values:
+                metrics[f"{regime}/{key}"] = float(np.mean(values))
+    missing = [f"{r} seed {s}" for r, s in cells if (r, s) not in finished]
     extra = {"published_baseline": PUBLISHED_BASELINE} if baseline else {}
-    results.save_results(workdir, config, metrics, **extra)
+    results.save_results(workdir, config, metrics,
+                         status="completed" if not missing else "partial",
+                         missing_cells=missing, **extra)
     return metrics
