@@ -14,11 +14,13 @@ and backward.
 
 Conventions the caller must know:
 
-* Units. The module predicts the *per-example* gradient `d loss_n / d h_n` (the
-  gradient of example n's own loss with respect to its own activation), not the
-  gradient of the batch-mean loss, so its targets do not shrink with the batch
-  size. With a batch-mean loss `L`, the per-example gradient is `B * dL/dh`;
-  `surrogate_objective` divides by `B` again.
+* Units. The module predicts whatever its caller regresses it onto. The
+  recurrent DNI and `surrogate_objective` use the *per-example* gradient
+  `d loss_n / d h_n` (`B * dL/dh` for a batch-mean loss `L`; it does not shrink
+  with the batch size; `surrogate_objective` divides by `B` again).
+  `dni_tf.dni_feedforward` offers both (`gradient_units`): under Adam the
+  module's weight steps do not depend on the size of the targets, so B-times
+  larger targets are tracked about B times more slowly.
 * The output layer is initialised to zero: a fresh module predicts exactly zero,
   so the first update of the layers below it is zero (a pitfall of many public
   implementations that use random output weights).

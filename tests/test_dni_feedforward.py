@@ -11,7 +11,7 @@ import pytest
 import tensorflow as tf
 import keras
 
-from dni_tf.dni_feedforward import DNIClassifier, cnn_layers, fcn_layers
+from dni_tf.dni_feedforward import DNIClassifier, build_classifier, cnn_layers, fcn_layers
 from dni_tf.studies.dni_feedforward import DNIConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -225,15 +225,109 @@ def test_cli_grid_writes_table_history_and_figures(tmp_path):
     assert list(history["step"]) == [2, 4] and "train_sg_loss_2" in history
 
 
+@pytest.mark.parametrize("cnn", [False, True])
+def test_decoupling_points_move_but_the_network_function_does_not(cnn):
+    x = RNG.random((4, 12, 12, 1)).astype("float32")
+    outputs = {}
+    for point in ("pre_relu", "post_relu"):
+        net = (cnn_layers(4, 10, filters=3, kernel_size=3, seed=2, point=point) if cnn
+               else fcn_layers(4, 10, width=7, seed=2, point=point))
+        h = x
+        for layer in net:
+            h = layer(h, training=True)
+        outputs[point] = h.numpy()
+        ends = [type(layer.layers[-1]).__name__ for layer in net[:-1]]
+        if point == "pre_relu":  # points read the batch-norm output (layer 1 of the CNN: max pool)
+            assert ends == (["MaxPooling2D", "BatchNormalization", "BatchNormalization"] if cnn
+                            else ["BatchNormalization"] * 3)
+        else:
+            assert ends == (["MaxPooling2D", "AveragePooling2D", "AveragePooling2D"] if cnn
+                            else ["ReLU"] * 3)
+    np.testing.assert_allclose(outputs["pre_relu"], outputs["post_relu"], rtol=1e-5, atol=1e-6)
+
+
+def test_auto_defaults_pick_the_point_and_units_per_method():
+    dni = build_classifier("fcn", 3, (8, 8, 1), 10, width=6, method="dni")
+    cdni = build_classifier("fcn", 3, (8, 8, 1), 10, width=6, method="cdni")
+    assert type(dni.net_layers[0].layers[-1]).__name__ == "BatchNormalization"
+    assert type(cdni.net_layers[0].layers[-1]).__name__ == "ReLU"
+    assert dni.gradient_units == "batch_mean" and cdni.gradient_units == "per_example"
+    assert DNIClassifier(fcn_layers(3), 10, method="dni", gradient_units="per_example"
+                         ).gradient_units == "per_example"
+
+
+def test_bp_lambda_one_is_backprop_for_any_sg_scale():
+    backprop = make(method="backprop")
+    mixed = make(method="cdni", lambda_mix=1.0, sg_scale=0.5)
+    nonzero_module_outputs(mixed)  # a (1 - lambda) x synthetic term would show
+    for step in range(3):
+        backprop.train_on_batch(*batch(step))
+        mixed.train_on_batch(*batch(step))
+        for layer_b, layer_m in zip(backprop.net_layers, mixed.net_layers):
+            for vb, vm in zip(layer_b.weights, layer_m.weights):
+                np.testing.assert_allclose(vm.numpy(), vb.numpy(), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="lambda_mix"):
+        make(method="dni", lambda_mix=0.5, unlock="complete")
+
+
+def test_sparse_updates_count_each_blocks_own_steps_and_follow_the_global_lr():
+    model = make(method="cdni", update_prob=0.5, lr=1e-2)
+    nonzero_module_outputs(model)
+    moved = np.zeros(3, int)
+    for step in range(8):
+        before = [values(model._block_variables(j)) for j in range(3)]
+        model.train_on_batch(*batch(step))
+        moved += [all(changed(b, model._block_variables(j))) for j, b in enumerate(before)]
+    assert 0 < moved.sum() < 24, moved
+    # Adam's bias correction counts only the steps a block was updated.
+    assert [int(o.iterations.numpy()) for o in model.block_optimizers] == list(moved)
+    assert int(model.optimizer.iterations.numpy()) == 8
+    for opt in model.block_optimizers:
+        assert float(opt.learning_rate.numpy()) == pytest.approx(1e-2)
+
+
+def test_sample_weight_class_weight_and_a_summed_loss_are_refused():
+    model = make(method="dni")
+    with pytest.raises(ValueError, match="sample_weight or class_weight"):
+        model.fit(X, Y, sample_weight=np.ones(96), epochs=1, batch_size=32, verbose=0)
+    with pytest.raises(ValueError, match="sample_weight or class_weight"):
+        model.fit(X, Y, class_weight={i: 1.0 for i in range(10)}, epochs=1, batch_size=32,
+                  verbose=0)
+    with pytest.raises(ValueError, match="reduction='sum'"):
+        model.compile(optimizer="adam", loss=keras.losses.SparseCategoricalCrossentropy(
+            from_logits=True, reduction="sum"))
+    # Backprop supports sample weights: weight 0 on every example = no update.
+    backprop = make(method="backprop")
+    before = values(backprop.trainable_variables)
+    backprop.fit(X[:32], Y[:32], sample_weight=np.zeros(32), batch_size=32, epochs=1, verbose=0)
+    assert not any(changed(before, backprop.trainable_variables))
+
+
+@pytest.mark.parametrize("input_targets", ["real", "chained"])
+def test_complete_unlock_moving_statistics_follow_the_real_chain(input_targets):
+    model = make(method="cdni", unlock="complete", input_targets=input_targets)
+    reference = make(method="backprop")  # same seeds: the same layers
+    model.train_on_batch(*batch(0))
+    reference(batch(0)[0], training=True)  # one real forward pass updates its statistics
+    same = [np.allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-7)
+            for a, b in zip([v for layer in model.net_layers for v in layer.non_trainable_variables],
+                            [v for layer in reference.net_layers
+                             for v in layer.non_trainable_variables])]
+    assert all(same) == (input_targets == "real"), same
+
+
 # --------------------------------------------------------------- one step by hand
 STEP_B = 6  # tiny batch: per-example (B * dL/dh) and batch-mean units differ 6-fold
 
 
-def _step_model(method, sg_scale, lambda_mix, unlock, sg_hidden_layers=0):
+def _step_model(method, sg_scale, lambda_mix, unlock, sg_hidden_layers=0, target_mix=0.0,
+                gradient_units="batch_mean", point="pre_relu", input_targets="real"):
     """A 3-layer FCN (2 decoupling points) with random, NON-zero modules, SGD lr 1."""
-    net = fcn_layers(3, 10, width=5, seed=1)
+    net = fcn_layers(3, 10, width=5, seed=1, point=point)
     model = DNIClassifier(net, 10, method=method, sg_scale=sg_scale, lambda_mix=lambda_mix,
-                          unlock=unlock, sg_hidden_layers=sg_hidden_layers, sg_units=4,
+                          target_mix=target_mix, gradient_units=gradient_units,
+                          unlock=unlock, input_targets=input_targets,
+                          sg_hidden_layers=sg_hidden_layers, sg_units=4,
                           input_hidden_layers=0, diagnostics=True, seed=3)
     model.build((None, 8, 8, 1))
     # Zero-initialised output layers would hide wrong targets, scales and inputs.
@@ -250,22 +344,26 @@ def _step_model(method, sg_scale, lambda_mix, unlock, sg_hidden_layers=0):
 def _reference_gradients(model, x, y):
     """DNI/cDNI gradients of one step, from the paper, with a tape per block.
 
-    Returns ({id(variable): gradient}, [(cosine, norm ratio) per point]).
-    Every block j < last is trained by the surrogate sum(h_j * sg_scale * M_j) / B
-    (M in per-example units); the last one by the batch-mean loss. The target of
-    M_k is lam * B * (true dL/dh_k) + (1 - lam) * bootstrap, where bootstrap =
-    the next module's UNSCALED prediction backpropagated through the next block
-    (or B * dL/dh_k at the last point). With complete unlock block j > 0 runs on
-    I_j(x), and I_j regresses onto the real output of block j - 1.
+    Returns ({id(variable): gradient}, [(cosine, norm ratio, update cosine) per point]).
+    Units: u = B (per_example) or 1 (batch_mean); a module M predicts u x dL/dh.
+    Going down from the loss, a_k is the gradient (loss units) arriving at point
+    k from above (a = dL/dh at the last point) and the block below point k is
+    driven by c_k = lam * a_k + (1 - lam) * sg_scale * M_k / u (BP(lambda));
+    a_{k-1} is c_k backpropagated through that block. The module target is the
+    same chain with sg_scale = 1 (unscaled synthetic terms), times u, mixed with
+    the true gradient by target_mix. With complete unlock block j > 0 runs on
+    I_j(x), and I_j regresses onto the real output of block j - 1 (the real
+    chain; or, "chained", block j - 1 applied to I_{j-1}(x)).
     """
     b = float(x.shape[0])
+    u = b if model.gradient_units == "per_example" else 1.0
     x = tf.constant(x)
     y = tf.constant(y)
     context = tf.one_hot(y, 10) if model.method == "cdni" else None
     loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     num_points = len(model.points)
     complete = model.unlock == "complete"
-    scale, lam = model.sg_scale, model.lambda_mix
+    scale, lam, mix = model.sg_scale, model.lambda_mix, model.target_mix
     grads = {}
 
     def run(j, h):
@@ -276,81 +374,105 @@ def _reference_gradients(model, x, y):
 
     # Block inputs (constants) and the input models' regression.
     block_in = [x]
-    h = x
+    real = x
     for j in range(num_points):
-        real = run(j, block_in[j])
+        real = run(j, real)
         if complete:
+            target = real if model.input_targets == "real" else run(j, block_in[j])
             imodel = model.input_models[j]
             with tf.GradientTape() as tape:
                 pred = imodel(x, training=True)
-                loss = tf.reduce_mean(tf.reduce_sum(tf.square(pred - real), axis=-1))
+                loss = tf.reduce_mean(tf.reduce_sum(tf.square(pred - target), axis=-1))
             for v, g in zip(imodel.trainable_variables,
                             tape.gradient(loss, imodel.trainable_variables)):
                 grads[id(v)] = g
             block_in.append(tf.constant(pred.numpy()))
         else:
             block_in.append(tf.constant(real.numpy()))
-    # Per block: layer gradients and the gradient at the block's input.
-    input_grad = [None] * (num_points + 1)   # per-example units, unscaled
-    jacobian_vjp = []
+    # One tape per block: its output from its (constant) input.
+    blocks = []
     for j in range(num_points + 1):
         start, stop = model.block_slices[j]
         variables = [v for layer in model.net_layers[start:stop] for v in layer.trainable_variables]
-        u = block_in[j]
         with tf.GradientTape(persistent=True) as tape:
-            tape.watch(u)
-            out = run(j, u)
-            if j < num_points:
-                m = model.sg_modules[j](out, context=context, training=True)
-                objective = tf.reduce_sum(out * tf.stop_gradient(scale * m)) / b
-            else:
-                objective = loss_fn(y, out)
-        for v, g in zip(variables, tape.gradient(objective, variables)):
-            grads[id(v)] = g
-        if j > 0:
-            gu = tape.gradient(objective, u) * b
-            input_grad[j] = gu if j == num_points else gu / scale
-        jacobian_vjp.append((tape, out, u))
-    # True per-example gradients at each point: chain back from the loss.
+            tape.watch(block_in[j])
+            out = run(j, block_in[j])
+            loss = loss_fn(y, out) if j == num_points else None
+        blocks.append((tape, out, block_in[j], variables, loss))
+    ms = [module(blocks[k][1], context=context, training=True).numpy()
+          for k, module in enumerate(model.sg_modules)]
+
+    def vjp(j, cotangent, wrt):
+        tape, out, inp, variables, _ = blocks[j]
+        return tape.gradient(out, [inp] if wrt == "input" else variables,
+                             output_gradients=cotangent)
+
+    tape, out, inp, variables, loss = blocks[-1]
+    for v, g in zip(variables, tape.gradient(loss, variables)):
+        grads[id(v)] = g
+    top = tape.gradient(loss, inp)                  # dL/dh at the last point
     true = [None] * num_points
-    g = input_grad[num_points]                      # B * dL/dh at the last point
+    true[-1] = top
+    for k in range(num_points - 1, 0, -1):
+        true[k - 1] = vjp(k, true[k], "input")[0]
+    # The layers below each point.
+    a = top
     for k in range(num_points - 1, -1, -1):
-        true[k] = g
+        c = lam * a + (1.0 - lam) * scale * ms[k] / u
+        for v, g in zip(blocks[k][3], vjp(k, c, "vars")):
+            grads[id(v)] = g
         if k > 0:
-            tape, out, u = jacobian_vjp[k]
-            g = tape.gradient(out, u, output_gradients=g)
-    # Modules: L2 regression onto the (constant) targets.
+            a = vjp(k, c, "input")[0]
+    # Module targets: the same chain with unscaled synthetic gradients.
+    targets = [None] * num_points
+    r = top
+    for k in range(num_points - 1, -1, -1):
+        targets[k] = mix * true[k] * u + (1.0 - mix) * r * u
+        if k > 0:
+            r = vjp(k, lam * r + (1.0 - lam) * ms[k] / u, "input")[0]
+    # Modules: L2 regression onto the (constant) targets, mean over examples.
     diagnostics = []
     for k, module in enumerate(model.sg_modules):
-        out = run(k, block_in[k])
-        target = lam * true[k] + (1.0 - lam) * input_grad[k + 1]
         with tf.GradientTape() as tape:
-            m = module(out, context=context, training=True)
-            loss = tf.reduce_mean(tf.reduce_sum(tf.square(m - target), axis=-1))
+            m = module(blocks[k][1], context=context, training=True)
+            loss = tf.reduce_mean(tf.reduce_sum(tf.square(m - targets[k]), axis=-1))
         for v, g in zip(module.trainable_variables,
                         tape.gradient(loss, module.trainable_variables)):
             grads[id(v)] = g
         sg = np.ravel(scale * m.numpy())
-        tg = np.ravel(true[k].numpy())
+        tg = np.ravel(true[k].numpy() * u)
+        used = np.concatenate([np.ravel(grads[id(v)].numpy()) for v in blocks[k][3]])
+        ideal = np.concatenate([np.ravel(g.numpy()) for g in vjp(k, true[k], "vars")])
         diagnostics.append((sg @ tg / (np.linalg.norm(sg) * np.linalg.norm(tg)),
-                            np.linalg.norm(sg) / np.linalg.norm(tg)))
+                            np.linalg.norm(sg) / np.linalg.norm(tg),
+                            used @ ideal / (np.linalg.norm(used) * np.linalg.norm(ideal))))
     return grads, diagnostics
 
 
-@pytest.mark.parametrize("method,sg_scale,lambda_mix,unlock,hidden", [
-    ("dni", 1.0, 0.0, "update", 0),
-    ("cdni", 0.5, 0.0, "update", 0),
-    ("dni", 2.0, 0.3, "update", 0),
-    ("cdni", 0.5, 1.0, "update", 0),
-    ("cdni", 0.5, 0.3, "update", 1),
-    ("dni", 0.5, 0.0, "complete", 0),
-    ("cdni", 1.0, 0.5, "complete", 0),
-])
-def test_one_step_matches_a_hand_computed_dni_step(method, sg_scale, lambda_mix, unlock, hidden):
+STEP_CASES = [  # method, sg_scale, lambda_mix, target_mix, unlock, hidden, units, point, inputs
+    ("dni", 1.0, 0.0, 0.0, "update", 0, "per_example", "post_relu", "real"),
+    ("cdni", 0.5, 0.0, 0.0, "update", 0, "batch_mean", "pre_relu", "real"),
+    ("dni", 2.0, 0.0, 0.3, "update", 0, "batch_mean", "pre_relu", "real"),
+    ("cdni", 0.5, 0.0, 1.0, "update", 0, "per_example", "post_relu", "real"),
+    ("cdni", 0.5, 0.0, 0.3, "update", 1, "batch_mean", "pre_relu", "real"),
+    ("dni", 0.5, 0.5, 0.0, "update", 0, "batch_mean", "pre_relu", "real"),
+    ("cdni", 2.0, 0.3, 0.0, "update", 0, "per_example", "post_relu", "real"),
+    ("cdni", 1.0, 0.3, 0.2, "update", 1, "per_example", "pre_relu", "real"),
+    ("dni", 0.5, 0.0, 0.0, "complete", 0, "batch_mean", "pre_relu", "real"),
+    ("cdni", 1.0, 0.0, 0.5, "complete", 0, "per_example", "pre_relu", "chained"),
+]
+
+
+@pytest.mark.parametrize("method,sg_scale,lambda_mix,target_mix,unlock,hidden,units,point,inputs",
+                         STEP_CASES)
+def test_one_step_matches_a_hand_computed_dni_step(method, sg_scale, lambda_mix, target_mix,
+                                                   unlock, hidden, units, point, inputs):
     """SGD lr 1: every variable (layers, modules, input models) moves by minus its
     reference gradient, and the diagnostics compare the scaled synthetic gradient
-    with the TRUE gradient (not the bootstrapped target)."""
-    model = _step_model(method, sg_scale, lambda_mix, unlock, sg_hidden_layers=hidden)
+    (and the block's gradient) with the TRUE gradient (not the bootstrapped target)."""
+    model = _step_model(method, sg_scale, lambda_mix, unlock, sg_hidden_layers=hidden,
+                        target_mix=target_mix, gradient_units=units, point=point,
+                        input_targets=inputs)
     x, y = X[:STEP_B], Y[:STEP_B]
     expected, diagnostics = _reference_gradients(model, x, y)
     variables = model.trainable_variables
@@ -360,6 +482,7 @@ def test_one_step_matches_a_hand_computed_dni_step(method, sg_scale, lambda_mix,
     for v, b in zip(variables, before):
         np.testing.assert_allclose(v.numpy() - b, -expected[id(v)].numpy(),
                                    rtol=1e-4, atol=1e-5, err_msg=v.path)
-    for k, (cosine, ratio) in zip(model.points, diagnostics):
+    for k, (cosine, ratio, update_cosine) in zip(model.points, diagnostics):
         assert logs[f"sg_cosine_{k}"] == pytest.approx(cosine, rel=1e-4, abs=1e-5)
         assert logs[f"sg_norm_ratio_{k}"] == pytest.approx(ratio, rel=1e-4)
+        assert logs[f"update_cosine_{k}"] == pytest.approx(update_cosine, rel=1e-4, abs=1e-5)
