@@ -164,7 +164,7 @@ def test_hparams_carry_each_run_values_and_final_metrics(sweep):
     assert len(experiments) == 1
     where, experiment = experiments[0]
     assert os.path.dirname(os.path.normpath(where)) == os.path.normpath(sweep), "not at the root"
-    assert {h.name for h in experiment.hparam_infos} == {"method", "layers"}
+    assert {h.name for h in experiment.hparam_infos} == {"method", "layers", "seed"}
     metrics = {m.name.tag: m.display_name for m in experiment.metric_infos}
     assert metrics["test/accuracy"] == "test_accuracy (final)"
     runs = runs_as_tensorboard_lists_them(sweep)
