@@ -9,10 +9,10 @@ from conftest import NaNGradient
 from dni_tf.gradient_dropping import GradientDropping, layer_groups, worker_groups
 
 
-def _network(seed=0):
+def _network(seed=0, activation="relu"):
     return keras.Sequential([
         keras.Input((6,)),
-        keras.layers.Dense(5, activation="relu", name="hidden",
+        keras.layers.Dense(5, activation=activation, name="hidden",
                            kernel_initializer=keras.initializers.GlorotUniform(seed)),
         keras.layers.Dense(3, name="out", kernel_initializer=keras.initializers.GlorotUniform(seed + 1)),
     ])
@@ -144,12 +144,7 @@ def test_element_granularity_fraction_and_rescale():
 
 def _linear_network(seed=0):
     """No ReLU: every gradient element is non-zero, so "moved" means "kept"."""
-    return keras.Sequential([
-        keras.Input((6,)),
-        keras.layers.Dense(5, name="hidden", bias_initializer="ones",
-                           kernel_initializer=keras.initializers.GlorotUniform(seed)),
-        keras.layers.Dense(3, name="out", kernel_initializer=keras.initializers.GlorotUniform(seed + 1)),
-    ])
+    return _network(seed, activation=None)
 
 
 def _sgd_update(model, x, y):
