@@ -12,12 +12,12 @@ Modules (one concept each):
   targeted_dropout   targeted weight / unit dropout (Gomez et al. 2019)
   pruning            weight and unit magnitude pruning without retraining
   studies            whole studies (sweeps, tables, figures) for CLIs and notebooks
-  training           the shared fit() loop: evaluation, history, TensorBoard,
-                     checkpoints and resume
-  results, plots     atomic result files and seaborn figures
-  tensorboard_views  custom-scalar layouts and hparams for TensorBoard
-  report             the reproduction report (our runs beside the published results)
-  cli                absl entry-point helpers (usage errors, exit codes)
+  harness            the experiment harness (training loop, checkpoints, CLI
+                     helpers, results, plots, TensorBoard views, report);
+                     algorithms never import it
+  apps               the `dni-tf` command-line programs
+  core, errors, random_streams
+                     the small base every algorithm stands on
 """
 
 __version__ = "0.1.0"

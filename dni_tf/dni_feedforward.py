@@ -44,7 +44,7 @@ form a block. One training step:
 All of this is built once at trace time: the per-layer Python loops only build
 the graph; a step has no host round trips. Every module, input model, extra
 optimizer and the RNG state is created in `build()`/`compile()`, so
-`save_weights`/`load_weights` (and `dni_tf.training`'s resume) cover them.
+`save_weights`/`load_weights` (and `dni_tf.harness.training`'s resume) cover them.
 
 Units (`gradient_units`): "batch_mean" = dL/dh of the batch-mean loss, or
 "per_example" = `B * dL/dh`; "auto" = batch_mean for DNI, per_example for cDNI.
@@ -257,7 +257,7 @@ class SummedCosine(keras.metrics.Metric):
 
     `update_state(a, b)` adds the flattened `a` and `b` to two running sums;
     `result()` is cos(sum a, sum b). Keras resets metrics at every fit() epoch,
-    which `dni_tf.training` makes one evaluation period, so this is the cosine
+    which `dni_tf.harness.training` makes one evaluation period, so this is the cosine
     of the per-step gradients summed over that period.
     """
 

@@ -1,6 +1,6 @@
 """The package's exceptions, in one bottom-level module.
 
-The command-line programs (`dni_tf.cli.run`) turn them into one `error:` line
+The command-line programs (`dni_tf.harness.cli.run`) turn them into one `error:` line
 and an exit code: 2 for bad input (`UsageError`, `DataError`,
 `DistributionError`), 1 for failures at run time (`TrainingDiverged`,
 `CheckpointError`). Library callers (notebooks, tests) catch them as usual.

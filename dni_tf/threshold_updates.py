@@ -29,7 +29,7 @@ What the caller must know:
   from `accumulation="decay"` / `"normalized"` over SGD.
 * All algorithm state (accumulators, second moments, delay ring buffers,
   notification masks, counters, RNG) is Keras variables, so `save_weights` /
-  `load_weights` (and `dni_tf.training`'s checkpoints) restore it exactly.
+  `load_weights` (and `dni_tf.harness.training`'s checkpoints) restore it exactly.
 
 Accumulation strategies (g: the gradient of one element, after optional noise):
   sum         acc <- acc + g
@@ -70,7 +70,7 @@ Metrics (in `fit()` logs, `history.csv`, TensorBoard):
   nonfinite_steps  number of steps so far in which a gradient or accumulator
                    element was NaN or inf. Such an element never fires again
                    (|NaN| > T is false), so any value above 0 means the run has
-                   diverged; `dni_tf.training` stops the run on it and keeps
+                   diverged; `dni_tf.harness.training` stops the run on it and keeps
                    the last good checkpoint.
 """
 

@@ -111,7 +111,7 @@ MUTANTS: List[Mutant] = [
            ["tests/test_random_streams.py::test_xla_draws_the_same_numbers_as_graph_mode",
             "tests/test_conformance.py::test_jit_compile"]),
     Mutant("divergence guard ignores nonfinite_* counts",
-           "dni_tf/callbacks.py",
+           "dni_tf/harness/callbacks.py",
            "if key.startswith(\"nonfinite_\") and np.any(value > 0):",
            "if False:",
            ["tests/test_threshold_updates.py::test_training_stops_on_a_non_finite_gradient_and_keeps_the_last_good_checkpoint"]),

@@ -3,7 +3,7 @@
     python tests/cli_driver.py experiments.gradient_drop < cases.json
 
 stdin: a JSON list of argument lists. For each, the flags are reset to their
-defaults and `dni_tf.cli.run(main)` runs as `python -m MODULE ARGS` would.
+defaults and `dni_tf.harness.cli.run(main)` runs as `python -m MODULE ARGS` would.
 Prints, after the marker line, a JSON list of {"code", "stderr"}: the exit
 code and what the run wrote to stderr (an escaped exception counts as a
 traceback with code -1).
@@ -28,7 +28,7 @@ MARKER = "=== cli_driver results ==="
 
 def main():
     module = importlib.import_module(sys.argv[1])
-    from dni_tf import cli
+    from dni_tf.harness import cli
 
     results = []
     for argv in json.load(sys.stdin):

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from dni_tf.callbacks import restore, save
+from dni_tf.harness.callbacks import restore, save
 from dni_tf.core import build_for_restore
 
 

@@ -27,7 +27,7 @@ CHILD = textwrap.dedent("""
     import pandas as pd
     import seaborn as sns
 
-    import dni_tf.plots as plots
+    import dni_tf.harness.plots as plots
     import dni_tf.studies.dni_feedforward, dni_tf.studies.gradient_drop  # noqa: F401
     import dni_tf.studies.multi_network, dni_tf.studies.recurrent_dni  # noqa: F401
     from dni_tf.studies import threshold_updates

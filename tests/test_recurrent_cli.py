@@ -6,7 +6,7 @@ import os
 import pandas as pd
 import pytest
 
-from dni_tf import results
+from dni_tf.harness import results
 from dni_tf.studies import recurrent_dni as study
 
 

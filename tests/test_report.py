@@ -1,4 +1,4 @@
-"""The reproduction report (dni_tf.report, python -m experiments.report).
+"""The reproduction report (dni_tf.harness.report, python -m experiments.report).
 
 Most tests write small fake run directories in the layout the studies write
 (no training); one trains a two-step feed-forward DNI grid on digits and
@@ -16,7 +16,7 @@ import sys
 import pandas as pd
 import pytest
 
-from dni_tf import report, results
+from dni_tf.harness import report, results
 
 
 def write_png(path: str) -> None:
@@ -160,11 +160,11 @@ def test_unreportable_directories_raise_naming_them(tmp_path, make, message):
 
 
 def run_cli(argv):
-    """`python -m experiments.report ARGV` in this process: (exit code, stderr)."""
+    """`dni-tf report ARGV` in this process: (exit code, stderr)."""
     from absl import flags
 
-    from dni_tf import cli
-    from experiments import report as entry_point
+    from dni_tf.harness import cli
+    from dni_tf.apps import report as entry_point
 
     flags.FLAGS.unparse_flags()
     stderr = io.StringIO()

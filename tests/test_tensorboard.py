@@ -16,7 +16,7 @@ import re
 import pytest
 import tensorflow as tf
 
-from dni_tf import tensorboard_views
+from dni_tf.harness import tensorboard_views
 
 METHODS = ("dni", "cdni")
 
@@ -73,7 +73,7 @@ def test_a_run_writes_its_event_files_into_its_own_folder(tmp_path):
     """While a sweep trains (before `log_sweep`), its runs already show by configuration."""
     import keras
 
-    from dni_tf.callbacks import EvaluationLogger
+    from dni_tf.harness.callbacks import EvaluationLogger
 
     run = tmp_path / "keep_prob_0.5"
     logger = EvaluationLogger(str(run), eval_every=10)

@@ -321,7 +321,7 @@ def test_non_finite_gradient_is_counted_as_divergence():
 
 def test_training_stops_on_a_non_finite_gradient_and_keeps_the_last_good_checkpoint(tmp_path):
     from dni_tf.errors import TrainingDiverged
-    from dni_tf.training import train_and_evaluate
+    from dni_tf.harness.training import train_and_evaluate
 
     x, y = _data(16)
     # Statistics (acc_norm would turn NaN too) only every 100th step: the

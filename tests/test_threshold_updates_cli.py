@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from dni_tf import cli, results
+from dni_tf.harness import cli, results
 from dni_tf.data import load_image_data
 from dni_tf.studies.threshold_updates import ThresholdSweepConfig, run_sweep
 

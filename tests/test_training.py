@@ -10,11 +10,11 @@ import pandas as pd
 import pytest
 import tensorflow as tf
 
-from dni_tf import callbacks, cli, results
+from dni_tf.harness import callbacks, cli, results
 from dni_tf.errors import CheckpointError, TrainingDiverged
 from dni_tf.data import make_dataset
 from dni_tf.gradient_dropping import GradientDropping
-from dni_tf.training import SweepProgress, train_and_evaluate
+from dni_tf.harness.training import SweepProgress, train_and_evaluate
 
 
 def _data(n=96, seed=0):

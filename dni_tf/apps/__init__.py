@@ -36,7 +36,7 @@ def run(name: str) -> None:
     import sys
 
     module = importlib.import_module(f"{__name__}.{name}")  # first: it quiets TensorFlow
-    from dni_tf import cli
+    from dni_tf.harness import cli
 
     sys.modules["__main__"].__doc__ = module.__doc__
     sys.argv[0] = module.__name__

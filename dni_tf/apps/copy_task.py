@@ -14,7 +14,7 @@ from dni_tf.apps import quiet_tensorflow  # noqa: F401 - first: before TensorFlo
 
 from absl import flags
 
-from dni_tf import cli
+from dni_tf.harness import cli
 from dni_tf.data.sequence_tasks import TASKS
 from dni_tf.studies.recurrent_dni import CopyTaskConfig, run_copy_task, run_table
 from dni_tf.truncated_bptt import METHODS

@@ -25,7 +25,7 @@ from dni_tf.apps import quiet_tensorflow  # noqa: F401 - first: before TensorFlo
 
 from absl import flags
 
-from dni_tf import cli
+from dni_tf.harness import cli
 from dni_tf.data import IMAGE_DATASETS
 from dni_tf.dni_feedforward import GRADIENT_UNITS, INPUT_TARGETS, METHODS, POINT_CHOICES, UNLOCKS
 from dni_tf.studies.dni_feedforward import MODELS, PRESETS, DNIConfig, run_grid, run_single

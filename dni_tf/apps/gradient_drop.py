@@ -15,7 +15,7 @@ from dni_tf.apps import quiet_tensorflow  # noqa: F401 - first: before TensorFlo
 
 from absl import flags
 
-from dni_tf import cli
+from dni_tf.harness import cli
 from dni_tf.data import IMAGE_DATASETS
 from dni_tf.gradient_dropping import DROPPED_STATES, GRANULARITIES
 from dni_tf.studies.gradient_drop import GradientDropConfig, run_sweep

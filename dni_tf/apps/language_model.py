@@ -17,7 +17,7 @@ from dni_tf.apps import quiet_tensorflow  # noqa: F401 - first: before TensorFlo
 
 from absl import flags
 
-from dni_tf import cli
+from dni_tf.harness import cli
 from dni_tf.data import text
 from dni_tf.studies.recurrent_dni import LanguageModelConfig, run_language_model, run_table
 from dni_tf.truncated_bptt import METHODS

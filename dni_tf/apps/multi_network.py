@@ -14,7 +14,7 @@ from dni_tf.apps import quiet_tensorflow  # noqa: F401 - first: before TensorFlo
 
 from absl import flags
 
-from dni_tf import cli
+from dni_tf.harness import cli
 from dni_tf.multi_network import METHODS
 from dni_tf.studies.multi_network import MultiNetworkConfig, run_comparison, run_multi_network
 

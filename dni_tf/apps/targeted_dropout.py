@@ -21,7 +21,7 @@ import math
 
 from absl import flags
 
-from dni_tf import cli
+from dni_tf.harness import cli
 from dni_tf.data.images import IMAGE_DATASETS
 
 REGIMES = ("none", "dropout", "targeted_weight", "targeted_unit", "targeted_weight_ramp",

@@ -19,7 +19,7 @@ import os
 
 from absl import flags
 
-from dni_tf import cli
+from dni_tf.harness import cli
 from dni_tf.data import IMAGE_DATASETS
 from dni_tf.studies.threshold_updates import (MODELS, OPTIMIZERS, ThresholdSweepConfig,
                                               run_sweep)

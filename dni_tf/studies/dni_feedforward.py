@@ -24,12 +24,12 @@ import keras
 import pandas as pd
 from absl import logging
 
-from dni_tf import cli
+from dni_tf.harness import cli
 from dni_tf import data as data_lib
-from dni_tf import plots, results, tensorboard_views
+from dni_tf.harness import plots, results, tensorboard_views
 from dni_tf.dni_feedforward import (GRADIENT_UNITS, INPUT_TARGETS, METHODS, POINT_CHOICES,
                                     UNLOCKS, build_classifier)
-from dni_tf.training import SweepProgress, train_and_evaluate
+from dni_tf.harness.training import SweepProgress, train_and_evaluate
 
 MODELS = ("fcn", "cnn")
 # The paper's schedule: Adam, batch 256, lr 3e-5 divided by 10 at 300k and 400k of 500k.

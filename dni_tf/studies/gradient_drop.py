@@ -22,11 +22,12 @@ import pandas as pd
 from absl import logging
 
 from dni_tf import data as data_lib
-from dni_tf import models, plots, results, tensorboard_views
-from dni_tf import cli
+from dni_tf import models
+from dni_tf.harness import plots, results, tensorboard_views
+from dni_tf.harness import cli
 from dni_tf.errors import TrainingDiverged
 from dni_tf.gradient_dropping import DROPPED_STATES, GRANULARITIES, GradientDropping
-from dni_tf.training import SweepProgress, train_and_evaluate
+from dni_tf.harness.training import SweepProgress, train_and_evaluate
 
 # Published numbers (the write-up, after 20k batches of 50 on MNIST).
 SEED_TEST_ACCURACY = {1.0: 0.992, 0.8: 0.992, 0.5: 0.992, 0.2: 0.899}

@@ -16,11 +16,11 @@ from typing import Optional, Sequence
 import keras
 import pandas as pd
 
-from dni_tf import cli
+from dni_tf.harness import cli
 from dni_tf import data as data_lib
-from dni_tf import plots, results, tensorboard_views
+from dni_tf.harness import plots, results, tensorboard_views
 from dni_tf.multi_network import METHODS, SG_CONTEXTS, MultiNetwork, episode_dataset
-from dni_tf.training import SweepProgress, train_and_evaluate
+from dni_tf.harness.training import SweepProgress, train_and_evaluate
 
 
 @dataclasses.dataclass

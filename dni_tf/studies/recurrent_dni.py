@@ -23,10 +23,10 @@ import keras
 import pandas as pd
 from absl import logging
 
-from dni_tf import cli, plots, results, tensorboard_views
+from dni_tf.harness import cli, plots, results, tensorboard_views
 from dni_tf.data import sequence_tasks, text
 from dni_tf.truncated_bptt import METHODS, ResetEvalState, TruncatedBPTT
-from dni_tf.training import SweepProgress, train_and_evaluate
+from dni_tf.harness.training import SweepProgress, train_and_evaluate
 
 TABLE_TRUNCATIONS = (2, 3, 4, 5, 8)
 # Copy / Repeat Copy batches are generated in memory, every sequence up to

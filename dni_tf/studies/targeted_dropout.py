@@ -5,7 +5,7 @@ into the nature of pruning and targeted dropout*) as importable code.
 ("none", "dropout", "targeted_weight", "targeted_unit" and the ramped
 "targeted_weight_ramp", "targeted_unit_ramp"; each cell in
 `workdir/<regime>/seed_<seed>/`, resumable, through
-`dni_tf.training.train_and_evaluate`), prunes each trained network with
+`dni_tf.harness.training.train_and_evaluate`), prunes each trained network with
 `dni_tf.pruning` at every fraction with weight and unit pruning (no retraining),
 and after every cell rewrites, from all finished cells, `pruning_accuracy.csv`
 (one row per cell, kind and fraction) / `.md` (mean over the finished seeds,
@@ -26,7 +26,7 @@ from typing import List, Optional, Sequence
 import keras
 import numpy as np
 
-from dni_tf.cli import value_label
+from dni_tf.harness.cli import value_label
 from dni_tf.targeted_dropout import EVALUATIONS, REGIMES, RAMPS, regime_variant, \
     set_evaluation, targeted_dropout_mlp
 
@@ -203,7 +203,7 @@ class CellMismatch(ValueError):
 
 def _check_cell(rundir: str, settings: dict) -> Optional[dict]:
     """The cell's saved results (None if none yet); CellMismatch if trained with other settings."""
-    from dni_tf import results
+    from dni_tf.harness import results
 
     saved = results.load_results(rundir)
     if saved is None:
@@ -244,7 +244,7 @@ def run_study(data, workdir: str, config: dict, *, regimes: Sequence[str],
     """
     import pandas as pd
 
-    from dni_tf import results, tensorboard_views, training
+    from dni_tf.harness import results, tensorboard_views, training
 
     seeds = [seed] if seeds is None else [int(s) for s in seeds]
     if len(set(regimes)) != len(regimes):
@@ -347,7 +347,7 @@ def write_tables(workdir: str, config: dict, cells, finished: dict, baseline: bo
     """
     import pandas as pd
 
-    from dni_tf import results
+    from dni_tf.harness import results
 
     if not finished:
         return {}

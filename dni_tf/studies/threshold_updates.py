@@ -22,10 +22,11 @@ import matplotlib.pyplot as plt
 import pandas as pd
 import seaborn as sns
 
-from dni_tf import cli, models, results, tensorboard_views
+from dni_tf import models
+from dni_tf.harness import cli, results, tensorboard_views
 from dni_tf import data as data_lib
 from dni_tf.threshold_updates import ACCUMULATIONS, ThresholdUpdates
-from dni_tf.training import SweepProgress, train_and_evaluate
+from dni_tf.harness.training import SweepProgress, train_and_evaluate
 
 MODELS = ("mlp", "cnn")
 OPTIMIZERS = ("sgd", "momentum", "adam")

@@ -7,7 +7,7 @@
   TensorBoard colours curves by run, not by tag) and, for metrics
   logged per decoupled layer (`train/sg_cosine_1`, `train/sg_loss_2`, ...), in
   a category per layer, plus one chart per metric comparing the layers.
-  `dni_tf.callbacks.EvaluationLogger` calls it once per `fit()`, after the
+  `dni_tf.harness.callbacks.EvaluationLogger` calls it once per `fit()`, after the
   first evaluation, when the run's tags are known. TensorBoard merges the
   layouts of every run under `--logdir`, skipping duplicate charts.
 * `log_sweep(sweep_root, runs)`: the HParams plugin's view of a sweep: each
@@ -213,7 +213,7 @@ def log_sweep(sweep_root: str,
     """
     from tensorboard.plugins.hparams import api as hp
 
-    from dni_tf import results
+    from dni_tf.harness import results
 
     if not runs:
         return

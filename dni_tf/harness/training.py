@@ -14,9 +14,9 @@ from typing import Callable, Dict, Optional, Sequence
 import keras
 import tensorflow as tf
 
-from dni_tf import results
+from dni_tf.harness import results
 from dni_tf.core import build_for_restore, prepare_for_multi_worker
-from dni_tf.callbacks import (DivergenceGuard, EvaluationLogger, EvaluationSchedule,
+from dni_tf.harness.callbacks import (DivergenceGuard, EvaluationLogger, EvaluationSchedule,
                               ProgressLogger, ResumableCheckpoint, StopAtLastStep, SweepProgress)
 
 
@@ -53,9 +53,9 @@ def train_and_evaluate(model: keras.Model, train_data, eval_data, *, steps: int,
       The last history row (`step` and every metric) as a dict.
 
     Raises:
-      dni_tf.cli.TrainingDiverged: the loss or another training metric became
+      dni_tf.errors.TrainingDiverged: the loss or another training metric became
         NaN/inf (the last good checkpoint is kept).
-      dni_tf.cli.CheckpointError: there are checkpoints, but none can be resumed from.
+      dni_tf.errors.CheckpointError: there are checkpoints, but none can be resumed from.
     """
     if steps <= 0 or eval_every <= 0:
         raise ValueError(f"steps ({steps}) and eval_every ({eval_every}) must be positive")

@@ -32,7 +32,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import pandas as pd
 
-from dni_tf import results
+from dni_tf.harness import results
 
 
 class ReportError(ValueError):

@@ -36,7 +36,7 @@ import pandas as pd
 import tensorflow as tf
 from absl import logging
 
-from dni_tf import results, tensorboard_views
+from dni_tf.harness import results, tensorboard_views
 from dni_tf.errors import CheckpointError, TrainingDiverged
 
 
@@ -92,7 +92,7 @@ class EvaluationLogger(keras.callbacks.Callback):
     """Writes `history.csv` and TensorBoard scalars at each evaluation.
 
     After the first evaluation of each `fit()` it also writes the run's
-    custom-scalar layout (`dni_tf.tensorboard_views.write_scalar_layout`).
+    custom-scalar layout (`dni_tf.harness.tensorboard_views.write_scalar_layout`).
 
     Args:
       workdir: run directory; `history.csv` and the TensorBoard event files go
@@ -184,7 +184,7 @@ class ResumableCheckpoint(keras.callbacks.Callback):
         save and the pruning of old checkpoints never see them.
 
         Raises:
-          dni_tf.cli.CheckpointError: there are checkpoints but none reads back.
+          dni_tf.errors.CheckpointError: there are checkpoints but none reads back.
         """
         bad = []
         for epochs, path in cls.checkpoints(directory):

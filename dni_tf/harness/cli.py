@@ -9,7 +9,7 @@ Log lines are printed plainly (`[keep_prob=0.5] step 500/5000 (10%) ...`);
 warnings and errors start with `warning:` / `error:`. `--v=1` (absl's
 `--verbosity`) adds debug lines and absl's full prefixes (time, thread, file).
 
-    from dni_tf import cli
+    from dni_tf.harness import cli
     def main(argv):
         cli.check_range("keep_prob", FLAGS.keep_prob, 0.0, 1.0)
         ...
@@ -30,8 +30,8 @@ from typing import Callable, Iterable, Iterator, List, Optional, Sequence
 from absl import app, flags
 from absl import logging as absl_logging
 
-from dni_tf import distribution
-from dni_tf.distribution import STRATEGIES
+from dni_tf.harness import distribution
+from dni_tf.harness.distribution import STRATEGIES
 from dni_tf.errors import (CheckpointError, DataError, DistributionError, TrainingDiverged,
                            UsageError)
 
@@ -205,7 +205,7 @@ def prepare_workdir(workdir: str, flag_name: str = "workdir") -> str:
 
 
 def define_common_flags() -> None:
-    """`--distribution` (see `dni_tf.distribution`) and `--deterministic`."""
+    """`--distribution` (see `dni_tf.harness.distribution`) and `--deterministic`."""
     flags.DEFINE_enum("distribution", "none", STRATEGIES,
                       "none: one device; mirrored: every local GPU; multi_worker: "
                       "MultiWorkerMirroredStrategy over the cluster in $TF_CONFIG.")
@@ -218,7 +218,7 @@ def define_common_flags() -> None:
 def distributed(workdir: str) -> Iterator[str]:
     """Applies `--deterministic` and `--distribution`; yields this worker's run directory.
 
-    Enter it before loading data or building models (see `dni_tf.distribution`).
+    Enter it before loading data or building models (see `dni_tf.harness.distribution`).
     """
     import tensorflow as tf
 
