@@ -51,7 +51,7 @@ def test_close_keep_probs_get_their_own_folders_and_duplicates_are_rejected():
     # `:g` would give both "keep_prob_0.5": the second run would resume the first.
     assert run_dir("w", 0.5) == os.path.join("w", "keep_prob_0.5")
     assert run_dir("w", 0.5000001) == os.path.join("w", "keep_prob_0.5000001")
-    with pytest.raises(ValueError, match="keep_probs: each value must be distinct"):
+    with pytest.raises(ValueError, match="--keep_probs: 0.5 is given more than once"):
         GradientDropConfig(keep_probs=(0.5, 0.5)).validate()
-    with pytest.raises(ValueError, match="learning_rate=nan: must be a finite number"):
+    with pytest.raises(ValueError, match="--learning_rate=nan is not a finite number"):
         GradientDropConfig(learning_rate=float("nan")).validate()

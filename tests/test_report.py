@@ -1,4 +1,4 @@
-"""The reproduction report (dni_tf.harness.report, python -m experiments.report).
+"""The reproduction report (dni_tf.studies.report, dni-tf report).
 
 Most tests write small fake run directories in the layout the studies write
 (no training); one trains a two-step feed-forward DNI grid on digits and
@@ -16,7 +16,8 @@ import sys
 import pandas as pd
 import pytest
 
-from dni_tf.harness import report, results
+from dni_tf.harness import results
+from dni_tf.studies import report, targeted_dropout
 
 
 def write_png(path: str) -> None:
@@ -38,8 +39,8 @@ def fake_gradient_drop(root: str) -> None:
     results.write_csv(os.path.join(root, results.HISTORY_FILE), pd.DataFrame(rows))
     for p in ("1", "0.2"):
         results.save_results(os.path.join(root, f"keep_prob_{p}"), {**config, "keep_prob": float(p)},
-                             finals[p])
-    results.save_results(root, config, {"by_keep_prob": finals})
+                             finals[p], study="gradient_drop")
+    results.save_results(root, config, {"by_keep_prob": finals}, study="gradient_drop")
     write_png(os.path.join(root, "results_raw.png"))
 
 
@@ -63,7 +64,7 @@ def fake_targeted_dropout(root: str) -> None:
         for kind in ("weight", "unit"):
             metrics[f"{regime}/{kind}_pruned_0_accuracy"] = 0.871
             metrics[f"{regime}/{kind}_pruned_80_accuracy"] = accuracy
-    results.save_results(root, config, metrics)
+    results.save_results(root, config, metrics, study="targeted_dropout")
 
 
 @pytest.fixture
@@ -105,7 +106,7 @@ def test_each_study_gets_its_section_with_our_numbers_beside_the_published(runs,
     assert "Same setup as published in the only settings the source gives: `sg_scale`." in copy
 
     td = section(text, "Targeted dropout")
-    published = report.TARGETED_DROPOUT_BASELINE["unit"][80]
+    published = targeted_dropout.PUBLISHED_BASELINE["unit"][80]
     assert table_row(td, "unit | targeted_weight")[2:] == ["87.1", "77.7"]
     assert table_row(td, "unit | published: none, 20 epochs, Fashion-MNIST")[3] == f"{published:g}"
     assert "`epochs`: 2 (published 20), 10% of the published budget" in td
@@ -197,11 +198,15 @@ def test_cli_writes_the_report_and_rejects_bad_runs_with_one_line(runs, tmp_path
         assert "Traceback" not in stderr
 
 
-def test_published_numbers_agree_with_the_studies_tables():
-    from dni_tf.studies import gradient_drop, targeted_dropout
-
-    assert report.SEED_000_TEST_ACCURACY == gradient_drop.SEED_TEST_ACCURACY
-    assert report.TARGETED_DROPOUT_BASELINE == targeted_dropout.PUBLISHED_BASELINE
+def test_a_run_is_reported_under_the_study_its_results_name(tmp_path):
+    # A gradient-dropping config saved by another study is reported as that study.
+    run = str(tmp_path / "run")
+    results.save_results(run, {"keep_probs": [1.0], "steps": 10}, {"runs": []},
+                         study="dni_feedforward")
+    assert report.load_run_set(run).study == "dni_feedforward"
+    results.save_results(run, {"keep_probs": [1.0], "steps": 10}, {})
+    with pytest.raises(report.ReportError, match="names no study"):
+        report.load_run_set(run)
 
 
 def test_a_real_tiny_run(tmp_path):

@@ -6,12 +6,12 @@ import json
 import os
 import subprocess
 import sys
-import types
 
 import pandas as pd
 import pytest
 
-from dni_tf.apps import targeted_dropout as exp
+from dni_tf.errors import UsageError
+from dni_tf.studies import targeted_dropout as study
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -22,59 +22,52 @@ def _run(args, timeout=240):
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-def _flags(**overrides):
-    values = dict(workdir="/tmp/x", regimes=["none"], alpha=0.5, gamma=0.5, dropout_rate=0.25,
-                  ramp_epochs=0.0, rank_every=1, epochs=1.0, steps=0, eval_every=0,
-                  batch_size=128, learning_rate=1e-3, prune_fractions=["0", "50"],
-                  hidden=["8"], seed=0, seeds=[], steps_per_execution=1, xla_regimes=[])
+def _config(**overrides):
+    values = dict(regimes=("none",), epochs=1.0, prune_fractions=(0.0, 50.0), hidden=(8,))
     values.update(overrides)
-    return types.SimpleNamespace(**values)
+    return study.TargetedDropoutConfig(**values)
 
 
 def test_validate_names_the_allowed_values():
-    with pytest.raises(exp.cli.UsageError, match="choose from none, dropout"):
-        exp.validate(_flags(regimes=["none", "targeted"]))
-    with pytest.raises(exp.cli.UsageError, match=r"allowed \[0, 100\)"):
-        exp.validate(_flags(prune_fractions=["99.5", "100"]))
-    with pytest.raises(exp.cli.UsageError, match="'none' is given more than once"):
-        exp.validate(_flags(regimes=["none", "none"]))
-    exp.validate(_flags(steps=10, eval_every=3))  # evaluates at 3, 6, 9 and 10
-    with pytest.raises(exp.cli.UsageError, match="--prune_fractions: 90 is given more than once"):
-        exp.validate(_flags(prune_fractions=["90", "0", "90"]))
-    with pytest.raises(exp.cli.UsageError, match="--prune_fractions=nan is not a finite number"):
-        exp.validate(_flags(prune_fractions=["0", "nan"]))
-    assert exp.validate(_flags(prune_fractions=["90", "0", "50"]))["fractions"] == [0.0, 50.0, 90.0]
-    assert exp.validate(_flags(seed=4))["seeds"] == [4]
-    assert exp.validate(_flags(seeds=["1", "2", "3"]))["seeds"] == [1, 2, 3]
-    with pytest.raises(exp.cli.UsageError, match="--seeds: 2 is given more than once"):
-        exp.validate(_flags(seeds=["2", "2"]))
-    with pytest.raises(exp.cli.UsageError, match="--steps_per_execution"):
-        exp.validate(_flags(steps_per_execution=0))
-    exp.validate(_flags(regimes=["targeted_weight_ramp", "targeted_unit_ramp"],
-                        xla_regimes=["targeted_weight_ramp"]))
-    with pytest.raises(exp.cli.UsageError, match="--xla_regimes='weight'"):
-        exp.validate(_flags(xla_regimes=["weight"]))
+    with pytest.raises(UsageError, match="choose from none, dropout"):
+        _config(regimes=("none", "targeted")).validate()
+    with pytest.raises(UsageError, match=r"allowed \[0, 100\)"):
+        _config(prune_fractions=(99.5, 100.0)).validate()
+    with pytest.raises(UsageError, match="'none' is given more than once"):
+        _config(regimes=("none", "none")).validate()
+    _config(steps=10, eval_every=3).validate()  # evaluates at 3, 6, 9 and 10
+    with pytest.raises(UsageError, match="--prune_fractions: 90.0 is given more than once"):
+        _config(prune_fractions=(90.0, 0.0, 90.0)).validate()
+    with pytest.raises(UsageError, match="--prune_fractions=nan is not a finite number"):
+        _config(prune_fractions=(0.0, float("nan"))).validate()
+    with pytest.raises(UsageError, match="--seeds: 2 is given more than once"):
+        _config(seeds=(2, 2)).validate()
+    with pytest.raises(UsageError, match="--steps_per_execution"):
+        _config(steps_per_execution=0).validate()
+    _config(regimes=("targeted_weight_ramp", "targeted_unit_ramp"),
+            xla_regimes=("targeted_weight_ramp",)).validate()
+    _config(xla_regimes=()).validate()  # the one list that may be empty
+    with pytest.raises(UsageError, match="--xla_regimes='weight'"):
+        _config(xla_regimes=("weight",)).validate()
 
 
 def test_steps_per_execution_must_divide_every_evaluation_period():
-    exp.check_steps_per_execution(_flags(steps_per_execution=12), 9360, 468)
-    with pytest.raises(exp.cli.UsageError, match="must divide every evaluation period"):
-        exp.check_steps_per_execution(_flags(steps_per_execution=10), 9360, 468)
-    with pytest.raises(exp.cli.UsageError, match="and the last one, 4"):
-        exp.check_steps_per_execution(_flags(steps_per_execution=3), 1000, 12)
+    study.check_steps_per_execution(12, 9360, 468)
+    with pytest.raises(UsageError, match="must divide every evaluation period"):
+        study.check_steps_per_execution(10, 9360, 468)
+    with pytest.raises(UsageError, match="and the last one, 4"):
+        study.check_steps_per_execution(3, 1000, 12)
 
 
 def test_schedule_evaluates_once_per_epoch_or_every_eval_every_steps():
-    assert exp.schedule(_flags(epochs=2.0), 60000) == (936, 468, 468)
-    assert exp.schedule(_flags(steps=1000), 60000) == (1000, 468, 468)  # and at step 1000
-    assert exp.schedule(_flags(steps=7), 60000)[1] == 7
-    assert exp.schedule(_flags(steps=10, eval_every=3), 60000)[:2] == (10, 3)
-    assert exp.schedule(_flags(steps=10, eval_every=30), 60000)[:2] == (10, 10)
+    assert _config(epochs=2.0).schedule(60000) == (936, 468, 468)
+    assert _config(steps=1000).schedule(60000) == (1000, 468, 468)  # and at step 1000
+    assert _config(steps=7).schedule(60000)[1] == 7
+    assert _config(steps=10, eval_every=3).schedule(60000)[:2] == (10, 3)
+    assert _config(steps=10, eval_every=30).schedule(60000)[:2] == (10, 10)
 
 
 def test_tables_from_finished_cells_list_the_missing_ones(tmp_path):
-    from dni_tf.studies import targeted_dropout as study
-
     def cell(regime, seed, accuracy):
         table = pd.DataFrame({"kind": ["weight", "weight", "unit", "unit"],
                               "fraction": [0.0, 50.0, 0.0, 50.0],
@@ -82,7 +75,7 @@ def test_tables_from_finished_cells_list_the_missing_ones(tmp_path):
                               "model_sparsity": [0.0, 0.4, 0.0, 0.4], "evaluation": "dense",
                               "regime": regime, "seed": seed})
         return table, None, {"test_accuracy": accuracy, "step": 10,
-                             "weight_pruned_50_accuracy": accuracy}
+                             "weight_pruned_50_accuracy": accuracy}, pd.DataFrame({"step": [10]})
 
     cells = [("none", 1), ("targeted_unit", 1), ("none", 2), ("targeted_unit", 2)]
     finished = {("none", 1): cell("none", 1, 0.5), ("none", 2): cell("none", 2, 0.7),
@@ -126,7 +119,7 @@ def test_tiny_run_writes_table_figures_and_results_and_resumes_per_cell(tmp_path
     assert table[table["fraction"] == 90]["sparsity"].min() >= 0.85
     results = json.loads((workdir / "results.json").read_text())
     assert results["status"] == "completed"
-    assert results["config"]["alpha"] == 0.5 and results["config"]["hidden"] == ["16", "8"]
+    assert results["config"]["alpha"] == 0.5 and results["config"]["hidden"] == [16, 8]
     assert 0.0 <= results["metrics"]["targeted_unit/unit_pruned_50_accuracy"] <= 1.0
     assert "published_baseline" not in results  # only for fashion_mnist
     assert "| unit | targeted_unit | 1 |" in (workdir / "pruning_accuracy.md").read_text()

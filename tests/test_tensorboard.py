@@ -13,10 +13,11 @@ import json
 import os
 import re
 
+import pandas as pd
 import pytest
 import tensorflow as tf
 
-from dni_tf.harness import tensorboard_views
+from dni_tf.harness import results, tensorboard_views
 
 METHODS = ("dni", "cdni")
 
@@ -187,10 +188,11 @@ def test_hparams_carry_each_run_values_and_final_metrics(sweep):
 
 def test_metrics_only_known_at_the_end_are_logged_once_and_relogging_replaces(sweep):
     runs = [(os.path.join(sweep, f"fcn3_{m}"), {"method": m, "layers": 3},
-             {"test_accuracy": None, "pruned_accuracy": 0.25, "steps": 2}) for m in METHODS]
+             {"test_accuracy": None, "pruned_accuracy": 0.25, "steps": 2},
+             results.load_history(os.path.join(sweep, f"fcn3_{m}"))) for m in METHODS]
     tensorboard_views.log_sweep(sweep, runs)
     tensorboard_views.log_sweep(sweep, runs)
-    for run_dir, _, _ in runs:
+    for run_dir, _, _, _ in runs:
         written = glob.glob(os.path.join(run_dir, f"*{tensorboard_views.HPARAMS_SUFFIX}"))
         assert len(written) == 1, run_dir
     assert len(glob.glob(os.path.join(sweep, "*", f"*{tensorboard_views.EXPERIMENT_SUFFIX}"))) == 1
@@ -205,7 +207,8 @@ def test_events_of_the_old_tensorboard_folder_move_into_the_run(tmp_path):
     run = tmp_path / "keep_prob_0.5"
     with tf.summary.create_file_writer(str(run / "tensorboard")).as_default():
         tf.summary.scalar("train/loss", 1.0, step=1)
-    tensorboard_views.log_sweep(str(tmp_path), [(str(run), {"keep_prob": 0.5}, {})])
+    tensorboard_views.log_sweep(str(tmp_path), [(str(run), {"keep_prob": 0.5}, {},
+                                                  pd.DataFrame({"step": [1]}))])
     assert set(runs_as_tensorboard_lists_them(str(tmp_path))) == {"keep_prob_0.5"}
     assert not (run / "tensorboard").exists()
 
@@ -213,7 +216,9 @@ def test_events_of_the_old_tensorboard_folder_move_into_the_run(tmp_path):
 def test_hparam_values_of_mixed_types_are_logged_as_strings(tmp_path):
     from tensorboard.plugins.hparams import metadata
 
-    runs = [(str(tmp_path / "a"), {"width": 16}, {}), (str(tmp_path / "b"), {"width": "auto"}, {})]
+    no_history = pd.DataFrame({"step": []})
+    runs = [(str(tmp_path / "a"), {"width": 16}, {}, no_history),
+            (str(tmp_path / "b"), {"width": "auto"}, {}, no_history)]
     tensorboard_views.log_sweep(str(tmp_path), runs)
     (value,) = [v for tag, _, v, _ in events(str(tmp_path / "a")) if tag == metadata.EXPERIMENT_TAG]
     (info,) = metadata.parse_experiment_plugin_data(value.metadata.plugin_data.content).hparam_infos

@@ -9,9 +9,9 @@ from dni_tf.harness import cli, results
 from dni_tf.data import load_image_data
 from dni_tf.studies.threshold_updates import ThresholdSweepConfig, run_sweep
 
-GOOD = dict(thresholds=["0", "1e-3"], accumulation="sum", decay=0.9,
+GOOD = dict(thresholds=(0.0, 1e-3), accumulation="sum", decay=0.9,
             clip=0.0, noise_stddev=0.0, sparse_backward=False, max_delay=0,
-            dataset="mnist", model="mlp", hidden=["16"], optimizer="sgd",
+            dataset="mnist", model="mlp", hidden=(16,), optimizer="sgd",
             learning_rate=0.1, steps=20, eval_every=10, batch_size=8, seed=0,
             target_accuracy=0.9, data_dir=None)
 
@@ -23,10 +23,10 @@ def check_config(values):
 
 
 @pytest.mark.parametrize("change, flag", [
-    (dict(thresholds=["-1e-3"]), "thresholds"), (dict(thresholds=["x"]), "thresholds"),
+    (dict(thresholds=(-1e-3,)), "thresholds"), (dict(thresholds=("x",)), "thresholds"),
     (dict(accumulation="adam"), "accumulation"), (dict(max_delay=-1), "max_delay"),
     (dict(decay=2.0), "decay"), (dict(clip=-1.0), "clip"), (dict(model="rnn"), "model"),
-    (dict(dataset="imagenet"), "dataset"), (dict(hidden=["0"]), "hidden"),
+    (dict(dataset="imagenet"), "dataset"), (dict(hidden=(0,)), "hidden"),
     (dict(steps=0), "steps"), (dict(learning_rate=0.0), "learning_rate"),
     (dict(optimizer="lbfgs"), "optimizer")])
 def test_bad_values_name_the_flag(change, flag):
@@ -36,7 +36,7 @@ def test_bad_values_name_the_flag(change, flag):
 
 def test_good_values_parse():
     config = check_config(GOOD)
-    assert config.thresholds == [0.0, 1e-3] and config.hidden == [16]
+    assert config.thresholds == (0.0, 1e-3) and config.hidden == (16,)
 
 
 def test_sweep_writes_tables_figures_and_resumes(tmp_path):
@@ -64,8 +64,8 @@ def test_value_labels_are_short_and_exact():
 
 
 @pytest.mark.parametrize("change, message", [
-    (dict(thresholds=["nan"]), "--thresholds=nan is not a finite number"),
-    (dict(thresholds=["1e-4", "0.0001"]), "--thresholds: 1e-4 and 0.0001 are the same value"),
+    (dict(thresholds=(float("nan"),)), "--thresholds=nan is not a finite number"),
+    (dict(thresholds=(1e-4, 0.0001)), "--thresholds: 0.0001 is given more than once"),
     (dict(decay=float("nan")), "--decay=nan is not a finite number"),
     (dict(learning_rate=float("inf")), "--learning_rate=inf is not a finite number")])
 def test_non_finite_and_repeated_values_are_rejected(change, message):
@@ -75,7 +75,7 @@ def test_non_finite_and_repeated_values_are_rejected(change, message):
 
 def test_close_thresholds_train_in_their_own_folders(tmp_path):
     data = load_image_data("digits")
-    config = check_config({**GOOD, "dataset": "digits", "thresholds": ["1e-4", "1.000001e-4"],
+    config = check_config({**GOOD, "dataset": "digits", "thresholds": (1e-4, 1.000001e-4),
                            "steps": 2, "eval_every": 2})
     metrics = run_sweep(config, str(tmp_path), data)
     for name in ("threshold_0.0001", "threshold_0.0001000001"):

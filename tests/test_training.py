@@ -34,13 +34,16 @@ def _model(hidden=8):
     return model
 
 
-def _run(workdir, steps, eval_prefix="test", model=None, extra_callbacks=(), eval_every=4):
+def _run(workdir, steps, eval_prefix="test", model=None, extra_callbacks=(), eval_every=4,
+         sweep=None):
+    """The last evaluation of a tiny run (`train_and_evaluate(...).final`)."""
     x, y = _data()
     return train_and_evaluate(
         model or _model(),
         make_dataset(x, y, 16, shuffle=True, seed=0, repeat=True, drop_remainder=True),
         make_dataset(x, y, 32, shuffle=False), steps=steps, eval_every=eval_every,
-        workdir=str(workdir), eval_prefix=eval_prefix, callbacks=extra_callbacks)
+        workdir=str(workdir), eval_prefix=eval_prefix, callbacks=extra_callbacks,
+        sweep=sweep).final
 
 
 class _PoisonWeights(keras.callbacks.Callback):
@@ -76,6 +79,32 @@ def test_interrupted_and_resumed_equals_uninterrupted(tmp_path):
     resumed = _run(tmp_path / "split", 12)
     assert resumed == whole  # shuffle order, dropout and gradient masks all restored
     assert pd.read_csv(tmp_path / "split" / "history.csv")["step"].tolist() == [4, 8, 12]
+
+
+def test_the_returned_history_is_the_whole_run_without_rereading_history_csv(tmp_path,
+                                                                            monkeypatch):
+    x, y = _data()
+
+    def train(steps):
+        return train_and_evaluate(
+            _model(), make_dataset(x, y, 16, shuffle=True, seed=0, repeat=True,
+                                   drop_remainder=True),
+            make_dataset(x, y, 32, shuffle=False), steps=steps, eval_every=4,
+            workdir=str(tmp_path))
+
+    train(8)
+    # A resumed run reads its earlier rows once, when training starts; the
+    # rows it adds reach the caller in memory.
+    reads = []
+    real_load = results.load_history
+    monkeypatch.setattr(results, "load_history", lambda d: reads.append(d) or real_load(d))
+    outcome = train(12)
+    assert len(reads) == 1
+    assert outcome.history["step"].tolist() == [4, 8, 12]
+    pd.testing.assert_frame_equal(outcome.history, pd.read_csv(tmp_path / "history.csv"),
+                                  check_dtype=False)
+    assert outcome.final == {k: (int(v) if k == "step" else float(v))
+                             for k, v in outcome.history.iloc[-1].items()}
 
 
 def _tensorboard_steps(workdir, tag="test/loss"):
@@ -310,14 +339,15 @@ def test_sweep_eta_counts_the_rest_of_this_run_and_every_later_run():
     assert sweep.eta_seconds(50, 100) == pytest.approx(30.0)
     assert sweep.position(50, 100) == "sweep 2/3 ETA 0m30s"
     iterator.close()
-    assert not callbacks._ACTIVE_SWEEPS
 
 
-def test_progress_lines_show_the_sweep_position_only_inside_a_sweep(tmp_path, monkeypatch):
+def test_progress_lines_show_the_sweep_position_only_for_runs_given_the_sweep(tmp_path,
+                                                                            monkeypatch):
     lines = []
     monkeypatch.setattr(callbacks.logging, "info", lambda fmt, *args: lines.append(fmt % args))
-    for name in SweepProgress(["first", "second"], lambda n: f"run {n}"):
-        _run(tmp_path / name, 8)
+    sweep = SweepProgress(["first", "second"], lambda n: f"run {n}")
+    for name in sweep:
+        _run(tmp_path / name, 8, sweep=sweep)
     _run(tmp_path / "alone", 4, eval_prefix="val")
     progress = [line for line in lines if " steps/s " in line]
     assert len(progress) == 5

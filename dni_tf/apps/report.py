@@ -6,14 +6,15 @@ r"""Reproduction report: finished runs beside the published results, in one Mark
 Each --runs directory is what one experiment command wrote (a sweep root with
 results.json, or a table root whose runs have results.json in subdirectories).
 Figures are linked relative to --out, or copied beside it with --copy_figures.
-See `dni_tf.harness.report`.
+See `dni_tf.studies.report`.
 """
 
 from dni_tf.apps import quiet_tensorflow  # noqa: F401 - first: before TensorFlow loads
 
 from absl import flags
 
-from dni_tf.harness import cli, report
+from dni_tf.harness import cli
+from dni_tf.studies import report
 
 flags.DEFINE_list("runs", None, "Run directories (comma-separated), each written by one "
                   "experiment command.")

@@ -115,6 +115,9 @@ class EvaluationLogger(keras.callbacks.Callback):
         tensorboard_views.adopt_legacy_events(workdir)
         self.writer = tf.summary.create_file_writer(workdir)
         self._layout_written = False
+        # The run's whole history, earlier processes included: read once here
+        # (a resumed run), then kept in memory and rewritten at each evaluation.
+        self.history = results.load_history(workdir)
 
     def on_epoch_end(self, epoch, logs=None):
         step = period_end_step(epoch, self.eval_every, self.schedule)
@@ -131,10 +134,9 @@ class EvaluationLogger(keras.callbacks.Callback):
                 tensorboard_views.write_scalar_layout(tags, self.model, step=step)
                 self._layout_written = True
         self.writer.flush()
-        history = results.load_history(os.path.dirname(self.path))
-        history = history[history["step"] < step]
-        history = pd.concat([history, pd.DataFrame([row])], ignore_index=True)
-        results.write_csv(self.path, history)
+        earlier = self.history[self.history["step"] < step]
+        self.history = pd.concat([earlier, pd.DataFrame([row])], ignore_index=True)
+        results.write_csv(self.path, self.history)
 
 
 class ResumableCheckpoint(keras.callbacks.Callback):
@@ -431,12 +433,14 @@ class StopAtLastStep(keras.callbacks.Callback):
 class SweepProgress:
     """Iterates a sweep's configurations and tracks the whole sweep's progress.
 
-    While the loop body runs, every `ProgressLogger` line also shows
-    `sweep i/n` and the sweep's ETA, and each run starts with a
-    `[sweep i/n] <description>` line:
+    Each run starts with a `[sweep i/n] <description>` line, and the progress
+    lines of a run given the sweep (`train_and_evaluate(..., sweep=sweep)`,
+    `ProgressLogger(..., sweep=sweep)`) also show `sweep i/n` and the sweep's
+    ETA:
 
-        for keep_prob in SweepProgress(keep_probs, lambda p: f"keep_prob={p:g}"):
-            train_and_evaluate(...)
+        sweep = SweepProgress(keep_probs, lambda p: f"keep_prob={p:g}")
+        for keep_prob in sweep:
+            train_and_evaluate(..., sweep=sweep)
 
     The ETA assumes every remaining run has as many steps as the current one and
     trains at the rate measured so far in this process; runs read back or
@@ -452,17 +456,13 @@ class SweepProgress:
         self._trained_seconds = 0.0
 
     def __iter__(self):
-        _ACTIVE_SWEEPS.append(self)
         start = time.time()
-        try:
-            for index, item in enumerate(self.items):
-                self.index = index
-                logging.info("[sweep %d/%d] %s", index + 1, len(self.items), self.describe(item))
-                yield item
-            logging.info("[sweep] %d runs done in %s", len(self.items),
-                         _format_seconds(time.time() - start))
-        finally:
-            _ACTIVE_SWEEPS.remove(self)
+        for index, item in enumerate(self.items):
+            self.index = index
+            logging.info("[sweep %d/%d] %s", index + 1, len(self.items), self.describe(item))
+            yield item
+        logging.info("[sweep] %d runs done in %s", len(self.items),
+                     _format_seconds(time.time() - start))
 
     def record(self, steps: int, seconds: float) -> None:
         """Adds `steps` trained in `seconds` (one evaluation period) to the rate."""
@@ -482,16 +482,14 @@ class SweepProgress:
                 f"{_format_seconds(self.eta_seconds(run_step, run_total_steps))}")
 
 
-# The innermost `SweepProgress` loop running now, read by `ProgressLogger`.
-_ACTIVE_SWEEPS: List[SweepProgress] = []
-
-
 class ProgressLogger(keras.callbacks.Callback):
     """Logs `step N/M (p%) rate ETA [sweep i/n ETA] metrics` after every evaluation."""
 
     def __init__(self, total_steps: int, eval_every: int, label: str = "",
-                 eval_prefix: str = "test", schedule: Optional[EvaluationSchedule] = None):
+                 eval_prefix: str = "test", schedule: Optional[EvaluationSchedule] = None,
+                 sweep: Optional[SweepProgress] = None):
         super().__init__()
+        self.sweep = sweep  # the sweep this run belongs to: its position and ETA are shown
         self.total_steps = total_steps
         self.eval_every = eval_every
         self.schedule = schedule or EvaluationSchedule(eval_every, total_steps)
@@ -517,10 +515,9 @@ class ProgressLogger(keras.callbacks.Callback):
         rate = (step - self._start_step) / elapsed
         eta = (self.total_steps - step) / rate if rate > 0 else float("inf")
         sweep = ""
-        if _ACTIVE_SWEEPS:
-            _ACTIVE_SWEEPS[-1].record(step - self.schedule.start_step(epoch),
-                                      now - self._epoch_start)
-            sweep = " " + _ACTIVE_SWEEPS[-1].position(step, self.total_steps)
+        if self.sweep is not None:
+            self.sweep.record(step - self.schedule.start_step(epoch), now - self._epoch_start)
+            sweep = " " + self.sweep.position(step, self.total_steps)
         shown = " ".join(f"{k}={v:.4g}" for k, v in split_logs(logs, self.eval_prefix).items())
         logging.info("%sstep %d/%d (%.0f%%) %.1f steps/s ETA %s%s %s", self.label, step,
                      self.total_steps, 100.0 * step / self.total_steps, rate,

@@ -24,6 +24,7 @@ import dataclasses
 import logging as python_logging
 import math
 import os
+import re
 import sys
 from typing import Callable, Iterable, Iterator, List, Optional, Sequence
 
@@ -204,6 +205,19 @@ def prepare_workdir(workdir: str, flag_name: str = "workdir") -> str:
     return workdir
 
 
+def define_study_flags(config_class, workdir_help: str = "Output directory (created; "
+                       "reruns resume).") -> None:
+    """The flags of a study program: one per field of `config_class`
+    (`dni_tf.harness.config.define_flags`), the required `--workdir`, and the
+    common `--distribution` / `--deterministic`."""
+    from dni_tf.harness import config
+
+    config.define_flags(config_class)
+    flags.DEFINE_string("workdir", None, workdir_help)
+    flags.mark_flag_as_required("workdir")
+    define_common_flags()
+
+
 def define_common_flags() -> None:
     """`--distribution` (see `dni_tf.harness.distribution`) and `--deterministic`."""
     flags.DEFINE_enum("distribution", "none", STRATEGIES,
@@ -262,6 +276,15 @@ def use_console_format() -> None:
     absl_logging.get_absl_handler().setFormatter(ConsoleFormatter())
 
 
+def _flag_error_line(exc: Exception) -> str:
+    """absl's "flag --x=v: why" as one line, without repeating the flag when `why` names it."""
+    line = str(exc).splitlines()[0]
+    match = re.match(r"flag (--\w+)=.*?: (.*)$", line)
+    if match and match.group(2).startswith(match.group(1)):
+        return match.group(2)
+    return line
+
+
 def run(main: Callable[[List[str]], None]) -> None:
     """`absl.app.run(main)` with one-line errors and exit code 2 for usage errors.
 
@@ -272,7 +295,7 @@ def run(main: Callable[[List[str]], None]) -> None:
         try:
             return flags.FLAGS(argv)
         except flags.Error as exc:
-            fail(str(exc).splitlines()[0], 2)
+            fail(_flag_error_line(exc), 2)
 
     def guarded_main(argv):
         use_console_format()

@@ -1,18 +1,19 @@
 """Result files written atomically: a reader never sees a half-written file.
 
-`results.json` holds `{"config": {...}, "metrics": {...}, "status": ...}`;
+`results.json` holds `{"study": ..., "config": {...}, "metrics": {...}, "status": ...}`;
 `history.csv` holds one row per evaluation (`step` plus metric columns).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import glob
 import json
 import math
 import os
 import tempfile
-from typing import Any, List, Mapping, Optional
+from typing import Any, List, Mapping, Optional, Tuple
 
 import numpy as np
 import pandas as pd
@@ -105,10 +106,15 @@ def write_csv(path: str, frame: pd.DataFrame) -> None:
 
 
 def save_results(workdir: str, config: Mapping[str, Any], metrics: Mapping[str, Any],
-                 status: str = "completed", **extra: Any) -> str:
-    """Writes `workdir/results.json` atomically and returns its path."""
+                 status: str = "completed", study: Optional[str] = None, **extra: Any) -> str:
+    """Writes `workdir/results.json` atomically and returns its path.
+
+    `study` names the study that wrote it (e.g. "gradient_drop"); the
+    reproduction report reads it instead of guessing from the config.
+    """
     path = os.path.join(workdir, RESULTS_FILE)
-    write_json(path, {"config": config, "metrics": metrics, "status": status, **extra})
+    named = {"study": study} if study else {}
+    write_json(path, {**named, "config": config, "metrics": metrics, "status": status, **extra})
     return path
 
 
@@ -147,3 +153,19 @@ def markdown_table(frame: pd.DataFrame, float_format: str = "{:.4g}") -> str:
     rows = ["| " + " | ".join(cell(v) for v in row) + " |"
             for row in frame.itertuples(index=False)]
     return "\n".join([header, rule, *rows]) + "\n"
+
+
+@dataclasses.dataclass(frozen=True)
+class Published:
+    """What a source reports for one study (each study module holds its own).
+
+    `setup` maps configuration keys (as saved in results.json) to the
+    published value; the reproduction report lists a run whose value differs
+    under "differs from the published setup".
+    """
+
+    title: str
+    source: str
+    claims: Tuple[str, ...]
+    setup: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+

@@ -198,31 +198,30 @@ def _events_writer(directory: str, suffix: str):
 
 
 def log_sweep(sweep_root: str,
-              runs: Sequence[Tuple[str, Mapping[str, Any], Mapping[str, Any]]]) -> None:
+              runs: Sequence[Tuple[str, Mapping[str, Any], Mapping[str, Any], Any]]) -> None:
     """Logs a sweep for TensorBoard's HParams dashboard.
 
     Args:
       sweep_root: the directory TensorBoard is pointed at for this sweep.
-      runs: one `(run_dir, hparams, final_metrics)` per run: `run_dir` is the
-        run's directory (its event files are there), `hparams` maps names to
-        bool/number/string values (others become strings), `final_metrics`
-        maps names to values; the finite numbers among them (except hparam
-        names and `NOT_METRICS`) are the metrics of the HParams table: shown
-        through the run's curve whose last point they are, else logged as
-        `final/<name>` at the run's last history step.
+      runs: one `(run_dir, hparams, final_metrics, history)` per run: `run_dir`
+        is the run's directory (its event files are there), `hparams` maps
+        names to bool/number/string values (others become strings),
+        `final_metrics` maps names to values; the finite numbers among them
+        (except hparam names and `NOT_METRICS`) are the metrics of the HParams
+        table: shown through the run's curve whose last point they are, else
+        logged as `final/<name>` at the run's last history step. `history` is
+        the run's evaluation history (`TrainingOutcome.history`: a DataFrame
+        with a `step` column and one column per curve).
     """
     from tensorboard.plugins.hparams import api as hp
-
-    from dni_tf.harness import results
 
     if not runs:
         return
     values: "OrderedDict[str, set]" = OrderedDict()
     metric_tags: "OrderedDict[str, str]" = OrderedDict()  # tag -> display name
     per_run = []
-    for run_dir, hparams, final in runs:
+    for run_dir, hparams, final, history in runs:
         adopt_legacy_events(run_dir)
-        history = results.load_history(run_dir)
         for name, value in hparams.items():
             values.setdefault(name, set()).add(_hparam_value(value))
         final_only = {}

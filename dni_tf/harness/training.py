@@ -8,23 +8,44 @@ clean stop on divergence.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Callable, Dict, Optional, Sequence
 
 import keras
+import pandas as pd
 import tensorflow as tf
 
-from dni_tf.harness import results
 from dni_tf.core import build_for_restore, prepare_for_multi_worker
+from dni_tf.harness import results
 from dni_tf.harness.callbacks import (DivergenceGuard, EvaluationLogger, EvaluationSchedule,
-                              ProgressLogger, ResumableCheckpoint, StopAtLastStep, SweepProgress)
+                                      ProgressLogger, ResumableCheckpoint, StopAtLastStep,
+                                      SweepProgress)
+
+
+@dataclasses.dataclass
+class TrainingOutcome:
+    """What `train_and_evaluate` returns.
+
+    `history` has one row per evaluation of the whole run (earlier processes
+    included, as in history.csv): `step`, `train_*` and `<eval_prefix>_*`.
+    """
+
+    history: pd.DataFrame
+
+    @property
+    def final(self) -> Dict[str, float]:
+        """The last evaluation (`step` and every metric) as a dict."""
+        return {k: (int(v) if k == "step" else float(v))
+                for k, v in self.history.iloc[-1].items()}
 
 
 def train_and_evaluate(model: keras.Model, train_data, eval_data, *, steps: int,
                        eval_every: int, workdir: str, eval_prefix: str = "test",
                        callbacks: Sequence[keras.callbacks.Callback] = (),
                        extra_metrics: Optional[Callable[[keras.Model], Dict[str, float]]] = None,
-                       label: str = "", verbose: int = 0) -> Dict[str, float]:
+                       label: str = "", sweep: Optional[SweepProgress] = None,
+                       verbose: int = 0) -> TrainingOutcome:
     """Trains a compiled `model` for `steps` steps, evaluating every `eval_every` and at the end.
 
     Evaluations happen at every multiple of `eval_every` below `steps` and at
@@ -48,9 +69,13 @@ def train_and_evaluate(model: keras.Model, train_data, eval_data, *, steps: int,
       eval_prefix: history column prefix for `eval_data` metrics.
       callbacks: extra Keras callbacks.
       extra_metrics: optional `fn(model) -> dict` logged at each evaluation.
+      label: prefix of the progress lines (e.g. the sweep value).
+      sweep: the `SweepProgress` this run belongs to (its position and ETA are
+        added to the progress lines).
 
     Returns:
-      The last history row (`step` and every metric) as a dict.
+      A `TrainingOutcome`: the run's whole history (also in history.csv) and
+      its last row.
 
     Raises:
       dni_tf.errors.TrainingDiverged: the loss or another training metric became
@@ -81,6 +106,8 @@ def train_and_evaluate(model: keras.Model, train_data, eval_data, *, steps: int,
     # same dataset would draw another shuffle order. A finished run (or one
     # asked for fewer steps than it has) runs no epochs; the checkpoint is
     # still restored at train begin.
+    evaluation_logger = EvaluationLogger(workdir, eval_every, eval_prefix, extra_metrics,
+                                         schedule=schedule)
     model.fit(
         train_data.skip(done_step),
         epochs=schedule.epochs(),
@@ -90,13 +117,12 @@ def train_and_evaluate(model: keras.Model, train_data, eval_data, *, steps: int,
         callbacks=[
             StopAtLastStep(schedule),
             DivergenceGuard(eval_every, checkpoint_dir, schedule=schedule),
-            EvaluationLogger(workdir, eval_every, eval_prefix, extra_metrics, schedule=schedule),
+            evaluation_logger,
             ResumableCheckpoint(checkpoint_dir, schedule=schedule),
-            ProgressLogger(steps, eval_every, label, eval_prefix, schedule=schedule),
+            ProgressLogger(steps, eval_every, label, eval_prefix, schedule=schedule, sweep=sweep),
             *callbacks,
         ],
         shuffle=False,  # the dataset shuffles itself (seeded)
         verbose=verbose,
     )
-    history = results.load_history(workdir)
-    return {k: (int(v) if k == "step" else float(v)) for k, v in history.iloc[-1].items()}
+    return TrainingOutcome(evaluation_logger.history)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 import keras
 import pandas as pd
@@ -29,108 +29,122 @@ from dni_tf import data as data_lib
 from dni_tf.harness import plots, results, tensorboard_views
 from dni_tf.dni_feedforward import (GRADIENT_UNITS, INPUT_TARGETS, METHODS, POINT_CHOICES,
                                     UNLOCKS, build_classifier)
+from dni_tf.harness.config import check_fields, option
 from dni_tf.harness.training import SweepProgress, train_and_evaluate
 
+STUDY = "dni_feedforward"  # written into results.json: the reproduction report reads it
+DNI_PAPER = ("Jaderberg et al. 2016, *Decoupled Neural Interfaces using Synthetic Gradients*, "
+             "arXiv 1608.05343")
+PUBLISHED = results.Published(
+    title="Synthetic gradients for feed-forward networks",
+    source=f"{DNI_PAPER}, section 3.1 and supplementary "
+           "(compared qualitatively, so no numbers are compared)",
+    claims=("Every-layer cDNI trains MNIST FCNs of 3-6 layers to within a few tenths of a "
+            "percent of backprop.",
+            "Unconditioned DNI degrades with depth.",
+            "Sparse updates (update_prob < 1) and complete unlock still train."),
+    setup={"model": "fcn", "width": 256, "batch_size": 256, "steps": 500_000,
+           "learning_rate": 3e-5, "lr_boundaries": [0.6, 0.8]})
 MODELS = ("fcn", "cnn")
 # The paper's schedule: Adam, batch 256, lr 3e-5 divided by 10 at 300k and 400k of 500k.
 # "cpu": a schedule of the same shape that fits a shared CPU (lr raised for the short run).
 # "parity": the known setup of issue 20 (MNIST, MLP 784-256-256-10, one decoupling
 # point after the second hidden layer, modules with one hidden layer of 256, batch
 # 64, Adam 1e-3 for everything, 10 epochs = 10 x 937 steps, seeds 1, 2, 3; XLA).
-# A preset sets DNIConfig fields and, with "methods"/"seeds", the grid; flags
-# given explicitly win.
+# A preset sets DNIConfig fields (a list for a grid field: method, layers, seed);
+# flags given explicitly win.
 PRESETS = {
     "paper": dict(steps=500_000, learning_rate=3e-5, eval_every=5_000),
     "cpu": dict(steps=1_500, learning_rate=1e-3, eval_every=250),
     "parity": dict(model="fcn", layers=3, decouple=(2,), sg_hidden_layers=1, sg_units=256,
                    batch_size=64, learning_rate=1e-3, lr_boundaries=(), steps=9_370,
                    eval_every=937, jit_compile=True, diagnostics=True,
-                   methods=("backprop", "dni", "cdni"),
-                   seeds=(1, 2, 3)),
+                   method=("backprop", "dni", "cdni"),
+                   seed=(1, 2, 3)),
 }
 
 
 @dataclasses.dataclass
 class DNIConfig:
-    """One run's settings; the defaults are the paper's (`PRESETS["paper"]`)."""
+    """One run's settings; the defaults are the paper's (`PRESETS["paper"]`).
 
-    dataset: str = "mnist"
-    data_dir: Optional[str] = None
-    model: str = "fcn"
-    layers: int = 4
-    width: Optional[int] = None  # units per FCN layer (256) / filters per CNN layer (128)
-    method: str = "cdni"
-    decouple: Optional[Sequence[int]] = None  # None = every layer
-    point: str = "auto"  # pre_relu (BN output before the ReLU) for dni, post_relu otherwise
-    sg_hidden_layers: int = 0
-    sg_units: Optional[int] = None
-    gradient_units: str = "auto"  # batch_mean for dni, per_example (B x larger) for cdni
-    sg_scale: float = 1.0
-    lambda_mix: float = 0.0  # BP(lambda): 1 = backprop
-    target_mix: float = 0.0  # true gradient in the module targets only (the old lambda_mix)
-    update_prob: float = 1.0
-    unlock: str = "update"
-    input_targets: str = "real"  # complete unlock: the real chain, or "chained"
-    steps: int = 500_000
-    batch_size: int = 256
-    learning_rate: float = 3e-5
-    lr_boundaries: Sequence[float] = (0.6, 0.8)  # fractions of steps; lr / 10 at each
-    eval_every: int = 5_000
-    eval_batch_size: int = 1000
-    diagnostics: bool = False
-    oracle: bool = False
-    jit_compile: bool = False
-    seed: int = 0
+    On the command line `method`, `layers` and `seed` take comma lists: one run
+    per combination (grid mode, `run_grid`).
+    """
+
+    dataset: str = option("mnist", "Image dataset.", choices=data_lib.IMAGE_DATASETS)
+    data_dir: Optional[str] = option(None, "Directory with mnist/ etc.; default "
+                                     "$DNI_TF_DATA_DIR.")
+    model: str = option("fcn", "fcn: layers of 256 units (BN, ReLU); cnn: 128 5x5 filters "
+                        "(BN, ReLU, pooling). The last layer is a linear classifier.",
+                        choices=MODELS)
+    layers: int = option(4, "Number of layers (>= 2: a decoupling point needs 2 layers); "
+                         "several values = grid mode.", low=2, grid=True)
+    width: Optional[int] = option(None, "Units per FCN layer (default 256) or filters per CNN "
+                                  "layer (default 128), as in the paper.", low=1)
+    method: str = option("cdni", "Training method; several = grid mode.", choices=METHODS,
+                         grid=True)
+    decouple: Optional[Sequence[int]] = option(
+        None, "Decoupling points: 'all' (every layer) or a comma list of layer indices in "
+        "[1, layers-1] (point k = output of layer k).", low=1, none_text="all")
+    point: str = option("auto", "Where a decoupling point reads a layer: its batch-norm output "
+                        "before the ReLU, or after the ReLU (and pooling); auto = pre_relu for "
+                        "dni, post_relu for cdni (measured).", choices=POINT_CHOICES)
+    sg_hidden_layers: int = option(0, "Hidden layers of the synthetic gradient modules.",
+                                   low=0, high=2)
+    sg_units: Optional[int] = option(None, "Hidden width of the modules (default 1024, or 128 "
+                                     "filters).", low=1)
+    gradient_units: str = option(
+        "auto", "What the modules predict: the gradient of the batch-mean loss or per-example "
+        "gradients (B times larger, tracked about B times more slowly under Adam); auto = "
+        "batch_mean for dni, per_example for cdni (measured).", choices=GRADIENT_UNITS)
+    sg_scale: float = option(1.0, "Synthetic gradients are multiplied by this.", low=0.0,
+                             low_open=True)
+    lambda_mix: float = option(
+        0.0, "BP(lambda): the gradient sent below each point is lambda x the gradient from "
+        "above + (1 - lambda) x the synthetic one (1 = backprop).", low=0.0, high=1.0)
+    target_mix: float = option(
+        0.0, "Weight of the true gradient in the module targets only (layers still follow "
+        "the synthetic gradient).", low=0.0, high=1.0)
+    update_prob: float = option(1.0, "Probability that a decoupled layer is updated per step.",
+                                low=0.0, high=1.0, low_open=True)
+    unlock: str = option("update", "complete: synthetic inputs too (forward unlock).",
+                         choices=UNLOCKS)
+    input_targets: str = option(
+        "real", "Complete unlock: input models regress onto the real forward chain (one extra "
+        "forward pass) or onto the chain of synthetic inputs.", choices=INPUT_TARGETS)
+    steps: int = option(500_000, "Training steps (preset: paper 500000, cpu 1500).", low=1)
+    batch_size: int = option(256, "Training batch size.", low=1)
+    learning_rate: float = option(3e-5, "Adam learning rate (preset: paper 3e-5, cpu 1e-3).",
+                                  low=0.0, low_open=True)
+    lr_boundaries: Sequence[float] = option(
+        (0.6, 0.8), "Increasing fractions of --steps where the learning rate is divided by 10 "
+        "(paper: 300k and 400k of 500k); empty = constant.", low=0.0, high=1.0,
+        low_open=True, high_open=True, allow_empty=True)
+    eval_every: int = option(5_000, "Evaluate on the test set every this many steps.", low=1)
+    eval_batch_size: int = option(1000, "Test batch size.", low=1)
+    diagnostics: bool = option(False, "Log cosine similarity and norm ratio between synthetic "
+                               "and true gradients (one extra backward pass per step).")
+    oracle: bool = option(False, "Testing aid: update layers from the true gradient.")
+    jit_compile: bool = option(False, "Compile the train step with XLA.")
+    seed: int = option(0, "Seed for initialisation, data order and sparse updates; several = "
+                       "grid mode, a run per seed.", low=0, grid=True)
 
     def validate(self) -> None:
-        """Raises ValueError("<field>...") naming the field and the allowed values."""
-        cli.check_finite_fields(self)  # NaN would slip through the range tests below
-        if self.dataset not in data_lib.IMAGE_DATASETS:
-            raise ValueError(f"dataset={self.dataset!r}: choose from {', '.join(data_lib.IMAGE_DATASETS)}")
-        if self.model not in MODELS:
-            raise ValueError(f"model={self.model!r}: choose from {', '.join(MODELS)}")
-        if self.method not in METHODS:
-            raise ValueError(f"method={self.method!r}: choose from {', '.join(METHODS)}")
-        if self.unlock not in UNLOCKS:
-            raise ValueError(f"unlock={self.unlock!r}: choose from {', '.join(UNLOCKS)}")
-        for name, allowed in (("point", POINT_CHOICES), ("gradient_units", GRADIENT_UNITS),
-                              ("input_targets", INPUT_TARGETS)):
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{name}={getattr(self, name)!r}: choose from {', '.join(allowed)}")
-        if self.layers < 2:
-            raise ValueError(f"layers={self.layers}: must be >= 2 (a decoupling point needs 2 layers)")
+        """Raises UsageError / ValueError("<field>...") naming the field and the allowed values."""
+        check_fields(self)
         if self.decouple is not None:
             bad = [k for k in self.decouple if not 1 <= k <= self.layers - 1]
-            if bad or not self.decouple:
+            if bad:
                 raise ValueError(f"decouple={','.join(map(str, self.decouple))}: decoupling points "
                                  f"must be 'all' or integers in [1, {self.layers - 1}] (layers={self.layers})")
-        if self.sg_hidden_layers not in (0, 1, 2):
-            raise ValueError(f"sg_hidden_layers={self.sg_hidden_layers}: allowed 0, 1, 2")
-        if not 0.0 < self.update_prob <= 1.0:
-            raise ValueError(f"update_prob={self.update_prob}: allowed (0, 1]")
-        if not 0.0 <= self.lambda_mix <= 1.0:
-            raise ValueError(f"lambda_mix={self.lambda_mix}: allowed [0, 1]")
-        if not 0.0 <= self.target_mix <= 1.0:
-            raise ValueError(f"target_mix={self.target_mix}: allowed [0, 1]")
         if self.lambda_mix > 0.0 and (self.unlock != "update" or self.oracle):
             raise ValueError("lambda_mix > 0 (BP(lambda)) needs --unlock=update and no --oracle")
-        if not self.sg_scale > 0.0:
-            raise ValueError(f"sg_scale={self.sg_scale}: must be > 0")
         if self.method == "backprop" and (self.update_prob < 1 or self.unlock != "update"
                                           or self.oracle):
             raise ValueError("method=backprop: --update_prob < 1, --unlock=complete and --oracle "
                              "need --method=dni or cdni")
-        for name in ("steps", "batch_size", "eval_every", "eval_batch_size"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name}={getattr(self, name)}: must be > 0")
-        if self.width is not None and self.width <= 0:
-            raise ValueError(f"width={self.width}: must be > 0")
-        if self.sg_units is not None and self.sg_units <= 0:
-            raise ValueError(f"sg_units={self.sg_units}: must be > 0")
-        if not self.learning_rate > 0:
-            raise ValueError(f"learning_rate={self.learning_rate}: must be > 0")
-        if any(not 0.0 < b < 1.0 for b in self.lr_boundaries) or list(self.lr_boundaries) != sorted(
-                self.lr_boundaries):
+        if list(self.lr_boundaries) != sorted(self.lr_boundaries):
             raise ValueError(f"lr_boundaries={self.lr_boundaries}: increasing fractions in (0, 1)")
 
 
@@ -162,24 +176,30 @@ def build_model(config: DNIConfig, image_shape, num_classes):
 
 
 def run_single(config: DNIConfig, workdir: str, image_data=None,
-               extra_config: Optional[dict] = None) -> dict:
-    """Trains one configuration in `workdir` (resumes); returns its final metrics."""
+               extra_config: Optional[dict] = None,
+               sweep: Optional[SweepProgress] = None) -> Tuple[dict, pd.DataFrame]:
+    """Trains one configuration in `workdir` (resumes).
+
+    Returns (final metrics, the run's history: one row per evaluation).
+    """
     config.validate()
     image_data = image_data or data_lib.load_image_data(config.dataset, config.data_dir)
     check_batch_size(config, image_data)
     model = build_model(config, image_data.image_shape, image_data.num_classes)
     start = time.time()
-    final = train_and_evaluate(
+    outcome = train_and_evaluate(
         model, image_data.train_dataset(config.batch_size, seed=config.seed),
         image_data.test_dataset(config.eval_batch_size), steps=config.steps,
         eval_every=config.eval_every, workdir=workdir,
-        label=f"{config.model}{config.layers} {config.method}")
+        label=f"{config.model}{config.layers} {config.method}", sweep=sweep)
+    final = outcome.final
     metrics = {k: v for k, v in final.items() if k != "step"}
     metrics.update(test_error=1.0 - final["test_accuracy"], steps=final["step"],
                    wall_seconds_this_call=round(time.time() - start, 1),
                    data_source=image_data.source)
-    results.save_results(workdir, {**dataclasses.asdict(config), **(extra_config or {})}, metrics)
-    return metrics
+    results.save_results(workdir, {**dataclasses.asdict(config), **(extra_config or {})}, metrics,
+                         study=STUDY)
+    return metrics, outcome.history
 
 
 def check_batch_size(config: DNIConfig, image_data) -> None:
@@ -216,17 +236,19 @@ def run_grid(config: DNIConfig, methods: Sequence[str], depths: Sequence[int], w
     check_batch_size(config, image_data)  # before the first configuration trains
     logging.info("data: %s from %s", config.dataset, image_data.source)
     finals, frames = [], []
-    for c in SweepProgress(configs, lambda c: f"{c.method}, {c.layers} layers, seed {c.seed}"):
-        metrics = run_single(c, run_dir(workdir, c, with_seed), image_data, extra_config)
+    sweep = SweepProgress(configs, lambda c: f"{c.method}, {c.layers} layers, seed {c.seed}")
+    for c in sweep:
+        metrics, run_history = run_single(c, run_dir(workdir, c, with_seed), image_data,
+                                          extra_config, sweep)
         finals.append({"method": c.method, "layers": c.layers, "seed": c.seed, **metrics})
-        frame = results.load_history(run_dir(workdir, c, with_seed)).copy()
+        frame = run_history.copy()
         frame.insert(0, "seed", c.seed)
         frame.insert(0, "layers", c.layers)
         frame.insert(0, "method", c.method)
         frames.append(frame)
     tensorboard_views.log_sweep(workdir, [
         (run_dir(workdir, c, with_seed), {"method": c.method, "layers": c.layers, "seed": c.seed},
-         f) for c, f in zip(configs, finals)])
+         f, h) for c, f, h in zip(configs, finals, frames)])
     history = pd.concat(frames, ignore_index=True)
     history["test_error"] = 1.0 - history["test_accuracy"]
     sg_cols = [col for col in history.columns if col.startswith("train_sg_loss_")]
@@ -252,7 +274,7 @@ def run_grid(config: DNIConfig, methods: Sequence[str], depths: Sequence[int], w
                f"{title}: synthetic-gradient regression loss (train)", log=True)
     results.save_results(workdir, {**dataclasses.asdict(config), "methods": list(methods),
                                    "depths": list(depths), "seeds": seeds, **(extra_config or {})},
-                         {"runs": finals})
+                         {"runs": finals}, study=STUDY)
     return table
 
 

@@ -97,7 +97,7 @@ def run_multi_network(cfg: MultiNetworkConfig, workdir: str, extra_config: Optio
                            repeat=False)
     last = train_and_evaluate(model, train, test, steps=cfg.steps, eval_every=cfg.eval_every,
                               workdir=workdir,
-                              label=f"multi-network {cfg.method} k={cfg.tick_ratio}")
+                              label=f"multi-network {cfg.method} k={cfg.tick_ratio}").final
     metrics = {k: v for k, v in last.items() if k != "step"}
     metrics["steps"] = cfg.steps
     results.save_results(workdir, {**dataclasses.asdict(cfg), **(extra_config or {})}, metrics)
@@ -132,7 +132,8 @@ def run_comparison(cfg: MultiNetworkConfig, workdir: str, methods: Sequence[str]
         rows.append({"method": method, "tick_ratio": int(k),
                      "test_a_accuracy": metrics["test_a_accuracy"],
                      "test_b_accuracy": metrics["test_b_accuracy"]})
-        runs.append((subdir, {"method": method, "tick_ratio": int(k)}, metrics))
+        runs.append((subdir, {"method": method, "tick_ratio": int(k)}, metrics,
+                     results.load_history(subdir)))
     tensorboard_views.log_sweep(workdir, runs)
     table = pd.DataFrame(rows)
     results.write_csv(os.path.join(workdir, "table.csv"), table)

@@ -138,7 +138,7 @@ def run_copy_task(cfg: CopyTaskConfig, workdir: str, extra_config: Optional[dict
     last = train_and_evaluate(model, train, evaluation, steps=cfg.steps,
                               eval_every=cfg.eval_every, workdir=workdir,
                               extra_metrics=curriculum_metrics,
-                              label=f"{cfg.task} {cfg.method} T={cfg.truncation}")
+                              label=f"{cfg.task} {cfg.method} T={cfg.truncation}").final
     metrics = {**{k: v for k, v in last.items() if k != "step"}, "steps": cfg.steps,
                "max_length_solved": int(curriculum.max_solved.value),
                "curriculum_length": int(curriculum.length.value)}
@@ -275,7 +275,7 @@ def run_language_model(cfg: LanguageModelConfig, workdir: str,
     last = train_and_evaluate(model, train, valid, steps=cfg.steps, eval_every=cfg.eval_every,
                               workdir=workdir, eval_prefix="val",
                               callbacks=[ResetEvalState(), best],
-                              label=f"ptb {cfg.method} T={cfg.truncation}")
+                              label=f"ptb {cfg.method} T={cfg.truncation}").final
     if os.path.exists(best.path):
         model.load_weights(best.path)
     valid_full = text.stream_dataset(corpus.valid, cfg.batch_size, cfg.eval_length)
@@ -313,7 +313,8 @@ def run_table(run_fn: Callable, cfg, workdir: str, methods: Sequence[str],
         if metrics is None:
             metrics = run_fn(run_cfg, subdir, extra_config)
         rows.append({"method": method, "T": int(t), value: metrics[value]})
-        runs.append((subdir, {"method": method, "T": int(t)}, metrics))
+        runs.append((subdir, {"method": method, "T": int(t)}, metrics,
+                     results.load_history(subdir)))
     tensorboard_views.log_sweep(workdir, runs)
     table = pd.DataFrame(rows)
     write_table(table, workdir, value, lower_is_better)

@@ -20,17 +20,25 @@ cell trained with other settings is an error. The CLI
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
 from typing import List, Optional, Sequence
 
 import keras
 import numpy as np
+import pandas as pd
 
+from dni_tf.data.images import IMAGE_DATASETS
+from dni_tf.harness import results
 from dni_tf.harness.cli import value_label
+from dni_tf.errors import UsageError
+from dni_tf.harness.config import check_fields, option
 from dni_tf.targeted_dropout import EVALUATIONS, REGIMES, RAMPS, regime_variant, \
     set_evaluation, targeted_dropout_mlp
 
-# Public baseline (design.md): the plain 784-1000-1000-500-200-10 MLP on
+STUDY = "targeted_dropout"  # written into results.json: the reproduction report reads it
+# Public baseline: the plain 784-1000-1000-500-200-10 MLP on
 # Fashion-MNIST, Adam 1e-3, batch 128, 20 epochs; test accuracy % by pruning %.
 PUBLISHED_BASELINE = {
     "weight": {0: 88.5, 25: 88.6, 50: 88.6, 60: 88.2, 70: 86.9, 80: 86.3, 90: 80.5,
@@ -38,12 +46,89 @@ PUBLISHED_BASELINE = {
     "unit": {0: 88.5, 25: 88.5, 50: 87.6, 60: 85.8, 70: 81.4, 80: 56.0, 90: 30.2,
              95: 20.7, 97: 12.3, 99: 2.3},
 }
-BASELINE_LABEL = "published baseline (none, 20 epochs)"
+BASELINE_EPOCHS = 20
+BASELINE_LABEL = f"published baseline (none, {BASELINE_EPOCHS} epochs)"
+PUBLISHED = results.Published(
+    title="Targeted dropout and pruning",
+    source="Gomez et al. 2019, *Learning Sparse Networks Using Targeted Dropout*, "
+           "arXiv 1905.13678, and the write-up *targeted-dropout: An inquiry into the nature "
+           "of pruning and targeted dropout*; the baseline table is a public one for this "
+           "exact network and setup",
+    claims=("Targeted dropout makes a network robust to magnitude pruning (weight or unit) "
+            "without retraining.",
+            "Baseline (no targeted dropout, 20 epochs): table below."),
+    setup={"dataset": "fashion_mnist", "hidden": [1000, 1000, 500, 200], "batch_size": 128,
+           "learning_rate": 1e-3, "epochs": BASELINE_EPOCHS, "alpha": 0.5, "gamma": 0.5})
 # How the "0%" column was evaluated (targeted regimes; plain networks are the same).
 EVALUATION_LABELS = {"dense": "dense", "remove_targets": "targets removed"}
 # Settings a cell is trained with: a rerun with other values is refused (steps may grow).
 CELL_SETTINGS = ("dataset", "hidden", "alpha", "gamma", "dropout_rate", "ramp_steps", "ramp",
                  "rank_every", "drop_bias", "use_bias", "batch_size", "learning_rate")
+
+
+@dataclasses.dataclass
+class TargetedDropoutConfig:
+    """The study's settings; the defaults are the write-up's setup (20 epochs, 3 seeds)."""
+
+    dataset: str = option("fashion_mnist", "Image dataset.", choices=IMAGE_DATASETS)
+    data_dir: Optional[str] = option(None, "Dataset directory (default: $DNI_TF_DATA_DIR).")
+    regimes: Sequence[str] = option(
+        ("none", "dropout", "targeted_weight", "targeted_unit"),
+        "Training regimes (*_ramp: the paper's ramp); one cell per regime and seed.",
+        choices=REGIMES)
+    alpha: float = option(0.5, "Targeted dropout: drop probability inside the target set.",
+                          low=0.0, high=1.0)
+    gamma: float = option(0.5, "Targeted dropout: targeted fraction.", low=0.0, high=1.0)
+    dropout_rate: float = option(0.25, "Plain dropout rate (default alpha*gamma).",
+                                 low=0.0, high=1.0, high_open=True)
+    ramp_epochs: float = option(
+        0.0, "*_ramp regimes: ramp length in epochs (0: the whole run). gamma reaches "
+        "0.95*gamma half-way and gamma at the end.", low=0.0)
+    ramp_schedule: str = option(
+        "paper", "*_ramp regimes: paper (ramp gamma only) or official (also ramp alpha "
+        "linearly, as for-ai/TD's targeted_*_piecewise).", choices=RAMPS)
+    evaluation: str = option(
+        "dense", "How targeted layers are evaluated: dense (every weight) or remove_targets "
+        "(the whole target set removed, as the official code).", choices=EVALUATIONS)
+    drop_bias: bool = option(False, "targeted_unit: a dropped unit also loses its bias (the "
+                             "official code keeps it).")
+    rank_every: int = option(1, "targeted_weight: re-rank |w| every this many steps "
+                             "(1: exact, every step).", low=1)
+    epochs: float = option(20.0, "Training epochs (ignored when --steps > 0).",
+                           low=0.0, low_open=True)
+    steps: int = option(0, "Training steps (0: use --epochs).", low=0)
+    eval_every: int = option(0, "Steps between evaluations (0: one epoch).", low=0)
+    batch_size: int = option(128, "Batch size.", low=1)
+    learning_rate: float = option(1e-3, "Adam learning rate.", low=0.0, low_open=True)
+    use_bias: bool = option(True, "Dense layers with biases.")
+    hidden: Sequence[int] = option((1000, 1000, 500, 200), "Hidden layer widths.", low=1,
+                                   distinct=False)
+    prune_fractions: Sequence[float] = option(
+        (0.0, 25.0, 50.0, 60.0, 70.0, 80.0, 90.0, 95.0, 97.0, 99.0),
+        "Pruning fractions in percent (one table column each).", low=0.0, high=100.0,
+        high_open=True)
+    prune_logits: bool = option(False, "Also prune the logits layer.")
+    seeds: Sequence[int] = option((0,), "Seeds, one cell per regime and seed.", low=0,
+                                  high=2**31 - 2)
+    xla_regimes: Sequence[str] = option(
+        (), "Regimes whose train and test steps are compiled with XLA, one step per call "
+        "(faster for targeted_weight on CPU; changes float rounding, not the masks).",
+        choices=REGIMES, allow_empty=True)
+    steps_per_execution: int = option(
+        1, "Other regimes: training steps per compiled call (bit-identical results); must "
+        "divide every evaluation period.", low=1)
+
+    def validate(self) -> None:
+        """Raises UsageError naming the flag and its allowed values."""
+        check_fields(self)
+
+    def schedule(self, train_size: int):
+        """(steps, eval_every, steps_per_epoch) for a train split of `train_size`."""
+        per_epoch = max(train_size // self.batch_size, 1)
+        steps = self.steps or max(int(round(self.epochs * per_epoch)), 1)
+        # Evaluations every eval_every steps (default: one epoch) and at the last step.
+        eval_every = min(self.eval_every or per_epoch, steps)
+        return steps, eval_every, per_epoch
 
 
 def compiled_model(regime: str, input_shape, num_classes: int, learning_rate: float = 1e-3,
@@ -71,8 +156,6 @@ def pruning_sweep(model: keras.Model, images: np.ndarray, labels: np.ndarray,
     `pruning.PruneReport`; the pruning's own sparsity, not counting targets
     removed at evaluation), evaluation.
     """
-    import pandas as pd
-
     from dni_tf import pruning
 
     rows = []
@@ -91,8 +174,6 @@ def pruning_sweep(model: keras.Model, images: np.ndarray, labels: np.ndarray,
 def hidden_weight_magnitudes(model: keras.Model, include_logits: bool = False,
                              max_per_layer: int = 100_000, seed: int = 0):
     """DataFrame (layer, magnitude) of |w| of the prunable kernels (subsampled)."""
-    import pandas as pd
-
     from dni_tf import pruning
 
     rng = np.random.default_rng(seed)
@@ -119,8 +200,6 @@ def wide_table(table, baseline: bool, evaluation: Optional[str] = None):
     A `seed` column (if any) is averaged over; `seeds` counts the seeds per row.
     With `evaluation`, the 0% column is labelled with it.
     """
-    import pandas as pd
-
     frame = table.assign(accuracy=100.0 * table["accuracy"])
     if "seed" not in frame.columns:
         frame = frame.assign(seed=0)
@@ -158,7 +237,6 @@ def markdown_table(wide) -> str:
 def plot_accuracy(table, path: str, baseline: bool) -> None:
     """Accuracy vs pruning fraction: a line per regime (mean over seeds), a panel per kind."""
     import matplotlib.pyplot as plt
-    import pandas as pd
     import seaborn as sns
 
     frame = table.assign(accuracy=100.0 * table["accuracy"], source="this run")
@@ -192,6 +270,15 @@ def plot_magnitudes(magnitudes, path: str) -> None:
     plt.close(grid.figure)
 
 
+def check_steps_per_execution(k: int, steps: int, eval_every: int) -> None:
+    """UsageError unless `k` steps per call divides every evaluation period."""
+    last = steps % eval_every or eval_every
+    if eval_every % k or last % k:
+        raise UsageError(
+            f"--steps_per_execution={k} must divide every evaluation period ({eval_every} "
+            f"steps" + (f", and the last one, {last}" if last != eval_every else "") + ")")
+
+
 def cell_dir(workdir: str, regime: str, seed: int) -> str:
     """The run directory of one (regime, seed) cell."""
     return os.path.join(workdir, regime, f"seed_{seed}")
@@ -203,8 +290,6 @@ class CellMismatch(ValueError):
 
 def _check_cell(rundir: str, settings: dict) -> Optional[dict]:
     """The cell's saved results (None if none yet); CellMismatch if trained with other settings."""
-    from dni_tf.harness import results
-
     saved = results.load_results(rundir)
     if saved is None:
         return None
@@ -217,59 +302,44 @@ def _check_cell(rundir: str, settings: dict) -> Optional[dict]:
     return saved
 
 
-def run_study(data, workdir: str, config: dict, *, regimes: Sequence[str],
-              fractions: Sequence[float], hidden: Sequence[int], steps: int, eval_every: int,
-              alpha: float = 0.5, gamma: float = 0.5, dropout_rate: float = 0.25,
-              rank_every: int = 1, ramp_steps: int = 0, ramp: str = "paper",
-              use_bias: bool = True, drop_bias: bool = False, evaluation: str = "dense",
-              batch_size: int = 128, learning_rate: float = 1e-3, prune_logits: bool = False,
-              seed: int = 0, seeds: Optional[Sequence[int]] = None,
-              xla_regimes: Sequence[str] = (), steps_per_execution: int = 1) -> dict:
+def run_study(data, workdir: str, config: TargetedDropoutConfig,
+              extra_config: Optional[dict] = None) -> dict:
     """Trains each (regime, seed) cell, prunes it, writes tables and figures.
 
-    `data` is a `dni_tf.data.ImageData`; `fractions` are percentages; `seeds`
-    (default `[seed]`) seed initialisation, data order and masks of each cell.
-    `ramp_steps` is the ramp length of the "*_ramp" regimes (0: the whole run,
-    `steps`); the other regimes never ramp. `evaluation` ("dense" or
-    "remove_targets") is how targeted layers are evaluated in the pruning sweep
-    (and in the training curves). A rerun resumes each cell from its
-    checkpoints; a finished cell is read back. Returns the metrics dict written
-    to `workdir/results.json` (means over the finished seeds).
+    `data` is a `dni_tf.data.ImageData` (the caller loads `config.dataset`);
+    `config.prune_fractions` are percentages; each of `config.seeds` seeds
+    initialisation, data order and masks of its cells. The ramp of the "*_ramp"
+    regimes lasts `config.ramp_epochs` (0: the whole run); the other regimes
+    never ramp. `config.evaluation` ("dense" or "remove_targets") is how
+    targeted layers are evaluated in the pruning sweep (and in the training
+    curves). A rerun resumes each cell from its checkpoints; a finished cell is
+    read back. Returns the metrics dict written to `workdir/results.json`
+    (means over the finished seeds), whose config is `config` plus
+    `extra_config` and the step schedule.
 
-    Speed (the same training either way): the regimes in `xla_regimes` are
-    compiled with XLA, one step per call (XLA pays off for the weight variant,
-    whose exact ranking dominates its step; it changes float rounding, not the
-    masks); the others run `steps_per_execution` steps per call (bit-identical
-    to one step per call; it must divide every evaluation period).
+    Speed (the same training either way): the regimes in `config.xla_regimes`
+    are compiled with XLA, one step per call (XLA pays off for the weight
+    variant, whose exact ranking dominates its step; it changes float rounding,
+    not the masks); the others run `config.steps_per_execution` steps per call
+    (bit-identical to one step per call; it must divide every evaluation
+    period, else ValueError).
     """
-    import pandas as pd
+    from dni_tf.harness import tensorboard_views, training
 
-    from dni_tf.harness import results, tensorboard_views, training
-
-    seeds = [seed] if seeds is None else [int(s) for s in seeds]
-    if len(set(regimes)) != len(regimes):
-        raise ValueError(f"regimes must be distinct (one folder each), got {list(regimes)}")
-    unknown = [r for r in regimes if r not in REGIMES]
-    if unknown:
-        raise ValueError(f"regimes: {unknown} not in {', '.join(REGIMES)}")
-    if not seeds or len(set(seeds)) != len(seeds):
-        raise ValueError(f"seeds must be distinct and at least one, got {seeds}")
-    labels = [value_label(f) for f in fractions]
-    if len(set(labels)) != len(labels):
-        raise ValueError(f"fractions must be distinct, got {', '.join(labels)}")
-    if evaluation not in EVALUATIONS:
-        raise ValueError(f"evaluation: {evaluation!r} not in {', '.join(EVALUATIONS)}")
-    if ramp not in RAMPS:
-        raise ValueError(f"ramp: {ramp!r} not in {', '.join(RAMPS)}")
-    if steps_per_execution < 1 or eval_every % steps_per_execution or \
-            (steps % eval_every) % steps_per_execution:
-        raise ValueError(f"steps_per_execution={steps_per_execution} must divide eval_every "
-                         f"({eval_every}) and the last evaluation period ({steps % eval_every or eval_every})")
-    unknown = [r for r in xla_regimes if r not in REGIMES]
-    if unknown:
-        raise ValueError(f"xla_regimes: {unknown} not in {', '.join(REGIMES)}")
+    config.validate()
+    steps, eval_every, per_epoch = config.schedule(len(data.train[1]))
+    check_steps_per_execution(config.steps_per_execution, steps, eval_every)
+    record = dict(dataclasses.asdict(config), **(extra_config or {}), workdir=workdir,
+                  total_steps=steps, eval_every_steps=eval_every, steps_per_epoch=per_epoch)
+    regimes, seeds, hidden = list(config.regimes), list(config.seeds), list(config.hidden)
+    alpha, gamma, dropout_rate = config.alpha, config.gamma, config.dropout_rate
+    rank_every, ramp, drop_bias = config.rank_every, config.ramp_schedule, config.drop_bias
+    ramp_steps = int(math.ceil(config.ramp_epochs * per_epoch))
+    use_bias, evaluation, batch_size = config.use_bias, config.evaluation, config.batch_size
+    learning_rate, prune_logits = config.learning_rate, config.prune_logits
+    xla_regimes, steps_per_execution = config.xla_regimes, config.steps_per_execution
     baseline = data.name == "fashion_mnist"
-    fractions = sorted(float(f) for f in fractions)
+    fractions = sorted(float(f) for f in config.prune_fractions)
     cells = [(r, s) for s in seeds for r in regimes]
 
     def settings_of(regime):
@@ -288,12 +358,13 @@ def run_study(data, workdir: str, config: dict, *, regimes: Sequence[str],
             settings.update(ramp_steps=ramp_steps or steps, ramp=ramp)
         return settings
 
-    finished = {}  # (regime, seed) -> (pruning table, magnitudes, metrics)
-    for regime, cell_seed in training.SweepProgress(cells, lambda c: f"{c[0]} seed {c[1]}"):
+    finished = {}  # (regime, seed) -> (pruning table, magnitudes, metrics, history)
+    sweep = training.SweepProgress(cells, lambda c: f"{c[0]} seed {c[1]}")
+    for regime, cell_seed in sweep:
         rundir = cell_dir(workdir, regime, cell_seed)
         settings = settings_of(regime)
         saved = _check_cell(rundir, settings)
-        cell_config = dict(config, regime=regime, seed=cell_seed, cell=settings)
+        cell_config = dict(record, regime=regime, seed=cell_seed, cell=settings)
         pruning_csv = os.path.join(rundir, "pruning.csv")
         if (saved and saved.get("status") == "completed"
                 and saved["metrics"].get("step") == steps and os.path.exists(pruning_csv)):
@@ -302,10 +373,11 @@ def run_study(data, workdir: str, config: dict, *, regimes: Sequence[str],
                     and sorted(set(table["fraction"])) == fractions):
                 mags_path = os.path.join(rundir, "weight_magnitudes.csv")
                 mags = pd.read_csv(mags_path) if os.path.exists(mags_path) else None
-                finished[(regime, cell_seed)] = (table, mags, saved["metrics"])
+                finished[(regime, cell_seed)] = (table, mags, saved["metrics"],
+                                                 results.load_history(rundir))
                 continue
         os.makedirs(rundir, exist_ok=True)
-        results.save_results(rundir, cell_config, {}, status="running")
+        results.save_results(rundir, cell_config, {}, status="running", study=STUDY)
         keras.utils.clear_session()
         xla = regime in xla_regimes
         model = compiled_model(regime, data.image_shape, data.num_classes, learning_rate,
@@ -314,9 +386,11 @@ def run_study(data, workdir: str, config: dict, *, regimes: Sequence[str],
                                dropout_rate=dropout_rate, ramp_steps=settings.get("ramp_steps", 0),
                                ramp=ramp, rank_every=rank_every, drop_bias=drop_bias,
                                evaluation=evaluation, seed=cell_seed)
-        last = training.train_and_evaluate(
+        outcome = training.train_and_evaluate(
             model, data.train_dataset(batch_size, seed=cell_seed), data.test_dataset(1000),
-            steps=steps, eval_every=eval_every, workdir=rundir, label=f"{regime} seed {cell_seed}")
+            steps=steps, eval_every=eval_every, workdir=rundir, label=f"{regime} seed {cell_seed}",
+            sweep=sweep)
+        last = outcome.final
         table = pruning_sweep(model, *data.test, fractions, prune_logits, evaluation)
         table = table.assign(regime=regime, seed=cell_seed)
         results.write_csv(pruning_csv, table)
@@ -328,12 +402,12 @@ def run_study(data, workdir: str, config: dict, *, regimes: Sequence[str],
             label = value_label(row.fraction)  # exact: 50 and 50.0000001 stay apart
             run_metrics[f"{row.kind}_pruned_{label}_accuracy"] = row.accuracy
             run_metrics[f"{row.kind}_pruned_{label}_sparsity"] = row.sparsity
-        results.save_results(rundir, cell_config, run_metrics)
-        finished[(regime, cell_seed)] = (table, mags, run_metrics)
-        write_tables(workdir, config, cells, finished, baseline, evaluation)
-    metrics = write_tables(workdir, config, cells, finished, baseline, evaluation)
+        results.save_results(rundir, cell_config, run_metrics, study=STUDY)
+        finished[(regime, cell_seed)] = (table, mags, run_metrics, outcome.history)
+        write_tables(workdir, record, cells, finished, baseline, evaluation)
+    metrics = write_tables(workdir, record, cells, finished, baseline, evaluation)
     tensorboard_views.log_sweep(workdir, [
-        (cell_dir(workdir, r, s), {"regime": r, "seed": s}, finished[(r, s)][2])
+        (cell_dir(workdir, r, s), {"regime": r, "seed": s}, *finished[(r, s)][2:])
         for r, s in cells])
     return metrics
 
@@ -345,9 +419,6 @@ def write_tables(workdir: str, config: dict, cells, finished: dict, baseline: bo
     Metrics `<regime>/<kind>_pruned_<f>_accuracy` (and `test_accuracy`) are means
     over the regime's finished seeds; `<regime>/seed_<s>/...` the cells' own.
     """
-    import pandas as pd
-
-    from dni_tf.harness import results
 
     if not finished:
         return {}
@@ -366,7 +437,7 @@ def write_tables(workdir: str, config: dict, cells, finished: dict, baseline: bo
         plot_magnitudes(pd.concat(mags, ignore_index=True),
                         os.path.join(workdir, "weight_magnitudes.png"))
     metrics = {}
-    for (regime, seed), (_, _, cell_metrics) in finished.items():
+    for (regime, seed), (_, _, cell_metrics, _) in finished.items():
         metrics.update({f"{regime}/seed_{seed}/{k}": v for k, v in cell_metrics.items()})
     for regime in dict.fromkeys(r for r, _ in cells):
         done = [finished[c][2] for c in cells if c[0] == regime and c in finished]
@@ -379,5 +450,5 @@ def write_tables(workdir: str, config: dict, cells, finished: dict, baseline: bo
     extra = {"published_baseline": PUBLISHED_BASELINE} if baseline else {}
     results.save_results(workdir, config, metrics,
                          status="completed" if not missing else "partial",
-                         missing_cells=missing, **extra)
+                         missing_cells=missing, study=STUDY, **extra)
     return metrics

@@ -26,8 +26,17 @@ from dni_tf import models
 from dni_tf.harness import cli, results, tensorboard_views
 from dni_tf import data as data_lib
 from dni_tf.threshold_updates import ACCUMULATIONS, ThresholdUpdates
+from dni_tf.harness.config import check_fields, option
 from dni_tf.harness.training import SweepProgress, train_and_evaluate
 
+STUDY = "threshold_updates"  # written into results.json: the reproduction report reads it
+PUBLISHED = results.Published(
+    title="Threshold-triggered, unsynchronised updates",
+    source="the blog post *Backprop without synchronization* (2016), "
+           "a proposal with no experiment: no published numbers",
+    claims=("Far fewer weight updates: small noisy gradients cancel before firing.",
+            "Sparser backprop, with dropout-like effects.",
+            "Increasing T acts like changing the learning rate."))
 MODELS = ("mlp", "cnn")
 OPTIMIZERS = ("sgd", "momentum", "adam")
 
@@ -36,45 +45,39 @@ OPTIMIZERS = ("sgd", "momentum", "adam")
 class ThresholdSweepConfig:
     """Everything one sweep needs (the command line's flags, parsed)."""
 
-    thresholds: Sequence[float] = (0.0, 1e-4, 1e-3, 1e-2)
-    accumulation: str = "sum"
-    decay: float = 0.9
-    clip: float = 0.0  # 0: no clipping
-    noise_stddev: float = 0.0
-    sparse_backward: bool = False
-    max_delay: int = 0
-    statistics_every: int = 1
-    dataset: str = "mnist"
-    data_dir: Optional[str] = None
-    model: str = "mlp"
-    hidden: Sequence[int] = (256, 256)
-    optimizer: str = "sgd"
-    learning_rate: float = 0.1
-    steps: int = 3000
-    eval_every: int = 500
-    batch_size: int = 64
-    seed: int = 0
-    target_accuracy: float = 0.9
+    thresholds: Sequence[float] = option((0.0, 1e-4, 1e-3, 1e-2),
+                                         "Thresholds T >= 0; one run per value.", low=0.0)
+    accumulation: str = option("sum", "Accumulation strategy.", choices=ACCUMULATIONS)
+    decay: float = option(0.9, "Accumulator decay per step (accumulation=decay).",
+                          low=0.0, high=1.0)
+    clip: float = option(0.0, "Bound on a fired element's emitted value; 0 = no clipping.",
+                         low=0.0)
+    noise_stddev: float = option(0.0, "Std of Gaussian noise added to each gradient element.",
+                                 low=0.0)
+    sparse_backward: bool = option(
+        False, "Only units with a fired incoming weight pass their error down.")
+    max_delay: int = option(0, "Per-layer random delay d in [0, max_delay] steps.", low=0)
+    statistics_every: int = option(
+        1, "Compute notify_fraction, acc_norm and cancelled_fraction on every k-th step only "
+        "(faster; update counts stay exact).", low=1)
+    dataset: str = option("mnist", "Image dataset.", choices=data_lib.IMAGE_DATASETS)
+    data_dir: Optional[str] = option(None, "Dataset files (default: $DNI_TF_DATA_DIR).")
+    model: str = option("mlp", "mlp, or cnn (the tutorial CNN).", choices=MODELS)
+    hidden: Sequence[int] = option((256, 256), "MLP hidden layer widths.", low=1,
+                                   distinct=False)
+    optimizer: str = option("sgd", "Base optimizer (momentum: SGD with 0.9).",
+                            choices=OPTIMIZERS)
+    learning_rate: float = option(0.1, "Base optimizer learning rate.", low=0.0, low_open=True)
+    steps: int = option(3000, "Training steps per threshold.", low=1)
+    eval_every: int = option(500, "Evaluate every this many steps and at the last step.", low=1)
+    batch_size: int = option(64, "Batch size.", low=1)
+    seed: int = option(0, "Seed for weights, data order, noise and delays.", low=0)
+    target_accuracy: float = option(0.9, "Report the weight updates needed to reach this.",
+                                    low=0.0, high=1.0)
 
     def validate(self) -> None:
-        """Raises `cli.UsageError` (a ValueError) naming the flag and its allowed values."""
-        # Finite, >= 0 and distinct: each threshold trains in its own folder.
-        self.thresholds = cli.parse_floats("thresholds", list(self.thresholds), low=0.0)
-        cli.check_choice("accumulation", self.accumulation, ACCUMULATIONS)
-        cli.check_range("decay", self.decay, 0.0, 1.0)
-        cli.check_range("clip", self.clip, 0.0)
-        cli.check_range("noise_stddev", self.noise_stddev, 0.0)
-        cli.check_range("max_delay", self.max_delay, 0)
-        cli.check_range("statistics_every", self.statistics_every, 1)
-        cli.check_choice("dataset", self.dataset, data_lib.IMAGE_DATASETS)
-        cli.check_choice("model", self.model, MODELS)
-        self.hidden = cli.parse_ints("hidden", list(self.hidden), low=1, distinct=False)
-        cli.check_choice("optimizer", self.optimizer, OPTIMIZERS)
-        cli.check_range("learning_rate", self.learning_rate, 0.0, low_open=True)
-        cli.check_range("steps", self.steps, 1)
-        cli.check_range("eval_every", self.eval_every, 1)
-        cli.check_range("batch_size", self.batch_size, 1)
-        cli.check_range("target_accuracy", self.target_accuracy, 0.0, 1.0)
+        """Raises `UsageError` naming the flag and its allowed values."""
+        check_fields(self)
 
 
 def build_classifier(config: ThresholdSweepConfig, data) -> keras.Model:
@@ -106,7 +109,8 @@ def run_sweep(config: ThresholdSweepConfig, workdir: str, data=None,
                          f"{data.name} has {len(data.train[1])} training examples")
     config_dict = {**dataclasses.asdict(config), **(extra_config or {})}
     rows, curves, runs = [], [], []
-    for threshold in SweepProgress(config.thresholds, lambda t: f"T={cli.value_label(t)}"):
+    sweep = SweepProgress(config.thresholds, lambda t: f"T={cli.value_label(t)}")
+    for threshold in sweep:
         # Exact folder names: 1e-4 and 1.000001e-4 must not share (and resume) one run.
         subdir = os.path.join(workdir, f"threshold_{cli.value_label(threshold)}")
         model = ThresholdUpdates(
@@ -118,17 +122,17 @@ def run_sweep(config: ThresholdSweepConfig, workdir: str, data=None,
         model.compile(optimizer=_base_optimizer(config.optimizer, config.learning_rate),
                       loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                       metrics=["accuracy"])
-        train_and_evaluate(model, data.train_dataset(config.batch_size, seed=config.seed),
-                           data.test_dataset(1000), steps=config.steps,
-                           eval_every=config.eval_every, workdir=subdir,
-                           label=f"T={cli.value_label(threshold)}")
-        history = results.load_history(subdir)
+        history = train_and_evaluate(
+            model, data.train_dataset(config.batch_size, seed=config.seed),
+            data.test_dataset(1000), steps=config.steps, eval_every=config.eval_every,
+            workdir=subdir, label=f"T={cli.value_label(threshold)}", sweep=sweep).history
         row = summarize_run(history, threshold, model.num_weights, config.target_accuracy)
-        results.save_results(subdir, {**config_dict, "thresholds": [threshold]}, row)
+        results.save_results(subdir, {**config_dict, "thresholds": [threshold]}, row,
+                             study=STUDY)
         rows.append(row)
         runs.append((subdir, {"threshold": threshold, "accumulation": config.accumulation,
                               "sparse_backward": config.sparse_backward,
-                              "max_delay": config.max_delay}, row))
+                              "max_delay": config.max_delay}, row, history))
         curves.append(pd.DataFrame({
             "threshold": threshold, "step": history["step"],
             "weight_updates": history["train_weight_updates"],
@@ -142,12 +146,12 @@ def run_sweep(config: ThresholdSweepConfig, workdir: str, data=None,
     results.write_csv(os.path.join(workdir, "curves.csv"), curves)
     plot_sweep(summary, curves, workdir)
     metrics = {f"T={cli.value_label(r['threshold'])}": r for r in rows}
-    results.save_results(workdir, config_dict, metrics)
+    results.save_results(workdir, config_dict, metrics, study=STUDY)
     return metrics
 
 
 def summarize_run(history, threshold: float, num_weights: int, target_accuracy: float) -> dict:
-    """One summary row from a run's history.csv (columns written by `ThresholdUpdates`)."""
+    """One summary row from a run's history (columns written by `ThresholdUpdates`)."""
     last = history.iloc[-1]
     steps = int(last["step"])
     updates = float(last["train_weight_updates"])

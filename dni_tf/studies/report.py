@@ -7,9 +7,9 @@ Each run directory given is what one command wrote: either a sweep root with
 its own `results.json` (gradient dropping, threshold updates, the feed-forward
 DNI grid, targeted dropout, or any single run) or a table root whose
 configurations each have a `results.json` in a subdirectory (Copy / PTB
-tables, multi-network comparisons). The study is recognised from the
-configuration saved in `results.json`. For each study the report gives the
-published claims and numbers with their source (`PUBLISHED`), and per run
+tables, multi-network comparisons). The study is the one `results.json`
+names. For each study the report gives the published claims and numbers with
+their source (each study module's `PUBLISHED`), and per run
 directory: its budget, how its setup differs from the published one, our
 numbers beside the published ones, its figures (linked, or copied beside the
 report) and its full configuration.
@@ -33,6 +33,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import pandas as pd
 
 from dni_tf.harness import results
+from dni_tf.studies import dni_feedforward, gradient_drop, targeted_dropout, threshold_updates
 
 
 class ReportError(ValueError):
@@ -40,68 +41,12 @@ class ReportError(ValueError):
 
 
 # ------------------------------------------------------------ published results
-@dataclasses.dataclass(frozen=True)
-class Published:
-    """What a source reports for one study.
+# Each study module owns its published facts (`PUBLISHED`) and writes its name
+# (`STUDY`) into results.json; the recurrent studies' facts are kept here.
+Published = results.Published
+DNI_PAPER = dni_feedforward.DNI_PAPER
 
-    `setup` maps configuration keys (as saved in results.json) to the
-    published value; a run whose value differs is listed under "differs from
-    the published setup".
-    """
-
-    title: str
-    source: str
-    claims: Tuple[str, ...]
-    setup: Mapping[str, Any] = dataclasses.field(default_factory=dict)
-
-
-DNI_PAPER = "Jaderberg et al. 2016, *Decoupled Neural Interfaces using Synthetic Gradients*, arXiv 1608.05343"
-
-# The gradient-dropping write-up: MNIST test accuracy after 20,000 batches of 50
-# ("keeping 50%+ ... 99.2%").
-SEED_000_TEST_ACCURACY = {1.0: 0.992, 0.8: 0.992, 0.5: 0.992, 0.2: 0.899}
-SEED_000_STEPS = 20_000
-# Public baseline for targeted dropout's MLP (784-1000-1000-500-200-10 ReLU,
-# Fashion-MNIST, Adam 1e-3, batch 128, 20 epochs, no targeted dropout): test
-# accuracy % by percentage pruned.
-TARGETED_DROPOUT_BASELINE = {
-    "weight": {0: 88.5, 25: 88.6, 50: 88.6, 60: 88.2, 70: 86.9, 80: 86.3, 90: 80.5,
-               95: 59.6, 97: 41.1, 99: 16.1},
-    "unit": {0: 88.5, 25: 88.5, 50: 87.6, 60: 85.8, 70: 81.4, 80: 56.0, 90: 30.2,
-             95: 20.7, 97: 12.3, 99: 2.3},
-}
-TARGETED_DROPOUT_EPOCHS = 20
-
-PUBLISHED: Dict[str, Published] = {
-    "gradient_drop": Published(
-        title="Gradient dropping",
-        source="the write-up *Effective learning while misplacing gradient updates* "
-               "(MNIST, TensorFlow tutorial CNN, batch 50, 20,000 steps)",
-        claims=("After 20k batches of 50 on MNIST, keep_prob >= 0.5 reaches about 99.2% test "
-                "accuracy and keep_prob 0.2 about 89.9%.",
-                "Pro-rated by keep_prob, keep_prob 0.5 trains a little faster than twice as "
-                "slowly as keep_prob 1.0."),
-        setup={"dataset": "mnist", "steps": SEED_000_STEPS, "batch_size": 50,
-               "granularity": "variable", "dropped_state": "zero_gradient", "rescale": False,
-               # the TensorFlow tutorial CNN the write-up trains uses Adam 1e-4
-               "learning_rate": 1e-4}),
-    "threshold_updates": Published(
-        title="Threshold-triggered, unsynchronised updates",
-        source="the blog post *Backprop without synchronization* (2016), "
-               "a proposal with no experiment: no published numbers",
-        claims=("Far fewer weight updates: small noisy gradients cancel before firing.",
-                "Sparser backprop, with dropout-like effects.",
-                "Increasing T acts like changing the learning rate.")),
-    "dni_feedforward": Published(
-        title="Synthetic gradients for feed-forward networks",
-        source=f"{DNI_PAPER}, section 3.1 and supplementary "
-               "(compared qualitatively, so no numbers are compared)",
-        claims=("Every-layer cDNI trains MNIST FCNs of 3-6 layers to within a few tenths of a "
-                "percent of backprop.",
-                "Unconditioned DNI degrades with depth.",
-                "Sparse updates (update_prob < 1) and complete unlock still train."),
-        setup={"model": "fcn", "width": 256, "batch_size": 256, "steps": 500_000,
-               "learning_rate": 3e-5, "lr_boundaries": [0.6, 0.8]}),
+_RECURRENT = {
     "copy_task": Published(
         title="Recurrent DNI: Copy and Repeat Copy",
         source=f"{DNI_PAPER}, section 3.2",
@@ -120,41 +65,32 @@ PUBLISHED: Dict[str, Published] = {
         source=f"{DNI_PAPER}, section 3.3",
         claims=("Two RNNs ticking at different rates communicate through a DNI; the slow "
                 "network is trained by synthetic gradients from the fast one.",)),
-    "targeted_dropout": Published(
-        title="Targeted dropout and pruning",
-        source="Gomez et al. 2019, *Learning Sparse Networks Using Targeted Dropout*, "
-               "arXiv 1905.13678, and the write-up *targeted-dropout: An inquiry into the nature "
-               "of pruning and targeted dropout*; the baseline table is a public one for this "
-               "exact network and setup",
-        claims=("Targeted dropout makes a network robust to magnitude pruning (weight or unit) "
-                "without retraining.",
-                "Baseline (no targeted dropout, 20 epochs): table below."),
-        setup={"dataset": "fashion_mnist", "hidden": [1000, 1000, 500, 200], "batch_size": 128,
-               "learning_rate": 1e-3, "epochs": TARGETED_DROPOUT_EPOCHS, "alpha": 0.5,
-               "gamma": 0.5}),
+}
+PUBLISHED: Dict[str, Published] = {
+    gradient_drop.STUDY: gradient_drop.PUBLISHED,
+    threshold_updates.STUDY: threshold_updates.PUBLISHED,
+    dni_feedforward.STUDY: dni_feedforward.PUBLISHED,
+    **_RECURRENT,
+    targeted_dropout.STUDY: targeted_dropout.PUBLISHED,
 }
 STUDY_ORDER = tuple(PUBLISHED)
 
 
-def study_of(config: Mapping[str, Any]) -> Optional[str]:
-    """The study a saved configuration belongs to (a key of `PUBLISHED`), or None."""
-    if config.get("study") in PUBLISHED:
-        return config["study"]
-    keys = set(config)
-    if keys & {"keep_probs", "keep_prob"}:
-        return "gradient_drop"
-    if "thresholds" in keys:
-        return "threshold_updates"
-    if keys & {"regimes", "regime"}:
-        return "targeted_dropout"
+def study_of(saved: Mapping[str, Any]) -> Optional[str]:
+    """The study that wrote a results.json (a key of `PUBLISHED`), or None.
+
+    Runs written before results.json named its study are recognised by their
+    configuration keys.
+    """
+    if saved.get("study") in PUBLISHED:
+        return saved["study"]
+    keys = set(saved.get("config") or {})
     if "tick_ratio" in keys:
         return "multi_network"
     if "chunk_length" in keys:
         return "language_model"
     if {"task", "truncation"} <= keys:
         return "copy_task"
-    if {"method", "layers", "lr_boundaries"} <= keys:
-        return "dni_feedforward"
     return None
 
 
@@ -214,11 +150,12 @@ def load_run_set(path: str) -> RunSet:
     if root is None and not children:
         raise ReportError(f"--runs={path}: no {results.RESULTS_FILE} in it or in its immediate "
                           "subdirectories (not a finished run?)")
-    configs = [root["config"]] if root is not None else [c["config"] for c in children.values()]
-    study = study_of(configs[0] or {})
+    saved = root if root is not None else next(iter(children.values()))
+    study = study_of(saved)
     if study is None:
-        raise ReportError(f"--runs={path}: cannot tell which study wrote it (configuration keys: "
-                          f"{', '.join(sorted(configs[0] or {})) or 'none'})")
+        raise ReportError(f"--runs={path}: cannot tell which study wrote it (its results.json "
+                          "names no study; configuration keys: "
+                          f"{', '.join(sorted(saved.get('config') or {})) or 'none'})")
     figures = sorted(f for f in os.listdir(path) if f.lower().endswith(".png"))
     return RunSet(path, study, root, children, results.load_history(path), figures)
 
@@ -260,8 +197,8 @@ def gradient_drop_table(runs: RunSet) -> pd.DataFrame:
         for at in earlier:
             row[f"ours at {at} %"] = _accuracy_at(runs.history, at, where)
         row[f"ours at {steps} %"] = _percent(metrics.get("test_accuracy"))
-        published = SEED_000_TEST_ACCURACY.get(keep_prob)
-        row[f"write-up at {SEED_000_STEPS} (MNIST) %"] = _percent(published)
+        published = gradient_drop.SEED_TEST_ACCURACY.get(keep_prob)
+        row[f"write-up at {gradient_drop.SEED_STEPS} (MNIST) %"] = _percent(published)
         row["gradients applied"] = metrics.get("kept_fraction")
         rows.append(row)
     return pd.DataFrame(rows)
@@ -352,9 +289,10 @@ def targeted_dropout_table(runs: RunSet) -> pd.DataFrame:
             if k == kind:
                 rows.append({"pruning": kind, "regime": regime,
                              **{f"{f:g}%": values.get(f) for f in fractions}})
-        baseline = TARGETED_DROPOUT_BASELINE[kind]
+        baseline = targeted_dropout.PUBLISHED_BASELINE[kind]
         rows.append({"pruning": kind,
-                     "regime": f"published: none, {TARGETED_DROPOUT_EPOCHS} epochs, Fashion-MNIST",
+                     "regime": f"published: none, {targeted_dropout.BASELINE_EPOCHS} epochs, "
+                               "Fashion-MNIST",
                      **{f"{f:g}%": baseline.get(int(f)) if float(f).is_integer() else None
                         for f in fractions}})
     return pd.DataFrame(rows)
