@@ -251,3 +251,22 @@ def test_bad_arguments():
     model = _model("dni")
     with pytest.raises(ValueError, match="k\\*k = 9"):
         model(tf.zeros([2, 4, 3, 3, 1]))
+
+
+def test_comparison_writes_the_table_counts_updates_and_reads_finished_cells_back(tmp_path):
+    from dni_tf import results
+    from dni_tf.studies.multi_network import MultiNetworkConfig, run_comparison
+
+    cfg = MultiNetworkConfig(hidden_a=4, hidden_b=4, message_size=2, batch_size=4, digits=32,
+                             eval_digits=16, dataset="digits")
+    table = run_comparison(cfg, str(tmp_path), ["dni", "backprop"], [2])
+    assert table["method"].tolist() == ["dni", "backprop"]
+    dni = results.load_results(str(tmp_path / "dni_k2"))["metrics"]
+    backprop = results.load_results(str(tmp_path / "backprop_k2"))["metrics"]
+    # 32 digits = 2 batches of 4 episodes of 4 digits: A steps 8 times under dni, twice under backprop.
+    assert (dni["steps"], dni["a_updates"], dni["b_updates"]) == (2, 8, 4)
+    assert (backprop["steps"], backprop["a_updates"], backprop["b_updates"]) == (2, 2, 2)
+    assert results.load_history(str(tmp_path / "dni_k2"))["step"].tolist() == [1, 2]
+    assert (tmp_path / "table.md").exists()
+    again = run_comparison(cfg, str(tmp_path), ["dni", "backprop"], [2])  # nothing left to train
+    assert again.equals(table)
