@@ -44,7 +44,10 @@ labels int [Bt, k*k] (digit classes 0..9). The episode length must be static
 (k*k); the time loop is unrolled when the step is traced, so the graph grows
 with k*k. Metrics: `loss` (= a_loss + b_loss), `a_loss`, `b_loss`,
 `a_accuracy` (odd/even, every step), `b_accuracy` (count, every tick),
-`b_final_accuracy` (count at the last tick), and for dni `sg_loss`.
+`b_final_accuracy` (count at the last tick), and for dni `sg_loss`, and
+`sg_cosine` / `sg_norm_ratio`: cosine and norm ratio between the synthetic
+gradients A was given in the episode and their targets (all messages of the
+batch as one vector; training only).
 """
 
 from __future__ import annotations
@@ -147,7 +150,7 @@ class MultiNetwork(keras.Model):
         self.sg_optimizer = None
         names = ["loss", "a_loss", "b_loss", "a_accuracy", "b_accuracy", "b_final_accuracy"]
         if method == "dni":
-            names.append("sg_loss")
+            names += ["sg_loss", "sg_cosine", "sg_norm_ratio"]
         self._trackers = {n: keras.metrics.Mean(name=n) for n in names}
 
     @property
@@ -274,7 +277,8 @@ class MultiNetwork(keras.Model):
         a_vars, b_vars = self.a_variables, self.b_variables
         state_a = self._zero_state(self.cell_a, batch)
         state_b = self._zero_state(self.cell_b, batch)
-        received, sg_inputs, parity_logits, count_logits, a_losses, b_losses = [], [], [], [], [], []
+        received, sg_inputs, predictions = [], [], []
+        parity_logits, count_logits, a_losses, b_losses = [], [], [], []
         # Sum over B's ticks of dL_B_j / dm_t, one entry per message.
         true_grads = [None] * self.episode_length
         # B's ticks are recorded over the whole episode: its BPTT runs through them.
@@ -286,8 +290,8 @@ class MultiNetwork(keras.Model):
                         logits, m, new_state = self.a_step(x[:, t], state_a)
                         a_loss = _cross_entropy(parity[:, t], logits)
                         sg_in = self.sg_input(m, counts[:, t // k])
-                        objective = a_loss + surrogate_objective(
-                            m, self.synthetic_gradient(sg_in), batch)
+                        sg = self.synthetic_gradient(sg_in)
+                        objective = a_loss + surrogate_objective(m, sg, batch)
                     a_grads = a_tape.gradient(objective, a_vars)
                     self.optimizer.apply(replica_mean(a_grads), a_vars)
                     # Carried, not differentiated: A's gradient stops at each step.
@@ -295,6 +299,7 @@ class MultiNetwork(keras.Model):
                 parity_logits.append(logits)
                 a_losses.append(a_loss)
                 sg_inputs.append(sg_in)
+                predictions.append(sg)
                 message = tf.stop_gradient(m)  # B's loss never reaches A directly
                 b_tape.watch(message)
                 received.append(message)
@@ -315,6 +320,12 @@ class MultiNetwork(keras.Model):
         with tf.GradientTape() as sg_tape:
             sg_loss = regression_loss(self.synthetic_gradient(tf.concat(sg_inputs, axis=0)), target)
         self.sg_optimizer.apply(replica_mean(sg_tape.gradient(sg_loss, sg_vars)), sg_vars)
+        # How well the synthetic gradients A used match the true ones (this replica's batch).
+        used = tf.concat(predictions, axis=0)
+        used_norm, target_norm = tf.norm(used), tf.norm(target)
+        self._trackers["sg_cosine"].update_state(
+            tf.reduce_sum(used * target) / (used_norm * target_norm + 1e-30))
+        self._trackers["sg_norm_ratio"].update_state(used_norm / (target_norm + 1e-30))
         return self._record(parity, counts, tf.add_n(a_losses) / len(a_losses),
                             tf.add_n(b_losses) / len(b_losses), tf.stack(parity_logits, axis=1),
                             tf.stack(count_logits, axis=1), sg_loss)
@@ -326,7 +337,7 @@ class MultiNetwork(keras.Model):
         parity_logits, count_logits = self(digits)
         logs = self._record(parity, counts, _cross_entropy(parity, parity_logits),
                             _cross_entropy(counts, count_logits), parity_logits, count_logits)
-        return {k: v for k, v in logs.items() if k != "sg_loss"}
+        return {k: v for k, v in logs.items() if not k.startswith("sg_")}
 
     def _record(self, parity, counts, a_loss, b_loss, parity_logits, count_logits, sg_loss=None):
         def accuracy(labels, logits):
