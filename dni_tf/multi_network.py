@@ -110,12 +110,13 @@ class MultiNetwork(keras.Model):
       hidden_a, hidden_b: LSTM sizes; message_size: width M of one message;
       encoder_units: A's ReLU layer between the image and its LSTM.
       sg_context: "none" (M(m)) or "count" (M(m, one-hot target of B's tick), cDNI).
+      sg_learning_rate: learning rate of M's optimizer; None: the compiled one's.
       seed: initialiser seed.
     """
 
     def __init__(self, tick_ratio: int, method: str = "dni", hidden_a: int = 64,
                  hidden_b: int = 64, message_size: int = 16, encoder_units: int = 128,
-                 sg_context: str = "none", seed: int = 0, **kwargs):
+                 sg_context: str = "none", sg_learning_rate=None, seed: int = 0, **kwargs):
         super().__init__(**kwargs)
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -128,6 +129,7 @@ class MultiNetwork(keras.Model):
         self.num_counts = self.episode_length + 1
         self.method = method
         self.sg_context = sg_context
+        self.sg_learning_rate = sg_learning_rate
         glorot = lambda i: keras.initializers.GlorotUniform(seed=seed + i)  # noqa: E731
         orthogonal = lambda i: keras.initializers.Orthogonal(seed=seed + i)  # noqa: E731
         self.encoder = keras.layers.Dense(encoder_units, activation="relu",
@@ -185,6 +187,8 @@ class MultiNetwork(keras.Model):
             config = dict(self.optimizer.get_config())
             config["learning_rate"] = float(keras.ops.convert_to_numpy(self.optimizer.learning_rate))
             self.b_optimizer = self.optimizer.__class__.from_config(dict(config))
+            if self.sg_learning_rate is not None:
+                config["learning_rate"] = float(self.sg_learning_rate)
             self.sg_optimizer = self.optimizer.__class__.from_config(dict(config))
             self.b_optimizer.build(self.b_variables)
             self.sg_optimizer.build(self.synthetic_gradient.trainable_variables)

@@ -26,9 +26,9 @@ def _episode(seed=0):
     return tf.constant(digits), tf.constant(labels)
 
 
-def _model(method, sg_context="none", seed=0, optimizer=None):
+def _model(method, sg_context="none", seed=0, optimizer=None, **kwargs):
     model = MultiNetwork(K, method, hidden_a=5, hidden_b=4, message_size=3, encoder_units=6,
-                         sg_context=sg_context, seed=seed)
+                         sg_context=sg_context, seed=seed, **kwargs)
     model.build((None, S, 3, 3, 1))
     model.compile(optimizer=optimizer or keras.optimizers.SGD(LR))
     return model
@@ -213,7 +213,8 @@ def test_backprop_step_is_one_update_through_the_whole_episode():
 @pytest.mark.parametrize("method", ["dni", "backprop"])
 def test_update_counts_per_batch(method):
     """dni: A every step (K*K per episode batch), B every K steps (K), M once; backprop: once."""
-    model = _model(method, optimizer=keras.optimizers.Adam(1e-3))
+    model = _model(method, optimizer=keras.optimizers.Adam(1e-3),
+                   sg_learning_rate=1e-4 if method == "dni" else None)
     digits, labels = _episode()
     step = tf.function(model.train_step)
     for _ in range(2):
@@ -225,6 +226,8 @@ def test_update_counts_per_batch(method):
     assert int(model.optimizer.iterations) == 2 * S
     assert int(model.b_optimizer.iterations) == 2 * K
     assert int(model.sg_optimizer.iterations) == 2
+    assert float(model.sg_optimizer.learning_rate) == pytest.approx(1e-4)
+    assert float(model.b_optimizer.learning_rate) == pytest.approx(1e-3)
 
 
 def test_fit_and_evaluate_on_episodes():

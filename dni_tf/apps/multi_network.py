@@ -32,6 +32,8 @@ flags.DEFINE_string("sg_context", _D.sg_context,
 flags.DEFINE_integer("steps", _D.steps, "Training batches of episodes.")
 flags.DEFINE_integer("batch_size", _D.batch_size, "Episodes per batch.")
 flags.DEFINE_float("learning_rate", _D.learning_rate, "Adam learning rate.")
+flags.DEFINE_float("sg_learning_rate", _D.sg_learning_rate,
+                   "dni: Adam learning rate of M (0: --learning_rate).")
 flags.DEFINE_integer("eval_every", _D.eval_every,
                      "Evaluate on test episodes every this many steps.")
 flags.DEFINE_integer("digits", _D.digits, "If > 0: train on this many digits (replaces "

@@ -34,6 +34,7 @@ class MultiNetworkConfig:
     hidden_b: int = 64
     message_size: int = 16
     sg_context: str = "none"
+    sg_learning_rate: float = 0.0  # 0: learning_rate
     steps: int = 2000
     batch_size: int = 32
     learning_rate: float = 1e-3
@@ -60,6 +61,9 @@ class MultiNetworkConfig:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
         if not self.learning_rate > 0:
             raise ValueError(f"learning_rate: must be > 0, got {self.learning_rate}")
+        if self.sg_learning_rate < 0:
+            raise ValueError(f"sg_learning_rate: must be >= 0 (0: learning_rate), "
+                             f"got {self.sg_learning_rate}")
         per_batch = self.batch_size * self.episode_length
         for name in ("digits", "eval_digits"):
             value = getattr(self, name)
@@ -101,7 +105,8 @@ def check_batch_size(cfg: MultiNetworkConfig, images) -> None:
 def build_model(cfg: MultiNetworkConfig, image_shape) -> MultiNetwork:
     keras.utils.set_random_seed(cfg.seed)
     model = MultiNetwork(cfg.tick_ratio, cfg.method, cfg.hidden_a, cfg.hidden_b,
-                         cfg.message_size, sg_context=cfg.sg_context, seed=cfg.seed)
+                         cfg.message_size, sg_context=cfg.sg_context,
+                         sg_learning_rate=cfg.sg_learning_rate or None, seed=cfg.seed)
     model.build((None, cfg.episode_length) + tuple(image_shape))
     model.compile(optimizer=keras.optimizers.Adam(cfg.learning_rate))
     return model
