@@ -159,7 +159,7 @@ ENTRY_POINTS = {
         (["--compare", "--compare_methods=dni,dni", "--dataset=digits", "--batch_size=4", *TINY],
          "--compare_methods: 'dni' is given more than once"),
         (["--compare", "--compare_tick_ratios=1,8", "--dataset=digits", "--batch_size=10", *TINY],
-         "--batch_size=10 is out of range: allowed [1, 9]"),
+         "--batch_size=10 is out of range: allowed [1, 4]"),
         (["--data_dir={file}"], "--data_dir={file} is a file, not a directory"),
     ]),
 }

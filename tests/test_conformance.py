@@ -123,16 +123,22 @@ def truncated_bptt_case(method):
     return make
 
 
-def multi_network_case(jit_compile="auto"):
-    from dni_tf.multi_network import MultiNetwork
+def multi_network_case(method, sg_context="none"):
+    def make(jit_compile="auto"):
+        from dni_tf.multi_network import MultiNetwork
 
-    rng = np.random.RandomState(0)
-    digits = rng.rand(48, 4, 4, 4, 1).astype("float32")
-    labels = rng.randint(0, 10, (48, 4)).astype("int32")
-    model = MultiNetwork(2, "dni", hidden_a=4, hidden_b=4, message_size=2, seed=0)
-    model.build((None, 4, 4, 4, 1))
-    model.compile(optimizer=keras.optimizers.Adam(1e-2), jit_compile=jit_compile)
-    return model, (digits, labels)
+        rng = np.random.RandomState(0)
+        digits = rng.rand(48, 4, 4, 4, 1).astype("float32")  # episodes of k*k = 4 digits
+        labels = rng.randint(0, 10, (48, 4)).astype("int32")
+        labels[::3, 1] = 3  # some 3s for B to count
+        model = MultiNetwork(2, method, hidden_a=4, hidden_b=4, message_size=2, encoder_units=4,
+                             sg_context=sg_context, seed=0)
+        model.build((None, 4, 4, 4, 1))
+        # Adam's epsilon above round-off, as in `_compile`: M starts at zero.
+        model.compile(optimizer=keras.optimizers.Adam(1e-2, epsilon=1e-3),
+                      jit_compile=jit_compile)
+        return model, (digits, labels)
+    return make
 
 
 CASES = {
@@ -148,7 +154,8 @@ CASES = {
                                             sg_hidden_layers=1),
     "truncated_bptt": truncated_bptt_case("bptt"),
     "truncated_bptt_dni_aux": truncated_bptt_case("dni_aux"),
-    "multi_network_dni": multi_network_case,
+    "multi_network_dni": multi_network_case("dni"),
+    "multi_network_backprop": multi_network_case("backprop"),
 }
 # Cases whose ops XLA cannot compile, with the reason (reported, not hidden).
 # (TruncatedBPTT compiles when the sequence length is static, as in these cases;

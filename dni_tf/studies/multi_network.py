@@ -1,10 +1,13 @@
 """The two-clock multi-network study (section 3.3) as importable code.
 
 `run_multi_network(config, workdir)` trains one `MultiNetwork` on episodes of
-MNIST digits (test episodes from the test set) and writes results.json
-(`test_a_accuracy`, `test_b_accuracy`, ...), history.csv, TensorBoard and
-checkpoints. `run_comparison` runs both methods for each tick ratio in
-`<method>_k<k>/` and writes table.csv / table.md / table.png.
+k*k MNIST digits (test episodes from the test set) and writes results.json
+(`test_a_accuracy`, `test_b_accuracy`, `test_b_final_accuracy`, ...),
+history.csv, TensorBoard and checkpoints. `steps` counts batches of episodes
+(the same data for both methods: dni makes k*k updates of A per batch, backprop
+one). `run_comparison` runs both methods for each tick ratio in `<method>_k<k>/`
+and writes table.csv / table.md / table.png; finished cells are read back and
+unfinished ones resume from their checkpoints.
 """
 
 from __future__ import annotations
@@ -27,15 +30,19 @@ from dni_tf.harness.training import SweepProgress, train_and_evaluate
 class MultiNetworkConfig:
     tick_ratio: int = 4
     method: str = "dni"
-    ticks_per_episode: int = 4
     hidden_a: int = 64
-    hidden_b: int = 32
+    hidden_b: int = 64
     message_size: int = 16
     sg_context: str = "none"
+    sg_learning_rate: float = 0.0  # 0: learning_rate
     steps: int = 2000
     batch_size: int = 32
     learning_rate: float = 1e-3
     eval_every: int = 500
+    # Budgets in digits (0: use steps / eval_every): the same data for every k,
+    # steps = digits // (batch_size * k * k).
+    digits: int = 0
+    eval_digits: int = 0
     dataset: str = "mnist"
     data_dir: Optional[str] = None
     seed: int = 0
@@ -48,16 +55,36 @@ class MultiNetworkConfig:
             raise ValueError(f"sg_context: {self.sg_context!r} not in {', '.join(SG_CONTEXTS)}")
         if self.dataset not in ("mnist", "fashion_mnist", "digits"):
             raise ValueError(f"dataset: {self.dataset!r} not in mnist, fashion_mnist, digits")
-        for name in ("tick_ratio", "ticks_per_episode", "hidden_a", "hidden_b", "message_size",
+        for name in ("tick_ratio", "hidden_a", "hidden_b", "message_size",
                      "steps", "batch_size", "eval_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
         if not self.learning_rate > 0:
             raise ValueError(f"learning_rate: must be > 0, got {self.learning_rate}")
+        if self.sg_learning_rate < 0:
+            raise ValueError(f"sg_learning_rate: must be >= 0 (0: learning_rate), "
+                             f"got {self.sg_learning_rate}")
+        per_batch = self.batch_size * self.episode_length
+        for name in ("digits", "eval_digits"):
+            value = getattr(self, name)
+            if value != 0 and value < per_batch:
+                raise ValueError(f"{name}: must be 0 (off) or >= {per_batch} (one batch of "
+                                 f"--batch_size episodes of k*k digits), got {value}")
+
+    @property
+    def train_steps(self) -> int:
+        """Batches of episodes to train: `digits` converted, else `steps`."""
+        return self.digits // (self.batch_size * self.episode_length) if self.digits else self.steps
+
+    @property
+    def eval_steps(self) -> int:
+        """Batches between evaluations: `eval_digits` converted, else `eval_every`."""
+        return (self.eval_digits // (self.batch_size * self.episode_length) if self.eval_digits
+                else self.eval_every)
 
     @property
     def episode_length(self) -> int:
-        return self.tick_ratio * self.ticks_per_episode
+        return self.tick_ratio * self.tick_ratio
 
 
 def check_batch_size(cfg: MultiNetworkConfig, images) -> None:
@@ -72,13 +99,14 @@ def check_batch_size(cfg: MultiNetworkConfig, images) -> None:
         cfg.batch_size, count // episode_length,
         f"episodes per batch: {images.name} has {len(images.train[1])} train and "
         f"{len(images.test[1])} test digits, {episode_length} per episode "
-        f"(--tick_ratio x --ticks_per_episode)")
+        f"(--tick_ratio squared)")
 
 
 def build_model(cfg: MultiNetworkConfig, image_shape) -> MultiNetwork:
     keras.utils.set_random_seed(cfg.seed)
     model = MultiNetwork(cfg.tick_ratio, cfg.method, cfg.hidden_a, cfg.hidden_b,
-                         cfg.message_size, sg_context=cfg.sg_context, seed=cfg.seed)
+                         cfg.message_size, sg_context=cfg.sg_context,
+                         sg_learning_rate=cfg.sg_learning_rate or None, seed=cfg.seed)
     model.build((None, cfg.episode_length) + tuple(image_shape))
     model.compile(optimizer=keras.optimizers.Adam(cfg.learning_rate))
     return model
@@ -91,15 +119,18 @@ def run_multi_network(cfg: MultiNetworkConfig, workdir: str, extra_config: Optio
     images = images or data_lib.load_image_data(cfg.dataset, cfg.data_dir)
     check_batch_size(cfg, images)
     model = build_model(cfg, images.image_shape)
-    train = episode_dataset(*images.train, cfg.episode_length, cfg.batch_size, shuffle=True,
+    train = episode_dataset(*images.train, cfg.tick_ratio, cfg.batch_size, shuffle=True,
                             seed=cfg.seed)
-    test = episode_dataset(*images.test, cfg.episode_length, cfg.batch_size, shuffle=False,
+    test = episode_dataset(*images.test, cfg.tick_ratio, cfg.batch_size, shuffle=False,
                            repeat=False)
-    last = train_and_evaluate(model, train, test, steps=cfg.steps, eval_every=cfg.eval_every,
+    last = train_and_evaluate(model, train, test, steps=cfg.train_steps, eval_every=cfg.eval_steps,
                               workdir=workdir,
                               label=f"multi-network {cfg.method} k={cfg.tick_ratio}").final
     metrics = {k: v for k, v in last.items() if k != "step"}
-    metrics["steps"] = cfg.steps
+    metrics["steps"] = cfg.train_steps
+    metrics["digits_seen"] = cfg.train_steps * cfg.batch_size * cfg.episode_length
+    metrics["a_updates"] = int(model.optimizer.iterations.numpy())
+    metrics["b_updates"] = int((model.b_optimizer or model.optimizer).iterations.numpy())
     results.save_results(workdir, {**dataclasses.asdict(cfg), **(extra_config or {})}, metrics)
     return metrics
 
@@ -131,16 +162,17 @@ def run_comparison(cfg: MultiNetworkConfig, workdir: str, methods: Sequence[str]
             metrics = run_multi_network(configs[k, method], subdir, extra_config, images)
         rows.append({"method": method, "tick_ratio": int(k),
                      "test_a_accuracy": metrics["test_a_accuracy"],
-                     "test_b_accuracy": metrics["test_b_accuracy"]})
+                     "test_b_accuracy": metrics["test_b_accuracy"],
+                     "test_b_final_accuracy": metrics["test_b_final_accuracy"]})
         runs.append((subdir, {"method": method, "tick_ratio": int(k)}, metrics,
                      results.load_history(subdir)))
     tensorboard_views.log_sweep(workdir, runs)
     table = pd.DataFrame(rows)
     results.write_csv(os.path.join(workdir, "table.csv"), table)
-    lines = ["| method | k | A digit accuracy (test) | B odd-count accuracy (test) |",
-             "|---|---|---|---|"]
-    lines += [f"| {r.method} | {r.tick_ratio} | {r.test_a_accuracy:.4f} | {r.test_b_accuracy:.4f} |"
-              for r in table.itertuples()]
+    lines = ["| method | k | A odd/even accuracy (test) | B count-of-3s accuracy, all ticks "
+             "(test) | B at the last tick (test) |", "|---|---|---|---|---|"]
+    lines += [f"| {r.method} | {r.tick_ratio} | {r.test_a_accuracy:.4f} | {r.test_b_accuracy:.4f} "
+              f"| {r.test_b_final_accuracy:.4f} |" for r in table.itertuples()]
     results.atomic_write_text(os.path.join(workdir, "table.md"), "\n".join(lines) + "\n")
     import seaborn as sns
     long = table.melt(id_vars=["method", "tick_ratio"], var_name="network", value_name="accuracy")
