@@ -112,7 +112,7 @@ def race(contenders, steps, rounds):
 def report(title, contenders, flops_per_step, peak, targets):
     """Prints one table; `targets`: {name: (baseline name, max ratio)}."""
     keras_plain = contenders["plain Keras fit"]
-    print(f"\n== {title}")
+    print(f"\n== {title}", flush=True)
     print(f"{'contender':34s} {'ms/step':>8s} {'cpu ms':>8s} {'x Keras':>8s} "
           f"{'x same-opt':>10s} {'GFLOP/s':>8s} {'of peak':>7s}  target")
     for name, c in contenders.items():
