@@ -366,7 +366,10 @@ class ThresholdUpdates(keras.Model):
                                      training=True)
             track_loss(self, loss, x)
         # No optimizer.scale_loss: thresholds compare unscaled gradients, so a
-        # LossScaleOptimizer (mixed precision) is not supported.
+        # LossScaleOptimizer (mixed_float16) is not supported; bfloat16 needs none.
+        if isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):
+            raise ValueError("ThresholdUpdates does not support loss scaling "
+                             "(mixed_float16); use mixed_bfloat16 or float32")
         grads = tape.gradient(loss, self._vars)
         grads = [ops.zeros_like(v) if g is None else ops.convert_to_tensor(g)
                  for g, v in zip(grads, self._vars)]
