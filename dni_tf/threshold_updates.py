@@ -366,7 +366,10 @@ class ThresholdUpdates(keras.Model):
                                      training=True)
             track_loss(self, loss, x)
         # No optimizer.scale_loss: thresholds compare unscaled gradients, so a
-        # LossScaleOptimizer (mixed precision) is not supported.
+        # LossScaleOptimizer (mixed_float16) is not supported; bfloat16 needs none.
+        if isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):
+            raise ValueError("ThresholdUpdates does not support loss scaling "
+                             "(mixed_float16); use mixed_bfloat16 or float32")
         grads = tape.gradient(loss, self._vars)
         grads = [ops.zeros_like(v) if g is None else ops.convert_to_tensor(g)
                  for g, v in zip(grads, self._vars)]
@@ -394,63 +397,105 @@ class ThresholdUpdates(keras.Model):
 
         Updates the accumulators (and second moments) in place. `updates[i]` is
         zero wherever `fired[i]` is False. The step's statistics (fired count,
-        L1 of increments and emissions, accumulator norm) are computed in the
-        same loop from tensors already at hand, because on CPU every extra pass
-        over all weights costs about as much as the rule itself; `_record`
-        publishes them.
+        L1 of increments and emissions, accumulator norm) are left for `_record`
+        to publish.
+
+        On CPU every pass over all weights costs about as much as the rule
+        itself, so the step makes as few as it can: the elementwise rule (one
+        fused loop under XLA) and one reduction for the fired count, which also
+        detects non-finite values. The sampled statistics, and the exact count
+        of a step with non-finite values, recompute the rule from its inputs
+        (gradients and the accumulators before the step) inside a branch taken
+        only when needed; handing the rule's outputs to the branch instead
+        would make XLA write them all out on every step.
         """
         step = self.step_counter + 1
         self.step_counter.assign(step)
-        increments, updates, fired_masks, remainders, fired_counts, totals = [], [], [], [], [], []
+        inputs = []
         for i, (g, acc) in enumerate(zip(grads, self.accumulators)):
             g = ops.cast(g, acc.dtype)
             if self.noise_stddev:
                 g = g + self.noise_stddev * ops.cast(random_streams.normal(
                     g.shape, random_streams.next_seed(self.seed_generator)), acc.dtype)
-            if self.accumulation == "sum":
-                increment, total = g, acc + g
-            elif self.accumulation == "decay":
-                increment, total = g, self.decay * acc + g
-            else:
-                v = self.second_moments[i]
-                v_new = self.beta_2 * v + (1.0 - self.beta_2) * ops.square(g)
-                v.assign(v_new)
-                correction = 1.0 - ops.power(ops.cast(self.beta_2, acc.dtype),
-                                             ops.cast(step, acc.dtype))
-                increment = g / (ops.sqrt(v_new / correction) + self.epsilon)
-                total = acc + increment
-            fired = ops.greater(ops.abs(total), self.threshold)
-            remaining = ops.where(fired, 0.0, total)
-            acc.assign(remaining)
-            if self.clip is None:
-                update = total - remaining  # exactly `total` where fired, 0 elsewhere
-            else:
-                update = ops.where(fired, ops.clip(total, -self.clip, self.clip), 0.0)
-            increments.append(increment)
+            inputs.append((g, acc.value,
+                           self.second_moments[i].value if self.second_moments else None))
+        self._notified = None
+        updates, fired_masks, counts = [], [], []
+        rules = []
+        for i, (g, acc_value, v_value) in enumerate(inputs):
+            rule = self._rule(step, g, acc_value, v_value)
+            increment, total, fired, remaining, update, v_new = rule
+            rules.append(rule)
+            self.accumulators[i].assign(remaining)
+            if v_new is not None:
+                self.second_moments[i].assign(v_new)
             updates.append(update)
             fired_masks.append(fired)
-            remainders.append(remaining)
-            # int32 sums are exact up to 2**31 fired elements per variable.
-            fired_counts.append(ops.cast(ops.sum(ops.cast(fired, "int32")), "int64"))
-            # One NaN or inf element makes the sum non-finite (so does an
-            # overflowing sum, which is divergence too).
-            totals.append(ops.sum(total))
-        self._fired_count = ops.sum(ops.stack(fired_counts))
-        self._nonfinite = ops.logical_not(ops.all(ops.isfinite(ops.stack(totals))))
+            counts.append(self._fired_sum(total, fired))
+        count = ops.sum(ops.stack([c for c, _ in counts]))
+        self._nonfinite = ops.any(ops.stack([bad for _, bad in counts]))
+        self._fired_count = tf.cond(
+            self._nonfinite,
+            lambda: ops.sum(ops.stack([self._exact_fired(step, *x) for x in inputs])),
+            lambda: count)
         # Sparse backward needs the notified units every step; the statistics reuse them.
         self._notified = self._notified_units(fired_masks) if self.sparse_backward else None
-        self._step_statistics = self._sampled_statistics(step, increments, updates, remainders,
-                                                         fired_masks)
+        self._step_statistics = self._sampled_statistics(step, inputs, rules)
         return updates, fired_masks
 
-    def _sampled_statistics(self, step, increments, updates, remainders, fired):
+    def _rule(self, step, g, acc, v):
+        """The elementwise rule: (increment, total, fired, remaining, update, new v or None)."""
+        v_new = None
+        if self.accumulation == "sum":
+            increment, total = g, acc + g
+        elif self.accumulation == "decay":
+            increment, total = g, self.decay * acc + g
+        else:
+            v_new = self.beta_2 * v + (1.0 - self.beta_2) * ops.square(g)
+            correction = 1.0 - ops.power(ops.cast(self.beta_2, acc.dtype),
+                                         ops.cast(step, acc.dtype))
+            increment = g / (ops.sqrt(v_new / correction) + self.epsilon)
+            total = acc + increment
+        fired = ops.greater(ops.abs(total), self.threshold)
+        remaining = ops.where(fired, 0.0, total)
+        if self.clip is None:
+            update = total - remaining  # exactly `total` where fired, 0 elsewhere
+        else:
+            update = ops.where(fired, ops.clip(total, -self.clip, self.clip), 0.0)
+        return increment, total, fired, remaining, update, v_new
+
+    @staticmethod
+    def _fired_sum(total, fired):
+        """(fired count as int64, whether `total` has a non-finite element); one reduction.
+
+        A float32 sum of 0/1 values is exact up to 2**24 elements; 0 * total
+        turns the sum NaN when an element is NaN or inf (the count of such a
+        step is then recomputed exactly, see `_exact_fired`).
+        """
+        if math.prod(int(d) for d in total.shape) <= 2**24:
+            flags = ops.sum(ops.cast(fired, total.dtype) + 0.0 * total)
+            finite = ops.isfinite(flags)
+            return ops.cast(ops.where(finite, flags, 0.0), "int64"), ops.logical_not(finite)
+        return (ops.sum(ops.cast(fired, "int64")),
+                ops.logical_not(ops.all(ops.isfinite(total))))
+
+    def _exact_fired(self, step, g, acc, v):
+        fired = self._rule(step, g, acc, v)[2]
+        return ops.sum(ops.cast(fired, "int64"))
+
+    def _sampled_statistics(self, step, inputs, rules):
         """(weight, received L1, emitted L1, sum of squared accumulators, notified units).
 
-        Computed from tensors already at hand, because on CPU every pass over
-        all weights costs about as much as the rule itself; with
-        `statistics_every > 1` only on sampled steps (weight 1; else all 0).
+        With `statistics_every == 1` from the step's own `rules`; else on every
+        k-th step only (weight 1; else all 0), from the rule recomputed on
+        `inputs` (see `accumulate_and_fire`), or from `rules` with sparse
+        backward, whose fired masks are written out every step anyway.
         """
-        def compute():
+        def compute(rules):
+            increments = [r[0] for r in rules]
+            updates = [r[4] for r in rules]
+            remainders = [r[3] for r in rules]
+            fired = [r[2] for r in rules]
             received = ops.sum(ops.stack([ops.sum(ops.abs(i)) for i in increments]))
             emitted = ops.sum(ops.stack([ops.sum(ops.abs(u)) for u in updates]))
             squares = ops.sum(ops.stack([2.0 * tf.nn.l2_loss(r) for r in remainders]))
@@ -460,9 +505,13 @@ class ThresholdUpdates(keras.Model):
             return ops.ones(()), received, emitted, squares, notified
 
         if self.statistics_every == 1:
-            return compute()
+            return compute(rules)
         sampled = ops.equal(ops.mod(step, self.statistics_every), 0)
-        return tf.cond(sampled, compute, lambda: (ops.zeros(()),) * 5)
+        if self.sparse_backward:
+            return tf.cond(sampled, lambda: compute(rules), lambda: (ops.zeros(()),) * 5)
+        return tf.cond(sampled,
+                       lambda: compute([self._rule(step, *x) for x in inputs]),
+                       lambda: (ops.zeros(()),) * 5)
 
     def _notified_units(self, fired):
         """Per kernel layer: [units] bools, True where an incoming weight (or bias) fired."""

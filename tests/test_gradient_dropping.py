@@ -290,3 +290,24 @@ def test_replica_granularity_drops_a_lost_replicas_non_finite_gradient(mirrored_
     model.fit(x, y, batch_size=16, epochs=2, verbose=0)
     for a, b in zip(before, _weights(model.network)):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("granularity", ["variable", "element"])
+def test_fused_update_keeps_the_same_parts_as_graph_mode(granularity):
+    """The XLA-fused mask-and-apply (default) and the unfused step drop the same parts."""
+    x, y = _data(16)
+    changed = []
+    for fuse in (None, False):
+        model = GradientDropping(_network(), keep_prob=0.5, granularity=granularity, seed=5,
+                                 dropped_state="freeze", fuse_update=fuse)
+        model.compile(optimizer=keras.optimizers.SGD(0.1),
+                      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        model.build((None, 6))
+        before = _weights(model.network)
+        for _ in range(3):
+            model.train_on_batch(x, y)
+        changed.append([a != b for a, b in zip(before, _weights(model.network))])
+        assert model._fused() == (fuse is None)
+    for fused, unfused in zip(*changed):
+        np.testing.assert_array_equal(fused, unfused)
+    assert 0 < np.mean(np.concatenate([c.ravel() for c in changed[0]])) < 1

@@ -370,3 +370,12 @@ def test_normalized_accumulation_on_a_hand_computed_example():
         acc += g / (np.sqrt(v / (1 - beta_2**t)) + eps)
         np.testing.assert_allclose(model.accumulators[0].numpy(), acc, rtol=1e-6)
         np.testing.assert_allclose(model.second_moments[0].numpy(), v, rtol=1e-6)
+
+
+def test_loss_scaling_is_refused_with_a_clear_error():
+    model = ThresholdUpdates(keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)]),
+                             threshold=1e-3)
+    model.compile(optimizer=keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD(0.1)),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    with pytest.raises(ValueError, match="mixed_float16"):
+        model.train_on_batch(np.zeros((4, 3), "float32"), np.zeros((4,), "int32"))
