@@ -4,7 +4,7 @@ r"""Every study's training step against a plain Keras step, and this machine's p
                              [--mixed_precision]
 
 One process. For each study: the step time of the algorithm with the package's
-defaults (`dni_tf.fast_path`: XLA where it pays off), a plain Keras `fit` step
+defaults (`dni_tf.harness.fast_path`: XLA where it pays off), a plain Keras `fit` step
 of the same network on the same batch with Keras' defaults, and with the
 same execution options as the algorithm; their ratios; the achieved GFLOP/s
 of the algorithm's network FLOPs (forward + backward, 3x the forward's
@@ -31,7 +31,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from dni_tf import fast_path, models  # noqa: E402
+from dni_tf.harness import fast_path, models  # noqa: E402
 
 STUDIES = ("gradient_dropping", "threshold_updates", "dni")
 

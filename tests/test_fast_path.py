@@ -1,9 +1,10 @@
-"""dni_tf.fast_path: defaults for --jit_compile, --steps_per_execution, --mixed_precision."""
+"""dni_tf.harness.fast_path: defaults for --jit_compile, --steps_per_execution, --mixed_precision."""
 
 import keras
 import pytest
 
-from dni_tf import fast_path, models
+from dni_tf import models
+from dni_tf.harness import fast_path
 from dni_tf.errors import UsageError
 
 

@@ -257,7 +257,7 @@ def test_bad_arguments():
 
 
 def test_comparison_writes_the_table_counts_updates_and_reads_finished_cells_back(tmp_path):
-    from dni_tf import results
+    from dni_tf.harness import results
     from dni_tf.studies.multi_network import MultiNetworkConfig, run_comparison
 
     cfg = MultiNetworkConfig(hidden_a=4, hidden_b=4, message_size=2, batch_size=4, digits=32,

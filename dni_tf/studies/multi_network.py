@@ -23,47 +23,54 @@ from dni_tf.harness import cli
 from dni_tf import data as data_lib
 from dni_tf.harness import plots, results, tensorboard_views
 from dni_tf.multi_network import METHODS, SG_CONTEXTS, MultiNetwork, episode_dataset
+from dni_tf.harness.config import check_fields, option
 from dni_tf.harness.training import SweepProgress, train_and_evaluate
+
+
+STUDY = "multi_network"  # written into results.json: the reproduction report reads it
+PUBLISHED = results.Published(
+    title="Multi-network system",
+    source="Jaderberg et al. 2016, *Decoupled Neural Interfaces using Synthetic Gradients*, "
+           "arXiv 1608.05343, section 3.3",
+    claims=("Two RNNs ticking at different rates communicate through a DNI; the slow "
+            "network is trained by synthetic gradients from the fast one.",))
 
 
 @dataclasses.dataclass
 class MultiNetworkConfig:
-    tick_ratio: int = 4
-    method: str = "dni"
-    hidden_a: int = 64
-    hidden_b: int = 64
-    message_size: int = 16
-    sg_context: str = "none"
-    sg_learning_rate: float = 0.0  # 0: learning_rate
-    steps: int = 2000
-    batch_size: int = 32
-    learning_rate: float = 1e-3
-    eval_every: int = 500
+    """One two-clock system's settings. On the command line `method` and
+    `tick_ratio` take comma lists: one run per combination and a comparison
+    table (`run_comparison`)."""
+
+    tick_ratio: int = option(4, "k: B ticks once every k steps of A; several = comparison.",
+                             low=1, grid=True)
+    method: str = option("dni", "Training method; several = comparison.", choices=METHODS,
+                         grid=True)
+    hidden_a: int = option(64, "LSTM units of A.", low=1)
+    hidden_b: int = option(64, "LSTM units of B.", low=1)
+    message_size: int = option(16, "Width of A's message to B.", low=1)
+    sg_context: str = option("none", "dni: what M reads besides A's message: none, or count "
+                             "(the one-hot target count of B's tick, cDNI).",
+                             choices=SG_CONTEXTS)
+    sg_learning_rate: float = option(0.0, "dni: Adam learning rate of M (0: --learning_rate).",
+                                     low=0.0)
+    steps: int = option(2000, "Training batches of episodes.", low=1)
+    batch_size: int = option(32, "Episodes per batch.", low=1)
+    learning_rate: float = option(1e-3, "Adam learning rate.", low=0.0, low_open=True)
+    eval_every: int = option(500, "Evaluate on test episodes every this many steps.", low=1)
     # Budgets in digits (0: use steps / eval_every): the same data for every k,
     # steps = digits // (batch_size * k * k).
-    digits: int = 0
-    eval_digits: int = 0
-    dataset: str = "mnist"
-    data_dir: Optional[str] = None
-    seed: int = 0
+    digits: int = option(0, "If > 0: train on this many digits (replaces --steps: steps = "
+                         "digits // (batch_size * k * k), the same data for every k).", low=0)
+    eval_digits: int = option(0, "If > 0: evaluate every this many training digits (replaces "
+                              "--eval_every).", low=0)
+    dataset: str = option("mnist", "Image dataset.", choices=("mnist", "fashion_mnist", "digits"))
+    data_dir: Optional[str] = option(None, "Directory with mnist/; default $DNI_TF_DATA_DIR.")
+    seed: int = option(0, "Seed.", low=0)
 
     def validate(self) -> None:
-        cli.check_finite_fields(self)  # NaN would slip through the range tests below
-        if self.method not in METHODS:
-            raise ValueError(f"method: {self.method!r} not in {', '.join(METHODS)}")
-        if self.sg_context not in SG_CONTEXTS:
-            raise ValueError(f"sg_context: {self.sg_context!r} not in {', '.join(SG_CONTEXTS)}")
-        if self.dataset not in ("mnist", "fashion_mnist", "digits"):
-            raise ValueError(f"dataset: {self.dataset!r} not in mnist, fashion_mnist, digits")
-        for name in ("tick_ratio", "hidden_a", "hidden_b", "message_size",
-                     "steps", "batch_size", "eval_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
-        if not self.learning_rate > 0:
-            raise ValueError(f"learning_rate: must be > 0, got {self.learning_rate}")
-        if self.sg_learning_rate < 0:
-            raise ValueError(f"sg_learning_rate: must be >= 0 (0: learning_rate), "
-                             f"got {self.sg_learning_rate}")
+        """Raises UsageError / ValueError naming the flag and the allowed values."""
+        check_fields(self)
         per_batch = self.batch_size * self.episode_length
         for name in ("digits", "eval_digits"):
             value = getattr(self, name)
@@ -131,7 +138,8 @@ def run_multi_network(cfg: MultiNetworkConfig, workdir: str, extra_config: Optio
     metrics["digits_seen"] = cfg.train_steps * cfg.batch_size * cfg.episode_length
     metrics["a_updates"] = int(model.optimizer.iterations.numpy())
     metrics["b_updates"] = int((model.b_optimizer or model.optimizer).iterations.numpy())
-    results.save_results(workdir, {**dataclasses.asdict(cfg), **(extra_config or {})}, metrics)
+    results.save_results(workdir, {**dataclasses.asdict(cfg), **(extra_config or {})}, metrics,
+                         study=STUDY)
     return metrics
 
 
