@@ -35,6 +35,8 @@ class Mutant:
     tests: Sequence[str]  # pytest node ids (files or tests) that must fail
 
 
+REF = "tests/test_truncated_bptt.py::test_one_batch_matches_hand_written_recurrent_dni"
+
 MUTANTS: List[Mutant] = [
     # -- gradient dropping -------------------------------------------------
     Mutant("gradient dropping: variable granularity drops whole layers",
@@ -261,32 +263,77 @@ MUTANTS: List[Mutant] = [
            "dni_tf/truncated_bptt.py",
            "sg_next = tf.stop_gradient(self._predict_sg(new_s))",
            "sg_next = tf.stop_gradient(self._predict_sg(s))",
-           ["tests/test_truncated_bptt.py::test_one_batch_matches_hand_written_recurrent_dni"]),
+           [REF]),
     Mutant("recurrent dni: module regressed at the window's last state",
            "dni_tf/truncated_bptt.py",
            "regression_loss(self._predict_sg(s), state_grad)",
            "regression_loss(self._predict_sg(new_s), state_grad)",
-           ["tests/test_truncated_bptt.py::test_one_batch_matches_hand_written_recurrent_dni"]),
+           [REF]),
     # The core still gets 0.1 * M; only the gradient reaching s_k (M's target) changes.
     Mutant("recurrent dni: bootstrap dropped from the module target",
            "dni_tf/truncated_bptt.py",
-           "objective += inject * surrogate_objective(new_s, self.sg_scale * sg_next, batch)",
-           "objective += inject * surrogate_objective(self._run_core(xs, tf.stop_gradient(s), "
-           "self._valid(k, t, n, batch))[1], self.sg_scale * sg_next, batch)",
-           ["tests/test_truncated_bptt.py::test_one_batch_matches_hand_written_recurrent_dni"]),
+           "state_grad += (self.bootstrap_scale - self.sg_scale) * tape.gradient(surrogate, s)",
+           "state_grad += (0.0 - self.sg_scale) * tape.gradient(surrogate, s)",
+           [REF]),
     Mutant("recurrent dni: bootstrap in the module target left unscaled",
            "dni_tf/truncated_bptt.py",
-           "objective += inject * surrogate_objective(new_s, self.sg_scale * sg_next, batch)",
-           "objective += inject * (surrogate_objective(new_s, sg_next, batch) - "
-           "surrogate_objective(self._run_core(xs, tf.stop_gradient(s), "
-           "self._valid(k, t, n, batch))[1], (1.0 - self.sg_scale) * sg_next, batch))",
-           ["tests/test_truncated_bptt.py::test_one_batch_matches_hand_written_recurrent_dni"]),
+           "state_grad += (self.bootstrap_scale - self.sg_scale) * tape.gradient(surrogate, s)",
+           "state_grad += (1.0 - self.sg_scale) * tape.gradient(surrogate, s)",
+           [REF]),
+    Mutant("recurrent dni: bootstrap scaled like the injection (bootstrap_scale ignored)",
+           "dni_tf/truncated_bptt.py",
+           "split_bootstrap = use_sg and self.bootstrap_scale != self.sg_scale",
+           "split_bootstrap = False",
+           [REF]),
     Mutant("recurrent dni: synthetic gradient injected unscaled", "dni_tf/truncated_bptt.py",
-           "self.sg_scale * sg_next", "sg_next",
-           ["tests/test_truncated_bptt.py::test_one_batch_matches_hand_written_recurrent_dni"]),
+           "objective += self.sg_scale * surrogate", "objective += surrogate",
+           [REF]),
     Mutant("recurrent dni: episode end regressed onto nothing", "dni_tf/truncated_bptt.py",
            "end = tf.where(is_last, 1.0, 0.0)", "end = tf.where(is_last, 0.0, 0.0)",
-           ["tests/test_truncated_bptt.py::test_one_batch_matches_hand_written_recurrent_dni"]),
+           [REF, "tests/test_truncated_bptt.py::test_episode_end_regresses_a_nonzero_module_towards_zero"]),
+    Mutant("recurrent dni: one update per batch although per_window is asked for",
+           "dni_tf/truncated_bptt.py",
+           "per_window = self.update == \"per_window\"", "per_window = False",
+           [REF, "tests/test_truncated_bptt.py::test_per_window_updates_are_counted_and_stay_in_one_traced_step"]),
+    Mutant("recurrent dni: per-window gradients computed but never applied",
+           "dni_tf/truncated_bptt.py",
+           "                applied = apply_fn(core_grads, sg_grads)\n"
+           "                with tf.control_dependencies(applied):\n"
+           "                    # The next window starts after this window's update.\n"
+           "                    new_s = tf.identity(new_s)",
+           "                new_c[\"core_acc\"] = c[\"core_acc\"]",
+           [REF]),
+    Mutant("recurrent dni: stream bootstraps nothing across batches",
+           "dni_tf/truncated_bptt.py",
+           "train_in = 0.0 if episodic else 1.0", "train_in = 0.0",
+           [REF]),
+    Mutant("recurrent dni_aux: Aux predicts the synthetic gradient at its own window's end",
+           "dni_tf/truncated_bptt.py",
+           "pred = self.aux_head(prev_end)", "pred = self.aux_head(new_s)",
+           [REF, "tests/test_truncated_bptt.py::test_aux_loss_and_its_target"]),
+    Mutant("recurrent dni_aux: Aux loss does not train the core (prediction from a constant state)",
+           "dni_tf/truncated_bptt.py",
+           "pred = self.aux_head(prev_end)", "pred = self.aux_head(tf.stop_gradient(prev_end))",
+           [REF]),
+    Mutant("recurrent dni_aux: Aux target ignores that nothing is received at an episode's end",
+           "dni_tf/truncated_bptt.py",
+           "tf.square(pred - sg_next))",
+           "tf.square(pred - tf.stop_gradient(self._predict_sg(new_s))))",
+           [REF, "tests/test_truncated_bptt.py::test_aux_loss_and_its_target"]),
+    Mutant("recurrent dni: diagnostics compare with the window's own loss too",
+           "dni_tf/truncated_bptt.py",
+           "new_s = new_s + tf.gather(probes, k)\n",
+           "new_s = new_s\n                total += tf.reduce_sum(tf.gather(probes, k) * s)\n",
+           ["tests/test_truncated_bptt.py::test_synthetic_gradient_quality_against_full_bptt"]),
+    # -- sequence tasks ------------------------------------------------------
+    Mutant("repeat copy curriculum: repeats never grow", "dni_tf/data/sequence_tasks.py",
+           "self.repeats.assign(tf.where(tf.logical_and(solved, grow_repeats), repeats + 1, repeats))",
+           "self.repeats.assign(repeats)",
+           ["tests/test_sequence_tasks.py::test_repeat_curriculum_grows_length_and_repeats_alternately"]),
+    Mutant("copy curriculum: uniform sampling ignores the curriculum's level",
+           "dni_tf/data/sequence_tasks.py",
+           "minval=1, maxval=n + 1,", "minval=n, maxval=n + 1,",
+           ["tests/test_sequence_tasks.py::test_uniform_sampling_draws_levels_up_to_the_current_one"]),
 ]
 
 
