@@ -128,6 +128,11 @@ class TruncatedBPTT(keras.Model):
       aux_weight: weight of the dni_aux auxiliary loss.
       stateful: carry state across batches (contiguous streams).
       batch_size: fixed batch size, required when stateful.
+      episodic: whether every batch ends an episode (no synthetic gradient after
+        its last window, M regressed to 0 there, M not trained at its first
+        state). Default: `not stateful`. `stateful=True, episodic=True` is a
+        stream of episodes with the state carried but the bootstrap cut at
+        episode ends (the Copy stream).
       curriculum: optional Curriculum layer updated every train step.
       clip_norm: if > 0, the core's gradients and the synthetic gradient
         module's gradients are each clipped to this global norm separately
@@ -140,7 +145,8 @@ class TruncatedBPTT(keras.Model):
                  vocab_size: Optional[int] = None, sg_scale: float = 0.1,
                  bootstrap_scale: float = 1.0, update: str = "per_window",
                  aux_weight: float = 1.0, stateful: bool = False,
-                 batch_size: Optional[int] = None, curriculum=None, clip_norm: float = 0.0,
+                 batch_size: Optional[int] = None, episodic: Optional[bool] = None,
+                 curriculum=None, clip_norm: float = 0.0,
                  seed: int = 0, **kwargs):
         super().__init__(**kwargs)
         if method not in METHODS:
@@ -164,6 +170,8 @@ class TruncatedBPTT(keras.Model):
         self.update = update
         self.aux_weight = float(aux_weight)
         self.stateful = bool(stateful)
+        # Whether each batch ends an episode (the bootstrap stops there), carried state or not.
+        self.episodic = (not self.stateful) if episodic is None else bool(episodic)
         self.clip_norm = float(clip_norm)
         self.fixed_batch_size = batch_size
         self.curriculum = curriculum
@@ -617,7 +625,7 @@ class TruncatedBPTT(keras.Model):
             # Built here, outside the window loop: no variables may be created inside it.
             self.optimizer.build(self.trainable_variables)
         per_window = self.update == "per_window"
-        r = self.compute_gradients(x, y, mask, state, episodic=not self.stateful,
+        r = self.compute_gradients(x, y, mask, state, episodic=self.episodic,
                                    apply_fn=self._apply if per_window else None)
         if not per_window:
             self._apply(r["core_grads"], r["sg_grads"])

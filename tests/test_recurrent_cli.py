@@ -29,6 +29,7 @@ def test_copy_defaults_are_the_papers_setting_and_diagnostics_need_a_module():
         study.CopyTaskConfig(method="bptt", diagnostics=True).validate()
     model, _ = study.build_copy_model(study.CopyTaskConfig(hidden_size=4, batch_size=3))
     assert model.stateful and model.update == "per_window" and model.bootstrap_scale == 1.0
+    assert model.episodic  # state carried, bootstrap cut at every episode's end
     reset, _ = study.build_copy_model(study.CopyTaskConfig(hidden_size=4, episodes="reset"))
     assert not reset.stateful
 

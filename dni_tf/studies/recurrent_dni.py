@@ -139,7 +139,7 @@ def build_copy_model(cfg: CopyTaskConfig):
                           hidden_size=cfg.hidden_size, loss_type="bernoulli",
                           sg_scale=cfg.sg_scale, bootstrap_scale=cfg.bootstrap_scale,
                           update=cfg.update, aux_weight=cfg.aux_weight, stateful=stream,
-                          batch_size=cfg.batch_size if stream else None,
+                          batch_size=cfg.batch_size if stream else None, episodic=True,
                           curriculum=curriculum, clip_norm=cfg.clip_norm, seed=cfg.seed)
     model.build((None, None, in_dim))
     model.compile(optimizer=_optimizer(cfg))
