@@ -229,7 +229,8 @@ def test_curriculum_in_fit_trains_on_the_current_length_only():
 
 
 def _fit_two_steps(jit_compile, dataset=None):
-    model = _model(4, "dni_aux", seed=3)  # N=7, T=4: two windows, the last one padded
+    # dni (dni_aux under XLA: tests/test_conformance.py). N=7, T=4: two windows, one padded.
+    model = _model(4, "dni", seed=3)
     model.compile(optimizer=keras.optimizers.Adam(1e-2), jit_compile=jit_compile)
     if dataset is None:
         x, y, mask = _batch()
