@@ -19,7 +19,7 @@ are cut at each window boundary. Three methods:
   point is the undiscounted future gradient; `sg_scale` only damps what
   enters the core. With `bootstrap_scale` = `sg_scale` = 0.1 (what some
   public implementations get by backpropagating the already-scaled synthetic
-  gradient) credit from j windows ahead reaches M scaled by 0.1^j. At the end
+  gradient) credit from j windows ahead reaches the core scaled by 0.1^j. At the end
   of a finite sequence no synthetic gradient is injected and M's prediction
   there is regressed to 0 (there is no future loss), which keeps the
   bootstrap from drifting.

@@ -337,9 +337,9 @@ def _reference_dni_batch(model, x, y, mask, state, episodic, per_window):
     return updates, s
 
 
-def _random_module_model(method, stateful, update, seed=4):
+def _random_module_model(method, stateful, update, seed=4, episodic=None):
     model = _model(2, method, seed=seed, stateful=stateful, batch_size=B, update=update,
-                   sg_scale=SG_SCALE, bootstrap_scale=BOOTSTRAP)
+                   sg_scale=SG_SCALE, bootstrap_scale=BOOTSTRAP, episodic=episodic)
     rng = np.random.default_rng(11)
     for layer in (model.synthetic_gradient, model.aux_head):
         if layer is not None:
@@ -350,14 +350,20 @@ def _random_module_model(method, stateful, update, seed=4):
 
 @pytest.mark.parametrize("method,stateful,update", [
     ("dni", False, "per_window"), ("dni", True, "per_window"), ("dni_aux", False, "per_window"),
-    ("dni", False, "per_batch"), ("bptt", False, "per_window")])
+    ("dni", False, "per_batch"), ("bptt", False, "per_window"), ("dni_aux", "episodes",
+                                                                  "per_window")])
 def test_one_batch_matches_hand_written_recurrent_dni(method, stateful, update):
     """Three windows, random non-zero M (a zero M hides where it is read, the
     bootstrap and its scale), plain SGD lr 1: the trained model's weights equal
-    those of the tape-per-window reference, which updates after every window."""
+    those of the tape-per-window reference, which updates after every window.
+    stateful=True: a stream (bootstrap across batches); "episodes": the Copy
+    stream, state carried but every batch an episode."""
     x, y, mask = _batch(seed=3, n=3 * 2)
-    model = _random_module_model(method, stateful, update)
-    reference = _random_module_model(method, stateful, update)
+    episodic = None
+    if stateful == "episodes":
+        stateful, episodic = True, True
+    model = _random_module_model(method, stateful, update, episodic=episodic)
+    reference = _random_module_model(method, stateful, update, episodic=episodic)
     state = np.zeros((B, 2 * H), "float32")
     if stateful:  # a carried state: M(s_0) is trained and s_K gets a synthetic gradient
         state = np.random.default_rng(5).normal(0.0, 0.5, (B, 2 * H)).astype("float32")
@@ -365,7 +371,7 @@ def test_one_batch_matches_hand_written_recurrent_dni(method, stateful, update):
     # Graph mode for the carried state (the while_loop path), eager otherwise (fast).
     model.compile(optimizer=keras.optimizers.SGD(learning_rate=1.0), run_eagerly=not stateful)
     updates, final_state = _reference_dni_batch(reference, x, y, mask, state,
-                                                episodic=not stateful,
+                                                episodic=model.episodic,
                                                 per_window=update == "per_window")
     before = [v.numpy().copy() for v in model.trainable_variables]
     model.train_on_batch(x, y, sample_weight=mask)
