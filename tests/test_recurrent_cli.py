@@ -55,6 +55,15 @@ def test_multi_network_config_validation():
         MultiNetworkConfig(tick_ratio=0).validate()
 
 
+def test_language_model_per_window_updates_and_xla_option():
+    cfg = study.LanguageModelConfig(hidden_size=4, batch_size=2, jit_compile=True)
+    model = study.build_language_model(cfg, vocab_size=5)
+    assert model.jit_compile and model.update == "per_window" and model.stateful
+    assert not model.episodic  # a true stream: the bootstrap crosses batches
+    with pytest.raises(ValueError, match="update"):
+        study.LanguageModelConfig(update="x").validate()
+
+
 def test_language_model_config_validation():
     with pytest.raises(ValueError, match="truncation"):
         study.LanguageModelConfig(truncation=0).validate()

@@ -47,6 +47,8 @@ flags.DEFINE_float("bootstrap_scale", _D.bootstrap_scale, "Scale of the next syn
                    "gradient inside the module's regression target (1 = the paper's target).")
 flags.DEFINE_string("update", _D.update, "per_window (an optimizer step every T characters) "
                     "or per_batch (windows' gradients summed, one step per batch).")
+flags.DEFINE_boolean("jit_compile", _D.jit_compile, "Compile the train step with XLA (PTB "
+                     "chunks have static lengths; faster on most machines).")
 flags.DEFINE_string("data_dir", None,
                     "Directory with ptb/ptb.char.*.txt; default $DNI_TF_DATA_DIR.")
 flags.DEFINE_integer("seed", _D.seed, "Seed for initialisation.")

@@ -261,6 +261,8 @@ class LanguageModelConfig:
     bootstrap_scale: float = 1.0
     aux_weight: float = 1.0
     update: str = "per_window"
+    # PTB chunks have static lengths, so the train step compiles with XLA.
+    jit_compile: bool = False
     data_dir: Optional[str] = None
     seed: int = 0
 
@@ -309,7 +311,7 @@ def build_language_model(cfg: LanguageModelConfig, vocab_size: int) -> Truncated
                           aux_weight=cfg.aux_weight, stateful=True, batch_size=cfg.batch_size,
                           clip_norm=cfg.clip_norm, seed=cfg.seed)
     model.build()
-    model.compile(optimizer=_optimizer(cfg))
+    model.compile(optimizer=_optimizer(cfg), jit_compile=bool(cfg.jit_compile))
     return model
 
 
