@@ -9,16 +9,37 @@ are cut at each window boundary. Three methods:
   window k and predicts the gradient of all future losses with respect to it.
   That prediction, scaled by `sg_scale` (0.1), is added to the true gradient
   of the window's loss at `s_{k+1}`, so the core learns from beyond its window.
-  M is trained by regression onto a bootstrapped target: the gradient that
-  reaches the *next* window's first state (`s_{k+1}`), which is the true
-  gradient of window k+1's loss plus window k+1's own scaled synthetic
-  gradient backpropagated through it. At the end of a finite sequence no
-  synthetic gradient is injected and M's prediction there is regressed to 0
-  (there is no future loss), which keeps the bootstrap from drifting.
-* `dni_aux`: `dni` plus an auxiliary linear head on the core output that, at
-  every step of window k, predicts the synthetic gradient M(s_{k+1}) at the
-  window's end (the next synthetic gradient, at most T steps ahead); its L2
-  loss (weight `aux_weight`) trains the core too, as the paper's "DNI + Aux".
+  M is trained by regression onto a bootstrapped target at the *next*
+  window's first state (`s_{k+1}`): the true gradient of window k+1's loss
+  plus `bootstrap_scale` times window k+1's synthetic gradient M(s_{k+2})
+  backpropagated through it. With `bootstrap_scale` = 1 (default) this is the
+  paper's target (section 2.2: delta_t is the sum of ALL future losses'
+  gradients, and its bootstrapped estimate is the window's true gradient plus
+  the next synthetic gradient carried back through the window), whose fixed
+  point is the undiscounted future gradient; `sg_scale` only damps what
+  enters the core. With `bootstrap_scale` = `sg_scale` = 0.1 (what some
+  public implementations get by backpropagating the already-scaled synthetic
+  gradient) credit from j windows ahead reaches the core scaled by 0.1^j. At the end
+  of a finite sequence no synthetic gradient is injected and M's prediction
+  there is regressed to 0 (there is no future loss), which keeps the
+  bootstrap from drifting.
+* `dni_aux`: `dni` plus the paper's auxiliary task: a linear head A reads
+  each window-end state `s_k` and predicts the synthetic gradient the core
+  will receive one window later, at `s_{k+1}` (so M's horizon plus T
+  steps). Its target exists only once window k has run, so the L2 loss
+  (weight `aux_weight`, mean over batch and units) is formed then; window
+  k-1 is rerun from `s_{k-1}` with the current weights inside window k's
+  tape, so the loss also trains the core (an auxiliary task shapes the
+  representation). The first window of a batch has no previous window and
+  makes no Aux loss.
+
+Updates (`update`): "per_window" (default) applies an optimizer step after
+every window inside the window loop, so window k+1 runs on weights window k
+already updated: that is update unlocking for an RNN, and the `bptt`
+baseline is updated every T steps too. "per_batch" sums the windows'
+gradients and applies them once per batch. Under a multi-replica
+`tf.distribute` strategy TensorFlow cannot all-reduce inside a while loop, so
+per-window updates unroll the window loop at trace time (static lengths only).
 
 State layout: the LSTM state is one tensor `[B, 2H]` = concat(h, c); the
 synthetic gradient covers both halves. Units: M predicts the *per-example*
@@ -28,11 +49,13 @@ Losses: window k's task loss is the masked per-step loss summed over the
 window and divided by `B * min(T, N)`; the training objective is the sum of
 the window losses (the per-step mean times N / T), so with `T >= N` it is the
 ordinary per-step mean and its gradient equals full BPTT's, and a window's
-loss has the same scale whatever the sequence length. Gradients of all windows of a batch are
-accumulated inside one `tf.while_loop` and applied once per batch (one
-optimizer step per `train_step`); for a per-window update, feed one window per
-batch with `stateful=True` (the state and the pending synthetic gradient then
-carry across batches, as in the language model).
+loss has the same scale whatever the sequence length. With `stateful=True`
+(contiguous streams) the state and the pending synthetic gradient carry
+across batches, as in the language model.
+
+`synthetic_gradient_quality(x, y, mask)` compares M's prediction at every
+window end with the true future gradient from full BPTT over the same
+sequence (cosine and norm ratio per window).
 
 Data (a `(x, y, mask)` tuple; `mask` may be omitted = all ones):
 * `loss_type="bernoulli"` (Copy tasks): x float [B, N, D], y float [B, N, O]
@@ -69,6 +92,7 @@ from dni_tf.synthetic_gradients import regression_loss, surrogate_objective
 from dni_tf.core import replica_mean
 
 METHODS = ("bptt", "dni", "dni_aux")
+UPDATES = ("per_window", "per_batch")
 LOSS_TYPES = ("bernoulli", "categorical")
 LN2 = math.log(2.0)
 
@@ -96,9 +120,19 @@ class TruncatedBPTT(keras.Model):
       loss_type: "bernoulli" or "categorical" (see module docstring).
       vocab_size: for categorical inputs, the one-hot size of the int inputs.
       sg_scale: factor applied to synthetic gradients entering the core (0.1).
+      bootstrap_scale: factor applied to the next synthetic gradient inside M's
+        regression target (1.0: the paper's target, see the module docstring).
+      update: "per_window" (an optimizer step after every window, the paper's
+        update unlocking) or "per_batch" (the windows' gradients summed and
+        applied once per batch).
       aux_weight: weight of the dni_aux auxiliary loss.
       stateful: carry state across batches (contiguous streams).
       batch_size: fixed batch size, required when stateful.
+      episodic: whether every batch ends an episode (no synthetic gradient after
+        its last window, M regressed to 0 there, M not trained at its first
+        state). Default: `not stateful`. `stateful=True, episodic=True` is a
+        stream of episodes with the state carried but the bootstrap cut at
+        episode ends (the Copy stream).
       curriculum: optional Curriculum layer updated every train step.
       clip_norm: if > 0, the core's gradients and the synthetic gradient
         module's gradients are each clipped to this global norm separately
@@ -109,8 +143,10 @@ class TruncatedBPTT(keras.Model):
     def __init__(self, num_outputs: int, truncation: int, method: str = "bptt",
                  hidden_size: int = 64, loss_type: str = "bernoulli",
                  vocab_size: Optional[int] = None, sg_scale: float = 0.1,
+                 bootstrap_scale: float = 1.0, update: str = "per_window",
                  aux_weight: float = 1.0, stateful: bool = False,
-                 batch_size: Optional[int] = None, curriculum=None, clip_norm: float = 0.0,
+                 batch_size: Optional[int] = None, episodic: Optional[bool] = None,
+                 curriculum=None, clip_norm: float = 0.0,
                  seed: int = 0, **kwargs):
         super().__init__(**kwargs)
         if method not in METHODS:
@@ -119,6 +155,8 @@ class TruncatedBPTT(keras.Model):
             raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
         if int(truncation) < 1:
             raise ValueError(f"truncation must be >= 1, got {truncation}")
+        if update not in UPDATES:
+            raise ValueError(f"update must be one of {UPDATES}, got {update!r}")
         if stateful and not batch_size:
             raise ValueError("stateful=True needs batch_size")
         self.num_outputs = int(num_outputs)
@@ -128,8 +166,12 @@ class TruncatedBPTT(keras.Model):
         self.loss_type = loss_type
         self.vocab_size = vocab_size
         self.sg_scale = float(sg_scale)
+        self.bootstrap_scale = float(bootstrap_scale)
+        self.update = update
         self.aux_weight = float(aux_weight)
         self.stateful = bool(stateful)
+        # Whether each batch ends an episode (the bootstrap stops there), carried state or not.
+        self.episodic = (not self.stateful) if episodic is None else bool(episodic)
         self.clip_norm = float(clip_norm)
         self.fixed_batch_size = batch_size
         self.curriculum = curriculum
@@ -149,6 +191,7 @@ class TruncatedBPTT(keras.Model):
                 2 * self.hidden_size, kernel_initializer="zeros", bias_initializer="zeros",
                 name="synthetic_gradient")
         if method == "dni_aux":
+            # Reads a window-end state [B, 2H], predicts the next synthetic gradient [B, 2H].
             self.aux_head = keras.layers.Dense(2 * self.hidden_size, kernel_initializer="zeros",
                                                name="aux_head")
         self._trackers = {name: keras.metrics.Mean(name=name) for name in self._metric_names()}
@@ -185,7 +228,7 @@ class TruncatedBPTT(keras.Model):
         if self.synthetic_gradient is not None:
             self.synthetic_gradient.build((None, h2))
         if self.aux_head is not None:
-            self.aux_head.build((None, None, self.hidden_size))
+            self.aux_head.build((None, h2))
         if self.stateful:
             shape = (int(self.fixed_batch_size), h2)
             self.train_state = self.add_weight(shape=shape, initializer="zeros",
@@ -322,9 +365,26 @@ class TruncatedBPTT(keras.Model):
         return pad_time(features), pad_time(y), pad_time(mask), n, num_windows, t
 
     # ------------------------------------------------------------ gradients
-    def compute_gradients(self, x, y, mask=None, state=None, episodic: bool = True
-                          ) -> Dict[str, object]:
-        """Runs all windows of a batch and accumulates the method's gradients.
+    def _unrolled(self, num_windows) -> bool:
+        """Whether the window loop must be a Python loop (a cross-replica sum per window).
+
+        TensorFlow cannot all-reduce inside a `tf.while_loop` under a
+        multi-replica strategy (merge_call), so per-window updates there are
+        unrolled at trace time, which needs a static window count.
+        """
+        replicas = tf.distribute.get_strategy().num_replicas_in_sync
+        if self.update != "per_window" or replicas == 1:
+            return False
+        if not isinstance(num_windows, int):
+            raise ValueError("TruncatedBPTT with update='per_window' under a multi-replica "
+                             "strategy needs a static sequence length in the data's shape (the "
+                             "window loop is unrolled: TensorFlow cannot all-reduce inside a "
+                             "while loop); use update='per_batch' for variable lengths")
+        return True
+
+    def compute_gradients(self, x, y, mask=None, state=None, episodic: bool = True,
+                          apply_fn=None) -> Dict[str, object]:
+        """Runs all windows of a batch: the method's gradients, per window.
 
         Args:
           x, y, mask: one batch (see module docstring); mask [B, N] or None.
@@ -335,15 +395,17 @@ class TruncatedBPTT(keras.Model):
             False for streams: the last state's synthetic gradient is injected
             and M's prediction at the incoming state is trained on this
             batch's first-window gradient (bootstrapping across batches).
+          apply_fn: None to sum the windows' gradients and return them, or
+            `fn(core_grads, sg_grads)` called after every window (inside the
+            loop) to update the weights before the next window runs.
 
-        Returns a dict: `core_grads` (list matching `core_variables`),
-        `sg_grads` (matching `sg_variables`), `final_state`,
-        `initial_state_grad` (dL/ds_0, per-example units: B * gradient of the
-        batch objective), and scalar/vector statistics `loss` (nats per step),
+        Returns a dict: `core_grads` (list matching `core_variables`; zeros
+        when `apply_fn` consumed them), `sg_grads` (matching `sg_variables`),
+        `final_state`, `initial_state_grad` (dL/ds_0 plus the bootstrap term,
+        per-example units), and statistics `loss` (nats per step),
         `masked_nats`, `mask_count`, `wrong_bits` [B], `sg_loss`, `sg_norm`
         (mean norm of the synthetic gradients at window ends), `sg_target_norm`
-        (mean norm of the true gradients reaching window starts, the regression
-        targets), `aux_loss`.
+        (mean norm of the regression targets at window starts), `aux_loss`.
         """
         features, y, mask_p, n, num_windows, t = self._pad(x, y, mask)
         batch = tf.shape(features)[0]
@@ -358,16 +420,19 @@ class TruncatedBPTT(keras.Model):
         # same, and with T >= N the objective is the ordinary per-step mean.
         steps = tf.cast(t, tf.float32)
         use_sg = self.synthetic_gradient is not None
+        use_aux = self.aux_head is not None
+        split_bootstrap = use_sg and self.bootstrap_scale != self.sg_scale
         core_vars = self.core_variables
         sg_vars = self.sg_variables
-        zeros = lambda vs: [tf.zeros_like(v) for v in vs]  # noqa: E731
+        accumulate = apply_fn is None
 
-        def body(k, s, core_acc, sg_acc, first_grad, stats):
+        def body(c):
+            k, s = c["k"], c["s"]
             xs = _window(features, k, t)
             ys = _window(y, k, t)
             ms = _window(mask_p, k, t)
             is_last = tf.equal(k, num_windows - 1)
-            with tf.GradientTape() as tape:
+            with tf.GradientTape(persistent=split_bootstrap) as tape:
                 # The incoming state is a plain tensor: watch it, or its gradient is None.
                 tape.watch(s)
                 out, new_s = self._run_core(xs, s, self._valid(k, t, n, batch))
@@ -375,25 +440,41 @@ class TruncatedBPTT(keras.Model):
                 nats = self._step_losses(logits, ys) * ms
                 task_loss = tf.reduce_sum(nats) / (batch_f * steps)
                 objective = task_loss
+                surrogate = tf.constant(0.0)
                 aux_loss = tf.constant(0.0)
                 sg_next = tf.zeros_like(new_s)
                 if use_sg:
+                    # M read at the window's LAST state: the gradient of all later losses.
                     sg_next = tf.stop_gradient(self._predict_sg(new_s))
                     inject = 0.0 if episodic else 1.0
-                    inject = tf.where(is_last, inject, 1.0)
-                    objective += inject * surrogate_objective(new_s, self.sg_scale * sg_next, batch)
-                    if self.aux_head is not None:
-                        # Predict the synthetic gradient at this window's end from every step.
-                        pred = self.aux_head(out)
-                        target = tf.broadcast_to(sg_next[:, None, :], tf.shape(pred))
-                        aux_loss = self.aux_weight * tf.reduce_mean(tf.square(pred - target))
-                        objective += aux_loss
+                    sg_next = tf.where(is_last, inject, 1.0) * sg_next  # what the core receives
+                    surrogate = surrogate_objective(new_s, sg_next, batch)
+                    objective += self.sg_scale * surrogate
+                if use_aux:
+                    # The paper's Aux task: the prediction made at the previous window's end
+                    # state s_k of the synthetic gradient one window further on (the one
+                    # received at s_{k+1}), trained now that it is known. The previous
+                    # window is rerun from s_{k-1} so the loss shapes the core there.
+                    _, prev_end = self._run_core(_window(features, tf.maximum(k - 1, 0), t),
+                                                 c["prev_s"],
+                                                 self._valid(tf.maximum(k - 1, 0), t, n, batch))
+                    pred = self.aux_head(prev_end)
+                    has_prev = tf.cast(k > 0, tf.float32)
+                    aux_loss = has_prev * self.aux_weight * tf.reduce_mean(
+                        tf.square(pred - sg_next))
+                    objective += aux_loss
             grads = tape.gradient(objective, core_vars + [s])
-            # Per-example units: the gradient of all future losses w.r.t. s.
-            state_grad = grads[-1] * batch_f
-            core_acc = [a + g for a, g in zip(core_acc, grads[:-1])]
-            first_grad = tf.where(tf.equal(k, 0), state_grad, first_grad)
+            # Per-example units: M's regression target at s_k, the true gradient of the
+            # window's loss plus the bootstrap (the next synthetic gradient backpropagated
+            # through the window) scaled by bootstrap_scale.
+            state_grad = grads[-1]
+            if split_bootstrap:
+                state_grad += (self.bootstrap_scale - self.sg_scale) * tape.gradient(surrogate, s)
+                del tape
+            state_grad = state_grad * batch_f
+            core_grads = grads[:-1]
             sg_loss = tf.constant(0.0)
+            sg_grads = []
             if use_sg:
                 with tf.GradientTape() as sg_tape:
                     train_in = 0.0 if episodic else 1.0
@@ -404,42 +485,116 @@ class TruncatedBPTT(keras.Model):
                         sg_loss += end * regression_loss(self._predict_sg(new_s),
                                                          tf.zeros_like(new_s))
                 sg_grads = sg_tape.gradient(sg_loss, sg_vars)
-                sg_acc = [a + g for a, g in zip(sg_acc, sg_grads)]
+            new_c = dict(c)
+            if accumulate:
+                new_c["core_acc"] = [a + g for a, g in zip(c["core_acc"], core_grads)]
+                new_c["sg_acc"] = [a + g for a, g in zip(c["sg_acc"], sg_grads)]
+            else:
+                applied = apply_fn(core_grads, sg_grads)
+                with tf.control_dependencies(applied):
+                    # The next window starts after this window's update.
+                    new_s = tf.identity(new_s)
             wrong = (self._wrong_bits(logits, ys, ms) if self.loss_type == "bernoulli"
                      else tf.zeros([batch]))
-            sg_norm = tf.reduce_mean(tf.norm(sg_next, axis=-1))
-            target_norm = tf.reduce_mean(tf.norm(state_grad, axis=-1))
-            stats = {
-                "loss_sum": stats["loss_sum"] + task_loss * steps,  # masked nats / B
-                "masked_nats": stats["masked_nats"] + tf.reduce_sum(nats),
-                "mask_count": stats["mask_count"] + tf.reduce_sum(ms),
-                "wrong_bits": stats["wrong_bits"] + wrong,
-                "sg_loss": stats["sg_loss"] + sg_loss,
-                "sg_norm": stats["sg_norm"] + sg_norm,
-                "sg_target_norm": stats["sg_target_norm"] + target_norm,
-                "aux_loss": stats["aux_loss"] + aux_loss,
-            }
-            return k + 1, new_s, core_acc, sg_acc, first_grad, stats
+            stats = c["stats"]
+            new_c.update(
+                k=k + 1, s=new_s, prev_s=s,
+                first_grad=tf.where(tf.equal(k, 0), state_grad, c["first_grad"]),
+                stats={
+                    "loss_sum": stats["loss_sum"] + task_loss * steps,  # masked nats / B
+                    "masked_nats": stats["masked_nats"] + tf.reduce_sum(nats),
+                    "mask_count": stats["mask_count"] + tf.reduce_sum(ms),
+                    "wrong_bits": stats["wrong_bits"] + wrong,
+                    "sg_loss": stats["sg_loss"] + sg_loss,
+                    "sg_norm": stats["sg_norm"] + tf.reduce_mean(tf.norm(sg_next, axis=-1)),
+                    "sg_target_norm": stats["sg_target_norm"]
+                    + tf.reduce_mean(tf.norm(state_grad, axis=-1)),
+                    "aux_loss": stats["aux_loss"] + aux_loss,
+                })
+            return new_c
 
-        stats0 = {"loss_sum": tf.constant(0.0), "masked_nats": tf.constant(0.0),
-                  "mask_count": tf.constant(0.0), "wrong_bits": tf.zeros([batch]),
-                  "sg_loss": tf.constant(0.0), "sg_norm": tf.constant(0.0),
-                  "sg_target_norm": tf.constant(0.0), "aux_loss": tf.constant(0.0)}
-        _, final_state, core_grads, sg_grads, first_grad, stats = tf.while_loop(
-            lambda k, *_: k < num_windows, body,
-            (tf.constant(0), state, zeros(core_vars), zeros(sg_vars), tf.zeros_like(state),
-             stats0))
+        zeros = lambda vs: [tf.zeros_like(v) for v in vs]  # noqa: E731
+        carry = {
+            "k": tf.constant(0), "s": state, "prev_s": state,
+            "core_acc": zeros(core_vars) if accumulate else [],
+            "sg_acc": zeros(sg_vars) if accumulate else [],
+            "first_grad": tf.zeros_like(state),
+            "stats": {"loss_sum": tf.constant(0.0), "masked_nats": tf.constant(0.0),
+                      "mask_count": tf.constant(0.0), "wrong_bits": tf.zeros([batch]),
+                      "sg_loss": tf.constant(0.0), "sg_norm": tf.constant(0.0),
+                      "sg_target_norm": tf.constant(0.0), "aux_loss": tf.constant(0.0)},
+        }
+        if self._unrolled(num_windows):
+            for _ in range(num_windows):
+                carry = body(carry)
+        else:
+            # parallel_iterations=1: window k+1 reads the weights window k updated.
+            carry = tf.while_loop(lambda c: c["k"] < num_windows, lambda c: [body(c)], [carry],
+                                  parallel_iterations=1)[0]
+        stats = carry["stats"]
         windows_f = tf.cast(num_windows, tf.float32)
+        aux_windows = tf.maximum(windows_f - 1.0, 1.0)
         return {
-            "core_grads": core_grads, "sg_grads": sg_grads, "final_state": final_state,
-            "initial_state_grad": first_grad,
+            "core_grads": carry["core_acc"] if accumulate else zeros(core_vars),
+            "sg_grads": carry["sg_acc"] if accumulate else zeros(sg_vars),
+            "final_state": carry["s"], "initial_state_grad": carry["first_grad"],
             "loss": stats["loss_sum"] / tf.cast(n, tf.float32),
             "masked_nats": stats["masked_nats"], "mask_count": stats["mask_count"],
             "wrong_bits": stats["wrong_bits"], "sg_loss": stats["sg_loss"] / windows_f,
             "sg_norm": stats["sg_norm"] / windows_f,
             "sg_target_norm": stats["sg_target_norm"] / windows_f,
-            "aux_loss": stats["aux_loss"] / windows_f,
+            "aux_loss": stats["aux_loss"] / aux_windows,
         }
+
+    def synthetic_gradient_quality(self, x, y, mask=None, state=None) -> Dict[str, object]:
+        """How well M predicts the future gradient, per window, against full BPTT.
+
+        For each window end s_{k+1} (k = 0 .. K-2), compares M(s_{k+1}) with the
+        true gradient of all LATER windows' losses of this sequence w.r.t.
+        s_{k+1}, from one tape over the whole sequence with the current weights
+        (per-example units: B times the gradient of the batch objective; the
+        windows' losses are weighted as in training). Losses beyond the batch
+        are unknown, so the last window end is left out.
+
+        Returns `cosine` [K-1] (cosine of the two flattened [B * 2H] arrays)
+        and `norm_ratio` [K-1] (||M|| / ||true||), float32.
+        """
+        if self.synthetic_gradient is None:
+            raise ValueError("synthetic_gradient_quality needs method 'dni' or 'dni_aux'")
+        features, y, mask_p, n, num_windows, t = self._pad(x, y, mask)
+        batch = tf.shape(features)[0]
+        mask_p = (tf.ones(tf.shape(features)[:2]) if mask_p is None
+                  else tf.cast(mask_p, tf.float32))
+        if state is None:
+            state = self.initial_state(batch)
+        # A zero added to every window-end state: its gradient is the gradient of the
+        # later windows' losses at that state.
+        probes = tf.zeros([num_windows, batch, 2 * self.hidden_size])
+        with tf.GradientTape() as tape:
+            tape.watch(probes)
+
+            def body(k, s, total, sgs):
+                out, new_s = self._run_core(_window(features, k, t), s,
+                                            self._valid(k, t, n, batch))
+                nats = self._step_losses(self.head(out), _window(y, k, t)) * _window(mask_p, k, t)
+                total += tf.reduce_sum(nats) / tf.cast(batch * t, tf.float32)
+                new_s = new_s + tf.gather(probes, k)
+                return k + 1, new_s, total, sgs.write(k, self._predict_sg(new_s))
+
+            _, _, total, sgs = tf.while_loop(
+                lambda k, *_: k < num_windows, body,
+                (tf.constant(0), tf.convert_to_tensor(state, tf.float32), tf.constant(0.0),
+                 tf.TensorArray(tf.float32, size=num_windows)))
+        true = tf.convert_to_tensor(tape.gradient(total, probes))[:-1] * tf.cast(batch, tf.float32)  # [K-1, B, 2H]
+        predicted = sgs.stack()[:-1]
+        flat_true = tf.reshape(true, [num_windows - 1, -1])
+        flat_pred = tf.reshape(predicted, [num_windows - 1, -1])
+        norm_true = tf.norm(flat_true, axis=-1)
+        norm_pred = tf.norm(flat_pred, axis=-1)
+        tiny = 1e-12
+        return {"cosine": tf.reduce_sum(flat_true * flat_pred, -1)
+                / tf.maximum(norm_true * norm_pred, tiny),
+                "norm_ratio": norm_pred / tf.maximum(norm_true, tiny)}
 
     # ------------------------------------------------------------ fit hooks
     def _unpack(self, data):
@@ -448,11 +603,9 @@ class TruncatedBPTT(keras.Model):
             mask = tf.ones(tf.shape(y)[:2], tf.float32)
         return x, y, tf.cast(mask, tf.float32)
 
-    def train_step(self, data):
-        x, y, mask = self._unpack(data)
-        state = self.train_state.value if self.stateful else None
-        r = self.compute_gradients(x, y, mask, state, episodic=not self.stateful)
-        core_grads, sg_grads = list(r["core_grads"]), list(r["sg_grads"])
+    def _apply(self, core_grads, sg_grads):
+        """Clips (core and module apart), averages replicas, applies; returns [iterations]."""
+        core_grads, sg_grads = list(core_grads), list(sg_grads)
         if self.clip_norm > 0:
             core_grads = tf.clip_by_global_norm(core_grads, self.clip_norm)[0]
             if sg_grads:
@@ -463,6 +616,19 @@ class TruncatedBPTT(keras.Model):
                                             replica_mean(core_grads + sg_grads))}
         self.optimizer.apply([grad_of[id(v)] for v in self.trainable_variables],
                              self.trainable_variables)
+        return [self.optimizer.iterations.value]
+
+    def train_step(self, data):
+        x, y, mask = self._unpack(data)
+        state = self.train_state.value if self.stateful else None
+        if not self.optimizer.built:
+            # Built here, outside the window loop: no variables may be created inside it.
+            self.optimizer.build(self.trainable_variables)
+        per_window = self.update == "per_window"
+        r = self.compute_gradients(x, y, mask, state, episodic=self.episodic,
+                                   apply_fn=self._apply if per_window else None)
+        if not per_window:
+            self._apply(r["core_grads"], r["sg_grads"])
         if self.stateful:
             self.train_state.assign(r["final_state"])
         self._update_metrics(r["loss"], r["masked_nats"], r["mask_count"], r["wrong_bits"],

@@ -124,6 +124,7 @@ ENTRY_POINTS = {
         (["--clip_norm=nan", *TINY], "--clip_norm=nan: must be a finite number"),
         (["--threshold=inf", *TINY], "--threshold=inf: must be a finite number"),
         (["--aux_weight=-1", *TINY], "--aux_weight: must be >= 0"),
+        (["--update=per_epoch", *TINY], "--update: 'per_epoch' not in per_window, per_batch"),
         (["--batch_size=4097", *TINY], "--batch_size=4097 is out of range: allowed [1, 4096] "
                                        "(each batch of copy sequences is generated in memory"),
         (["--table", "--table_methods=bptt", "--table_truncations=2,2", *TINY],

@@ -13,10 +13,38 @@ from dni_tf.studies import recurrent_dni as study
 
 @pytest.mark.parametrize("field, value", [("task", "sort"), ("method", "rtrl"),
                                           ("truncation", 0), ("max_length", 0),
-                                          ("eval_every", 0)])
+                                          ("eval_every", 0), ("update", "per_epoch"),
+                                          ("episodes", "shuffled"), ("sampling", "all"),
+                                          ("bootstrap_scale", -0.1)])
 def test_copy_config_validation(field, value):
     with pytest.raises(ValueError, match=field):
         study.CopyTaskConfig(**{field: value}).validate()
+
+
+def test_copy_defaults_are_the_papers_setting_and_diagnostics_need_a_module():
+    cfg = study.CopyTaskConfig()
+    assert (cfg.update, cfg.episodes, cfg.sampling, cfg.bootstrap_scale, cfg.sg_scale) == (
+        "per_window", "stream", "uniform", 1.0, 0.1)
+    with pytest.raises(ValueError, match="diagnostics"):
+        study.CopyTaskConfig(method="bptt", diagnostics=True).validate()
+    model, _ = study.build_copy_model(study.CopyTaskConfig(hidden_size=4, batch_size=3))
+    assert model.stateful and model.update == "per_window" and model.bootstrap_scale == 1.0
+    assert model.episodic  # state carried, bootstrap cut at every episode's end
+    reset, _ = study.build_copy_model(study.CopyTaskConfig(hidden_size=4, episodes="reset"))
+    assert not reset.stateful
+
+
+def test_repeat_copy_diagnostics_run_logs_per_window_quality(tmp_path):
+    cfg = study.CopyTaskConfig(task="repeat_copy", method="dni_aux", truncation=2,
+                               hidden_size=6, batch_size=3, steps=2, eval_every=1,
+                               eval_batches=1, max_length=5, max_repeats=2, threshold=100.0,
+                               check_every=1, num_bits=2, diagnostics=True)
+    metrics = study.run_copy_task(cfg, str(tmp_path))
+    assert metrics["max_repeats_solved"] >= 1 and metrics["max_length_solved"] >= 1
+    history = results.load_history(str(tmp_path))
+    for column in ("sg_cosine_mean", "sg_norm_ratio_mean", "curriculum_repeats"):
+        assert column in history and history[column].notna().all()
+    assert glob.glob(str(tmp_path / "sg_quality" / "events.out.tfevents.*"))
 
 
 def test_multi_network_config_validation():
@@ -25,6 +53,15 @@ def test_multi_network_config_validation():
         MultiNetworkConfig(method="rtrl").validate()
     with pytest.raises(ValueError, match="tick_ratio"):
         MultiNetworkConfig(tick_ratio=0).validate()
+
+
+def test_language_model_per_window_updates_and_xla_option():
+    cfg = study.LanguageModelConfig(hidden_size=4, batch_size=2, jit_compile=True)
+    model = study.build_language_model(cfg, vocab_size=5)
+    assert model.jit_compile and model.update == "per_window" and model.stateful
+    assert not model.episodic  # a true stream: the bootstrap crosses batches
+    with pytest.raises(ValueError, match="update"):
+        study.LanguageModelConfig(update="x").validate()
 
 
 def test_language_model_config_validation():

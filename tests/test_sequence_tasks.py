@@ -77,3 +77,47 @@ def test_bad_task():
         st.task_dataset("sort", 2, 3)
     with pytest.raises(ValueError, match="task"):
         st.task_channels("sort")
+
+
+def test_repeat_curriculum_grows_length_and_repeats_alternately():
+    curriculum = st.Curriculum(1, 3, threshold=1.0, check_every=1, max_repeats=2)
+    levels = []
+    for _ in range(5):
+        curriculum.update(0.0)  # always solved
+        levels.append((int(curriculum.length.value), int(curriculum.repeats.value)))
+    # (1,1) -> N; (2,1) -> R; (2,2) -> N; R capped at 2 -> N until N is capped too.
+    assert levels == [(2, 1), (2, 2), (3, 2), (3, 2), (3, 2)]
+    assert int(curriculum.max_solved.value) == 3 and int(curriculum.max_repeats_solved.value) == 2
+    copy = st.Curriculum(1, 5, threshold=1.0, check_every=1)  # Copy: repeats stay 1
+    copy.update(0.0)
+    assert int(copy.length.value) == 2 and int(copy.repeats.value) == 1
+
+
+def test_repeat_copy_stream_uses_the_curriculum_repeats():
+    curriculum = st.Curriculum(2, 5, threshold=1.0, check_every=1, max_repeats=4)
+    for _ in range(2):
+        curriculum.update(0.0)  # (2, 1) -> (2, 2) -> (3, 2)
+    n, r = int(curriculum.length.value), int(curriculum.repeats.value)
+    assert (n, r) == (3, 2)
+    x, y, mask = next(iter(st.task_dataset("repeat_copy", 2, curriculum, seed=1, num_bits=3,
+                                           max_repeats=4)))
+    assert x.shape[1] == n + 1 + n * r + 1
+    np.testing.assert_allclose(x[:, n, 4].numpy(), r / 4)  # count channel, scaled by the cap
+    np.testing.assert_array_equal(x[:, n, 3].numpy(), 1)   # delimiter channel
+
+
+def test_uniform_sampling_draws_levels_up_to_the_current_one():
+    curriculum = st.Curriculum(6, 6, check_every=1, max_repeats=3)
+    curriculum.repeats.assign(3)
+    data = st.task_dataset("repeat_copy", 1, curriculum, seed=2, num_bits=2, max_repeats=3,
+                           num_batches=60, sampling="uniform")
+    levels = set()
+    for x, _, mask in data:
+        n = int(np.argmax(x[0, :, 2].numpy()))  # the delimiter row is L
+        r = int(round(float(x[0, n, 3]) * 3))
+        assert x.shape[1] == n + 1 + n * r + 1
+        levels.add((n, r))
+    lengths, repeats = {n for n, _ in levels}, {r for _, r in levels}
+    assert lengths == set(range(1, 7)) and repeats == {1, 2, 3}
+    with pytest.raises(ValueError, match="sampling"):
+        st.task_dataset("copy", 1, curriculum, sampling="all")

@@ -169,7 +169,7 @@ def test_stateful_training_carries_state_and_restores(tmp_path):
 
     def make():
         m = TruncatedBPTT(vocab, 4, method="dni", hidden_size=H, loss_type="categorical",
-                          vocab_size=vocab, stateful=True, batch_size=B)
+                          vocab_size=vocab, stateful=True, batch_size=B, update="per_batch")
         m.build()
         m.compile(optimizer=keras.optimizers.Adam(1e-2), run_eagerly=True)
         return m
@@ -229,7 +229,8 @@ def test_curriculum_in_fit_trains_on_the_current_length_only():
 
 
 def _fit_two_steps(jit_compile, dataset=None):
-    model = _model(4, "dni_aux", seed=3)  # N=7, T=4: two windows, the last one padded
+    # dni (dni_aux under XLA: tests/test_conformance.py). N=7, T=4: two windows, one padded.
+    model = _model(4, "dni", seed=3)
     model.compile(optimizer=keras.optimizers.Adam(1e-2), jit_compile=jit_compile)
     if dataset is None:
         x, y, mask = _batch()
@@ -259,85 +260,196 @@ def test_xla_with_a_dynamic_length_says_so_and_auto_means_off():
 
 
 # ----------------------------------------------------- one batch by hand, M != 0
-def _reference_dni_batch(model, x, y, mask, state, episodic):
-    """Recurrent DNI for one batch, written out with a separate tape per window.
+SG_SCALE, BOOTSTRAP = 0.1, 0.5  # distinct, so a target using either wrong scale differs
+
+
+def _reference_dni_batch(model, x, y, mask, state, episodic, per_window):
+    """Recurrent DNI for one batch, written out with a separate tape per window,
+    applying plain SGD (lr 1) to `model`'s weights itself.
 
     Window k runs from s_k to s_{k+1}. The core minimises the window's loss plus
-    sum(s_{k+1} * 0.1 * M(s_{k+1})) / B (no injection after the last window of an
-    episode). M(s_k) regresses onto B * d(that objective of window k)/ds_k: the
-    window's true gradient PLUS its scaled synthetic gradient backpropagated
-    through it (the bootstrap). An episode's first state trains nothing and
-    M(s_K) at its end regresses onto 0. Returns ({id(var): grad}, s_K).
+    0.1 * sum(s_{k+1} * M(s_{k+1})) / B (no injection after the last window of an
+    episode). M(s_k) regresses onto B * d/ds_k of [the window's loss + BOOTSTRAP *
+    sum(s_{k+1} * M(s_{k+1})) / B]: the true gradient plus the scaled bootstrap.
+    An episode's first state trains nothing and M(s_K) at its end regresses onto 0.
+    Aux (dni_aux): inside window k's tape, window k-1 is rerun from s_{k-1}; A(its
+    end state) regresses onto the synthetic gradient injected at s_{k+1}.
+    per_window: the weights move after every window; else once, by the sum.
+    Returns (number of updates, s_K).
     """
     t, b, h = model.truncation, x.shape[0], model.hidden_size
     num_windows = x.shape[1] // t
     module = model.synthetic_gradient
     core_vars, sg_vars = model.core_variables, model.sg_variables
-    grads = {id(v): tf.zeros_like(v) for v in core_vars + sg_vars}
+    total = {id(v): tf.zeros_like(v) for v in core_vars + sg_vars}
+    updates = 0
 
-    def add(variables, gs):
-        for v, g in zip(variables, gs):
-            if g is not None:
-                grads[id(v)] += g
+    def run(s, k):
+        xs = x[:, k * t:(k + 1) * t]
+        out, new_h, new_c = model.core(xs, initial_state=[s[:, :h], s[:, h:]])
+        return out, tf.concat([new_h, new_c], axis=-1)
 
-    s = tf.constant(state)
+    s = prev = tf.constant(state)
     for k in range(num_windows):
-        xs, ys, ms = x[:, k * t:(k + 1) * t], y[:, k * t:(k + 1) * t], mask[:, k * t:(k + 1) * t]
+        ys, ms = y[:, k * t:(k + 1) * t], mask[:, k * t:(k + 1) * t]
         last = k == num_windows - 1
-        with tf.GradientTape() as tape:
+        grads = {}
+        with tf.GradientTape(persistent=True) as tape:
             tape.watch(s)
-            out, new_h, new_c = model.core(xs, initial_state=[s[:, :h], s[:, h:]])
-            new_s = tf.concat([new_h, new_c], axis=-1)
+            out, new_s = run(s, k)
             ce = tf.nn.sigmoid_cross_entropy_with_logits(labels=ys, logits=model.head(out))
-            objective = tf.reduce_sum(tf.reduce_sum(ce, -1) * ms) / (b * t)
-            sg_next = tf.constant(module(new_s).numpy())        # M at the window's LAST state
-            if not (episodic and last):
-                objective += tf.reduce_sum(new_s * 0.1 * sg_next) / b
-            if model.aux_head is not None:
-                pred = model.aux_head(out)
-                objective += model.aux_weight * tf.reduce_mean(
-                    tf.square(pred - sg_next[:, None, :]))
-        gs = tape.gradient(objective, core_vars + [s])
-        add(core_vars, gs[:-1])
-        target = gs[-1] * b                                     # true + bootstrap
-        with tf.GradientTape() as tape:
-            sg_loss = tf.constant(0.0)
-            if k > 0 or not episodic:
-                sg_loss += tf.reduce_mean(tf.reduce_sum(tf.square(module(s) - target), -1))
+            task = tf.reduce_sum(tf.reduce_sum(ce, -1) * ms) / (b * t)
+            received = tf.zeros_like(new_s)
+            if module is not None:                             # M at the window's LAST state
+                received = tf.constant(module(new_s).numpy())
             if episodic and last:
+                received = tf.zeros_like(received)
+            surrogate = tf.reduce_sum(new_s * received) / b
+            core_objective = task + SG_SCALE * surrogate
+            target_objective = task + BOOTSTRAP * surrogate
+            if model.aux_head is not None and k > 0:
+                _, rerun_end = run(prev, k - 1)
+                core_objective += model.aux_weight * tf.reduce_mean(
+                    tf.square(model.aux_head(rerun_end) - received))
+        for v, g in zip(core_vars, tape.gradient(core_objective, core_vars)):
+            grads[id(v)] = tf.zeros_like(v) if g is None else g
+        target = tape.gradient(target_objective, s) * b          # true + bootstrap
+        with tf.GradientTape() as sg_tape:
+            sg_loss = tf.constant(0.0)
+            if module is not None and (k > 0 or not episodic):
+                sg_loss += tf.reduce_mean(tf.reduce_sum(tf.square(module(s) - target), -1))
+            if module is not None and episodic and last:
                 sg_loss += tf.reduce_mean(tf.reduce_sum(tf.square(module(new_s)), -1))
-        add(sg_vars, tape.gradient(sg_loss, sg_vars))
-        s = new_s
-    return grads, s
+        for v, g in zip(sg_vars, sg_tape.gradient(sg_loss, sg_vars) if sg_vars else []):
+            grads[id(v)] = tf.zeros_like(v) if g is None else g
+        if per_window:
+            for v in core_vars + sg_vars:
+                v.assign_sub(grads[id(v)])
+            updates += 1
+        else:
+            for v in core_vars + sg_vars:
+                total[id(v)] += grads[id(v)]
+        prev, s = s, new_s
+    if not per_window:
+        for v in core_vars + sg_vars:
+            v.assign_sub(total[id(v)])
+        updates = 1
+    return updates, s
 
 
-@pytest.mark.parametrize("method,stateful", [("dni", False), ("dni", True), ("dni_aux", False)])
-def test_one_batch_matches_hand_written_recurrent_dni(method, stateful):
-    """Three windows, random non-zero M (a zero M hides where it is read, the
-    bootstrap and its 0.1 scale), plain SGD lr 1: every weight moves by minus the
-    reference gradient."""
-    t = 2
-    x, y, mask = _batch(seed=3, n=3 * t)
-    model = _model(t, method, seed=4, stateful=stateful, batch_size=B)
+def _random_module_model(method, stateful, update, seed=4, episodic=None):
+    model = _model(2, method, seed=seed, stateful=stateful, batch_size=B, update=update,
+                   sg_scale=SG_SCALE, bootstrap_scale=BOOTSTRAP, episodic=episodic)
     rng = np.random.default_rng(11)
     for layer in (model.synthetic_gradient, model.aux_head):
         if layer is not None:
             for v in layer.trainable_variables:
                 v.assign(rng.normal(0.0, 0.3, v.shape).astype("float32"))
+    return model
+
+
+@pytest.mark.parametrize("method,stateful,update", [
+    ("dni", False, "per_window"), ("dni", True, "per_window"), ("dni_aux", False, "per_window"),
+    ("dni", False, "per_batch"), ("bptt", False, "per_window"), ("dni_aux", "episodes",
+                                                                  "per_window")])
+def test_one_batch_matches_hand_written_recurrent_dni(method, stateful, update):
+    """Three windows, random non-zero M (a zero M hides where it is read, the
+    bootstrap and its scale), plain SGD lr 1: the trained model's weights equal
+    those of the tape-per-window reference, which updates after every window.
+    stateful=True: a stream (bootstrap across batches); "episodes": the Copy
+    stream, state carried but every batch an episode."""
+    x, y, mask = _batch(seed=3, n=3 * 2)
+    episodic = None
+    if stateful == "episodes":
+        stateful, episodic = True, True
+    model = _random_module_model(method, stateful, update, episodic=episodic)
+    reference = _random_module_model(method, stateful, update, episodic=episodic)
     state = np.zeros((B, 2 * H), "float32")
     if stateful:  # a carried state: M(s_0) is trained and s_K gets a synthetic gradient
-        state = rng.normal(0.0, 0.5, (B, 2 * H)).astype("float32")
+        state = np.random.default_rng(5).normal(0.0, 0.5, (B, 2 * H)).astype("float32")
         model.train_state.assign(state)
     # Graph mode for the carried state (the while_loop path), eager otherwise (fast).
     model.compile(optimizer=keras.optimizers.SGD(learning_rate=1.0), run_eagerly=not stateful)
-    expected, final_state = _reference_dni_batch(model, x, y, mask, state, episodic=not stateful)
-    variables = model.trainable_variables
-    assert {id(v) for v in variables} == set(expected)
-    assert all(float(tf.reduce_max(tf.abs(expected[id(v)]))) > 0 for v in model.sg_variables)
-    before = [v.numpy().copy() for v in variables]
+    updates, final_state = _reference_dni_batch(reference, x, y, mask, state,
+                                                episodic=model.episodic,
+                                                per_window=update == "per_window")
+    before = [v.numpy().copy() for v in model.trainable_variables]
     model.train_on_batch(x, y, sample_weight=mask)
-    for v, b in zip(variables, before):
-        np.testing.assert_allclose(v.numpy() - b, -expected[id(v)].numpy(),
-                                   rtol=1e-4, atol=1e-5, err_msg=v.path)
+    assert int(model.optimizer.iterations.numpy()) == updates == (3 if update == "per_window"
+                                                                  else 1)
+    for v, r, b in zip(model.trainable_variables, reference.trainable_variables, before):
+        assert v.path.split("/", 1)[1] == r.path.split("/", 1)[1]
+        assert np.abs(v.numpy() - b).max() > 0 or "aux" in v.path, v.path
+        np.testing.assert_allclose(v.numpy(), r.numpy(), rtol=1e-4, atol=1e-5, err_msg=v.path)
     if stateful:
-        np.testing.assert_allclose(model.train_state.numpy(), final_state, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(model.train_state.numpy(), final_state, rtol=1e-5, atol=1e-5)
+
+
+def test_default_bootstrap_is_the_papers_unscaled_target():
+    model = TruncatedBPTT(O, 2, method="dni")
+    assert model.bootstrap_scale == 1.0 and model.sg_scale == 0.1
+    assert model.update == "per_window"
+
+
+def test_episode_end_regresses_a_nonzero_module_towards_zero():
+    """One window = the whole episode: M's only loss is ||M(s_1)||^2 at the end."""
+    model = _random_module_model("dni", False, "per_batch")
+    x, y, mask = _batch(seed=2, n=2)
+    r = model.compute_gradients(x, y, mask)
+    _, s1 = model.forward(x)
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_mean(tf.reduce_sum(tf.square(model.synthetic_gradient(s1)), -1))
+    expected = tape.gradient(loss, model.sg_variables)
+    assert float(r["sg_loss"]) == pytest.approx(float(loss), rel=1e-5) and float(loss) > 0
+    for got, want in zip(r["sg_grads"], expected):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_aux_loss_and_its_target():
+    """Two windows, per batch: the Aux head reads s_1 and regresses onto M(s_2)...
+    which, at the end of an episode, is the zero synthetic gradient received there;
+    in a stream, M(s_2) itself."""
+    x, y, mask = _batch(seed=6, n=4)
+    for stateful in (False, True):
+        model = _random_module_model("dni_aux", stateful, "per_batch")
+        r = model.compute_gradients(x, y, mask, episodic=not stateful)
+        _, s1 = model.forward(x[:, :2])
+        _, s2 = model.forward(x[:, 2:], s1)
+        target = tf.zeros_like(s2) if not stateful else model.synthetic_gradient(s2)
+        expected = float(tf.reduce_mean(tf.square(model.aux_head(s1) - target)))
+        # aux_loss is the mean over the windows that have one (here only the second).
+        assert float(r["aux_loss"]) == pytest.approx(expected, rel=1e-5) and expected > 0
+
+
+def test_per_window_updates_are_counted_and_stay_in_one_traced_step():
+    x, y, mask = _batch(n=7)  # T=2: 4 windows, the last one padded
+    model = _model(2, "dni")
+    model.compile(optimizer=keras.optimizers.Adam(1e-2))
+    model.fit(tf.data.Dataset.from_tensors((x, y, mask)).repeat(3), epochs=1, verbose=0)
+    assert int(model.optimizer.iterations.numpy()) == 3 * 4
+    per_batch = _model(2, "dni", update="per_batch")
+    per_batch.compile(optimizer=keras.optimizers.Adam(1e-2))
+    per_batch.fit(tf.data.Dataset.from_tensors((x, y, mask)).repeat(3), epochs=1, verbose=0)
+    assert int(per_batch.optimizer.iterations.numpy()) == 3
+
+
+def test_synthetic_gradient_quality_against_full_bptt():
+    """M replaced by the exact future gradient would score cosine 1, ratio 1;
+    here: the probe gradient equals a hand-computed future gradient."""
+    model = _random_module_model("dni", False, "per_batch")
+    x, y, mask = _batch(seed=8, n=6)
+    q = model.synthetic_gradient_quality(x, y, mask)
+    assert q["cosine"].shape == (2,) and q["norm_ratio"].shape == (2,)
+    _, s1 = model.forward(x[:, :2])
+    with tf.GradientTape() as tape:
+        tape.watch(s1)
+        logits, _ = model.forward(x[:, 2:], s1)
+        nats = tf.reduce_sum(
+            tf.nn.sigmoid_cross_entropy_with_logits(labels=y[:, 2:], logits=logits), -1)
+        future = tf.reduce_sum(nats * mask[:, 2:]) / (B * 2)
+    true = tf.reshape(tape.gradient(future, s1) * B, [-1])
+    pred = tf.reshape(model.synthetic_gradient(s1), [-1])
+    cosine = float(tf.reduce_sum(true * pred) / (tf.norm(true) * tf.norm(pred)))
+    assert float(q["cosine"][0]) == pytest.approx(cosine, rel=1e-4, abs=1e-6)
+    assert float(q["norm_ratio"][0]) == pytest.approx(float(tf.norm(pred) / tf.norm(true)),
+                                                      rel=1e-4)

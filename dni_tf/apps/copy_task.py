@@ -32,13 +32,23 @@ flags.DEFINE_float("clip_norm", _D.clip_norm, "Gradient-norm clip, applied to th
 flags.DEFINE_integer("num_bits", _D.num_bits, "Bits per vector.")
 flags.DEFINE_integer("min_length", _D.min_length, "First curriculum length.")
 flags.DEFINE_integer("max_length", _D.max_length, "Longest curriculum length.")
-flags.DEFINE_integer("max_repeats", _D.max_repeats, "Repeat Copy: repeats drawn from 1..this.")
+flags.DEFINE_integer("max_repeats", _D.max_repeats, "Repeat Copy: the repeats curriculum's cap.")
 flags.DEFINE_float("threshold", _D.threshold, "Solved when mean bit errors per sequence < this.")
 flags.DEFINE_integer("check_every", _D.check_every, "Curriculum check period (batches).")
 flags.DEFINE_integer("eval_every", _D.eval_every, "Evaluate every this many steps.")
 flags.DEFINE_integer("eval_batches", _D.eval_batches, "Held-out batches per evaluation.")
 flags.DEFINE_float("sg_scale", _D.sg_scale, "Scale of synthetic gradients entering the core.")
 flags.DEFINE_float("aux_weight", _D.aux_weight, "Weight of the dni_aux auxiliary loss.")
+flags.DEFINE_float("bootstrap_scale", _D.bootstrap_scale, "Scale of the next synthetic "
+                   "gradient inside the module's regression target (1 = the paper's target).")
+flags.DEFINE_string("update", _D.update, "per_window (an optimizer step every T steps) or "
+                    "per_batch (windows' gradients summed, one step per batch).")
+flags.DEFINE_string("episodes", _D.episodes, "stream (state carried from episode to episode, "
+                    "the paper's setting) or reset (every episode from a zero state).")
+flags.DEFINE_string("sampling", _D.sampling, "uniform (each batch's length, and repeats, drawn "
+                    "up to the curriculum's) or current (always the curriculum's).")
+flags.DEFINE_boolean("diagnostics", _D.diagnostics, "Log per-window cosine and norm ratio of "
+                     "the synthetic gradient vs full BPTT's future gradient (dni, dni_aux).")
 flags.DEFINE_integer("seed", _D.seed, "Seed for initialisation and data.")
 flags.DEFINE_boolean("table", False, "Run the method x T table instead of one run.")
 flags.DEFINE_list("table_methods", list(METHODS), "Methods for --table.")

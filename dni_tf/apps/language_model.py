@@ -43,6 +43,12 @@ flags.DEFINE_integer("patience", _D.patience, "Stop after this many evaluations 
                      "better validation BPC (0 = never stop early).")
 flags.DEFINE_float("sg_scale", _D.sg_scale, "Scale of synthetic gradients entering the core.")
 flags.DEFINE_float("aux_weight", _D.aux_weight, "Weight of the dni_aux auxiliary loss.")
+flags.DEFINE_float("bootstrap_scale", _D.bootstrap_scale, "Scale of the next synthetic "
+                   "gradient inside the module's regression target (1 = the paper's target).")
+flags.DEFINE_string("update", _D.update, "per_window (an optimizer step every T characters) "
+                    "or per_batch (windows' gradients summed, one step per batch).")
+flags.DEFINE_boolean("jit_compile", _D.jit_compile, "Compile the train step with XLA (PTB "
+                     "chunks have static lengths; faster on most machines).")
 flags.DEFINE_string("data_dir", None,
                     "Directory with ptb/ptb.char.*.txt; default $DNI_TF_DATA_DIR.")
 flags.DEFINE_integer("seed", _D.seed, "Seed for initialisation.")

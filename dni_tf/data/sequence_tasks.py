@@ -11,8 +11,9 @@ Copy, N = 2L + 1 steps:
 
 Repeat Copy with R repeats (1 <= R <= max_repeats), N = L + 1 + L*R + 1 steps:
   input  [N, num_bits + 2]: rows 0..L-1 the bits; row L carries the delimiter
-         (channel num_bits) and the repeat count R / max_repeats (channel
-         num_bits + 1); the remaining rows are blank.
+         on its own channel (num_bits) and the repeat count R / max_repeats on
+         another (num_bits + 1), as in Graves et al. (2014), where the count
+         "appears on a separate input channel"; the remaining rows are blank.
   target [N, num_bits + 1]: the bits repeated R times on rows L+1..L+L*R, then
          an end marker (channel num_bits = 1) on the last row.
   mask   [N]: 1 on rows L+1..N-1 (the L*R answer rows and the end marker).
@@ -22,10 +23,11 @@ so a dataset is deterministic and a resumed run (which skips consumed batches)
 sees the same batches. R is drawn once per batch so every sequence in a batch
 has the same length.
 
-The `Curriculum` layer holds the current length as a Keras variable (saved with
-the model's weights); `task_dataset(..., length=curriculum)` reads it each time
-it builds a batch, so the training stream lengthens as soon as the model
-advances it. The dataset has no prefetch, so batch i is built after step i-1's
+The `Curriculum` layer holds the current level (N, and R for Repeat Copy) as
+Keras variables (saved with the model's weights); `task_dataset(...,
+length=curriculum)` reads it each time it builds a batch (at the level, or
+drawn uniformly below it with `sampling="uniform"`), so the training stream
+follows as soon as the model advances it. The dataset has no prefetch, so batch i is built after step i-1's
 update and the stream stays deterministic.
 """
 
@@ -85,31 +87,41 @@ def task_channels(task: str, num_bits: int = 8):
 
 
 class Curriculum(keras.layers.Layer):
-    """Sequence-length curriculum: lengthen by 1 when the recent error is low.
+    """Curriculum over the sequence length N (and, for Repeat Copy, the repeats R).
 
     Every `check_every` training batches the mean error (wrong answer bits per
     sequence) over those batches is compared with `threshold` (the paper's
-    0.15 bits per sequence); below it, the current length counts as solved and
-    the length grows by one (up to `max_length`). Variables (saved with the
-    model): `length`, `max_solved` (longest length solved so far, 0 = none),
+    0.15 bits per sequence); below it, the current level counts as solved and
+    the curriculum advances by one step. With `max_repeats` > 1 (Repeat Copy)
+    a step lengthens N or adds a repeat, alternately (N when N <= R, else R;
+    whichever has reached its cap stops growing), so both grow together from
+    (min_length, 1). Variables (saved with the model): `length`, `repeats`,
+    `max_solved` and `max_repeats_solved` (the last solved level, 0 = none),
     and the running sum/count.
 
     `update(error)` is graph-safe: call it inside `train_step`.
     """
 
     def __init__(self, min_length: int = 1, max_length: int = 1000, threshold: float = 0.15,
-                 check_every: int = 50, **kwargs):
+                 check_every: int = 50, max_repeats: int = 1, **kwargs):
         super().__init__(**kwargs)
         if not 1 <= min_length <= max_length:
             raise ValueError(f"need 1 <= min_length <= max_length, got {min_length}, {max_length}")
+        if max_repeats < 1:
+            raise ValueError(f"max_repeats must be >= 1, got {max_repeats}")
         self.min_length = int(min_length)
         self.max_length = int(max_length)
+        self.max_repeats = int(max_repeats)
         self.threshold = float(threshold)
         self.check_every = int(check_every)
         self.length = self.add_weight(shape=(), dtype="int32", trainable=False, name="length",
                                       initializer=keras.initializers.Constant(self.min_length))
+        self.repeats = self.add_weight(shape=(), dtype="int32", trainable=False, name="repeats",
+                                       initializer=keras.initializers.Constant(1))
         self.max_solved = self.add_weight(shape=(), dtype="int32", trainable=False,
                                           name="max_solved", initializer="zeros")
+        self.max_repeats_solved = self.add_weight(shape=(), dtype="int32", trainable=False,
+                                                  name="max_repeats_solved", initializer="zeros")
         self.error_sum = self.add_weight(shape=(), dtype="float32", trainable=False,
                                          name="error_sum", initializer="zeros")
         self.count = self.add_weight(shape=(), dtype="int32", trainable=False, name="count",
@@ -122,10 +134,18 @@ class Curriculum(keras.layers.Layer):
         count = self.count.value + 1
         check = count >= self.check_every
         solved = tf.logical_and(check, error_sum / tf.cast(count, tf.float32) < self.threshold)
-        length = self.length.value
+        length, repeats = self.length.value, self.repeats.value
         self.max_solved.assign(tf.where(solved, tf.maximum(self.max_solved.value, length),
                                         self.max_solved.value))
-        self.length.assign(tf.where(solved, tf.minimum(length + 1, self.max_length), length))
+        self.max_repeats_solved.assign(tf.where(
+            solved, tf.maximum(self.max_repeats_solved.value, repeats),
+            self.max_repeats_solved.value))
+        grow_repeats = tf.logical_and(
+            repeats < self.max_repeats,
+            tf.logical_or(length > repeats, length >= self.max_length))
+        grow_length = tf.logical_and(solved, tf.logical_not(grow_repeats))
+        self.length.assign(tf.where(grow_length, tf.minimum(length + 1, self.max_length), length))
+        self.repeats.assign(tf.where(tf.logical_and(solved, grow_repeats), repeats + 1, repeats))
         self.error_sum.assign(tf.where(check, 0.0, error_sum))
         self.count.assign(tf.where(check, 0, count))
 
@@ -133,34 +153,57 @@ class Curriculum(keras.layers.Layer):
         return inputs
 
 
-def _length_tensor(length):
-    if isinstance(length, Curriculum):
-        return tf.convert_to_tensor(length.length.value)
-    return tf.constant(int(length), tf.int32)
+SAMPLINGS = ("current", "uniform")
+
+
+def _level(length, seed, sampling):
+    """(N, R or None) of one batch: the curriculum's level, or drawn below it."""
+    if not isinstance(length, Curriculum):
+        return tf.constant(int(length), tf.int32), None
+    n = tf.convert_to_tensor(length.length.value)
+    r = tf.convert_to_tensor(length.repeats.value)
+    if sampling == "uniform":
+        n = tf.random.stateless_uniform([], seed + [0, 1 << 41], minval=1, maxval=n + 1,
+                                        dtype=tf.int32)
+        r = tf.random.stateless_uniform([], seed + [0, 1 << 42], minval=1, maxval=r + 1,
+                                        dtype=tf.int32)
+    return n, (r if length.max_repeats > 1 else None)
 
 
 def task_dataset(task: str, batch_size: int, length: Union[int, Curriculum], seed: int = 0,
-                 num_bits: int = 8, max_repeats: int = 4, num_batches: int = -1):
+                 num_bits: int = 8, max_repeats: int = 4, num_batches: int = -1,
+                 sampling: str = "current"):
     """A `tf.data.Dataset` of `(inputs, targets, mask)` batches of a task.
 
     Args:
       task: "copy" or "repeat_copy".
-      length: a fixed L, or a `Curriculum` whose current length is read when
+      length: a fixed L, or a `Curriculum` whose current level is read when
         each batch is built.
       seed: stream seed; batch i uses the stateless seed (seed, i).
-      max_repeats: Repeat Copy draws R uniformly from 1..max_repeats per batch.
+      max_repeats: Repeat Copy: the repeat-count channel holds R / max_repeats;
+        without a repeats curriculum R is drawn uniformly from 1..max_repeats
+        per batch.
       num_batches: -1 for an infinite stream, else that many batches.
+      sampling: with a Curriculum at level (N, R): "current" uses N (and R)
+        for every batch; "uniform" draws each batch's L from 1..N (and R from
+        1..R), so earlier levels keep being rehearsed.
+
+    All sequences of a batch share L (and R), so a batch is one episode per
+    row; a stateful model fed this stream sees a continuous stream of episodes.
     """
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    if sampling not in SAMPLINGS:
+        raise ValueError(f"sampling must be one of {SAMPLINGS}, got {sampling!r}")
 
     def make(index):
         stream_seed = tf.stack([tf.constant(seed, tf.int64), index])
-        current = _length_tensor(length)
+        current, repeats = _level(length, stream_seed, sampling)
         if task == "copy":
             return copy_batch(stream_seed, batch_size, current, num_bits)
-        repeats = tf.random.stateless_uniform([], stream_seed + [0, 1 << 40], minval=1,
-                                              maxval=max_repeats + 1, dtype=tf.int32)
+        if repeats is None:
+            repeats = tf.random.stateless_uniform([], stream_seed + [0, 1 << 40], minval=1,
+                                                  maxval=max_repeats + 1, dtype=tf.int32)
         return repeat_copy_batch(stream_seed, batch_size, current, repeats, num_bits,
                                  max_repeats)
 

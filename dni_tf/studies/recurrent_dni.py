@@ -21,14 +21,19 @@ from typing import Callable, Optional, Sequence
 
 import keras
 import pandas as pd
+import tensorflow as tf
 from absl import logging
 
 from dni_tf.harness import cli, plots, results, tensorboard_views
 from dni_tf.data import sequence_tasks, text
-from dni_tf.truncated_bptt import METHODS, ResetEvalState, TruncatedBPTT
+from dni_tf.truncated_bptt import METHODS, UPDATES, ResetEvalState, TruncatedBPTT
 from dni_tf.harness.training import SweepProgress, train_and_evaluate
 
 TABLE_TRUNCATIONS = (2, 3, 4, 5, 8)
+# "stream": the paper's setting, one continuous stream of episodes per batch row
+# with the core state carried from episode to episode (a stateful model);
+# "reset": every episode starts from a zero state.
+EPISODES = ("stream", "reset")
 # Copy / Repeat Copy batches are generated in memory, every sequence up to
 # 2 * max_length + 1 (Copy) or max_length * (max_repeats + 1) + 2 (Repeat
 # Copy) steps long, and truncated BPTT keeps the core's activations for every
@@ -49,6 +54,10 @@ def _check_common(cfg) -> None:
         raise ValueError(f"learning_rate: must be > 0, got {cfg.learning_rate}")
     if not cfg.sg_scale > 0:
         raise ValueError(f"sg_scale: must be > 0, got {cfg.sg_scale}")
+    if cfg.update not in UPDATES:
+        raise ValueError(f"update: {cfg.update!r} not in {', '.join(UPDATES)}")
+    if cfg.bootstrap_scale < 0:
+        raise ValueError(f"bootstrap_scale: must be >= 0, got {cfg.bootstrap_scale}")
     for name in ("clip_norm", "aux_weight"):
         if getattr(cfg, name) < 0:
             raise ValueError(f"{name}: must be >= 0, got {getattr(cfg, name)}")
@@ -81,7 +90,12 @@ class CopyTaskConfig:
     eval_every: int = 500
     eval_batches: int = 4
     sg_scale: float = 0.1
+    bootstrap_scale: float = 1.0
     aux_weight: float = 1.0
+    update: str = "per_window"
+    episodes: str = "stream"
+    sampling: str = "uniform"
+    diagnostics: bool = False
     seed: int = 0
 
     def validate(self) -> None:
@@ -96,6 +110,14 @@ class CopyTaskConfig:
                              f"got {self.max_length}")
         if not self.threshold > 0:
             raise ValueError(f"threshold: must be > 0, got {self.threshold}")
+        if self.episodes not in EPISODES:
+            raise ValueError(f"episodes: {self.episodes!r} not in {', '.join(EPISODES)}")
+        if self.sampling not in sequence_tasks.SAMPLINGS:
+            raise ValueError(f"sampling: {self.sampling!r} not in "
+                             f"{', '.join(sequence_tasks.SAMPLINGS)}")
+        if self.diagnostics and self.method == "bptt":
+            raise ValueError("diagnostics: needs --method=dni or dni_aux (bptt has no "
+                             "synthetic gradients to compare)")
         if self.batch_size > MAX_GENERATED_BATCH:
             steps = (2 * self.max_length + 1 if self.task == "copy"
                      else self.max_length * (self.max_repeats + 1) + 2)
@@ -108,12 +130,16 @@ class CopyTaskConfig:
 def build_copy_model(cfg: CopyTaskConfig):
     """(model, curriculum): a compiled TruncatedBPTT holding its curriculum."""
     keras.utils.set_random_seed(cfg.seed)
-    curriculum = sequence_tasks.Curriculum(cfg.min_length, cfg.max_length, cfg.threshold,
-                                           cfg.check_every, name="curriculum")
+    curriculum = sequence_tasks.Curriculum(
+        cfg.min_length, cfg.max_length, cfg.threshold, cfg.check_every,
+        max_repeats=cfg.max_repeats if cfg.task == "repeat_copy" else 1, name="curriculum")
     in_dim, out_dim = sequence_tasks.task_channels(cfg.task, cfg.num_bits)
+    stream = cfg.episodes == "stream"
     model = TruncatedBPTT(out_dim, cfg.truncation, method=cfg.method,
                           hidden_size=cfg.hidden_size, loss_type="bernoulli",
-                          sg_scale=cfg.sg_scale, aux_weight=cfg.aux_weight,
+                          sg_scale=cfg.sg_scale, bootstrap_scale=cfg.bootstrap_scale,
+                          update=cfg.update, aux_weight=cfg.aux_weight, stateful=stream,
+                          batch_size=cfg.batch_size if stream else None, episodic=True,
                           curriculum=curriculum, clip_norm=cfg.clip_norm, seed=cfg.seed)
     model.build((None, None, in_dim))
     model.compile(optimizer=_optimizer(cfg))
@@ -123,28 +149,91 @@ def build_copy_model(cfg: CopyTaskConfig):
 def run_copy_task(cfg: CopyTaskConfig, workdir: str, extra_config: Optional[dict] = None) -> dict:
     """Trains one run under the curriculum; returns its final metrics."""
     cfg.validate()
+    if cfg.update == "per_window" and tf.distribute.get_strategy().num_replicas_in_sync > 1:
+        # Per-window updates under several replicas unroll the window loop, which
+        # needs static lengths; the curriculum changes them.
+        raise cli.UsageError("--update=per_window with several replicas needs a static "
+                             "sequence length, which the curriculum does not give: use "
+                             "--update=per_batch or --distribution=none")
     model, curriculum = build_copy_model(cfg)
     kwargs = dict(num_bits=cfg.num_bits, max_repeats=cfg.max_repeats)
     train = sequence_tasks.task_dataset(cfg.task, cfg.batch_size, curriculum, seed=cfg.seed,
-                                        **kwargs)
+                                        sampling=cfg.sampling, **kwargs)
+    # Evaluated at the curriculum's level itself (not below it).
     evaluation = sequence_tasks.task_dataset(cfg.task, cfg.batch_size, curriculum,
                                              seed=cfg.seed + 1_000_003,
                                              num_batches=cfg.eval_batches, **kwargs)
+    diagnostics = (SyntheticGradientDiagnostics(cfg, curriculum, workdir)
+                   if cfg.diagnostics else None)
 
-    def curriculum_metrics(_):
-        return {"curriculum_length": int(curriculum.length.value),
-                "max_length_solved": int(curriculum.max_solved.value)}
+    def curriculum_metrics(m):
+        row = {"curriculum_length": int(curriculum.length.value),
+               "max_length_solved": int(curriculum.max_solved.value)}
+        if cfg.task == "repeat_copy":
+            row.update(curriculum_repeats=int(curriculum.repeats.value),
+                       max_repeats_solved=int(curriculum.max_repeats_solved.value))
+        if diagnostics is not None:
+            row.update(diagnostics(m))
+        return row
 
     last = train_and_evaluate(model, train, evaluation, steps=cfg.steps,
                               eval_every=cfg.eval_every, workdir=workdir,
                               extra_metrics=curriculum_metrics,
+                              callbacks=[ResetEvalState()] if model.stateful else [],
                               label=f"{cfg.task} {cfg.method} T={cfg.truncation}").final
     metrics = {**{k: v for k, v in last.items() if k != "step"}, "steps": cfg.steps,
                "max_length_solved": int(curriculum.max_solved.value),
                "curriculum_length": int(curriculum.length.value)}
+    if cfg.task == "repeat_copy":
+        metrics["max_repeats_solved"] = int(curriculum.max_repeats_solved.value)
     config = {**dataclasses.asdict(cfg), **(extra_config or {})}
     results.save_results(workdir, config, metrics)
     return metrics
+
+
+class SyntheticGradientDiagnostics:
+    """`--diagnostics`: synthetic gradient vs the true future gradient, per window.
+
+    At every evaluation, one fixed-seed batch at the curriculum's current level
+    is run from a zero state; for every window end, the cosine and the norm
+    ratio ||M(s)|| / ||true|| between M's prediction and the gradient of the
+    later windows' losses from full BPTT over the same sequence
+    (`TruncatedBPTT.synthetic_gradient_quality`) go to TensorBoard
+    (`sg_quality/cosine_window_<k>`, `sg_quality/norm_ratio_window_<k>`, in
+    `<workdir>/sg_quality`); the means over windows (and window 0's, the
+    furthest from the end) are returned as history columns.
+    """
+
+    def __init__(self, cfg: CopyTaskConfig, curriculum, workdir: str):
+        self.cfg = cfg
+        self.curriculum = curriculum
+        self.workdir = workdir
+        self.writer = tf.summary.create_file_writer(os.path.join(workdir, "sg_quality"))
+
+    def __call__(self, model) -> dict:
+        cfg = self.cfg
+        length = int(self.curriculum.length.value)
+        seed = tf.constant([cfg.seed + 2_000_003, 0], tf.int64)
+        if cfg.task == "copy":
+            x, y, mask = sequence_tasks.copy_batch(seed, cfg.batch_size, length, cfg.num_bits)
+        else:
+            x, y, mask = sequence_tasks.repeat_copy_batch(
+                seed, cfg.batch_size, length, int(self.curriculum.repeats.value), cfg.num_bits,
+                cfg.max_repeats)
+        quality = model.synthetic_gradient_quality(x, y, mask)
+        cosine, ratio = quality["cosine"].numpy(), quality["norm_ratio"].numpy()
+        done = len(results.load_history(self.workdir)) if os.path.exists(
+            os.path.join(self.workdir, results.HISTORY_FILE)) else 0
+        step = min((done + 1) * cfg.eval_every, cfg.steps)
+        with self.writer.as_default(step=step):
+            for k, (c, r) in enumerate(zip(cosine, ratio)):
+                tf.summary.scalar(f"sg_quality/cosine_window_{k}", float(c))
+                tf.summary.scalar(f"sg_quality/norm_ratio_window_{k}", float(r))
+        self.writer.flush()
+        if not len(cosine):  # one window: nothing lies beyond it
+            return {}
+        return {"sg_cosine_mean": float(cosine.mean()), "sg_norm_ratio_mean": float(ratio.mean()),
+                "sg_cosine_window_0": float(cosine[0])}
 
 
 # --------------------------------------------------------- language model
@@ -169,7 +258,11 @@ class LanguageModelConfig:
     eval_batches: int = 0
     patience: int = 0
     sg_scale: float = 0.1
+    bootstrap_scale: float = 1.0
     aux_weight: float = 1.0
+    update: str = "per_window"
+    # PTB chunks have static lengths, so the train step compiles with XLA.
+    jit_compile: bool = False
     data_dir: Optional[str] = None
     seed: int = 0
 
@@ -214,10 +307,11 @@ def build_language_model(cfg: LanguageModelConfig, vocab_size: int) -> Truncated
     model = TruncatedBPTT(vocab_size, cfg.truncation, method=cfg.method,
                           hidden_size=cfg.hidden_size, loss_type="categorical",
                           vocab_size=vocab_size, sg_scale=cfg.sg_scale,
+                          bootstrap_scale=cfg.bootstrap_scale, update=cfg.update,
                           aux_weight=cfg.aux_weight, stateful=True, batch_size=cfg.batch_size,
                           clip_norm=cfg.clip_norm, seed=cfg.seed)
     model.build()
-    model.compile(optimizer=_optimizer(cfg))
+    model.compile(optimizer=_optimizer(cfg), jit_compile=bool(cfg.jit_compile))
     return model
 
 
