@@ -1,7 +1,6 @@
 """Entry points of issue 4: copy_task, language_model, multi_network (flags, resume, tables)."""
 
 import glob
-import os
 
 import pandas as pd
 import pytest

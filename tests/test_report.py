@@ -52,7 +52,7 @@ def fake_copy_table(root: str) -> None:
             os.path.join(root, f"{method}_T{t}"),
             {"task": "copy", "method": method, "truncation": t, "steps": 400, "batch_size": 32,
              "learning_rate": 3e-3, "sg_scale": 0.1, "seed": 0},
-            {"max_length_solved": length})
+            {"max_length_solved": length}, study="copy_task")
 
 
 def fake_targeted_dropout(root: str) -> None:

@@ -9,9 +9,10 @@ Log lines are printed plainly (`[keep_prob=0.5] step 500/5000 (10%) ...`);
 warnings and errors start with `warning:` / `error:`. `--v=1` (absl's
 `--verbosity`) adds debug lines and absl's full prefixes (time, thread, file).
 
-    from dni_tf.harness import cli
+    from dni_tf.harness import cli, config
+    cli.define_study_flags(MyStudyConfig)  # one flag per field, checked while parsing
     def main(argv):
-        cli.check_range("keep_prob", FLAGS.keep_prob, 0.0, 1.0)
+        study = config.from_flags(MyStudyConfig)
         ...
     if __name__ == "__main__":
         cli.run(main)
@@ -20,13 +21,11 @@ warnings and errors start with `warning:` / `error:`. `--v=1` (absl's
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging as python_logging
-import math
 import os
 import re
 import sys
-from typing import Callable, Iterable, Iterator, List, Optional, Sequence
+from typing import Callable, Iterator, List, Optional, Sequence
 
 from absl import app, flags
 from absl import logging as absl_logging
@@ -42,47 +41,10 @@ def fail(message: str, code: int) -> None:
     sys.exit(code)
 
 
-def check_range(name: str, value: float, low: Optional[float] = None,
-                high: Optional[float] = None, low_open: bool = False,
-                high_open: bool = False) -> None:
-    """Raises UsageError unless `value` is finite and `low <(=) value <(=) high`.
-
-    NaN and infinities are always rejected (a comparison with NaN is false, so
-    a range test alone would let it through).
-    """
-    left = "(" if low_open or low is None else "["
-    right = ")" if high_open or high is None else "]"
-    lo = "-inf" if low is None else f"{low:g}"
-    hi = "inf" if high is None else f"{high:g}"
-    allowed = f"allowed {left}{lo}, {hi}{right}"
-    if not is_finite(value):
-        raise UsageError(f"--{name}={value!r} is not a finite number: {allowed}")
-    too_low = low is not None and (value <= low if low_open else value < low)
-    too_high = high is not None and (value >= high if high_open else value > high)
-    if too_low or too_high:
-        raise UsageError(f"--{name}={value!r} is out of range: {allowed}")
 
 
-def is_finite(value) -> bool:
-    """False for NaN and infinities (and anything that is not a real number)."""
-    try:
-        return math.isfinite(value)
-    except TypeError:
-        return False
 
 
-def check_finite_fields(config) -> None:
-    """Raises ValueError("<field>=<value>: must be a finite number") for a NaN/inf float field.
-
-    For the `validate()` of a dataclass config; list/tuple fields are checked
-    element by element.
-    """
-    for field in dataclasses.fields(config):
-        value = getattr(config, field.name)
-        items = value if isinstance(value, (list, tuple)) else [value]
-        for item in items:
-            if isinstance(item, float) and not math.isfinite(item):
-                raise ValueError(f"{field.name}={item!r}: must be a finite number")
 
 
 def check_batch_size(batch_size: int, limit: int, reason: str, name: str = "batch_size") -> None:
@@ -103,90 +65,18 @@ def value_label(value: float) -> str:
     return short if float(short) == value else repr(value)
 
 
-def check_choice(name: str, value: str, choices: Iterable[str]) -> None:
-    choices = list(choices)
-    if value not in choices:
-        raise UsageError(f"--{name}={value!r} is not allowed: choose from {', '.join(choices)}")
 
 
-def parse_choices(name: str, values, choices: Iterable[str]) -> List[str]:
-    """A non-empty list flag of distinct names, each one of `choices`."""
-    choices = list(choices)
-    values = list(values) if isinstance(values, (list, tuple)) else str(values).split(",")
-    if not values:
-        raise UsageError(f"--{name}: give at least one of {', '.join(choices)}")
-    for value in values:
-        check_choice(name, value, choices)
-    _check_distinct(name, values)
-    return values
 
 
-def _check_distinct(name: str, values: Sequence, texts: Optional[Sequence[str]] = None) -> None:
-    """UsageError on a repeated value; `texts` (as typed) name it in the message."""
-    texts = [repr(v) for v in values] if texts is None else [str(t) for t in texts]
-    seen = {}
-    for value, text in zip(values, texts):
-        if value in seen:
-            same = (f"{text} is given more than once" if text == seen[value]
-                    else f"{seen[value]} and {text} are the same value")
-            raise UsageError(f"--{name}: {same}; each value must be distinct "
-                             "(one run per value)")
-        seen[value] = text
 
 
-def parse_floats(name: str, text, low: Optional[float] = None,
-                 high: Optional[float] = None, distinct: bool = True,
-                 low_open: bool = False, high_open: bool = False) -> List[float]:
-    """Parses a comma-separated list (or absl list) of floats, each finite and range-checked.
-
-    With `distinct` (the default: a list flag is a sweep, one run per value) a
-    repeated value is a UsageError.
-    """
-    return _parse_list(name, text, float, "a number", distinct,
-                       dict(low=low, high=high, low_open=low_open, high_open=high_open))
 
 
-def parse_ints(name: str, text, low: Optional[int] = None,
-               high: Optional[int] = None, distinct: bool = True) -> List[int]:
-    """Parses a comma-separated list (or absl list) of integers, each range-checked."""
-    return _parse_list(name, text, int, "an integer", distinct, dict(low=low, high=high))
 
 
-def _parse_list(name, text, convert, kind, distinct, bounds) -> list:
-    items = text if isinstance(text, (list, tuple)) else str(text).split(",")
-    items = [item.strip() if isinstance(item, str) else item for item in items]
-    values = []
-    for item in items:
-        try:
-            value = convert(item)
-        except (TypeError, ValueError):
-            raise UsageError(f"--{name}: {item!r} is not {kind}") from None
-        check_range(name, value, **bounds)
-        values.append(value)
-    if not values:
-        raise UsageError(f"--{name}: give at least one value")
-    if distinct:
-        _check_distinct(name, values, items)
-    return values
 
 
-def config_from_flags(config_class):
-    """An instance of the dataclass `config_class` from the flags of the same names.
-
-    The config's `validate()` raises `ValueError("flag_name ...")`, which becomes
-    a UsageError naming the flag, or a `UsageError` (e.g. from `check_range`),
-    which is passed on as it is.
-    """
-    values = flags.FLAGS
-    config = config_class(**{f.name: getattr(values, f.name)
-                             for f in dataclasses.fields(config_class)})
-    try:
-        config.validate()
-    except UsageError:
-        raise  # already names the flag
-    except ValueError as exc:
-        raise UsageError(f"--{exc}") from None
-    return config
 
 
 def prepare_workdir(workdir: str, flag_name: str = "workdir") -> str:

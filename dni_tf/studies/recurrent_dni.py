@@ -27,9 +27,24 @@ from absl import logging
 from dni_tf.harness import cli, plots, results, tensorboard_views
 from dni_tf.data import sequence_tasks, text
 from dni_tf.truncated_bptt import METHODS, UPDATES, ResetEvalState, TruncatedBPTT
+from dni_tf.harness.config import check_fields, option
 from dni_tf.harness.training import SweepProgress, train_and_evaluate
 
-TABLE_TRUNCATIONS = (2, 3, 4, 5, 8)
+# Two studies live here; each writes its name into results.json.
+COPY_STUDY, LANGUAGE_STUDY = "copy_task", "language_model"
+_PAPER = ("Jaderberg et al. 2016, *Decoupled Neural Interfaces using Synthetic Gradients*, "
+          "arXiv 1608.05343, section 3.2")
+COPY_PUBLISHED = results.Published(
+    title="Recurrent DNI: Copy and Repeat Copy", source=_PAPER,
+    claims=("DNI lets an RNN with a short truncation window T solve much longer Copy / "
+            "Repeat Copy sequences than BPTT with the same T (longest length solved under "
+            "a curriculum).",),
+    setup={"sg_scale": 0.1})
+LANGUAGE_PUBLISHED = results.Published(
+    title="Recurrent DNI: Penn Treebank characters", source=_PAPER,
+    claims=("DNI improves test bits per character over BPTT at equal T (early stopping on "
+            "validation).",),
+    setup={"sg_scale": 0.1})
 # "stream": the paper's setting, one continuous stream of episodes per batch row
 # with the core state carried from episode to episode (a stateful model);
 # "reset": every episode starts from a zero state.
@@ -39,28 +54,6 @@ EPISODES = ("stream", "reset")
 # Copy) steps long, and truncated BPTT keeps the core's activations for every
 # step of a window: more sequences per batch than this only exhausts memory.
 MAX_GENERATED_BATCH = 4096
-
-
-def _check_common(cfg) -> None:
-    cli.check_finite_fields(cfg)  # NaN would slip through the range tests below
-    if cfg.method not in METHODS:
-        raise ValueError(f"method: {cfg.method!r} not in {', '.join(METHODS)}")
-    if cfg.truncation < 1:
-        raise ValueError(f"truncation: must be >= 1, got {cfg.truncation}")
-    for name in ("hidden_size", "steps", "batch_size", "eval_every"):
-        if getattr(cfg, name) <= 0:
-            raise ValueError(f"{name}: must be > 0, got {getattr(cfg, name)}")
-    if not cfg.learning_rate > 0:
-        raise ValueError(f"learning_rate: must be > 0, got {cfg.learning_rate}")
-    if not cfg.sg_scale > 0:
-        raise ValueError(f"sg_scale: must be > 0, got {cfg.sg_scale}")
-    if cfg.update not in UPDATES:
-        raise ValueError(f"update: {cfg.update!r} not in {', '.join(UPDATES)}")
-    if cfg.bootstrap_scale < 0:
-        raise ValueError(f"bootstrap_scale: must be >= 0, got {cfg.bootstrap_scale}")
-    for name in ("clip_norm", "aux_weight"):
-        if getattr(cfg, name) < 0:
-            raise ValueError(f"{name}: must be >= 0, got {getattr(cfg, name)}")
 
 
 def _optimizer(cfg):
@@ -73,48 +66,51 @@ def _optimizer(cfg):
 class CopyTaskConfig:
     """One Copy / Repeat Copy run; defaults are a small CPU budget."""
 
-    task: str = "copy"
-    method: str = "bptt"
-    truncation: int = 3
-    hidden_size: int = 64
-    steps: int = 3000
-    batch_size: int = 32
-    learning_rate: float = 3e-3
-    clip_norm: float = 1.0
-    num_bits: int = 8
-    min_length: int = 1
-    max_length: int = 100
-    max_repeats: int = 3
-    threshold: float = 0.15
-    check_every: int = 50
-    eval_every: int = 500
-    eval_batches: int = 4
-    sg_scale: float = 0.1
-    bootstrap_scale: float = 1.0
-    aux_weight: float = 1.0
-    update: str = "per_window"
-    episodes: str = "stream"
-    sampling: str = "uniform"
-    diagnostics: bool = False
-    seed: int = 0
+    task: str = option("copy", "Task.", choices=sequence_tasks.TASKS)
+    method: str = option("bptt", "Training method; several (or several --truncation) = the "
+                         "method x T table.", choices=METHODS, grid=True)
+    truncation: int = option(3, "Truncation window T (time steps); several = the table.",
+                             low=1, grid=True)
+    hidden_size: int = option(64, "LSTM units.", low=1)
+    steps: int = option(3000, "Training batches.", low=1)
+    batch_size: int = option(32, "Sequences per batch.", low=1)
+    learning_rate: float = option(3e-3, "Adam learning rate.", low=0.0, low_open=True)
+    clip_norm: float = option(1.0, "Gradient-norm clip, applied to the core and the synthetic "
+                              "gradient module separately (0 = none).", low=0.0)
+    num_bits: int = option(8, "Bits per vector.", low=1)
+    min_length: int = option(1, "First curriculum length.", low=1)
+    max_length: int = option(100, "Longest curriculum length.", low=1)
+    max_repeats: int = option(3, "Repeat Copy: the repeats curriculum's cap.", low=1)
+    threshold: float = option(0.15, "Solved when mean bit errors per sequence < this.",
+                              low=0.0, low_open=True)
+    check_every: int = option(50, "Curriculum check period (batches).", low=1)
+    eval_every: int = option(500, "Evaluate every this many steps.", low=1)
+    eval_batches: int = option(4, "Held-out batches per evaluation.", low=1)
+    sg_scale: float = option(0.1, "Scale of synthetic gradients entering the core.", low=0.0,
+                             low_open=True)
+    bootstrap_scale: float = option(1.0, "Scale of the next synthetic gradient inside the "
+                                    "module's regression target (1 = the paper's target).",
+                                    low=0.0)
+    aux_weight: float = option(1.0, "Weight of the dni_aux auxiliary loss.", low=0.0)
+    update: str = option("per_window", "per_window (an optimizer step every T steps) or "
+                         "per_batch (windows' gradients summed, one step per batch).",
+                         choices=UPDATES)
+    episodes: str = option("stream", "stream (state carried from episode to episode, the "
+                           "paper's setting) or reset (every episode from a zero state).",
+                           choices=EPISODES)
+    sampling: str = option("uniform", "uniform (each batch's length, and repeats, drawn up to "
+                           "the curriculum's) or current (always the curriculum's).",
+                           choices=sequence_tasks.SAMPLINGS)
+    diagnostics: bool = option(False, "Log per-window cosine and norm ratio of the synthetic "
+                               "gradient vs full BPTT's future gradient (dni, dni_aux).")
+    seed: int = option(0, "Seed for initialisation and data.", low=0)
 
     def validate(self) -> None:
-        if self.task not in sequence_tasks.TASKS:
-            raise ValueError(f"task: {self.task!r} not in {', '.join(sequence_tasks.TASKS)}")
-        _check_common(self)
-        for name in ("num_bits", "min_length", "max_repeats", "check_every", "eval_batches"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name}: must be > 0, got {getattr(self, name)}")
+        """Raises UsageError / ValueError naming the flag and the allowed values."""
+        check_fields(self)
         if self.max_length < self.min_length:
             raise ValueError(f"max_length: must be >= min_length ({self.min_length}), "
                              f"got {self.max_length}")
-        if not self.threshold > 0:
-            raise ValueError(f"threshold: must be > 0, got {self.threshold}")
-        if self.episodes not in EPISODES:
-            raise ValueError(f"episodes: {self.episodes!r} not in {', '.join(EPISODES)}")
-        if self.sampling not in sequence_tasks.SAMPLINGS:
-            raise ValueError(f"sampling: {self.sampling!r} not in "
-                             f"{', '.join(sequence_tasks.SAMPLINGS)}")
         if self.diagnostics and self.method == "bptt":
             raise ValueError("diagnostics: needs --method=dni or dni_aux (bptt has no "
                              "synthetic gradients to compare)")
@@ -187,7 +183,7 @@ def run_copy_task(cfg: CopyTaskConfig, workdir: str, extra_config: Optional[dict
     if cfg.task == "repeat_copy":
         metrics["max_repeats_solved"] = int(curriculum.max_repeats_solved.value)
     config = {**dataclasses.asdict(cfg), **(extra_config or {})}
-    results.save_results(workdir, config, metrics)
+    results.save_results(workdir, config, metrics, study=COPY_STUDY)
     return metrics
 
 
@@ -245,38 +241,46 @@ class LanguageModelConfig:
     different T see the same characters and make the same number of updates.
     """
 
-    method: str = "bptt"
-    truncation: int = 5
-    hidden_size: int = 128
-    steps: int = 2000
-    batch_size: int = 32
-    chunk_length: int = 40
-    learning_rate: float = 3e-3
-    clip_norm: float = 1.0
-    eval_every: int = 250
-    eval_length: int = 200
-    eval_batches: int = 0
-    patience: int = 0
-    sg_scale: float = 0.1
-    bootstrap_scale: float = 1.0
-    aux_weight: float = 1.0
-    update: str = "per_window"
-    # PTB chunks have static lengths, so the train step compiles with XLA.
-    jit_compile: bool = False
-    data_dir: Optional[str] = None
-    seed: int = 0
+    method: str = option("bptt", "Training method; several (or several --truncation) = the "
+                         "method x T table.", choices=METHODS, grid=True)
+    truncation: int = option(5, "Truncation window T (characters); several = the table.",
+                             low=1, grid=True)
+    hidden_size: int = option(128, "LSTM units.", low=1)
+    steps: int = option(2000, "Training batches.", low=1)
+    batch_size: int = option(32, "Contiguous streams per batch.", low=1)
+    chunk_length: int = option(40, "Characters per row per training batch, a multiple of "
+                               "--truncation: chunk_length / T windows per batch.", low=1)
+    learning_rate: float = option(3e-3, "Adam learning rate.", low=0.0, low_open=True)
+    clip_norm: float = option(1.0, "Gradient-norm clip, applied to the core and the synthetic "
+                              "gradient module separately (0 = none).", low=0.0)
+    eval_every: int = option(250, "Validate every this many steps.", low=1)
+    eval_length: int = option(200, "Characters per row per evaluation batch.", low=1)
+    eval_batches: int = option(0, "Validation batches used during training (0 = all); the "
+                               "final validation and test BPC always use the whole split.",
+                               low=0)
+    patience: int = option(0, "Stop after this many evaluations without a better validation "
+                           "BPC (0 = never stop early).", low=0)
+    sg_scale: float = option(0.1, "Scale of synthetic gradients entering the core.", low=0.0,
+                             low_open=True)
+    bootstrap_scale: float = option(1.0, "Scale of the next synthetic gradient inside the "
+                                    "module's regression target (1 = the paper's target).",
+                                    low=0.0)
+    aux_weight: float = option(1.0, "Weight of the dni_aux auxiliary loss.", low=0.0)
+    update: str = option("per_window", "per_window (an optimizer step every T characters) or "
+                         "per_batch (windows' gradients summed, one step per batch).",
+                         choices=UPDATES)
+    jit_compile: bool = option(False, "Compile the train step with XLA (PTB chunks have static "
+                               "lengths; faster on most machines).")
+    data_dir: Optional[str] = option(None, "Directory with ptb/ptb.char.*.txt; default "
+                                     "$DNI_TF_DATA_DIR.")
+    seed: int = option(0, "Seed for initialisation.", low=0)
 
     def validate(self) -> None:
-        _check_common(self)
-        for name in ("chunk_length", "eval_length"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name}: must be > 0, got {getattr(self, name)}")
+        """Raises UsageError / ValueError naming the flag and the allowed values."""
+        check_fields(self)
         if self.chunk_length % self.truncation:
             raise ValueError(f"chunk_length: must be a multiple of truncation ({self.truncation}), "
                              f"got {self.chunk_length}")
-        for name in ("eval_batches", "patience"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)}")
 
 
 def check_stream_sizes(cfg: LanguageModelConfig, corpus: text.CharCorpus) -> None:
@@ -380,7 +384,7 @@ def run_language_model(cfg: LanguageModelConfig, workdir: str,
                "characters_trained": cfg.steps * cfg.batch_size * cfg.chunk_length}
     metrics["bpc"] = metrics["test_bpc"]
     config = {**dataclasses.asdict(cfg), **(extra_config or {})}
-    results.save_results(workdir, config, metrics)
+    results.save_results(workdir, config, metrics, study=LANGUAGE_STUDY)
     return metrics
 
 

@@ -33,8 +33,8 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import pandas as pd
 
 from dni_tf.harness import results
-from dni_tf.studies import (dni_feedforward, gradient_drop, multi_network, targeted_dropout,
-                            threshold_updates)
+from dni_tf.studies import (dni_feedforward, gradient_drop, multi_network, recurrent_dni,
+                            targeted_dropout, threshold_updates)
 
 
 class ReportError(ValueError):
@@ -43,30 +43,15 @@ class ReportError(ValueError):
 
 # ------------------------------------------------------------ published results
 # Each study module owns its published facts (`PUBLISHED`) and writes its name
-# (`STUDY`) into results.json; the recurrent studies' facts are kept here.
+# (`STUDY`) into results.json.
 Published = results.Published
-DNI_PAPER = dni_feedforward.DNI_PAPER
 
-_RECURRENT = {
-    "copy_task": Published(
-        title="Recurrent DNI: Copy and Repeat Copy",
-        source=f"{DNI_PAPER}, section 3.2",
-        claims=("DNI lets an RNN with a short truncation window T solve much longer Copy / "
-                "Repeat Copy sequences than BPTT with the same T (longest length solved under "
-                "a curriculum).",),
-        setup={"sg_scale": 0.1}),
-    "language_model": Published(
-        title="Recurrent DNI: Penn Treebank characters",
-        source=f"{DNI_PAPER}, section 3.2",
-        claims=("DNI improves test bits per character over BPTT at equal T (early stopping on "
-                "validation).",),
-        setup={"sg_scale": 0.1}),
-}
 PUBLISHED: Dict[str, Published] = {
     gradient_drop.STUDY: gradient_drop.PUBLISHED,
     threshold_updates.STUDY: threshold_updates.PUBLISHED,
     dni_feedforward.STUDY: dni_feedforward.PUBLISHED,
-    **_RECURRENT,
+    recurrent_dni.COPY_STUDY: recurrent_dni.COPY_PUBLISHED,
+    recurrent_dni.LANGUAGE_STUDY: recurrent_dni.LANGUAGE_PUBLISHED,
     multi_network.STUDY: multi_network.PUBLISHED,
     targeted_dropout.STUDY: targeted_dropout.PUBLISHED,
 }
@@ -74,19 +59,8 @@ STUDY_ORDER = tuple(PUBLISHED)
 
 
 def study_of(saved: Mapping[str, Any]) -> Optional[str]:
-    """The study that wrote a results.json (a key of `PUBLISHED`), or None.
-
-    Runs written before results.json named its study are recognised by their
-    configuration keys.
-    """
-    if saved.get("study") in PUBLISHED:
-        return saved["study"]
-    keys = set(saved.get("config") or {})
-    if "chunk_length" in keys:
-        return "language_model"
-    if {"task", "truncation"} <= keys:
-        return "copy_task"
-    return None
+    """The study that wrote a results.json (a key of `PUBLISHED`), or None."""
+    return saved.get("study") if saved.get("study") in PUBLISHED else None
 
 
 # ------------------------------------------------------------------ run sets

@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from typing import List, Optional, Sequence
+from typing import Optional, Sequence
 
 import keras
 import numpy as np
