@@ -1,0 +1,348 @@
+"""Pipelined DNI and device placement (dni_tf.pipelined_dni).
+
+The conftest splits the CPU into two logical devices, "/CPU:0" and "/CPU:1".
+"""
+
+import os
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from dni_tf.core import build_for_restore
+from dni_tf.dni_feedforward import DNIClassifier, fcn_layers
+from dni_tf.harness.callbacks import restore, save
+from dni_tf.pipelined_dni import PipelinedDNIClassifier, PlacementError
+
+TWO = ["/CPU:0", "/CPU:1"]
+THREE = ["/CPU:0", "/CPU:1", "/CPU:0"]
+
+
+def _data(n=48, dim=6, classes=3, seed=0):
+    rng = np.random.RandomState(seed)
+    return rng.rand(n, dim).astype("float32"), rng.randint(0, classes, n).astype("int32")
+
+
+def _compile(model, optimizer=None):
+    model.compile(optimizer=optimizer or keras.optimizers.Adam(1e-2, epsilon=1e-3),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  metrics=["accuracy"])
+    return model
+
+
+def _fcn(cls, layers=3, **kwargs):
+    model = cls(fcn_layers(layers, 3, width=8, seed=3), 3, seed=3, **kwargs)
+    model.build((None, 6))
+    return _compile(model)
+
+
+def _need_two_cpus():
+    if len(tf.config.list_logical_devices("CPU")) < 2:
+        pytest.skip("two logical CPU devices could not be configured")
+
+
+def _fit(model, data, batch_size=16, epochs=1):
+    dataset = tf.data.Dataset.from_tensor_slices(data).batch(batch_size, drop_remainder=True)
+    return model.fit(dataset, epochs=epochs, verbose=0, shuffle=False).history
+
+
+def _assert_same(a_vars, b_vars, atol):
+    a_vars, b_vars = list(a_vars), list(b_vars)
+    assert len(a_vars) == len(b_vars)
+    for a, b in zip(a_vars, b_vars):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), atol=atol, rtol=0, err_msg=a.path)
+
+
+# ----------------------------------------------------------------- equivalences
+@pytest.mark.parametrize("method", ["dni", "cdni"])
+def test_sequential_on_devices_equals_dniclassifier(method):
+    """Block by block on two devices, no delay = the ordinary DNI step (Adam per block)."""
+    _need_two_cpus()
+    reference = _fcn(DNIClassifier, method=method)
+    placed = _fcn(PipelinedDNIClassifier, method=method, execution="sequential", devices=THREE)
+    data = _data()
+    ref_history = _fit(reference, data, epochs=2)
+    placed_history = _fit(placed, data, epochs=2)
+    _assert_same(reference.net_layers[0].variables + reference.sg_modules[1].variables,
+                 placed.net_layers[0].variables + placed.sg_modules[1].variables, 1e-5)
+    _assert_same([v for layer in reference.net_layers for v in layer.variables],
+                 [v for layer in placed.net_layers for v in layer.variables], 1e-5)
+    _assert_same([v for m in reference.sg_modules for v in m.variables],
+                 [v for m in placed.sg_modules for v in m.variables], 1e-5)
+    np.testing.assert_allclose(ref_history["loss"], placed_history["loss"], rtol=1e-5)
+    np.testing.assert_allclose(ref_history["sg_loss_2"], placed_history["sg_loss_2"], rtol=1e-4)
+
+
+def test_one_block_pipelined_equals_backprop():
+    reference = _fcn(DNIClassifier, method="backprop")
+    pipelined = _fcn(PipelinedDNIClassifier, method="backprop", execution="pipelined",
+                     batch_size=16)
+    data = _data()
+    _fit(reference, data)
+    _fit(pipelined, data)
+    assert len(pipelined.block_slices) == 1
+    _assert_same(reference.trainable_variables, pipelined.trainable_variables, 1e-5)
+
+
+def test_model_parallel_backprop_equals_backprop():
+    _need_two_cpus()
+    reference = _fcn(DNIClassifier, method="backprop")
+    split = _fcn(PipelinedDNIClassifier, method="backprop", execution="sequential", devices=THREE)
+    assert len(split.block_slices) == 3
+    data = _data()
+    ref_history = _fit(reference, data, epochs=2)
+    split_history = _fit(split, data, epochs=2)
+    _assert_same([v for layer in reference.net_layers for v in layer.variables],
+                 [v for layer in split.net_layers for v in layer.variables], 1e-5)
+    np.testing.assert_allclose(ref_history["loss"], split_history["loss"], rtol=1e-5)
+
+
+# ----------------------------------------------------------------- hand reference
+def _linear_net(seed=0):
+    """Three bias-free linear layers 4 -> 5 -> 4 -> 3 (the last gives logits)."""
+    return [keras.layers.Dense(units, use_bias=False, name=f"w{i}",
+                               kernel_initializer=keras.initializers.GlorotUniform(seed + i))
+            for i, units in enumerate((5, 4, 3))]
+
+
+def _softmax(z):
+    e = np.exp(z - z.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def _reference_step(state, x, y, method, sg_scale, lr, classes=3):
+    """One pipelined step of 3 blocks (one linear layer each) in numpy, plain SGD.
+
+    state: W[0..2] layer kernels, A[1..2] / b[1..2] module kernel/bias (module
+    k reads block k's input), buffers h[1..2], y[1..2], full[1..2].
+    """
+    n, batch = 3, x.shape[0]
+    units = 1.0 if method == "dni" else float(batch)  # batch_mean for dni, per_example for cdni
+    eye = np.eye(classes, dtype=np.float64)
+    inputs = [x] + [state["h"][k] for k in (1, 2)]
+    labels = [y] + [state["y"][k] for k in (1, 2)]
+    valid = [True] + [bool(state["full"][k]) for k in (1, 2)]
+
+    def module_input(h, lab):
+        return np.concatenate([h, eye[lab]], axis=1) if method == "cdni" else h
+
+    outputs, w_grads, targets = [], [], {}
+    for j in range(n):
+        out = inputs[j] @ state["W"][j]
+        if j < n - 1:
+            pred = module_input(out, labels[j]) @ state["A"][j + 1] + state["b"][j + 1]
+            g_out = sg_scale * pred / units
+            scale = units / sg_scale
+        else:
+            g_out = (_softmax(out) - eye[labels[j]]) / batch
+            scale = units
+        w_grads.append(inputs[j].T @ g_out)
+        if j > 0:
+            targets[j] = (g_out @ state["W"][j].T) * scale
+        outputs.append(out)
+    new = {key: dict(value) if isinstance(value, dict) else list(value)
+           for key, value in state.items()}
+    for k in (1, 2):
+        inp = module_input(inputs[k], labels[k])
+        g_pred = 2.0 * (inp @ state["A"][k] + state["b"][k] - targets[k]) / batch
+        if valid[k]:
+            new["A"][k] = state["A"][k] - lr * inp.T @ g_pred
+            new["b"][k] = state["b"][k] - lr * g_pred.sum(axis=0)
+    for j in range(n):
+        if valid[j]:
+            new["W"][j] = state["W"][j] - lr * w_grads[j]
+    for k in (1, 2):
+        new["h"][k], new["y"][k], new["full"][k] = outputs[k - 1], labels[k - 1], int(valid[k - 1])
+    return new
+
+
+@pytest.mark.parametrize("method,sg_scale", [("dni", 1.0), ("cdni", 0.5)])
+def test_pipeline_delay_matches_hand_reference(method, sg_scale):
+    """Block j works on the batch block j-1 saw one step earlier; warm-up steps do not update."""
+    lr, batch = 0.5, 4
+    model = PipelinedDNIClassifier(_linear_net(), 3, method=method, sg_scale=sg_scale,
+                                   execution="pipelined", batch_size=batch, seed=1)
+    model.build((None, 4))
+    _compile(model, keras.optimizers.SGD(lr))
+    state = {"W": [layer.kernel.numpy().astype(np.float64) for layer in model.net_layers],
+             "A": {k: m.stack[-1].kernel.numpy().astype(np.float64)
+                   for k, m in zip((1, 2), model.sg_modules)},
+             "b": {k: m.stack[-1].bias.numpy().astype(np.float64)
+                   for k, m in zip((1, 2), model.sg_modules)},
+             "h": {1: np.zeros((batch, 5)), 2: np.zeros((batch, 4))},
+             "y": {1: np.zeros(batch, int), 2: np.zeros(batch, int)},
+             "full": {1: 0, 2: 0}}
+    rng = np.random.RandomState(5)
+    moved = set()
+    for step in range(6):
+        x = rng.randn(batch, 4).astype("float32")
+        y = rng.randint(0, 3, batch).astype("int32")
+        model.train_on_batch(x, y)
+        new = _reference_step(state, x.astype(np.float64), y, method, sg_scale, lr)
+        for j, layer in enumerate(model.net_layers):
+            np.testing.assert_allclose(layer.kernel.numpy(), new["W"][j], atol=2e-5,
+                                       err_msg=f"step {step} W{j}")
+            if not np.array_equal(new["W"][j], state["W"][j]):
+                moved.add(j)
+        for k, module in zip((1, 2), model.sg_modules):
+            np.testing.assert_allclose(module.stack[-1].kernel.numpy(), new["A"][k], atol=2e-5,
+                                       err_msg=f"step {step} A{k}")
+            np.testing.assert_allclose(module.stack[-1].bias.numpy(), new["b"][k], atol=2e-5,
+                                       err_msg=f"step {step} b{k}")
+            np.testing.assert_allclose(model.buffer_h[k - 1].numpy(), new["h"][k], atol=2e-5)
+            np.testing.assert_array_equal(model.buffer_y[k - 1].numpy(), new["y"][k])
+            assert int(model.buffer_full[k - 1].numpy()) == new["full"][k]
+        if step == 0:
+            # Only block 0 had an input; its module still predicts zero.
+            assert moved == set()
+        state = new
+    assert moved == {0, 1, 2}  # the modules became non-zero, so every block learned
+    assert [int(o.iterations.numpy()) for o in model.block_optimizers] == [6, 5, 4]
+    assert int(model.optimizer.iterations.numpy()) == 6
+
+
+# ----------------------------------------------------------------- concurrency in the graph
+def _op_ancestors(op, memo):
+    if op.name in memo:
+        return memo[op.name]
+    seen, stack = set(), [op]
+    while stack:
+        current = stack.pop()
+        for parent in [t.op for t in current.inputs] + list(current.control_inputs):
+            if parent.name not in seen:
+                seen.add(parent.name)
+                stack.append(parent)
+    memo[op.name] = seen
+    return seen
+
+
+def _cross_device_matmul_dependencies(model, batch):
+    """Ops on /CPU:1 (except buffer writes) that depend on a MatMul on /CPU:0."""
+    spec = (tf.TensorSpec((batch, 6), tf.float32), tf.TensorSpec((batch,), tf.int32))
+    graph = tf.function(model.train_step).get_concrete_function(spec).graph
+    ops = graph.get_operations()
+    cpu0_matmuls = {op.name for op in ops if op.type == "MatMul" and op.device.endswith("CPU:0")}
+    assert cpu0_matmuls
+    buffer_writes = {op.name for op in ops if op.type == "AssignVariableOp"
+                     and "pipeline_" in "".join(t.name for t in op.inputs)}
+    memo, bad = {}, []
+    for op in ops:
+        if op.device.endswith("CPU:1") and op.type == "MatMul":
+            if _op_ancestors(op, memo) & cpu0_matmuls:
+                bad.append(op.name)
+    return bad, buffer_writes
+
+
+def test_pipelined_blocks_share_no_data_within_a_step():
+    """No MatMul of block 1 (on /CPU:1) waits for one of block 0 (on /CPU:0)."""
+    _need_two_cpus()
+    pipelined = PipelinedDNIClassifier(fcn_layers(2, 3, width=8, seed=3), 3, method="cdni",
+                                       execution="pipelined", devices=TWO, batch_size=16)
+    pipelined.build((None, 6))
+    _compile(pipelined)
+    bad, _ = _cross_device_matmul_dependencies(pipelined, 16)
+    assert bad == []
+    # The same check sees the dependency of the sequential step.
+    sequential = PipelinedDNIClassifier(fcn_layers(2, 3, width=8, seed=3), 3, method="cdni",
+                                        execution="sequential", devices=TWO)
+    sequential.build((None, 6))
+    _compile(sequential)
+    bad, _ = _cross_device_matmul_dependencies(sequential, 16)
+    assert bad
+
+
+# ----------------------------------------------------------------- placement
+def test_blocks_live_on_their_devices():
+    _need_two_cpus()
+    model = _fcn(PipelinedDNIClassifier, layers=2, method="dni", execution="pipelined",
+                 devices=TWO, batch_size=16)
+    _fit(model, _data())
+    assert all(v.value.device.endswith("CPU:0") for v in model.net_layers[0].variables)
+    assert all(v.value.device.endswith("CPU:1") for v in model.net_layers[1].variables)
+    assert all(v.value.device.endswith("CPU:0") for v in model.sg_modules[0].variables)
+    assert all(v.value.device.endswith("CPU:1")
+               for v in model.buffer_h + model.buffer_y + model.buffer_full)
+    assert all(v.value.device.endswith("CPU:1") for v in model.block_optimizers[1].variables)
+
+
+@pytest.mark.parametrize("devices,message", [
+    (["/CPU:0"], "3 blocks need 3 devices, got 1"),
+    (["/CPU:0", "/CPU:1", "/CPU:7"], "unknown device '/CPU:7'"),
+    (["/CPU:0", "/GPU:3", "/CPU:1"], "unknown device '/GPU:3'"),
+    (["/CPU:0", "/job:worker/task:1/device:CPU:0", "/CPU:1"], "unknown device"),
+    (["/CPU:0", "not a device", "/CPU:1"], "not a device name"),
+])
+def test_bad_placement_is_one_clear_error(devices, message):
+    _need_two_cpus()
+    with pytest.raises(PlacementError, match=message) as info:
+        PipelinedDNIClassifier(fcn_layers(3, 3, width=8), 3, method="dni",
+                               execution="pipelined", devices=devices, batch_size=16)
+    assert "\n" not in str(info.value)
+
+
+def test_refused_options():
+    with pytest.raises(ValueError, match="needs batch_size"):
+        PipelinedDNIClassifier(fcn_layers(3, 3, width=8), 3, method="dni", execution="pipelined")
+    with pytest.raises(ValueError, match="backprop cannot be pipelined"):
+        PipelinedDNIClassifier(fcn_layers(3, 3, width=8), 3, method="backprop", decouple=[1],
+                               execution="pipelined", batch_size=16)
+    with pytest.raises(ValueError, match="lambda_mix > 0"):
+        PipelinedDNIClassifier(fcn_layers(3, 3, width=8), 3, method="dni", lambda_mix=0.5,
+                               execution="pipelined", batch_size=16)
+    with pytest.raises(ValueError, match="input_targets='chained'"):
+        PipelinedDNIClassifier(fcn_layers(3, 3, width=8), 3, method="dni", unlock="complete",
+                               execution="pipelined", batch_size=16)
+
+
+def test_wrong_batch_size_fails():
+    model = _fcn(PipelinedDNIClassifier, method="dni", execution="pipelined", batch_size=16)
+    with pytest.raises(ValueError, match="batch_size=16"):
+        _fit(model, _data(n=24), batch_size=8)  # static batch shape: refused when traced
+    dataset = tf.data.Dataset.from_tensor_slices(_data(n=24)).batch(8)  # unknown batch size
+    model = _fcn(PipelinedDNIClassifier, method="dni", execution="pipelined", batch_size=16)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="batch_size=16"):
+        model.fit(dataset, epochs=1, verbose=0)
+
+
+# ----------------------------------------------------------------- checkpoints
+def _all_state(model):
+    optimizers = [model.optimizer, *model.block_optimizers, *model.module_optimizers]
+    variables = list(model.variables) + [v for o in optimizers for v in o.variables]
+    return {f"{i}:{v.path}": np.array(v.numpy()) for i, v in enumerate(variables)}
+
+
+@pytest.mark.parametrize("options", [
+    dict(method="cdni", execution="pipelined", batch_size=8, devices=THREE),
+    dict(method="dni", execution="pipelined", batch_size=8, unlock="complete",
+         input_targets="chained"),
+])
+def test_checkpoint_round_trip_mid_pipeline(options, tmp_path):
+    """Save after 3 steps (buffers full), restore into a fresh model, 3 more = 6 uninterrupted."""
+    _need_two_cpus()
+    path = os.path.join(tmp_path, "ckpt.weights.h5")
+    data = _data(n=48)
+    dataset = tf.data.Dataset.from_tensor_slices(data).batch(8, drop_remainder=True)
+    uninterrupted = _fcn(PipelinedDNIClassifier, **options)
+    uninterrupted.fit(dataset, epochs=1, verbose=0)
+
+    interrupted = _fcn(PipelinedDNIClassifier, **options)
+    interrupted.fit(dataset.take(3), epochs=1, verbose=0)
+    if "unlock" not in options:
+        assert int(interrupted.buffer_full[-1].numpy()) == 1
+        assert np.abs(interrupted.buffer_h[-1].numpy()).sum() > 0
+    save(interrupted, path)
+    keras.utils.set_random_seed(99)
+    restored = PipelinedDNIClassifier(fcn_layers(3, 3, width=8, seed=11), 3, seed=11, **options)
+    restored.build((None, 6))
+    _compile(restored)
+    build_for_restore(restored, next(iter(dataset)))
+    restore(restored, path)
+    state, restored_state = _all_state(interrupted), _all_state(restored)
+    assert len(state) == len(restored_state)
+    for (ka, va), (kb, vb) in zip(state.items(), restored_state.items()):
+        np.testing.assert_array_equal(va, vb, err_msg=f"{ka} vs {kb}")
+    restored.fit(dataset.skip(3), epochs=1, verbose=0)
+    for (ka, va), (kb, vb) in zip(_all_state(uninterrupted).items(),
+                                  _all_state(restored).items()):
+        np.testing.assert_allclose(va, vb, atol=1e-6, rtol=0, err_msg=ka)
