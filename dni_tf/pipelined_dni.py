@@ -328,10 +328,9 @@ class PipelinedDNIClassifier(DNIClassifier):
             if x.shape[0] is not None and x.shape[0] != self.batch_size:
                 raise ValueError(f"pipelined execution needs batches of exactly batch_size="
                                  f"{self.batch_size} examples, got {x.shape[0]}")
-            tf.debugging.assert_equal(
-                tf.shape(x)[0], self.batch_size,
-                message=f"pipelined execution needs batches of exactly batch_size="
-                        f"{self.batch_size} examples (drop the remainder)")
+            # Static batch dimension from here on; a batch of another size fails here.
+            x = tf.ensure_shape(x, [self.batch_size, *x.shape[1:]])
+            y = tf.ensure_shape(y, [self.batch_size])
         batch = tf.shape(x)[0]
         units = self._units(batch)
         examples = tf.cast(batch, tf.float32)
