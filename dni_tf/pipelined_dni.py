@@ -83,6 +83,7 @@ from dni_tf.errors import UsageError
 from dni_tf.synthetic_gradients import regression_loss
 
 EXECUTIONS = ("sequential", "pipelined")
+MODULE_PLACEMENTS = ("producer", "consumer")
 
 
 class PlacementError(UsageError):
@@ -159,6 +160,14 @@ class PipelinedDNIClassifier(DNIClassifier):
         `decouple` points, which then only say where the model is split).
       batch_size: the fixed training batch size; required for "pipelined"
         (the buffers hold one batch each).
+      module_placement: where module M_k (at the point between blocks k-1 and
+        k) lives and runs. "producer" (default): on block k-1's device, so the
+        blocks share no data within a step (the target of M_k comes back from
+        block k at the end of the step). "consumer": on block k's device, which
+        moves the module's arithmetic (about one hidden layer's worth) off
+        block k-1 to balance the devices; block k-1's backward pass then waits
+        for block k's device to evaluate M_k on its new output (a small
+        forward pass, not block k's work), a round trip within the step.
 
     Shapes: inputs [B, ...] as for the wrapped layers; buffer k holds block
     k-1's output [batch_size, *point_shape] and labels [batch_size] int32.
@@ -168,9 +177,12 @@ class PipelinedDNIClassifier(DNIClassifier):
 
     def __init__(self, layers, num_classes: int, execution: str = "pipelined",
                  devices: Optional[Sequence[str]] = None, batch_size: Optional[int] = None,
-                 **kwargs):
+                 module_placement: str = "producer", **kwargs):
         if execution not in EXECUTIONS:
             raise ValueError(f"execution must be one of {EXECUTIONS}, got {execution!r}")
+        if module_placement not in MODULE_PLACEMENTS:
+            raise ValueError(f"module_placement must be one of {MODULE_PLACEMENTS}, got "
+                             f"{module_placement!r}")
         method = kwargs.get("method", "dni")
         decouple = kwargs.get("decouple")
         n = len(layers)
@@ -188,6 +200,7 @@ class PipelinedDNIClassifier(DNIClassifier):
             bounds = [0, *stage_points, n]
             self.block_slices = [(bounds[j], bounds[j + 1]) for j in range(len(bounds) - 1)]
         self.execution = execution
+        self.module_placement = module_placement
         self.pipelined = execution == "pipelined"
         self.own_step = self.pipelined or devices is not None
         num_blocks = len(self.block_slices)
@@ -222,6 +235,10 @@ class PipelinedDNIClassifier(DNIClassifier):
             return tf.device(None)
         return tf.device(self.devices[j])
 
+    def module_device(self, j: int):
+        """Device scope of module `sg_modules[j]` (the point after block j)."""
+        return self.device_of(j + 1 if self.module_placement == "consumer" else j)
+
     def build(self, input_shape):
         if not self.own_step:
             return super().build(input_shape)
@@ -236,7 +253,8 @@ class PipelinedDNIClassifier(DNIClassifier):
                         layer.build(shape)
                     shape = tuple(layer.compute_output_shape(shape))
                     point_shapes[i + 1] = shape
-                if j < len(self.sg_modules) and not self.sg_modules[j].built:
+            if j < len(self.sg_modules) and not self.sg_modules[j].built:
+                with self.module_device(j):
                     self.sg_modules[j].build(shape)
         if self.unlock == "complete" and not self.input_models:
             for j, k in enumerate(self.points):
@@ -273,16 +291,16 @@ class PipelinedDNIClassifier(DNIClassifier):
             config = dict(self.optimizer.get_config())
             config["learning_rate"] = float(keras.ops.convert_to_numpy(self.optimizer.learning_rate))
 
-            def clone(variables, j):
-                with self.device_of(j):
+            def clone(variables, j, scope=None):
+                with scope or self.device_of(j):
                     opt = self.optimizer.__class__.from_config(dict(config))
                     opt.build(variables)
                 return opt
 
             self.block_optimizers = [clone(self._layer_vars(j), j)
                                      for j in range(len(self.block_slices))]
-            # Module M_k sits at the output of block k-1, on its device.
-            self.module_optimizers = [clone(m.trainable_variables, j)
+            # Module M_k at the output of block k-1, on its device (module_placement).
+            self.module_optimizers = [clone(m.trainable_variables, j, self.module_device(j))
                                       for j, m in enumerate(self.sg_modules)]
             if self.input_models:
                 self.module_optimizers += [clone(m.trainable_variables, j + 1)
@@ -356,8 +374,10 @@ class PipelinedDNIClassifier(DNIClassifier):
                     tape.watch(a)
                     out = self._run_block(j, a, training=True)
                     if j < n - 1:
-                        pred = self.sg_modules[j](tf.stop_gradient(out),
-                                                  context=self._context(labels[j]), training=True)
+                        with self.module_device(j):
+                            pred = self.sg_modules[j](tf.stop_gradient(out),
+                                                      context=self._context(labels[j]),
+                                                      training=True)
                     else:
                         logits = out
                         loss = self.compute_loss(x=a, y=labels[j], y_pred=out, training=True)
@@ -382,11 +402,11 @@ class PipelinedDNIClassifier(DNIClassifier):
                     sg_preds.append(pred)
                 else:
                     del tape
-        # Module M_k (k = j + 1) regresses onto the target from block k, on block j's device.
+        # Module M_k (k = j + 1) regresses onto the target from block k, on its device.
         module_updates, sg_losses = [], []
         for j, module in enumerate(self.sg_modules):
             k = j + 1
-            with self.device_of(j):
+            with self.module_device(j):
                 if self.pipelined:
                     # The prediction on the input the target belongs to (block j's output
                     # of the previous step), with the module's current weights.
@@ -412,7 +432,7 @@ class PipelinedDNIClassifier(DNIClassifier):
                 self._apply_if(self.block_optimizers[j], layer_grads[j], self._layer_vars(j),
                                valid[j], learning_rate)
         for j, (opt, grads, variables, ok, _) in enumerate(module_updates):
-            with self.device_of(j):
+            with self.module_device(j):
                 self._apply_if(opt, grads, variables, ok, learning_rate)
         if self.pipelined:
             for k in range(1, n):
@@ -473,8 +493,9 @@ class PipelinedDNIClassifier(DNIClassifier):
                     tape.watch(a)
                     out = self._run_block(j, a, training=True)
                     if j < n - 1:
-                        pred = self.sg_modules[j](tf.stop_gradient(out), context=context,
-                                                  training=True)
+                        with self.module_device(j):
+                            pred = self.sg_modules[j](tf.stop_gradient(out), context=context,
+                                                      training=True)
                     else:
                         logits = out
                         loss = self.compute_loss(x=x, y=y, y_pred=out, training=True)
@@ -497,7 +518,7 @@ class PipelinedDNIClassifier(DNIClassifier):
                     tapes.append(tape)
         updates, sg_losses = [], []
         for j, module in enumerate(self.sg_modules):
-            with self.device_of(j):
+            with self.module_device(j):
                 target = targets[j + 1]
                 sg_losses.append(regression_loss(preds[j], target))
                 updates.append((self.module_optimizers[j], tapes[j].gradient(
@@ -521,8 +542,7 @@ class PipelinedDNIClassifier(DNIClassifier):
                 self._apply_if(self.block_optimizers[j], layer_grads[j], self._layer_vars(j),
                                True, learning_rate)
         for i, (opt, grads, variables) in enumerate(updates):
-            device = i if i < offset else i - offset + 1
-            with self.device_of(device):
+            with self.module_device(i) if i < offset else self.device_of(i - offset + 1):
                 self._apply_if(opt, grads, variables, True, learning_rate)
         for tracker, value in zip(self.sg_loss_trackers, sg_losses):
             tracker.update_state(value)

@@ -217,8 +217,8 @@ def _op_ancestors(op, memo):
     return seen
 
 
-def _cross_device_matmul_dependencies(model, batch):
-    """Ops on /CPU:1 (except buffer writes) that depend on a MatMul on /CPU:0."""
+def _cross_device_matmul_dependencies(model, batch, name_part=""):
+    """MatMuls on /CPU:1 (with `name_part` in their name) that depend on a MatMul on /CPU:0."""
     spec = (tf.TensorSpec((batch, 6), tf.float32), tf.TensorSpec((batch,), tf.int32))
     graph = tf.function(model.train_step).get_concrete_function(spec).graph
     ops = graph.get_operations()
@@ -228,7 +228,7 @@ def _cross_device_matmul_dependencies(model, batch):
                      and "pipeline_" in "".join(t.name for t in op.inputs)}
     memo, bad = {}, []
     for op in ops:
-        if op.device.endswith("CPU:1") and op.type == "MatMul":
+        if op.device.endswith("CPU:1") and op.type == "MatMul" and name_part in op.name:
             if _op_ancestors(op, memo) & cpu0_matmuls:
                 bad.append(op.name)
     return bad, buffer_writes
@@ -250,6 +250,23 @@ def test_pipelined_blocks_share_no_data_within_a_step():
     _compile(sequential)
     bad, _ = _cross_device_matmul_dependencies(sequential, 16)
     assert bad
+
+
+def test_modules_on_the_consumer_device():
+    """module_placement='consumer': same arithmetic; M_1 on /CPU:1; block 1's layers still free."""
+    _need_two_cpus()
+    data = _data()
+    producer = _fcn(PipelinedDNIClassifier, layers=2, method="cdni", execution="pipelined",
+                    devices=TWO, batch_size=16)
+    consumer = _fcn(PipelinedDNIClassifier, layers=2, method="cdni", execution="pipelined",
+                    devices=TWO, batch_size=16, module_placement="consumer")
+    _fit(producer, data, epochs=2)
+    _fit(consumer, data, epochs=2)
+    _assert_same(producer.variables, consumer.variables, 1e-6)
+    assert all(v.value.device.endswith("CPU:1") for v in consumer.sg_modules[0].variables)
+    assert all(v.value.device.endswith("CPU:1") for v in consumer.module_optimizers[0].variables)
+    bad, _ = _cross_device_matmul_dependencies(consumer, 16, name_part="layer_2")
+    assert bad == []
 
 
 # ----------------------------------------------------------------- placement
