@@ -78,7 +78,8 @@ import keras
 import tensorflow as tf
 
 from dni_tf.core import track_loss
-from dni_tf.dni_feedforward import DNIClassifier, SyntheticInput
+from dni_tf.dni_feedforward import (DNIClassifier, SyntheticInput, cnn_layers, default_point,
+                                    fcn_layers)
 from dni_tf.errors import UsageError
 from dni_tf.synthetic_gradients import regression_loss
 
@@ -150,6 +151,34 @@ def split_cpu(count: int) -> None:
                 f"{have}; split the CPU before any TensorFlow op runs") from None
 
 
+def check_options(execution: str, devices, method: str, lambda_mix: float = 0.0,
+                  target_mix: float = 0.0, oracle: bool = False, diagnostics: bool = False,
+                  update_prob: float = 1.0, unlock: str = "update",
+                  input_targets: str = "real") -> None:
+    """ValueError (one line) for DNIClassifier options the block-wise step does not support.
+
+    Applies when `execution == "pipelined"` or `devices` is given; for the CLI
+    and study configs, which check every flag before training.
+    """
+    if execution not in EXECUTIONS:
+        raise ValueError(f"execution must be one of {EXECUTIONS}, got {execution!r}")
+    if execution != "pipelined" and not devices:
+        return
+    if method == "backprop":
+        return  # model-parallel backprop; pipelining a split backprop is refused by the model
+    unsupported = [name for name, bad in (
+        ("lambda_mix > 0", lambda_mix > 0.0), ("target_mix > 0", target_mix > 0.0),
+        ("oracle", oracle), ("diagnostics", diagnostics),
+        ("update_prob < 1", update_prob < 1.0)) if bad]
+    if unsupported:
+        raise ValueError(f"{', '.join(unsupported)} not supported with execution={execution!r} "
+                         "or devices: each needs the locked true-gradient chain or a shared step")
+    if unlock == "complete" and input_targets != "chained":
+        raise ValueError("complete unlock with execution='pipelined' or devices needs "
+                         "input_targets='chained' ('real' runs the whole real chain, one "
+                         "block after another, every step)")
+
+
 class PipelinedDNIClassifier(DNIClassifier):
     """`DNIClassifier` with pipelined execution and/or blocks pinned to devices.
 
@@ -204,20 +233,11 @@ class PipelinedDNIClassifier(DNIClassifier):
         self.pipelined = execution == "pipelined"
         self.own_step = self.pipelined or devices is not None
         num_blocks = len(self.block_slices)
+        check_options(execution, devices, method=self.method, lambda_mix=self.lambda_mix,
+                      target_mix=self.target_mix, oracle=self.oracle,
+                      diagnostics=self.diagnostics, update_prob=self.update_prob,
+                      unlock=self.unlock, input_targets=self.input_targets)
         self.devices = check_devices(devices, num_blocks) if devices is not None else None
-        if self.own_step and method != "backprop":
-            unsupported = [name for name, bad in (
-                ("lambda_mix > 0", self.lambda_mix > 0.0), ("target_mix > 0", self.target_mix > 0.0),
-                ("oracle", self.oracle), ("diagnostics", self.diagnostics),
-                ("update_prob < 1", self.update_prob < 1.0)) if bad]
-            if unsupported:
-                raise ValueError(f"{', '.join(unsupported)} not supported with execution="
-                                 f"{execution!r} or devices: each needs the locked true-gradient "
-                                 "chain or a shared step")
-            if self.unlock == "complete" and self.input_targets != "chained":
-                raise ValueError("complete unlock with execution='pipelined' or devices needs "
-                                 "input_targets='chained' ('real' runs the whole real chain, one "
-                                 "block after another, every step)")
         if self.pipelined:
             if batch_size is None or int(batch_size) <= 0:
                 raise ValueError("execution='pipelined' needs batch_size (> 0): each buffer holds "
@@ -590,3 +610,25 @@ class PipelinedDNIClassifier(DNIClassifier):
                                learning_rate)
         track_loss(self, loss, x)
         return self.compute_metrics(x, y, logits)
+
+
+def build_classifier(model: str, num_layers: int, input_shape, num_classes: int, seed: int = 0,
+                     width: Optional[int] = None, point: str = "auto",
+                     **kwargs) -> PipelinedDNIClassifier:
+    """`dni_feedforward.build_classifier` for `PipelinedDNIClassifier` (built, not compiled).
+
+    `kwargs` go to `PipelinedDNIClassifier` (execution, devices, batch_size,
+    module_placement and every `DNIClassifier` option).
+    """
+    if point == "auto":
+        point = default_point(kwargs.get("method", "dni"))
+    if model == "fcn":
+        layers = fcn_layers(num_layers, num_classes, width=width or 256, seed=seed, point=point)
+    elif model == "cnn":
+        layers = cnn_layers(num_layers, num_classes, filters=width or 128, seed=seed, point=point)
+    else:
+        raise ValueError(f"model must be fcn or cnn, got {model!r}")
+    classifier = PipelinedDNIClassifier(layers, num_classes, seed=seed,
+                                        name=f"{model}{num_layers}", **kwargs)
+    classifier.build((None, *input_shape))
+    return classifier

@@ -363,3 +363,42 @@ def test_checkpoint_round_trip_mid_pipeline(options, tmp_path):
     for (ka, va), (kb, vb) in zip(_all_state(uninterrupted).items(),
                                   _all_state(restored).items()):
         np.testing.assert_allclose(va, vb, atol=1e-6, rtol=0, err_msg=ka)
+
+
+# ----------------------------------------------------------------- command line
+def _cli(*args, workdir):
+    import subprocess
+    import sys
+
+    from conftest import REPO_ROOT
+
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    return subprocess.run([sys.executable, "-m", "experiments.dni_feedforward",
+                           f"--workdir={workdir}", "--dataset=digits", "--layers=3",
+                           "--decouple=2", "--steps=4", "--eval_every=2", "--batch_size=32",
+                           *args], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_cli_pipelined_on_two_cpu_devices(tmp_path):
+    import json
+
+    proc = _cli("--method=cdni", "--execution=pipelined", "--devices=/CPU:0,/CPU:1",
+                workdir=tmp_path / "run")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    run = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert run["config"]["execution"] == "pipelined"
+    assert run["config"]["devices"] == ["/CPU:0", "/CPU:1"]
+    assert run["metrics"]["steps"] == 4
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--devices=/CPU:0"], "--devices: 2 blocks need 2 devices, got 1"),
+    (["--method=backprop"], "backprop is locked"),
+])
+def test_cli_bad_pipeline_flags_exit_2_with_one_line(args, message, tmp_path):
+    proc = _cli("--execution=pipelined", *args, workdir=tmp_path / "run")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    (line,) = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]
+    assert message in line and proc.stderr.strip().endswith(line)

@@ -36,11 +36,30 @@ cli.define_study_flags(DNIConfig)
 FLAGS = flags.FLAGS
 
 
+def place_blocks(run, depths):
+    """Splits the CPU for /CPU:k devices and checks every placement; UsageError (exit 2)."""
+    from dni_tf.pipelined_dni import check_devices, split_cpu
+
+    cpus = [int(d.rsplit(":", 1)[1]) for d in run.devices
+            if d.upper().rsplit("/", 1)[-1].replace("DEVICE:", "").startswith("CPU:")
+            and d.rsplit(":", 1)[1].isdigit()]
+    if cpus and max(cpus) > 0:
+        split_cpu(max(cpus) + 1)
+    for depth in depths:
+        blocks = (len(run.decouple) if run.decouple else depth - 1) + 1
+        try:
+            check_devices(run.devices, blocks)
+        except cli.UsageError as exc:
+            raise cli.UsageError(f"--devices: {exc} ({depth} layers)") from None
+
+
 def main(argv):
     del argv
     preset = PRESETS[FLAGS.preset]
     run = config.from_flags(DNIConfig, preset=preset)
     grid = config.grid_from_flags(DNIConfig, preset=preset)
+    if run.devices:
+        place_blocks(run, grid["layers"])
     workdir = cli.prepare_workdir(FLAGS.workdir)
     extra = {"flags": cli.flag_values(), "preset": FLAGS.preset}
     with cli.distributed(workdir) as workdir:

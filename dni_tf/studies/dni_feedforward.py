@@ -129,6 +129,15 @@ class DNIConfig:
     jit_compile: bool = option(False, "Compile the train step with XLA.")
     seed: int = option(0, "Seed for initialisation, data order and sparse updates; several = "
                        "grid mode, a run per seed.", low=0, grid=True)
+    # Pipelined DNI (dni_tf.pipelined_dni): block-wise execution and placement.
+    execution: str = option("sequential", "pipelined: block j trains on the activation block "
+                            "j-1 produced one step earlier, so the blocks can run at once "
+                            "(dni/cdni; docs/pipelined_dni.md).",
+                            choices=("sequential", "pipelined"))
+    devices: Optional[Sequence[str]] = option(
+        None, "One TensorFlow device per block, e.g. /CPU:0,/CPU:1 or /GPU:0,/GPU:1 (CPU "
+        "devices beyond /CPU:0 are made by splitting the CPU); 'none' = no pinning.",
+        none_text="none", distinct=False)
 
     def validate(self) -> None:
         """Raises UsageError / ValueError("<field>...") naming the field and the allowed values."""
@@ -146,6 +155,25 @@ class DNIConfig:
                              "need --method=dni or cdni")
         if list(self.lr_boundaries) != sorted(self.lr_boundaries):
             raise ValueError(f"lr_boundaries={self.lr_boundaries}: increasing fractions in (0, 1)")
+        self._validate_pipeline()
+
+    def _validate_pipeline(self) -> None:
+        from dni_tf.pipelined_dni import EXECUTIONS, check_options
+
+        if self.execution not in EXECUTIONS:
+            raise ValueError(f"execution={self.execution!r}: choose from {', '.join(EXECUTIONS)}")
+        if self.execution == "pipelined" and self.method == "backprop":
+            raise ValueError("execution=pipelined: backprop is locked and cannot be pipelined; "
+                             "use --execution=sequential (with --devices: model-parallel backprop)")
+        if self.jit_compile and self.devices:
+            raise ValueError("jit_compile with --devices: XLA compiles the step for one device "
+                             "(it fails on blocks pinned to several); use --jit_compile=false")
+        try:
+            check_options(self.execution, self.devices, self.method, self.lambda_mix,
+                          self.target_mix, self.oracle, self.diagnostics, self.update_prob,
+                          self.unlock, self.input_targets)
+        except ValueError as exc:
+            raise ValueError(f"execution={self.execution} / devices: {exc}") from None
 
 
 def learning_rate_schedule(config: DNIConfig):
@@ -160,14 +188,21 @@ def learning_rate_schedule(config: DNIConfig):
 def build_model(config: DNIConfig, image_shape, num_classes):
     """The compiled `DNIClassifier` for `config` (Adam, cross-entropy on logits)."""
     keras.utils.set_random_seed(config.seed)
-    model = build_classifier(
+    build = build_classifier
+    extra = {}
+    if config.execution != "sequential" or config.devices:
+        from dni_tf.pipelined_dni import build_classifier as build
+
+        extra = dict(execution=config.execution, batch_size=config.batch_size,
+                     devices=list(config.devices) if config.devices else None)
+    model = build(
         config.model, config.layers, image_shape, num_classes, seed=config.seed,
         width=config.width, point=config.point, method=config.method, decouple=config.decouple,
         sg_hidden_layers=config.sg_hidden_layers, sg_units=config.sg_units,
         gradient_units=config.gradient_units, sg_scale=config.sg_scale,
         lambda_mix=config.lambda_mix, target_mix=config.target_mix,
         update_prob=config.update_prob, unlock=config.unlock, input_targets=config.input_targets,
-        oracle=config.oracle, diagnostics=config.diagnostics)
+        oracle=config.oracle, diagnostics=config.diagnostics, **extra)
     model.compile(optimizer=keras.optimizers.Adam(learning_rate_schedule(config)),
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                   metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
