@@ -247,6 +247,8 @@ class PipelinedDNIClassifier(DNIClassifier):
         self.buffer_y: List[keras.Variable] = []
         self.buffer_full: List[keras.Variable] = []
         self.module_optimizers: List[keras.optimizers.Optimizer] = []
+        # Blocks whose device was lost (dni_tf.pipelined_cluster.lose_block): skipped.
+        self.lost_blocks: List[int] = []
 
     # ----------------------------------------------------------------- placement
     def device_of(self, j: int):
@@ -373,9 +375,15 @@ class PipelinedDNIClassifier(DNIClassifier):
         units = self._units(batch)
         examples = tf.cast(batch, tf.float32)
         # Every block's input: read all buffers before anything is written.
+        lost = set(self.lost_blocks)
+        if lost and not self.pipelined:
+            lost = set(range(min(lost), n))  # the blocks above a lost one have no input
         inputs, labels, valid = [x], [y], [tf.constant(True)]
         if self.pipelined:
             for k in range(1, n):
+                if k in lost:  # its buffer was on the lost device
+                    inputs.append(None), labels.append(None), valid.append(tf.constant(False))
+                    continue
                 with self.device_of(k):
                     inputs.append(tf.identity(self.buffer_h[k - 1].value))
                     labels.append(tf.identity(self.buffer_y[k - 1].value))
@@ -383,6 +391,11 @@ class PipelinedDNIClassifier(DNIClassifier):
         outputs, layer_grads, targets, sg_tapes, sg_preds = [], [], [None] * n, [], []
         loss = logits = None
         for j in range(n):
+            if j in lost:
+                outputs.append(None), layer_grads.append(None)
+                if j < n - 1:
+                    sg_tapes.append(None), sg_preds.append(None)
+                continue
             with self.device_of(j):
                 if j > 0 and not self.pipelined:
                     # Sequential: this step's output of block j-1, gradient stopped.
@@ -426,6 +439,9 @@ class PipelinedDNIClassifier(DNIClassifier):
         module_updates, sg_losses = [], []
         for j, module in enumerate(self.sg_modules):
             k = j + 1
+            if j in lost or k in lost:  # the module, or its target, is gone
+                module_updates.append(None)
+                continue
             with self.module_device(j):
                 if self.pipelined:
                     # The prediction on the input the target belongs to (block j's output
@@ -448,20 +464,34 @@ class PipelinedDNIClassifier(DNIClassifier):
         # order every read of a variable above before the write to it below (same
         # resource, program order), which is all the step needs.
         for j in range(n):
+            if j in lost:
+                continue
             with self.device_of(j):
                 self._apply_if(self.block_optimizers[j], layer_grads[j], self._layer_vars(j),
                                valid[j], learning_rate)
-        for j, (opt, grads, variables, ok, _) in enumerate(module_updates):
+        for j, update in enumerate(module_updates):
+            if update is None:
+                continue
+            opt, grads, variables, ok, _ = update
             with self.module_device(j):
                 self._apply_if(opt, grads, variables, ok, learning_rate)
         if self.pipelined:
             for k in range(1, n):
+                if k in lost:
+                    continue
+                if k - 1 in lost:  # no new input: block k idles once its buffer is used
+                    with self.device_of(k):
+                        self.buffer_full[k - 1].assign(0)
+                    continue
                 with self.device_of(k):
                     self.buffer_h[k - 1].assign(outputs[k - 1])
                     self.buffer_y[k - 1].assign(labels[k - 1])
                     self.buffer_full[k - 1].assign(tf.cast(valid[k - 1], tf.int32))
-        for tracker, (_, _, _, ok, value) in zip(self.sg_loss_trackers, module_updates):
-            tracker.update_state(value, sample_weight=tf.cast(ok, tf.float32))
+        for tracker, update in zip(self.sg_loss_trackers, module_updates):
+            if update is not None:
+                tracker.update_state(update[4], sample_weight=tf.cast(update[3], tf.float32))
+        if n - 1 in lost:
+            return {m.name: m.result() for m in self.metrics}
         return self._last_block_metrics(loss, logits, labels[-1], valid[-1])
 
     def _last_block_metrics(self, loss, logits, labels, valid):

@@ -402,3 +402,47 @@ def test_cli_bad_pipeline_flags_exit_2_with_one_line(args, message, tmp_path):
     assert "Traceback" not in proc.stderr
     (line,) = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]
     assert message in line and proc.stderr.strip().endswith(line)
+
+
+# ----------------------------------------------------------------- a lost block
+def _two_block_model(seed=3):
+    return _fcn(PipelinedDNIClassifier, layers=2, method="cdni", execution="pipelined",
+                devices=TWO, batch_size=8)
+
+
+def test_lost_block_stops_while_the_others_train_and_rejoins_from_its_checkpoint(tmp_path):
+    """Block 1 lost: block 0 trains on (frozen M_1); rejoin = block 1 from the checkpoint."""
+    from dni_tf.pipelined_cluster import all_variables, lose_block, rejoin
+
+    _need_two_cpus()
+    path = os.path.join(tmp_path, "ckpt.weights.h5")
+    dataset = tf.data.Dataset.from_tensor_slices(_data(n=48)).batch(8, drop_remainder=True)
+    model = _two_block_model()
+    model.fit(dataset.take(3), epochs=1, verbose=0)
+    save(model, path)
+    checkpoint = [v.numpy() for v in all_variables(model)]
+    model.fit(dataset.skip(3).take(1), epochs=1, verbose=0)
+    block1 = [v.numpy() for v in model.net_layers[1].variables]
+    module = [v.numpy() for v in model.sg_modules[0].variables]
+    block0 = [v.numpy() for v in model.net_layers[0].trainable_variables]
+
+    lose_block(model, 1)
+    model.fit(dataset.skip(4), epochs=1, verbose=0)
+    for before, v in zip(block1, model.net_layers[1].variables):
+        np.testing.assert_array_equal(before, v.numpy())  # no update from the lost block
+    for before, v in zip(module, model.sg_modules[0].variables):
+        np.testing.assert_array_equal(before, v.numpy())  # no targets, module unchanged
+    assert all(np.abs(before - v.numpy()).max() > 0  # block 0 kept training
+               for before, v in zip(block0, model.net_layers[0].trainable_variables))
+
+    current = [v.numpy() for v in all_variables(model)]
+    lost = {id(v) for v in model.net_layers[1].variables + model.block_optimizers[1].variables
+            + model.buffer_h + model.buffer_y + model.buffer_full}
+    back = rejoin(model, _two_block_model, path, reconnect=False)
+    assert back.lost_blocks == []
+    for old, value_now, value_ckpt, new in zip(all_variables(model), current, checkpoint,
+                                               all_variables(back)):
+        expected = value_ckpt if id(old) in lost else value_now
+        np.testing.assert_array_equal(new.numpy(), expected, err_msg=old.path)
+    back.fit(dataset, epochs=1, verbose=0)  # both blocks train again
+    assert np.abs(back.net_layers[1].variables[0].numpy() - block1[0]).max() > 0

@@ -1,0 +1,166 @@
+"""Blocks of a pipelined DNI network on the tasks of a TensorFlow cluster.
+
+TensorFlow's own runtime carries the activations and module targets between
+processes: every task runs a `tf.distribute.Server`, the chief (task 0, the
+process that runs `fit()`) connects to the cluster with
+`tf.config.experimental_connect_to_cluster`, and then the remote devices
+"/job:worker/replica:0/task:k/device:CPU:0" are ordinary `tf.device` targets
+for `PipelinedDNIClassifier(devices=...)`. The cluster is described by
+`TF_CONFIG` (`TFConfigClusterResolver`) or any other cluster resolver.
+
+    # each worker k >= 1 (TF_CONFIG task index k):
+    python -m dni_tf.pipelined_cluster [--threads=1]
+    # the chief (TF_CONFIG task index 0):
+    devices = pipelined_cluster.connect(num_blocks=2)
+    model = PipelinedDNIClassifier(..., devices=devices)
+
+A lost worker. When a worker dies, steps fail (`tf.errors.UnavailableError`
+and similar). `lose_block(model, j)` marks block j lost: the step is retraced
+without it (no forward, no update; the module at its input gets no targets
+and stays as it is; blocks above it have no new input and idle), and the
+blocks below it keep training: that block's updates are dropped, gradient
+dropping at block granularity. When the worker is back, `rejoin(model,
+make_model, checkpoint)` reconnects, builds a fresh model, loads the last
+checkpoint and then copies back every variable that lives on a surviving
+device (their current values, optimizer slots and buffers included), so the
+returning block resumes from its checkpoint and nothing else is lost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Callable, List, Optional
+
+import tensorflow as tf
+
+from dni_tf.pipelined_dni import PlacementError, PipelinedDNIClassifier
+
+JOB = "worker"
+
+
+def resolver_from_env():
+    """The `TF_CONFIG` cluster resolver; PlacementError when TF_CONFIG is missing or bad."""
+    if not os.environ.get("TF_CONFIG"):
+        raise PlacementError("TF_CONFIG is not set: a cluster needs "
+                             '{"cluster": {"worker": [...]}, "task": {"type": "worker", "index": k}}')
+    try:
+        return tf.distribute.cluster_resolver.TFConfigClusterResolver()
+    except ValueError as exc:
+        raise PlacementError(f"TF_CONFIG cannot be read: {exc}") from None
+
+
+def task_devices(resolver, num_blocks: int, device_type: str = "CPU") -> List[str]:
+    """One device per block, block j on task j of the "worker" job; PlacementError if too few."""
+    spec = resolver.cluster_spec().as_dict()
+    tasks = spec.get(JOB, [])
+    if len(tasks) < num_blocks:
+        raise PlacementError(f"the cluster has {len(tasks)} '{JOB}' tasks ({', '.join(tasks) or 'none'}), "
+                             f"{num_blocks} blocks need {num_blocks}")
+    return [f"/job:{JOB}/replica:0/task:{j}/device:{device_type}:0" for j in range(num_blocks)]
+
+
+def connect(num_blocks: int, resolver=None, device_type: str = "CPU") -> List[str]:
+    """Connects this process (task 0) to the cluster; returns one device name per block.
+
+    Raises PlacementError (one line) for a cluster without the needed tasks.
+    """
+    resolver = resolver or resolver_from_env()
+    devices = task_devices(resolver, num_blocks, device_type)
+    tf.config.experimental_connect_to_cluster(resolver, job_name=JOB, task_index=0)
+    return devices
+
+
+def serve(resolver=None, threads: Optional[int] = None) -> None:
+    """Runs this process's `tf.distribute.Server` (a worker task k >= 1) until killed."""
+    resolver = resolver or resolver_from_env()
+    config = None
+    if threads:
+        config = tf.compat.v1.ConfigProto(intra_op_parallelism_threads=threads,
+                                          inter_op_parallelism_threads=threads)
+    server = tf.distribute.Server(resolver.cluster_spec(), job_name=JOB,
+                                  task_index=resolver.task_id, protocol="grpc", config=config)
+    server.join()
+
+
+# Errors a step raises when a remote task is gone.
+LOST_WORKER_ERRORS = (tf.errors.UnavailableError, tf.errors.AbortedError,
+                      tf.errors.CancelledError, tf.errors.NotFoundError,
+                      tf.errors.FailedPreconditionError, tf.errors.InternalError,
+                      tf.errors.UnknownError)
+
+
+def lose_block(model: PipelinedDNIClassifier, j: int) -> None:
+    """Marks block j lost: later steps skip it (see the module docstring) and are retraced."""
+    if not 0 <= j < len(model.block_slices):
+        raise ValueError(f"block {j} does not exist (blocks 0..{len(model.block_slices) - 1})")
+    if j == 0:
+        raise ValueError("block 0 runs on the chief, which feeds the data: it cannot be lost")
+    model.lost_blocks = sorted(set(model.lost_blocks) | {j})
+    model.train_function = None  # retrace without the lost block
+    model.make_train_function(force=True)
+
+
+def all_variables(model: PipelinedDNIClassifier) -> list:
+    """The model's variables, then its optimizers' (the same order for the same model)."""
+    optimizers = [model.optimizer, *model.block_optimizers, *model.module_optimizers]
+    return list(model.variables) + [v for o in optimizers for v in o.variables]
+
+
+def same_device(a: str, b: str) -> bool:
+    """Whether two device names name the same device (fields missing in either are ignored)."""
+    a, b = tf.DeviceSpec.from_string(a), tf.DeviceSpec.from_string(b)
+    return all(getattr(a, f) is None or getattr(b, f) is None or getattr(a, f) == getattr(b, f)
+               for f in ("job", "replica", "task", "device_type", "device_index"))
+
+
+def on_lost_device(model: PipelinedDNIClassifier, variable) -> bool:
+    """Whether `variable` lives on the device of a lost block (its handle names it; no read)."""
+    if not model.devices or not model.lost_blocks:
+        return False
+    return any(same_device(variable.handle.device, model.devices[j]) for j in model.lost_blocks)
+
+
+def rejoin(model: PipelinedDNIClassifier, make_model: Callable[[], PipelinedDNIClassifier],
+           checkpoint: str, num_blocks: Optional[int] = None, resolver=None,
+           reconnect: bool = True) -> PipelinedDNIClassifier:
+    """A new model in which the lost blocks resume from `checkpoint` and the rest is current.
+
+    `make_model()` must build and compile the same model (same devices); it
+    is called after reconnecting to the cluster, so the returning worker gets
+    fresh variables. `checkpoint` is a file written by
+    `dni_tf.harness.callbacks.save` (or `save_weights`).
+    `reconnect=False` skips reconnecting (devices of this process only).
+    """
+    keep = [None if on_lost_device(model, v) else v.numpy() for v in all_variables(model)]
+    if reconnect:
+        connect(num_blocks or len(model.block_slices), resolver)
+    fresh = make_model()
+    fresh.load_weights(checkpoint)
+    variables = all_variables(fresh)
+    if len(variables) != len(keep):
+        raise ValueError(f"make_model() built {len(variables)} variables, the running model "
+                         f"has {len(keep)}: not the same model")
+    for v, value in zip(variables, keep):
+        if value is not None:
+            v.assign(value)
+    return fresh
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description="Serve one worker task of a pipelined DNI "
+                                     "cluster (TF_CONFIG names the cluster and this task).")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="intra-op and inter-op threads of this task (default: TensorFlow's)")
+    args = parser.parse_args(argv)
+    try:
+        serve(threads=args.threads)
+    except PlacementError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
