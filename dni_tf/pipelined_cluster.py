@@ -148,12 +148,30 @@ def rejoin(model: PipelinedDNIClassifier, make_model: Callable[[], PipelinedDNIC
     return fresh
 
 
+def _exit_with_parent() -> None:
+    import threading
+    import time
+
+    parent = os.getppid()
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(0)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Serve one worker task of a pipelined DNI "
                                      "cluster (TF_CONFIG names the cluster and this task).")
     parser.add_argument("--threads", type=int, default=None,
                         help="intra-op and inter-op threads of this task (default: TensorFlow's)")
+    parser.add_argument("--exit_with_parent", action="store_true",
+                        help="exit when the process that started this one ends (for tests)")
     args = parser.parse_args(argv)
+    if args.exit_with_parent:
+        _exit_with_parent()
     try:
         serve(threads=args.threads)
     except PlacementError as exc:

@@ -426,6 +426,14 @@ MUTANTS: List[Mutant] = [
            "                with self.device_of(j + 1):  # buffer k feeds block k = j + 1",
            "                with self.device_of(j):  # buffer k feeds block k = j + 1",
            ["tests/test_pipelined_dni.py::test_blocks_live_on_their_devices"]),
+    Mutant("pipelined dni: rejoin forgets the checkpoint", "dni_tf/pipelined_cluster.py",
+           "    fresh.load_weights(checkpoint)\n", "",
+           ["tests/test_pipelined_dni.py::test_lost_block_stops_while_the_others_train_and_rejoins_from_its_checkpoint"]),
+    Mutant("pipelined dni: rejoin resets the surviving blocks to the checkpoint too",
+           "dni_tf/pipelined_cluster.py",
+           "keep = [None if on_lost_device(model, v) else v.numpy() for v in all_variables(model)]",
+           "keep = [None for v in all_variables(model)]",
+           ["tests/test_pipelined_dni.py::test_lost_block_stops_while_the_others_train_and_rejoins_from_its_checkpoint"]),
 ]
 
 

@@ -446,3 +446,59 @@ def test_lost_block_stops_while_the_others_train_and_rejoins_from_its_checkpoint
         np.testing.assert_array_equal(new.numpy(), expected, err_msg=old.path)
     back.fit(dataset, epochs=1, verbose=0)  # both blocks train again
     assert np.abs(back.net_layers[1].variables[0].numpy() - block1[0]).max() > 0
+
+
+# ----------------------------------------------------------------- two processes
+def _free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run_chief(mode, tmp_path):
+    """Runs tests/pipelined_cluster_chief.py (which starts and stops worker task 1)."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import REPO_ROOT
+
+    cluster = {"worker": [f"127.0.0.1:{_free_port()}", f"127.0.0.1:{_free_port()}"]}
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": REPO_ROOT,
+           "TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": 0}})}
+    out = str(tmp_path / f"{mode}.npz")
+    proc = subprocess.run([sys.executable, os.path.join(REPO_ROOT, "tests",
+                                                        "pipelined_cluster_chief.py"), out, mode],
+                          cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+def test_two_worker_processes_train_like_two_devices_in_one_process(tmp_path):
+    """Block 1 on task 1 of a local cluster = block 1 on /CPU:1 here (TensorFlow's transport)."""
+    import pipelined_cluster_chief as chief
+
+    _need_two_cpus()
+    out = _run_chief("equal", tmp_path)
+    model = chief.make_model(TWO)
+    for x, y in chief.data()[:6]:
+        model.train_on_batch(x, y)
+    remote = np.load(out)
+    local = [v.numpy() for v in __import__("dni_tf.pipelined_cluster", fromlist=["x"])
+             .all_variables(model)]
+    assert len(remote.files) == len(local)
+    for i, value in enumerate(local):
+        np.testing.assert_allclose(remote[f"arr_{i}"], value, atol=1e-6, rtol=0)
+
+
+def test_killed_worker_others_keep_training_and_it_rejoins(tmp_path):
+    import json
+
+    out = _run_chief("kill", tmp_path)
+    log = json.loads(open(out + ".json").read())
+    assert log["step_after_kill"] != "succeeded"
+    assert log["block0_trained_while_lost"] and log["module_frozen_while_lost"]
+    assert log["lost_restored_from_checkpoint"] and log["survivors_kept"]
+    assert log["lost_variables"] > 0 and log["block1_trains_after_rejoin"]
