@@ -38,6 +38,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from absl import app, flags  # noqa: E402
 
 flags.DEFINE_integer("devices", 2, "Logical CPU devices (one block each).")
+flags.DEFINE_boolean("cluster", False, "Instead of logical CPU devices: --devices worker "
+                     "processes on 127.0.0.1 (this one is task 0, the others are started with "
+                     "--intra_op threads), block j on /job:worker/task:j (TF_CONFIG, gRPC).")
 flags.DEFINE_integer("intra_op", 1, "Threads one op may use (intra-op parallelism).")
 flags.DEFINE_integer("inter_op", 2, "Ops that may run at once (inter-op parallelism).")
 flags.DEFINE_integer("layers", 6, "FCN layers (the last is the classifier).")
@@ -60,12 +63,43 @@ flags.DEFINE_string("data_dir", None, "Directory with mnist/; default $DNI_TF_DA
 FLAGS = flags.FLAGS
 
 
+def start_cluster():
+    """Starts tasks 1.. of a local cluster; connects this process as task 0; their devices."""
+    import atexit
+    import json
+    import socket
+    import subprocess
+    import sys
+
+    from dni_tf import pipelined_cluster
+
+    ports = []
+    for _ in range(FLAGS.devices):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            ports.append(s.getsockname()[1])
+    cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
+    workers = []
+    for task in range(1, FLAGS.devices):
+        env = {**os.environ, "TF_CONFIG": json.dumps(
+            {"cluster": cluster, "task": {"type": "worker", "index": task}})}
+        workers.append(subprocess.Popen(
+            [sys.executable, "-m", "dni_tf.pipelined_cluster", f"--threads={FLAGS.intra_op}",
+             "--exit_with_parent"], env=env))
+    atexit.register(lambda: [w.kill() for w in workers])
+    os.environ["TF_CONFIG"] = json.dumps({"cluster": cluster,
+                                          "task": {"type": "worker", "index": 0}})
+    return pipelined_cluster.connect(FLAGS.devices)
+
+
 def configure_devices():
     """Splits the CPU and sets the thread pools; must run before TensorFlow starts."""
     import tensorflow as tf
 
     tf.config.threading.set_intra_op_parallelism_threads(FLAGS.intra_op)
     tf.config.threading.set_inter_op_parallelism_threads(FLAGS.inter_op)
+    if FLAGS.cluster:
+        return start_cluster()
     from dni_tf.pipelined_dni import split_cpu
 
     split_cpu(FLAGS.devices)
@@ -186,7 +220,10 @@ def flops_by_device(model, x, y):
                 device = fn.graph.get_operation_by_name(child.name).device
             except (KeyError, ValueError):
                 device = "?"
-            device = device.split("device:")[-1] if device else ""
+            if device:
+                spec = tf.DeviceSpec.from_string(device)
+                device = (f"task:{spec.task}/" if spec.job else "") + \
+                    f"{spec.device_type}:{spec.device_index}"
             totals[device] = totals.get(device, 0) + child.float_ops
             visit(child)
 
@@ -224,9 +261,10 @@ def throughput(devices, images):
             wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
             times[execution].append(wall / per_round)
             usage[execution].append(cpu / wall)
+    where = (f"{FLAGS.devices} worker processes on 127.0.0.1" if FLAGS.cluster
+             else f"{FLAGS.devices} logical CPU devices")
     print(f"MNIST FCN {FLAGS.layers} layers x {FLAGS.width}, {FLAGS.method}, decouple "
-          f"{','.join(FLAGS.decouple)}, modules on the {FLAGS.module_placement}, batch {FLAGS.batch_size}; {FLAGS.devices} logical CPU "
-          f"devices, intra_op={FLAGS.intra_op}, inter_op={FLAGS.inter_op}; {os.cpu_count()} "
+          f"{','.join(FLAGS.decouple)}, modules on the {FLAGS.module_placement}, batch {FLAGS.batch_size}; {where}, intra_op={FLAGS.intra_op}, inter_op={FLAGS.inter_op}; {os.cpu_count()} "
           f"CPUs visible, load average {os.getloadavg()[0]:.2f} at the end; median of "
           f"{FLAGS.rounds} interleaved rounds of {per_round} steps")
     overlap = {e: op_overlap(*prepared[e], FLAGS.trace_steps) if FLAGS.trace_steps else
