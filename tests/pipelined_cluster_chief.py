@@ -1,15 +1,15 @@
 """Chief (task 0) of a two-process pipelined DNI cluster on 127.0.0.1, for the tests.
 
-    TF_CONFIG=<cluster, task 0> python tests/pipelined_cluster_chief.py OUT.npz equal|kill
+    TF_CONFIG=<cluster, task 0> python tests/pipelined_cluster_chief.py OUT.npz
 
 Starts worker task 1 itself (`python -m dni_tf.pipelined_cluster`, TF_CONFIG
 task 1, one thread, exits with this process), connects, and trains a 2-block
 cDNI FCN pipelined over "/job:worker/task:0" and "/job:worker/task:1".
-`equal`: 6 steps, writes every variable to OUT.npz. `kill`: 3 steps,
-checkpoint, 1 step, SIGKILL the worker, the next step fails, block 1 is
-marked lost, 2 steps train block 0 alone, the worker is restarted and
-rejoins from the checkpoint, 2 more steps; OUT.npz holds the states along
-the way and OUT.json what happened.
+First 6 steps, then every variable goes to OUT.npz (to compare with two
+devices in one process). Then: a checkpoint, 1 step, SIGKILL the worker, the
+next step fails, block 1 is marked lost, 2 steps train block 0 alone, the
+worker is restarted and rejoins from the checkpoint, 2 more steps; OUT.json
+says what happened.
 """
 
 import json
@@ -59,29 +59,25 @@ def state(model):
     return [v.numpy() for v in pipelined_cluster.all_variables(model)]
 
 
-def main(out, mode):
+def main(out):
     worker = start_worker()
     try:
         devices = pipelined_cluster.connect(2)
         model = make_model(devices)
         batches = data()
-        if mode == "equal":
-            for x, y in batches[:6]:
-                model.train_on_batch(x, y)
-            np.savez(out, *state(model))
-            return 0
-        log = {}
-        for x, y in batches[:3]:
+        for x, y in batches[:6]:
             model.train_on_batch(x, y)
+        np.savez(out, *state(model))
+        log = {}
         checkpoint = out + ".weights.h5"
         model.save_weights(checkpoint)
         saved = state(model)
-        model.train_on_batch(*batches[3])
+        model.train_on_batch(*batches[6])
         worker.kill()
         worker.wait()
         start = time.time()
         try:
-            model.train_on_batch(*batches[4])
+            model.train_on_batch(*batches[7])
             log["step_after_kill"] = "succeeded"
         except pipelined_cluster.LOST_WORKER_ERRORS as exc:
             log["step_after_kill"] = type(exc).__name__
@@ -89,7 +85,7 @@ def main(out, mode):
         pipelined_cluster.lose_block(model, 1)
         block0 = [v.numpy() for v in model.net_layers[0].trainable_variables]
         module = [v.numpy() for v in model.sg_modules[0].variables]
-        for x, y in batches[5:7]:
+        for x, y in batches[8:10]:
             model.train_on_batch(x, y)
         log["block0_trained_while_lost"] = bool(all(
             np.abs(a - v.numpy()).max() > 0
@@ -107,7 +103,7 @@ def main(out, mode):
             np.array_equal(r, c) for r, c in zip(rejoined, current) if c is not None))
         log["lost_variables"] = sum(c is None for c in current)
         block1 = [v.numpy() for v in model.net_layers[1].trainable_variables]
-        for x, y in batches[7:9]:
+        for x, y in batches[10:12]:
             model.train_on_batch(x, y)
         log["block1_trains_after_rejoin"] = bool(all(
             np.abs(a - v.numpy()).max() > 0
@@ -121,4 +117,4 @@ def main(out, mode):
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1], sys.argv[2]))
+    sys.exit(main(sys.argv[1]))

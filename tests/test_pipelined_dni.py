@@ -312,12 +312,28 @@ def test_refused_options():
                                execution="pipelined", batch_size=16)
 
 
+def test_study_config_checks():
+    from dni_tf.studies.dni_feedforward import DNIConfig
+
+    base = dict(layers=3, decouple=(2,), execution="pipelined")
+    for kwargs, match in [(dict(method="backprop"), "backprop is locked"),
+                          (dict(method="dni", diagnostics=True), "diagnostics not supported"),
+                          (dict(method="dni", devices=("/CPU:0", "/CPU:1"), jit_compile=True),
+                           "jit_compile with --devices"),
+                          (dict(method="dni", execution="parallel"), "execution='parallel'")]:
+        with pytest.raises(ValueError, match=match):
+            DNIConfig(**{**base, **kwargs}).validate()
+    DNIConfig(**base, method="cdni", devices=("/CPU:0", "/CPU:1")).validate()
+
+
 def test_wrong_batch_size_fails():
-    model = _fcn(PipelinedDNIClassifier, method="dni", execution="pipelined", batch_size=16)
+    model = _fcn(PipelinedDNIClassifier, layers=2, method="dni", execution="pipelined",
+                 batch_size=16)
     with pytest.raises(ValueError, match="batch_size=16"):
         _fit(model, _data(n=24), batch_size=8)  # static batch shape: refused when traced
     dataset = tf.data.Dataset.from_tensor_slices(_data(n=24)).batch(8)  # unknown batch size
-    model = _fcn(PipelinedDNIClassifier, method="dni", execution="pipelined", batch_size=16)
+    model = _fcn(PipelinedDNIClassifier, layers=2, method="dni", execution="pipelined",
+                 batch_size=16)
     with pytest.raises(tf.errors.InvalidArgumentError, match="expected shape"):
         model.fit(dataset, epochs=1, verbose=0)
 
@@ -394,9 +410,9 @@ def test_cli_pipelined_on_two_cpu_devices(tmp_path):
 
 @pytest.mark.parametrize("args,message", [
     (["--devices=/CPU:0"], "--devices: 2 blocks need 2 devices, got 1"),
-    (["--method=backprop"], "backprop is locked"),
 ])
 def test_cli_bad_pipeline_flags_exit_2_with_one_line(args, message, tmp_path):
+    """Placement is checked before training (the other flag checks: test_study_config_checks)."""
     proc = _cli("--execution=pipelined", *args, workdir=tmp_path / "run")
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
@@ -457,8 +473,10 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _run_chief(mode, tmp_path):
-    """Runs tests/pipelined_cluster_chief.py (which starts and stops worker task 1)."""
+@pytest.fixture(scope="module")
+def cluster_run(tmp_path_factory):
+    """Runs tests/pipelined_cluster_chief.py once (it starts, kills, restarts worker task 1)."""
+    tmp_path = tmp_path_factory.mktemp("cluster")
     import json
     import subprocess
     import sys
@@ -468,20 +486,20 @@ def _run_chief(mode, tmp_path):
     cluster = {"worker": [f"127.0.0.1:{_free_port()}", f"127.0.0.1:{_free_port()}"]}
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": REPO_ROOT,
            "TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": 0}})}
-    out = str(tmp_path / f"{mode}.npz")
+    out = str(tmp_path / "chief.npz")
     proc = subprocess.run([sys.executable, os.path.join(REPO_ROOT, "tests",
-                                                        "pipelined_cluster_chief.py"), out, mode],
+                                                        "pipelined_cluster_chief.py"), out],
                           cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out
 
 
-def test_two_worker_processes_train_like_two_devices_in_one_process(tmp_path):
+def test_two_worker_processes_train_like_two_devices_in_one_process(cluster_run):
     """Block 1 on task 1 of a local cluster = block 1 on /CPU:1 here (TensorFlow's transport)."""
     import pipelined_cluster_chief as chief
 
     _need_two_cpus()
-    out = _run_chief("equal", tmp_path)
+    out = cluster_run
     model = chief.make_model(TWO)
     for x, y in chief.data()[:6]:
         model.train_on_batch(x, y)
@@ -493,10 +511,10 @@ def test_two_worker_processes_train_like_two_devices_in_one_process(tmp_path):
         np.testing.assert_allclose(remote[f"arr_{i}"], value, atol=1e-6, rtol=0)
 
 
-def test_killed_worker_others_keep_training_and_it_rejoins(tmp_path):
+def test_killed_worker_others_keep_training_and_it_rejoins(cluster_run):
     import json
 
-    out = _run_chief("kill", tmp_path)
+    out = cluster_run
     log = json.loads(open(out + ".json").read())
     assert log["step_after_kill"] != "succeeded"
     assert log["block0_trained_while_lost"] and log["module_frozen_while_lost"]
