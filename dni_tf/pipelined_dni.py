@@ -1,4 +1,4 @@
-"""Pipelined DNI: decoupled blocks that run concurrently, pinned to devices.
+"""Pipelined DNI: decoupled blocks that can run concurrently, pinned to devices.
 
 Update unlocking (arXiv 1608.05343) lets a block update without waiting for
 the blocks above it, but `DNIClassifier.train_step` still runs every block on
@@ -12,7 +12,9 @@ and nothing runs in parallel. `PipelinedDNIClassifier` adds:
   (`M_{j+1}(o_j, c)`; the last block: the loss on the delayed labels), updates
   itself from it and writes its output into the next buffer. Within a step the
   blocks share no data: TensorFlow's executor may run them at the same time
-  (on different devices, or on different inter-op threads of one device).
+  (on different devices, or on different inter-op threads of one device);
+  whether it does is up to its scheduling and the free cores (measured in
+  docs/pipelined_dni.md).
   The only cross-block message is the module target: block j returns the
   gradient at its input (the same size as the activation) to module `M_j`,
   which regresses onto it at the end of the step on the previous block's
@@ -67,7 +69,8 @@ continues the pipeline exactly.
 
 Buffers have a fixed batch dimension, `batch_size` (required for pipelined
 execution): every training batch must have exactly that many examples
-(drop the remainder); a mismatch fails at run time with an assertion.
+(drop the remainder); another size is refused when the step is traced (static
+batch dimension) or fails at its first op (`tf.ensure_shape`).
 """
 
 from __future__ import annotations
