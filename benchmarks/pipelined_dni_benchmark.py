@@ -17,7 +17,11 @@ run one after the other on one core, up to the number of devices when they
 run concurrently, if the machine has the cores free), and "ops overlap": the
 share of the time any op runs during which ops run on two or more executor
 threads at once (from a tf.profiler trace of `--trace_steps` steps; this says
-whether TensorFlow scheduled the blocks concurrently, whatever the load).
+whether TensorFlow scheduled ops concurrently, whatever the load), and
+"blocks overlap": the time the layers of blocks 0 and 1 (their forward and
+gradient ops, found by the layer names in the trace) are both running, as a
+share of the shorter of the two: about 0 for locked blocks, up to 100% when
+TensorFlow runs the two blocks at once.
 Executions:
   backprop_mp      model-parallel backprop (locked), blocks on the devices
   dni_sequential   sequential (c)DNI, the same placement
@@ -184,19 +188,36 @@ def op_overlap(step, iterator, steps):
     space = xplane_pb2.XSpace()
     with open(glob.glob(os.path.join(logdir, "**", "*.xplane.pb"), recursive=True)[0], "rb") as f:
         space.ParseFromString(f.read())
-    threads = []
+    import re
+
+    bounds = [int(k) for k in FLAGS.decouple]
+    threads, blocks = [], {}
     for plane in space.planes:
         for line in plane.lines:
             if not line.name.startswith("tf_Compute"):
                 continue
-            ops = [[e.offset_ps, e.offset_ps + e.duration_ps] for e in line.events
-                   if ":" in plane.event_metadata[e.metadata_id].name]
+            ops = []
+            for e in line.events:
+                name = plane.event_metadata[e.metadata_id].name
+                if ":" not in name:
+                    continue
+                interval = [e.offset_ps, e.offset_ps + e.duration_ps]
+                ops.append(interval)
+                layer = re.search(r"/layer_(\d+)", name)
+                if layer:  # the network's own layers (forward and gradient ops)
+                    block = sum(int(layer.group(1)) > b for b in bounds)
+                    blocks.setdefault(block, []).append(interval)
             if ops:
                 threads.append(_union(ops))
     busy = _union([iv for t in threads for iv in t])
     both = _union([iv for a in range(len(threads)) for b in range(a + 1, len(threads))
                    for iv in _intersect(threads[a], threads[b])])
-    return _length(both) / max(1, _length(busy)), len(threads)
+    block_overlap = float("nan")
+    if len(blocks) >= 2:
+        first, second = _union(blocks.get(0, [])), _union(blocks.get(1, []))
+        block_overlap = _length(_intersect(first, second)) / max(
+            1, min(_length(first), _length(second)))
+    return _length(both) / max(1, _length(busy)), len(threads), block_overlap
 
 
 def flops_by_device(model, x, y):
@@ -268,15 +289,17 @@ def throughput(devices, images):
           f"CPUs visible, load average {os.getloadavg()[0]:.2f} at the end; median of "
           f"{FLAGS.rounds} interleaved rounds of {per_round} steps")
     overlap = {e: op_overlap(*prepared[e], FLAGS.trace_steps) if FLAGS.trace_steps else
-               (float("nan"), 0) for e in FLAGS.executions}
+               (float("nan"), 0, float("nan")) for e in FLAGS.executions}
     print(f"{'execution':>15} {'ms/step':>8} {'examples/s':>11} {'x ' + FLAGS.executions[0]:>16} "
-          f"{'cpu/wall':>9} {'ops overlap':>12} {'threads':>8}   MFLOP/step by device")
+          f"{'cpu/wall':>9} {'ops overlap':>12} {'blocks overlap':>15} {'threads':>8}   "
+          f"MFLOP/step by device")
     base = statistics.median(times[FLAGS.executions[0]])
     for execution in FLAGS.executions:
         seconds = statistics.median(times[execution])
         print(f"{execution:>15} {1e3 * seconds:8.2f} {FLAGS.batch_size / seconds:11.0f} "
               f"{base / seconds:16.2f} {statistics.median(usage[execution]):9.2f} "
-              f"{100 * overlap[execution][0]:11.0f}% {overlap[execution][1]:8d}   "
+              f"{100 * overlap[execution][0]:11.0f}% {100 * overlap[execution][2]:14.0f}% "
+              f"{overlap[execution][1]:8d}   "
               + ", ".join(f"{d or 'unplaced'}: {f / 1e6:.0f}"
                           for d, f in sorted(flops[execution].items())), flush=True)
     # The bound on the speed-up with one free core per device: the busiest
