@@ -423,11 +423,11 @@ def test_aux_loss_and_its_target():
 
 def test_per_window_updates_are_counted_and_stay_in_one_traced_step():
     x, y, mask = _batch(n=7)  # T=2: 4 windows, the last one padded
-    model = _model(2, "dni")
+    model = _model(2, "bptt")  # the bptt baseline is updated every window too
     model.compile(optimizer=keras.optimizers.Adam(1e-2))
     model.fit(tf.data.Dataset.from_tensors((x, y, mask)).repeat(3), epochs=1, verbose=0)
     assert int(model.optimizer.iterations.numpy()) == 3 * 4
-    per_batch = _model(2, "dni", update="per_batch")
+    per_batch = _model(2, "bptt", update="per_batch")
     per_batch.compile(optimizer=keras.optimizers.Adam(1e-2))
     per_batch.fit(tf.data.Dataset.from_tensors((x, y, mask)).repeat(3), epochs=1, verbose=0)
     assert int(per_batch.optimizer.iterations.numpy()) == 3
