@@ -585,7 +585,8 @@ class TruncatedBPTT(keras.Model):
                 lambda k, *_: k < num_windows, body,
                 (tf.constant(0), tf.convert_to_tensor(state, tf.float32), tf.constant(0.0),
                  tf.TensorArray(tf.float32, size=num_windows)))
-        true = tf.convert_to_tensor(tape.gradient(total, probes))[:-1] * tf.cast(batch, tf.float32)  # [K-1, B, 2H]
+        # [K-1, B, 2H], per-example units.
+        true = tf.convert_to_tensor(tape.gradient(total, probes))[:-1] * tf.cast(batch, tf.float32)
         predicted = sgs.stack()[:-1]
         flat_true = tf.reshape(true, [num_windows - 1, -1])
         flat_pred = tf.reshape(predicted, [num_windows - 1, -1])

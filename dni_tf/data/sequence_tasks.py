@@ -27,8 +27,8 @@ The `Curriculum` layer holds the current level (N, and R for Repeat Copy) as
 Keras variables (saved with the model's weights); `task_dataset(...,
 length=curriculum)` reads it each time it builds a batch (at the level, or
 drawn uniformly below it with `sampling="uniform"`), so the training stream
-follows as soon as the model advances it. The dataset has no prefetch, so batch i is built after step i-1's
-update and the stream stays deterministic.
+follows as soon as the model advances it. The dataset has no prefetch, so
+batch i is built after step i-1's update and the stream stays deterministic.
 """
 
 from __future__ import annotations
