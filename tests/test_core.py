@@ -6,7 +6,8 @@ import sys
 from conftest import REPO_ROOT
 
 ALGORITHMS = ("gradient_dropping", "threshold_updates", "synthetic_gradients", "dni_feedforward",
-              "truncated_bptt", "multi_network", "targeted_dropout", "pruning")
+              "pipelined_dni", "pipelined_cluster", "truncated_bptt", "multi_network",
+              "targeted_dropout", "pruning")
 # What an algorithm may import from the package: the core, the random streams,
 # the exceptions and the plain Keras building blocks.
 ALLOWED = {"dni_tf", "dni_tf.core", "dni_tf.random_streams", "dni_tf.errors", "dni_tf.models",
