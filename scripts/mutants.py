@@ -286,6 +286,16 @@ MUTANTS: List[Mutant] = [
            "            self.optimizer.apply([tf.identity(grad_of[id(v)]) for v in free], free)\n"
            "        scaled_modules = [(v, tf.identity(v.value)) for v, _ in scaled_modules]\n",
            ["tests/test_dni_feedforward.py::test_sg_lr_scale_multiplies_only_the_modules_steps"]),
+    Mutant("dni study: sg_lr_scale not passed to the model", "dni_tf/studies/dni_feedforward.py",
+           "sg_lr_scale=config.sg_lr_scale, method=config.method", "method=config.method",
+           ["tests/test_dni_feedforward.py::test_study_config_reaches_the_model"]),
+    Mutant("dni study: input statistics not used", "dni_tf/studies/dni_feedforward.py",
+           "input_norm=input_norm if config.input_norm else None", "input_norm=None",
+           ["tests/test_dni_feedforward.py::test_study_config_reaches_the_model"]),
+    Mutant("dni study: Adam epsilon left at Keras' default", "dni_tf/studies/dni_feedforward.py",
+           "                                                  epsilon=config.adam_epsilon),",
+           "                                                  ),",
+           ["tests/test_dni_feedforward.py::test_study_config_reaches_the_model"]),
     # -- recurrent DNI -------------------------------------------------------
     Mutant("recurrent dni: synthetic gradient read at the window's first state",
            "dni_tf/truncated_bptt.py",

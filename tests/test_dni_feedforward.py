@@ -556,3 +556,30 @@ def test_sg_lr_scale_multiplies_only_the_modules_steps(update_prob):
             vs.assign(v1.numpy())
     with pytest.raises(ValueError, match="sg_lr_scale"):
         DNIClassifier(fcn_layers(3), 10, sg_lr_scale=0.0)
+
+
+def test_study_config_reaches_the_model():
+    from dni_tf.studies.dni_feedforward import PRESETS, build_model, input_stats
+
+    preset = {k: v for k, v in PRESETS["parity"].items() if k not in ("method", "seed")}
+    preset.update(method="cdni", seed=1, width=6, sg_units=5, input_norm=True, output_norm=True,
+                  init="torch", bn_momentum=0.9, bn_epsilon=1e-5, adam_epsilon=1e-8)
+    config = DNIConfig(**preset)
+    config.validate()
+
+    class Data:  # input_stats reads the training images only
+        train = (np.array([0.0, 1.0, 1.0, 2.0], "float32"), None)
+
+    assert input_stats(config, Data) == (1.0, np.sqrt(0.5))
+    assert input_stats(DNIConfig(), Data) is None
+    model = build_model(config, (8, 8, 1), 10, input_stats(config, Data))
+    assert model.sg_lr_scale == PRESETS["parity"]["sg_lr_scale"] == 0.25
+    first, last = model.net_layers[0].layers, model.net_layers[-1].layers
+    rescale = first[1]
+    assert (rescale.scale, rescale.offset) == pytest.approx((1 / np.sqrt(0.5), -1 / np.sqrt(0.5)))
+    assert type(last[-1]).__name__ == "BatchNormalization" and not last[-2].use_bias
+    assert (last[-1].momentum, last[-1].epsilon) == (0.9, 1e-5)
+    assert abs(first[2].kernel.numpy()).max() <= 1 / np.sqrt(64)  # torch init
+    assert model.optimizer.epsilon == 1e-8
+    with pytest.raises(ValueError, match="input_norm"):
+        build_model(config, (8, 8, 1), 10)
