@@ -48,6 +48,7 @@ optimizer and the RNG state is created in `build()`/`compile()`, so
 
 Units (`gradient_units`): "batch_mean" = dL/dh of the batch-mean loss, or
 "per_example" = `B * dL/dh`; "auto" = batch_mean for DNI, per_example for cDNI.
+`sg_lr_scale` sets the modules' learning rate relative to the network's.
 Decoupling points (`fcn_layers`/`cnn_layers` `point`): "pre_relu" (the
 batch-norm output before the ReLU) or "post_relu"; `build_classifier`'s "auto"
 = pre_relu for DNI, post_relu otherwise. Both measured in docs/dni_feedforward.md.
@@ -410,13 +411,14 @@ class DNIClassifier(keras.Model):
         one extra backward chain and one backward pass per block.
       seed: seed for the modules' initialisers and the sparse-update draws.
       sg_lr_scale: the modules' learning rate is the network's times this
-        (> 0; 1 = one optimizer for everything). Each module's optimizer step
-        is rescaled after it is applied (new = old + s * (step)), which is
-        exactly a learning rate s times larger for Keras' Adam/SGD (their whole
-        step is proportional to the learning rate); moments and step counts are
-        shared. Under Adam this is the clean form of what `gradient_units`
-        does by accident: per-example units are roughly batch-mean units with
-        the module's learning rate divided by B.
+        (> 0; 1 = the same rate). Each module's optimizer step is rescaled
+        after it is applied (new = old + s * step), which is exactly a
+        learning rate s times larger for Keras' Adam/SGD (their whole step is
+        proportional to the learning rate); moments and step counts are the
+        optimizer's as before. Under Adam this is the explicit form of what
+        `gradient_units` does implicitly: per-example units are roughly
+        batch-mean units with the module output layer's learning rate divided
+        by B.
 
     Compile with a loss on integer labels and logits reduced by the batch mean,
     e.g. `SparseCategoricalCrossentropy(from_logits=True)`. `sample_weight`

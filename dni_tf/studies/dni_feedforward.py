@@ -102,7 +102,8 @@ class DNIConfig:
     sg_scale: float = option(1.0, "Synthetic gradients are multiplied by this.", low=0.0,
                              low_open=True)
     sg_lr_scale: float = option(1.0, "The modules' learning rate is the network's times this "
-                                "(1 = one learning rate for everything).", low=0.0, low_open=True)
+                                "(1 = one learning rate for everything; preset parity: 0.25).", low=0.0,
+                                low_open=True)
     input_norm: bool = option(False, "FCN: normalise the inputs with the mean and std of the "
                               "training images (MNIST: 0.1307, 0.3081).")
     output_norm: bool = option(False, "FCN: batch norm on the logits (Dense without bias, then "
