@@ -48,6 +48,7 @@ optimizer and the RNG state is created in `build()`/`compile()`, so
 
 Units (`gradient_units`): "batch_mean" = dL/dh of the batch-mean loss, or
 "per_example" = `B * dL/dh`; "auto" = batch_mean for DNI, per_example for cDNI.
+`sg_lr_scale` sets the modules' learning rate relative to the network's.
 Decoupling points (`fcn_layers`/`cnn_layers` `point`): "pre_relu" (the
 batch-norm output before the ReLU) or "post_relu"; `build_classifier`'s "auto"
 = pre_relu for DNI, post_relu otherwise. Both measured in docs/dni_feedforward.md.
@@ -90,12 +91,35 @@ def _check_point(point: str) -> None:
         raise ValueError(f"point must be one of {POINTS}, got {point!r}")
 
 
+INITS = ("keras", "torch")
+
+
+def _kernel_init(init: str, seed: int, hidden: bool):
+    """Keras: He-normal (hidden) / Glorot-uniform (output); torch: U(+-1/sqrt(fan_in))."""
+    if init == "torch":  # PyTorch's nn.Linear/Conv default: limit sqrt(3 * scale / fan_in)
+        return keras.initializers.VarianceScaling(1.0 / 3.0, "fan_in", "uniform", seed=seed)
+    return (keras.initializers.HeNormal(seed=seed) if hidden
+            else keras.initializers.GlorotUniform(seed=seed))
+
+
 def fcn_layers(num_layers: int, num_classes: int = 10, width: int = 256,
-               seed: int = 0, point: str = "pre_relu") -> List[keras.Sequential]:
+               seed: int = 0, point: str = "pre_relu",
+               input_norm: Optional[Tuple[float, float]] = None, output_norm: bool = False,
+               init: str = "keras", bn_momentum: float = 0.99,
+               bn_epsilon: float = 1e-3) -> List[keras.Sequential]:
     """The paper's FCN as a list of `num_layers` layers (each a keras.Sequential).
 
     The network: n-1 x [Dense(width, no bias), batch norm, ReLU] (flattened
     input), then Dense(num_classes) logits. Input: images [B, H, W, C] in [0, 1].
+    Options (defaults = the earlier network):
+
+    * `input_norm=(mean, std)`: layer 1 first maps x to (x - mean) / std.
+    * `output_norm`: the logits are Dense(num_classes, no bias) -> batch norm
+      (as the public PyTorch implementation's MNIST MLP).
+    * `init`: "keras" (He-normal hidden, Glorot-uniform output) or "torch"
+      (uniform in +-1/sqrt(fan_in), PyTorch's default for nn.Linear).
+    * `bn_momentum`, `bn_epsilon`: of every batch norm (Keras defaults 0.99,
+      1e-3; PyTorch's are 0.9 in this convention and 1e-5).
     `point` says where the split between layer k and k+1 (decoupling point k)
     sits; the network computes the same function either way (same seed, same
     weights):
@@ -112,23 +136,38 @@ def fcn_layers(num_layers: int, num_classes: int = 10, width: int = 256,
     if num_layers < 1:
         raise ValueError(f"num_layers must be >= 1, got {num_layers}")
     _check_point(point)
+    if init not in INITS:
+        raise ValueError(f"init must be one of {INITS}, got {init!r}")
     pre = point == "pre_relu"
+
+    def norm():
+        return keras.layers.BatchNormalization(momentum=bn_momentum, epsilon=bn_epsilon)
+
+    first = [keras.layers.Flatten()]
+    if input_norm is not None:
+        mean, std = (float(v) for v in input_norm)
+        if not std > 0.0:
+            raise ValueError(f"input_norm std must be > 0, got {std}")
+        first.append(keras.layers.Rescaling(1.0 / std, offset=-mean / std))
     layers = []
     for i in range(num_layers - 1):
-        parts = [keras.layers.Flatten()] if i == 0 else []
+        parts = list(first) if i == 0 else []
         if pre and i > 0:
             parts.append(keras.layers.ReLU())
         parts += [keras.layers.Dense(width, use_bias=False,
-                                     kernel_initializer=keras.initializers.HeNormal(seed=seed + i)),
-                  keras.layers.BatchNormalization()]
+                                     kernel_initializer=_kernel_init(init, seed + i, True)),
+                  norm()]
         if not pre:
             parts.append(keras.layers.ReLU())
         layers.append(keras.Sequential(parts, name=f"layer_{i + 1}"))
-    last = [keras.layers.Flatten()] if num_layers == 1 else []
+    last = list(first) if num_layers == 1 else []
     if pre and num_layers > 1:
         last.append(keras.layers.ReLU())
     last.append(keras.layers.Dense(
-        num_classes, kernel_initializer=keras.initializers.GlorotUniform(seed=seed + num_layers)))
+        num_classes, use_bias=not output_norm,
+        kernel_initializer=_kernel_init(init, seed + num_layers, False)))
+    if output_norm:  # batch norm's offset replaces the bias
+        last.append(norm())
     layers.append(keras.Sequential(last, name=f"layer_{num_layers}"))
     return layers
 
@@ -371,6 +410,15 @@ class DNIClassifier(keras.Model):
         gradient, each SUMMED over the evaluation period, then compared). Costs
         one extra backward chain and one backward pass per block.
       seed: seed for the modules' initialisers and the sparse-update draws.
+      sg_lr_scale: the modules' learning rate is the network's times this
+        (> 0; 1 = the same rate). Each module's optimizer step is rescaled
+        after it is applied (new = old + s * step), which is exactly a
+        learning rate s times larger for Keras' Adam/SGD (their whole step is
+        proportional to the learning rate); moments and step counts are the
+        optimizer's as before. Under Adam this is the explicit form of what
+        `gradient_units` does implicitly: per-example units are roughly
+        batch-mean units with the module output layer's learning rate divided
+        by B.
 
     Compile with a loss on integer labels and logits reduced by the batch mean,
     e.g. `SparseCategoricalCrossentropy(from_logits=True)`. `sample_weight`
@@ -385,7 +433,8 @@ class DNIClassifier(keras.Model):
                  sg_scale: float = 1.0, lambda_mix: float = 0.0, target_mix: float = 0.0,
                  update_prob: float = 1.0, unlock: str = "update", input_targets: str = "real",
                  input_hidden_layers: int = 1, input_units: Optional[int] = None,
-                 oracle: bool = False, diagnostics: bool = False, seed: int = 0, **kwargs):
+                 oracle: bool = False, diagnostics: bool = False, seed: int = 0,
+                 sg_lr_scale: float = 1.0, **kwargs):
         super().__init__(**kwargs)
         n = len(layers)
         if method not in METHODS:
@@ -406,6 +455,8 @@ class DNIClassifier(keras.Model):
             raise ValueError("lambda_mix > 0 (BP(lambda)) needs unlock='update' and no oracle")
         if not sg_scale > 0.0:
             raise ValueError(f"sg_scale must be > 0, got {sg_scale}")
+        if not sg_lr_scale > 0.0:
+            raise ValueError(f"sg_lr_scale must be > 0, got {sg_lr_scale}")
         if method == "backprop":
             points: List[int] = []
             if update_prob < 1.0 or unlock != "update" or oracle:
@@ -422,6 +473,7 @@ class DNIClassifier(keras.Model):
         self.points = points
         self.gradient_units = default_units(method) if gradient_units == "auto" else gradient_units
         self.sg_scale = float(sg_scale)
+        self.sg_lr_scale = float(sg_lr_scale)
         self.lambda_mix = float(lambda_mix)
         self.target_mix = float(target_mix)
         self.update_prob = float(update_prob)
@@ -689,8 +741,12 @@ class DNIClassifier(keras.Model):
         free = [v for v in self.trainable_variables if id(v) not in gated_ids and id(v) in grad_of]
         if gated_groups:
             learning_rate = tf.identity(self.optimizer.learning_rate)  # before this step's apply
+        scaled_modules = []
+        if self.sg_lr_scale != 1.0:  # module values before this step's update
+            scaled_modules = [(v, tf.identity(v.value)) for v in module_vars]
         # Every read of the weights (the real chain included) before any update.
-        with tf.control_dependencies([*input_targets, *[grad_of[id(v)] for v in free]]):
+        with tf.control_dependencies([*input_targets, *[grad_of[id(v)] for v in free],
+                                      *[old for _, old in scaled_modules]]):
             self.optimizer.apply([tf.identity(grad_of[id(v)]) for v in free], free)
         if gated_groups:
             draws = random_streams.uniform([len(gated_groups)], self.rng_state.value)
@@ -699,6 +755,8 @@ class DNIClassifier(keras.Model):
             for g, (opt, variables) in enumerate(gated_groups):
                 self._apply_gated(opt, variables, [grad_of[id(v)] for v in variables],
                                   selected[g], learning_rate)
+        for v, old in scaled_modules:  # sg_lr_scale: the modules' step times s
+            v.assign(old + self.sg_lr_scale * (v.value - old))
 
         # Metrics.
         for tracker, value in zip(self.sg_loss_trackers, sg_losses):
@@ -775,24 +833,44 @@ class DNIClassifier(keras.Model):
 
 def build_classifier(model: str, num_layers: int, input_shape: Tuple[int, ...],
                      num_classes: int, seed: int = 0, width: Optional[int] = None,
-                     point: str = "auto", **kwargs) -> DNIClassifier:
+                     point: str = "auto", input_norm: Optional[Tuple[float, float]] = None,
+                     output_norm: bool = False, init: str = "keras", bn_momentum: float = 0.99,
+                     bn_epsilon: float = 1e-3, **kwargs) -> DNIClassifier:
     """A built (not compiled) `DNIClassifier` on the paper's FCN or CNN.
 
     `model` is "fcn" or "cnn"; `width` is the units per FCN layer (paper: 256)
     or the filters per CNN layer (paper: 128); `point` places the decoupling
     points ("pre_relu" or "post_relu", see `fcn_layers`; "auto" = pre_relu for
-    dni, post_relu otherwise: `default_point`); `kwargs` go to `DNIClassifier`.
+    dni, post_relu otherwise: `default_point`); `input_norm`, `output_norm`,
+    `init`, `bn_momentum`, `bn_epsilon`: FCN only, see `fcn_layers` (the CNN
+    takes only the defaults); `kwargs` go to `DNIClassifier`.
     For the CNN the synthetic gradient modules take the conv form.
     """
-    if point == "auto":
-        point = default_point(kwargs.get("method", "dni"))
-    if model == "fcn":
-        layers = fcn_layers(num_layers, num_classes, width=width or 256, seed=seed, point=point)
-    elif model == "cnn":
-        layers = cnn_layers(num_layers, num_classes, filters=width or 128, seed=seed,
-                            point=point)
-    else:
-        raise ValueError(f"model must be fcn or cnn, got {model!r}")
+    layers = network_layers(model, num_layers, num_classes, seed=seed, width=width,
+                            point=default_point(kwargs.get("method", "dni")) if point == "auto"
+                            else point, input_norm=input_norm, output_norm=output_norm,
+                            init=init, bn_momentum=bn_momentum, bn_epsilon=bn_epsilon)
     classifier = DNIClassifier(layers, num_classes, seed=seed, name=f"{model}{num_layers}", **kwargs)
     classifier.build((None, *input_shape))
     return classifier
+
+
+def network_layers(model: str, num_layers: int, num_classes: int, seed: int = 0,
+                   width: Optional[int] = None, point: str = "pre_relu",
+                   input_norm: Optional[Tuple[float, float]] = None, output_norm: bool = False,
+                   init: str = "keras", bn_momentum: float = 0.99, bn_epsilon: float = 1e-3):
+    """The layers of the paper's FCN (`fcn_layers`) or CNN (`cnn_layers`) for a classifier.
+
+    The FCN options (`input_norm` ... `bn_epsilon`) are refused for the CNN.
+    """
+    if model == "fcn":
+        return fcn_layers(num_layers, num_classes, width=width or 256, seed=seed, point=point,
+                          input_norm=input_norm, output_norm=output_norm, init=init,
+                          bn_momentum=bn_momentum, bn_epsilon=bn_epsilon)
+    if model == "cnn":
+        if (input_norm is not None or output_norm or init != "keras" or bn_momentum != 0.99
+                or bn_epsilon != 1e-3):
+            raise ValueError("input_norm, output_norm, init, bn_momentum and bn_epsilon are "
+                             "FCN options; the CNN takes the defaults")
+        return cnn_layers(num_layers, num_classes, filters=width or 128, seed=seed, point=point)
+    raise ValueError(f"model must be fcn or cnn, got {model!r}")

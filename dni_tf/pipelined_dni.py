@@ -81,8 +81,8 @@ import keras
 import tensorflow as tf
 
 from dni_tf.core import track_loss
-from dni_tf.dni_feedforward import (DNIClassifier, SyntheticInput, cnn_layers, default_point,
-                                    fcn_layers)
+from dni_tf.dni_feedforward import (DNIClassifier, SyntheticInput, default_point,
+                                    network_layers)
 from dni_tf.errors import UsageError
 from dni_tf.synthetic_gradients import regression_loss
 
@@ -647,20 +647,19 @@ class PipelinedDNIClassifier(DNIClassifier):
 
 def build_classifier(model: str, num_layers: int, input_shape, num_classes: int, seed: int = 0,
                      width: Optional[int] = None, point: str = "auto",
+                     input_norm=None, output_norm: bool = False, init: str = "keras",
+                     bn_momentum: float = 0.99, bn_epsilon: float = 1e-3,
                      **kwargs) -> PipelinedDNIClassifier:
     """`dni_feedforward.build_classifier` for `PipelinedDNIClassifier` (built, not compiled).
 
-    `kwargs` go to `PipelinedDNIClassifier` (execution, devices, batch_size,
+    The network options are those of `dni_feedforward.network_layers`; `kwargs`
+    go to `PipelinedDNIClassifier` (execution, devices, batch_size,
     module_placement and every `DNIClassifier` option).
     """
-    if point == "auto":
-        point = default_point(kwargs.get("method", "dni"))
-    if model == "fcn":
-        layers = fcn_layers(num_layers, num_classes, width=width or 256, seed=seed, point=point)
-    elif model == "cnn":
-        layers = cnn_layers(num_layers, num_classes, filters=width or 128, seed=seed, point=point)
-    else:
-        raise ValueError(f"model must be fcn or cnn, got {model!r}")
+    layers = network_layers(model, num_layers, num_classes, seed=seed, width=width,
+                            point=default_point(kwargs.get("method", "dni")) if point == "auto"
+                            else point, input_norm=input_norm, output_norm=output_norm,
+                            init=init, bn_momentum=bn_momentum, bn_epsilon=bn_epsilon)
     classifier = PipelinedDNIClassifier(layers, num_classes, seed=seed,
                                         name=f"{model}{num_layers}", **kwargs)
     classifier.build((None, *input_shape))

@@ -486,3 +486,100 @@ def test_one_step_matches_a_hand_computed_dni_step(method, sg_scale, lambda_mix,
         assert logs[f"sg_cosine_{k}"] == pytest.approx(cosine, rel=1e-4, abs=1e-5)
         assert logs[f"sg_norm_ratio_{k}"] == pytest.approx(ratio, rel=1e-4)
         assert logs[f"update_cosine_{k}"] == pytest.approx(update_cosine, rel=1e-4, abs=1e-5)
+
+
+# --------------------------------------------------------------------------- parity options
+def test_fcn_input_norm_output_norm_init_and_batch_norm_options():
+    x = RNG.random((6, 8, 8, 1)).astype("float32")
+    mean, std = 0.2, 0.4
+    plain = fcn_layers(3, 10, width=5, seed=4, output_norm=True)
+    normed = fcn_layers(3, 10, width=5, seed=4, output_norm=True, input_norm=(mean, std))
+    # Same weights (same seeds): the normalised net on x is the plain net on (x - mean) / std.
+    h_plain, h_normed = (x - mean) / std, x
+    for a, b in zip(plain, normed):
+        h_plain, h_normed = a(h_plain, training=False), b(h_normed, training=False)
+    np.testing.assert_allclose(h_normed.numpy(), h_plain.numpy(), rtol=1e-4, atol=1e-5)
+    # Output batch norm: Dense without bias, then batch norm (training mode: per-class
+    # mean 0 over the batch).
+    last = plain[-1]
+    assert type(last.layers[-1]).__name__ == "BatchNormalization"
+    assert not last.layers[-2].use_bias
+    h = x
+    for layer in plain:
+        h = layer(h, training=True)
+    np.testing.assert_allclose(h.numpy().mean(axis=0), 0.0, atol=1e-5)
+    assert fcn_layers(3, 10, width=5)[-1].layers[-1].use_bias  # default: as before
+    # torch init: uniform in +-1/sqrt(fan_in) (He-normal exceeds that bound).
+    for init, inside in (("torch", True), ("keras", False)):
+        net = fcn_layers(3, 10, width=64, seed=1, init=init, bn_momentum=0.9, bn_epsilon=1e-5)
+        net[0].build((None, 28, 28, 1))
+        kernel = net[0].layers[1].kernel.numpy()
+        bound = 1.0 / np.sqrt(784)
+        assert (np.abs(kernel).max() <= bound) == inside
+        if inside:
+            assert abs(kernel.std() - bound / np.sqrt(3.0)) < 0.05 * bound
+        bn = net[0].layers[2]
+        assert (bn.momentum, bn.epsilon) == (0.9, 1e-5)
+    with pytest.raises(ValueError, match="FCN options"):
+        build_classifier("cnn", 3, (8, 8, 1), 10, width=4, output_norm=True)
+    with pytest.raises(ValueError, match="model=fcn"):
+        DNIConfig(model="cnn", input_norm=True).validate()
+
+
+@pytest.mark.parametrize("update_prob", [1.0, 0.5])
+def test_sg_lr_scale_multiplies_only_the_modules_steps(update_prob):
+    scale = 0.25
+    models = [make(method="cdni", update_prob=update_prob, sg_lr_scale=s) for s in (1.0, scale)]
+    for model in models:
+        nonzero_module_outputs(model)
+    module_vars = [[v for m in model.sg_modules for v in m.trainable_variables] for model in models]
+    net_vars = [[v for layer in model.net_layers for v in layer.trainable_variables]
+                for model in models]
+    for step in range(3):  # with update_prob 0.5 some blocks are skipped (the same in both)
+        before_m = [values(vs) for vs in module_vars]
+        before_n = [values(vs) for vs in net_vars]
+        for model in models:
+            model.train_on_batch(*batch(step))
+        moved = 0
+        for b1, bs, v1, vs in zip(before_m[0], before_m[1], module_vars[0], module_vars[1]):
+            np.testing.assert_allclose(b1, bs, rtol=1e-6, atol=1e-7)  # same start: test is valid
+            step_1, step_s = v1.numpy() - b1, vs.numpy() - bs
+            np.testing.assert_allclose(step_s, scale * step_1, rtol=1e-4, atol=1e-8)
+            moved += int(np.abs(step_1).max() > 0)
+        assert moved > 0
+        if step == 0:  # the network's own first step does not depend on the module's rate
+            for v1, vs in zip(net_vars[0], net_vars[1]):
+                np.testing.assert_allclose(vs.numpy(), v1.numpy(), rtol=1e-6, atol=1e-7)
+        for v1, vs in zip(module_vars[0], module_vars[1]):  # realign for the next step
+            vs.assign(v1.numpy())
+        for v1, vs in zip(net_vars[0], net_vars[1]):
+            vs.assign(v1.numpy())
+    with pytest.raises(ValueError, match="sg_lr_scale"):
+        DNIClassifier(fcn_layers(3), 10, sg_lr_scale=0.0)
+
+
+def test_study_config_reaches_the_model():
+    from dni_tf.studies.dni_feedforward import PRESETS, build_model, input_stats
+
+    preset = {k: v for k, v in PRESETS["parity"].items() if k not in ("method", "seed")}
+    preset.update(method="cdni", seed=1, width=6, sg_units=5, input_norm=True, output_norm=True,
+                  init="torch", bn_momentum=0.9, bn_epsilon=1e-5, adam_epsilon=1e-8)
+    config = DNIConfig(**preset)
+    config.validate()
+
+    class Data:  # input_stats reads the training images only
+        train = (np.array([0.0, 1.0, 1.0, 2.0], "float32"), None)
+
+    assert input_stats(config, Data) == (1.0, np.sqrt(0.5))
+    assert input_stats(DNIConfig(), Data) is None
+    model = build_model(config, (8, 8, 1), 10, input_stats(config, Data))
+    assert model.sg_lr_scale == PRESETS["parity"]["sg_lr_scale"] == 0.25
+    first, last = model.net_layers[0].layers, model.net_layers[-1].layers
+    rescale = first[1]
+    assert (rescale.scale, rescale.offset) == pytest.approx((1 / np.sqrt(0.5), -1 / np.sqrt(0.5)))
+    assert type(last[-1]).__name__ == "BatchNormalization" and not last[-2].use_bias
+    assert (last[-1].momentum, last[-1].epsilon) == (0.9, 1e-5)
+    assert abs(first[2].kernel.numpy()).max() <= 1 / np.sqrt(64)  # torch init
+    assert model.optimizer.epsilon == 1e-8
+    with pytest.raises(ValueError, match="input_norm"):
+        build_model(config, (8, 8, 1), 10)

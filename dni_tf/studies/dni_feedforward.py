@@ -27,8 +27,8 @@ from absl import logging
 from dni_tf.harness import cli
 from dni_tf import data as data_lib
 from dni_tf.harness import plots, results, tensorboard_views
-from dni_tf.dni_feedforward import (GRADIENT_UNITS, INPUT_TARGETS, METHODS, POINT_CHOICES,
-                                    UNLOCKS, build_classifier)
+from dni_tf.dni_feedforward import (GRADIENT_UNITS, INITS, INPUT_TARGETS, METHODS,
+                                    POINT_CHOICES, UNLOCKS, build_classifier)
 from dni_tf.harness.config import check_fields, option
 from dni_tf.harness.training import SweepProgress, train_and_evaluate
 
@@ -50,7 +50,8 @@ MODELS = ("fcn", "cnn")
 # "cpu": a schedule of the same shape that fits a shared CPU (lr raised for the short run).
 # "parity": the known setup of issue 20 (MNIST, MLP 784-256-256-10, one decoupling
 # point after the second hidden layer, modules with one hidden layer of 256, batch
-# 64, Adam 1e-3 for everything, 10 epochs = 10 x 937 steps, seeds 1, 2, 3; XLA).
+# 64, Adam 1e-3, 10 epochs = 10 x 937 steps, seeds 1, 2, 3; XLA), with the modules'
+# learning rate a quarter of the network's (measured: docs/dni_feedforward.md).
 # A preset sets DNIConfig fields (a list for a grid field: method, layers, seed);
 # flags given explicitly win.
 PRESETS = {
@@ -58,7 +59,7 @@ PRESETS = {
     "cpu": dict(steps=1_500, learning_rate=1e-3, eval_every=250),
     "parity": dict(model="fcn", layers=3, decouple=(2,), sg_hidden_layers=1, sg_units=256,
                    batch_size=64, learning_rate=1e-3, lr_boundaries=(), steps=9_370,
-                   eval_every=937, jit_compile=True, diagnostics=True,
+                   eval_every=937, jit_compile=True, diagnostics=True, sg_lr_scale=0.25,
                    method=("backprop", "dni", "cdni"),
                    seed=(1, 2, 3)),
 }
@@ -100,6 +101,23 @@ class DNIConfig:
         "batch_mean for dni, per_example for cdni (measured).", choices=GRADIENT_UNITS)
     sg_scale: float = option(1.0, "Synthetic gradients are multiplied by this.", low=0.0,
                              low_open=True)
+    sg_lr_scale: float = option(1.0, "The modules' learning rate is the network's times this "
+                                "(1 = one learning rate for everything; preset parity: 0.25).", low=0.0,
+                                low_open=True)
+    input_norm: bool = option(False, "FCN: normalise the inputs with the mean and std of the "
+                              "training images (MNIST: 0.1307, 0.3081).")
+    output_norm: bool = option(False, "FCN: batch norm on the logits (Dense without bias, then "
+                               "batch norm).")
+    init: str = option("keras", "FCN weights: keras = He-normal hidden, Glorot-uniform output; "
+                       "torch = uniform in +-1/sqrt(fan_in) (PyTorch's nn.Linear default).",
+                       choices=INITS)
+    bn_momentum: float = option(0.99, "FCN batch-norm momentum of the moving statistics (Keras "
+                                "0.99; PyTorch's default is 0.9 here).", low=0.0, high=1.0,
+                                high_open=True)
+    bn_epsilon: float = option(1e-3, "FCN batch-norm epsilon (Keras 1e-3, PyTorch 1e-5).",
+                               low=0.0, low_open=True)
+    adam_epsilon: float = option(1e-7, "Adam's epsilon (Keras 1e-7, PyTorch 1e-8).", low=0.0,
+                                 low_open=True)
     lambda_mix: float = option(
         0.0, "BP(lambda): the gradient sent below each point is lambda x the gradient from "
         "above + (1 - lambda) x the synthetic one (1 = backprop).", low=0.0, high=1.0)
@@ -153,6 +171,10 @@ class DNIConfig:
                                           or self.oracle):
             raise ValueError("method=backprop: --update_prob < 1, --unlock=complete and --oracle "
                              "need --method=dni or cdni")
+        if self.model != "fcn" and (self.input_norm or self.output_norm or self.init != "keras"
+                                    or self.bn_momentum != 0.99 or self.bn_epsilon != 1e-3):
+            raise ValueError("input_norm, output_norm, init, bn_momentum and bn_epsilon need "
+                             "--model=fcn")
         if list(self.lr_boundaries) != sorted(self.lr_boundaries):
             raise ValueError(f"lr_boundaries={self.lr_boundaries}: increasing fractions in (0, 1)")
         self._validate_pipeline()
@@ -185,8 +207,23 @@ def learning_rate_schedule(config: DNIConfig):
     return keras.optimizers.schedules.PiecewiseConstantDecay(boundaries, values)
 
 
-def build_model(config: DNIConfig, image_shape, num_classes):
-    """The compiled `DNIClassifier` for `config` (Adam, cross-entropy on logits)."""
+def input_stats(config: DNIConfig, image_data) -> Optional[Tuple[float, float]]:
+    """(mean, std) of every training pixel when `config.input_norm`, else None."""
+    if not config.input_norm:
+        return None
+    images = image_data.train[0]
+    return float(images.mean(dtype="float64")), float(images.std(dtype="float64"))
+
+
+def build_model(config: DNIConfig, image_shape, num_classes,
+                input_norm: Optional[Tuple[float, float]] = None):
+    """The compiled `DNIClassifier` for `config` (Adam, cross-entropy on logits).
+
+    `input_norm`: (mean, std) of the inputs (`input_stats`); needed when
+    `config.input_norm`.
+    """
+    if config.input_norm and input_norm is None:
+        raise ValueError("config.input_norm needs input_norm=(mean, std) (see input_stats)")
     keras.utils.set_random_seed(config.seed)
     build = build_classifier
     extra = {}
@@ -197,13 +234,17 @@ def build_model(config: DNIConfig, image_shape, num_classes):
                      devices=list(config.devices) if config.devices else None)
     model = build(
         config.model, config.layers, image_shape, num_classes, seed=config.seed,
-        width=config.width, point=config.point, method=config.method, decouple=config.decouple,
+        width=config.width, point=config.point,
+        input_norm=input_norm if config.input_norm else None, output_norm=config.output_norm,
+        init=config.init, bn_momentum=config.bn_momentum, bn_epsilon=config.bn_epsilon,
+        sg_lr_scale=config.sg_lr_scale, method=config.method, decouple=config.decouple,
         sg_hidden_layers=config.sg_hidden_layers, sg_units=config.sg_units,
         gradient_units=config.gradient_units, sg_scale=config.sg_scale,
         lambda_mix=config.lambda_mix, target_mix=config.target_mix,
         update_prob=config.update_prob, unlock=config.unlock, input_targets=config.input_targets,
         oracle=config.oracle, diagnostics=config.diagnostics, **extra)
-    model.compile(optimizer=keras.optimizers.Adam(learning_rate_schedule(config)),
+    model.compile(optimizer=keras.optimizers.Adam(learning_rate_schedule(config),
+                                                  epsilon=config.adam_epsilon),
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                   metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
                   jit_compile=config.jit_compile)
@@ -220,7 +261,8 @@ def run_single(config: DNIConfig, workdir: str, image_data=None,
     config.validate()
     image_data = image_data or data_lib.load_image_data(config.dataset, config.data_dir)
     check_batch_size(config, image_data)
-    model = build_model(config, image_data.image_shape, image_data.num_classes)
+    model = build_model(config, image_data.image_shape, image_data.num_classes,
+                        input_stats(config, image_data))
     start = time.time()
     outcome = train_and_evaluate(
         model, image_data.train_dataset(config.batch_size, seed=config.seed),
