@@ -72,20 +72,21 @@ def test_language_model_config_validation():
 
 def test_copy_run_writes_results_and_resumes_with_curriculum(tmp_path):
     # threshold=100 bits: every check passes, so the length grows by one per step.
+    # Every step has a new length (a new trace), so the run is kept short.
     cfg = study.CopyTaskConfig(method="dni", truncation=2, hidden_size=8, batch_size=4,
-                               steps=4, eval_every=2, eval_batches=1, max_length=20,
+                               steps=2, eval_every=1, eval_batches=1, max_length=20,
                                threshold=100.0, check_every=1, num_bits=3)
     metrics = study.run_copy_task(cfg, str(tmp_path))
-    assert metrics["max_length_solved"] == 4 and metrics["curriculum_length"] == 5
+    assert metrics["max_length_solved"] == 2 and metrics["curriculum_length"] == 3
     history = results.load_history(str(tmp_path))
-    assert history["curriculum_length"].tolist() == [3, 5]
-    cfg.steps = 6
-    metrics = study.run_copy_task(cfg, str(tmp_path))  # resumes at step 4
-    assert metrics["curriculum_length"] == 7  # the curriculum position was restored
+    assert history["curriculum_length"].tolist() == [2, 3]
+    cfg.steps = 3
+    metrics = study.run_copy_task(cfg, str(tmp_path))  # resumes at step 2
+    assert metrics["curriculum_length"] == 4  # the curriculum position was restored
     history = results.load_history(str(tmp_path))
-    assert history["step"].tolist() == [2, 4, 6]
+    assert history["step"].tolist() == [1, 2, 3]
     saved = results.load_results(str(tmp_path))
-    assert saved["config"]["method"] == "dni" and saved["metrics"]["max_length_solved"] == 6
+    assert saved["config"]["method"] == "dni" and saved["metrics"]["max_length_solved"] == 3
     assert glob.glob(str(tmp_path / "**" / "events.out.tfevents.*"), recursive=True)
 
 
