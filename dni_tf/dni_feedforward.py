@@ -528,13 +528,16 @@ class DNIClassifier(keras.Model):
                 SummedCosine(sum(_prod(v.shape) for v in self._layer_vars(j)),
                              name=f"update_cosine_{k}")
                 for j, k in enumerate(self.points)]
+        self._build_rng_state()
+        self.built = True
+        self._build_optimizers()
+
+    def _build_rng_state(self):
         if self.rng_state is None:
             # A model weight, unlike a SeedGenerator's state, so checkpoints restore it.
             self.rng_state = self.add_weight(
                 name="sparse_update_rng", shape=(2,), dtype="int32", trainable=False,
                 initializer=keras.initializers.Constant([self._seed + 7, 0]))
-        self.built = True
-        self._build_optimizers()
 
     def compile(self, *args, **kwargs):
         loss = kwargs.get("loss", args[1] if len(args) > 1 else None)

@@ -300,12 +300,30 @@ class PipelinedDNIClassifier(DNIClassifier):
                     self.buffer_full.append(self.add_weight(
                         name=f"pipeline_full_{k}", shape=(), dtype="int32",
                         initializer="zeros", trainable=False))
-        if self.rng_state is None:
-            self.rng_state = self.add_weight(
-                name="sparse_update_rng", shape=(2,), dtype="int32", trainable=False,
-                initializer=keras.initializers.Constant([self._seed + 7, 0]))
+        self._build_rng_state()
         self.built = True
         self._build_optimizers()
+
+    def _block_gradients(self, tape, j: int, top: bool, out, a, pred, loss, units):
+        """(block j's weight gradients, the bootstrapped target of module M_j or None).
+
+        A block below the top follows `sg_scale` x its output module's
+        prediction `pred`; the top block follows its `loss`. The target is the
+        gradient arriving at the block's input `a`, in module units with
+        `sg_scale` undone (None for block 0, which has no input module).
+        """
+        variables = self._layer_vars(j)
+        if top:
+            grads = tape.gradient(loss, variables + [a],
+                                  unconnected_gradients=tf.UnconnectedGradients.ZERO)
+            scale = units
+        else:
+            grads = tape.gradient(out, variables + [a],
+                                  output_gradients=self.sg_scale * tf.stop_gradient(pred) / units,
+                                  unconnected_gradients=tf.UnconnectedGradients.ZERO)
+            scale = units / self.sg_scale
+        target = tf.stop_gradient(grads[-1] * scale) if j > 0 else None
+        return grads[:-1], target
 
     def _build_optimizers(self):
         if not self.own_step:
@@ -392,7 +410,7 @@ class PipelinedDNIClassifier(DNIClassifier):
                     labels.append(tf.identity(self.buffer_y[k - 1].value))
                     valid.append(self.buffer_full[k - 1].value > 0)
         outputs, layer_grads, targets, sg_tapes, sg_preds = [], [], [None] * n, [], []
-        loss = logits = None
+        loss = logits = pred = None
         for j in range(n):
             if j in lost:
                 outputs.append(None), layer_grads.append(None)
@@ -417,21 +435,9 @@ class PipelinedDNIClassifier(DNIClassifier):
                     else:
                         logits = out
                         loss = self.compute_loss(x=a, y=labels[j], y_pred=out, training=True)
-                variables = self._layer_vars(j)
-                if j < n - 1:
-                    cotangent = self.sg_scale * tf.stop_gradient(pred) / units
-                    grads = tape.gradient(out, variables + [a], output_gradients=cotangent,
-                                          unconnected_gradients=tf.UnconnectedGradients.ZERO)
-                    target_scale = units / self.sg_scale
-                else:
-                    grads = tape.gradient(loss, variables + [a],
-                                          unconnected_gradients=tf.UnconnectedGradients.ZERO)
-                    target_scale = units
-                layer_grads.append(grads[:-1])
-                if j > 0:
-                    # The bootstrapped target of module M_j: the gradient arriving at this
-                    # block's input, in module units with the sg_scale undone.
-                    targets[j] = tf.stop_gradient(grads[-1] * target_scale)
+                grads, targets[j] = self._block_gradients(tape, j, j == n - 1, out, a, pred,
+                                                          loss, units)
+                layer_grads.append(grads)
                 outputs.append(out)
                 if j < n - 1:
                     sg_tapes.append(tape)
@@ -532,7 +538,7 @@ class PipelinedDNIClassifier(DNIClassifier):
         context = self._context(y)
         outputs, layer_grads, targets, preds, tapes = [], [], [None] * n, [], []
         input_preds, input_tapes = [None] * n, [None] * n
-        loss = logits = None
+        loss = logits = pred = None
         for j in range(n):
             with self.device_of(j):
                 if j == 0:
@@ -552,19 +558,9 @@ class PipelinedDNIClassifier(DNIClassifier):
                     else:
                         logits = out
                         loss = self.compute_loss(x=x, y=y, y_pred=out, training=True)
-                variables = self._layer_vars(j)
-                if j < n - 1:
-                    grads = tape.gradient(out, variables + [a],
-                                          output_gradients=self.sg_scale * tf.stop_gradient(pred) / units,
-                                          unconnected_gradients=tf.UnconnectedGradients.ZERO)
-                    scale = units / self.sg_scale
-                else:
-                    grads = tape.gradient(loss, variables + [a],
-                                          unconnected_gradients=tf.UnconnectedGradients.ZERO)
-                    scale = units
-                layer_grads.append(grads[:-1])
-                if j > 0:
-                    targets[j] = tf.stop_gradient(grads[-1] * scale)
+                grads, targets[j] = self._block_gradients(tape, j, j == n - 1, out, a, pred,
+                                                          loss, units)
+                layer_grads.append(grads)
                 outputs.append(out)
                 if j < n - 1:
                     preds.append(pred)

@@ -17,8 +17,9 @@ from dni_tf.apps import quiet_tensorflow  # noqa: F401 - first: before TensorFlo
 
 from absl import flags
 
+from dni_tf import data
 from dni_tf.harness import cli, config
-from dni_tf.studies.targeted_dropout import TargetedDropoutConfig
+from dni_tf.studies.targeted_dropout import CellMismatch, TargetedDropoutConfig, run_study
 
 cli.define_study_flags(TargetedDropoutConfig)
 FLAGS = flags.FLAGS
@@ -28,20 +29,14 @@ def main(argv):
     del argv
     study = config.from_flags(TargetedDropoutConfig)
     workdir = cli.prepare_workdir(FLAGS.workdir)
-    from dni_tf import data  # heavy imports after validation
-    from dni_tf.studies import targeted_dropout
-
     with cli.distributed(workdir) as workdir:
         images = data.load_image_data(study.dataset, study.data_dir)
         count = len(images.train[1])  # batches are full: at most one batch per epoch
         cli.check_batch_size(study.batch_size, count,
                              f"{study.dataset} has {count} training examples")
-        steps, eval_every, _ = study.schedule(count)
-        targeted_dropout.check_steps_per_execution(study.steps_per_execution, steps, eval_every)
         try:
-            targeted_dropout.run_study(images, workdir, study,
-                                       extra_config={"flags": cli.flag_values()})
-        except targeted_dropout.CellMismatch as exc:
+            run_study(images, workdir, study, extra_config={"flags": cli.flag_values()})
+        except CellMismatch as exc:
             raise cli.UsageError(str(exc)) from None
 
 

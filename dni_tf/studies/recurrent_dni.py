@@ -61,9 +61,23 @@ def _optimizer(cfg):
     return keras.optimizers.Adam(cfg.learning_rate)
 
 
+@dataclasses.dataclass
+class SyntheticGradientOptions:
+    """The settings of the synthetic gradients, shared by the Copy and PTB studies."""
+
+    sg_scale: float = option(0.1, "Scale of synthetic gradients entering the core.", low=0.0,
+                             low_open=True)
+    bootstrap_scale: float = option(1.0, "Scale of the next synthetic gradient inside the "
+                                    "module's regression target (1 = the paper's target).",
+                                    low=0.0)
+    aux_weight: float = option(1.0, "Weight of the dni_aux auxiliary loss.", low=0.0)
+    clip_norm: float = option(1.0, "Gradient-norm clip, applied to the core and the synthetic "
+                              "gradient module separately (0 = none).", low=0.0)
+
+
 # --------------------------------------------------------------- Copy tasks
 @dataclasses.dataclass
-class CopyTaskConfig:
+class CopyTaskConfig(SyntheticGradientOptions):
     """One Copy / Repeat Copy run; defaults are a small CPU budget."""
 
     task: str = option("copy", "Task.", choices=sequence_tasks.TASKS)
@@ -75,8 +89,6 @@ class CopyTaskConfig:
     steps: int = option(3000, "Training batches.", low=1)
     batch_size: int = option(32, "Sequences per batch.", low=1)
     learning_rate: float = option(3e-3, "Adam learning rate.", low=0.0, low_open=True)
-    clip_norm: float = option(1.0, "Gradient-norm clip, applied to the core and the synthetic "
-                              "gradient module separately (0 = none).", low=0.0)
     num_bits: int = option(8, "Bits per vector.", low=1)
     min_length: int = option(1, "First curriculum length.", low=1)
     max_length: int = option(100, "Longest curriculum length.", low=1)
@@ -86,12 +98,6 @@ class CopyTaskConfig:
     check_every: int = option(50, "Curriculum check period (batches).", low=1)
     eval_every: int = option(500, "Evaluate every this many steps.", low=1)
     eval_batches: int = option(4, "Held-out batches per evaluation.", low=1)
-    sg_scale: float = option(0.1, "Scale of synthetic gradients entering the core.", low=0.0,
-                             low_open=True)
-    bootstrap_scale: float = option(1.0, "Scale of the next synthetic gradient inside the "
-                                    "module's regression target (1 = the paper's target).",
-                                    low=0.0)
-    aux_weight: float = option(1.0, "Weight of the dni_aux auxiliary loss.", low=0.0)
     update: str = option("per_window", "per_window (an optimizer step every T steps) or "
                          "per_batch (windows' gradients summed, one step per batch).",
                          choices=UPDATES)
@@ -234,7 +240,7 @@ class SyntheticGradientDiagnostics:
 
 # --------------------------------------------------------- language model
 @dataclasses.dataclass
-class LanguageModelConfig:
+class LanguageModelConfig(SyntheticGradientOptions):
     """One PTB character run: stateful core, `chunk_length` characters per row per step.
 
     Each training batch holds chunk_length / truncation windows, so runs with
@@ -251,8 +257,6 @@ class LanguageModelConfig:
     chunk_length: int = option(40, "Characters per row per training batch, a multiple of "
                                "--truncation: chunk_length / T windows per batch.", low=1)
     learning_rate: float = option(3e-3, "Adam learning rate.", low=0.0, low_open=True)
-    clip_norm: float = option(1.0, "Gradient-norm clip, applied to the core and the synthetic "
-                              "gradient module separately (0 = none).", low=0.0)
     eval_every: int = option(250, "Validate every this many steps.", low=1)
     eval_length: int = option(200, "Characters per row per evaluation batch.", low=1)
     eval_batches: int = option(0, "Validation batches used during training (0 = all); the "
@@ -260,12 +264,6 @@ class LanguageModelConfig:
                                low=0)
     patience: int = option(0, "Stop after this many evaluations without a better validation "
                            "BPC (0 = never stop early).", low=0)
-    sg_scale: float = option(0.1, "Scale of synthetic gradients entering the core.", low=0.0,
-                             low_open=True)
-    bootstrap_scale: float = option(1.0, "Scale of the next synthetic gradient inside the "
-                                    "module's regression target (1 = the paper's target).",
-                                    low=0.0)
-    aux_weight: float = option(1.0, "Weight of the dni_aux auxiliary loss.", low=0.0)
     update: str = option("per_window", "per_window (an optimizer step every T characters) or "
                          "per_batch (windows' gradients summed, one step per batch).",
                          choices=UPDATES)
