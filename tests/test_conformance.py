@@ -5,7 +5,7 @@ Each case builds a tiny compiled model and a finite dataset. Every case must:
 * train with `jit_compile=True` (XLA) or be listed in `NO_XLA` with the reason;
 * train under `tf.distribute.MirroredStrategy` on two logical CPU devices and
   match the single-device result (or be listed in `MIRRORED_DIFFERS` with the
-  reason);
+  reason, or in `MIRRORED_REFUSED` with the error it raises);
 * round-trip a checkpoint exactly: weights, optimizer slots, algorithm state
   and random-generator state; training continued from a restore equals
   training without the interruption;
@@ -100,6 +100,15 @@ def dni_case(method, **options):
     return make
 
 
+def pipelined_dni_case(jit_compile="auto"):
+    from dni_tf.pipelined_dni import build_classifier
+
+    # Unplaced (one device): the pipeline's buffers and delays, not the placement.
+    model = build_classifier("fcn", 3, (6,), 3, seed=3, width=8, method="cdni",
+                             execution="pipelined", batch_size=16)
+    return _compile(model, jit_compile=jit_compile), _classification_data()
+
+
 def gradient_dropping_replica_case(jit_compile="auto"):
     from dni_tf.gradient_dropping import GradientDropping
 
@@ -154,6 +163,7 @@ CASES = {
     "dni": dni_case("dni"),
     "cdni_sparse_complete_unlock": dni_case("cdni", update_prob=0.5, unlock="complete",
                                             sg_hidden_layers=1),
+    "cdni_pipelined": pipelined_dni_case,
     "truncated_bptt": truncated_bptt_case("bptt"),
     "truncated_bptt_dni_aux": truncated_bptt_case("dni_aux"),
     "multi_network_dni": multi_network_case("dni"),
@@ -168,6 +178,10 @@ MIRRORED_DIFFERS = {
     "dni": "batch norm statistics are computed per replica",
     "cdni_sparse_complete_unlock": "batch norm statistics are computed per replica",
     "gradient_dropping_replica": "which replicas survive depends on the number of replicas",
+}
+# Cases that refuse a strategy with several replicas, with the error they raise.
+MIRRORED_REFUSED = {
+    "cdni_pipelined": "places blocks on devices itself",
 }
 
 
@@ -239,6 +253,10 @@ def test_deterministic_for_a_seed(case):
 
 
 def test_mirrored_strategy_matches_single_device(case, mirrored_strategy):
+    if case in MIRRORED_REFUSED:
+        with pytest.raises(ValueError, match=MIRRORED_REFUSED[case]):
+            _train(CASES[case], strategy=mirrored_strategy)
+        return
     single, _ = _train(CASES[case])
     mirrored, history = _train(CASES[case], strategy=mirrored_strategy)
     assert np.isfinite(history["loss"][-1])
