@@ -299,15 +299,6 @@ def plot_magnitudes(magnitudes, path: str) -> None:
     plt.close(grid.figure)
 
 
-def check_steps_per_execution(k: int, steps: int, eval_every: int) -> None:
-    """UsageError unless `k` steps per call divides every evaluation period."""
-    last = steps % eval_every or eval_every
-    if eval_every % k or last % k:
-        raise UsageError(
-            f"--steps_per_execution={k} must divide every evaluation period ({eval_every} "
-            f"steps" + (f", and the last one, {last}" if last != eval_every else "") + ")")
-
-
 def cell_dir(workdir: str, regime: str, seed: int) -> str:
     """The run directory of one (regime, seed) cell."""
     return os.path.join(workdir, regime, f"seed_{seed}")
