@@ -474,6 +474,27 @@ MUTANTS: List[Mutant] = [
            "keep = [None if on_lost_device(model, v) else v.numpy() for v in all_variables(model)]",
            "keep = [None for v in all_variables(model)]",
            ["tests/test_pipelined_dni.py::test_lost_block_stops_while_the_others_train_and_rejoins_from_its_checkpoint"]),
+    # -- fast path (--jit_compile, --steps_per_execution, --mixed_precision) --------
+    Mutant("fast path: the last, shorter evaluation period is not a period",
+           "dni_tf/harness/fast_path.py",
+           "    return steps % eval_every or eval_every", "    return eval_every",
+           ["tests/test_fast_path.py::test_study_defaults_and_the_conv_fallback_line"]),
+    Mutant("fast path: an explicit k that does not divide an evaluation period is accepted",
+           "dni_tf/harness/fast_path.py",
+           "    bad = [p for p in periods if p and p % steps_per_execution]", "    bad = []",
+           ["tests/test_targeted_dropout_experiment.py::test_steps_per_execution_must_divide_every_evaluation_period"]),
+    Mutant("fast path: a resume whose periods k does not divide keeps k",
+           "dni_tf/harness/training.py",
+           "    if k > 1 and remaining > 0 and any(p % k for p in periods if p):", "    if False:",
+           ["tests/test_fast_path.py::test_a_period_that_k_does_not_divide_lowers_k"]),
+    Mutant("fast path: synthetic-gradient modules follow the mixed (bfloat16) policy",
+           "dni_tf/synthetic_gradients.py",
+           '        kwargs.setdefault("dtype", "float32")\n', "",
+           ["tests/test_fast_path.py::test_bfloat16_trains_each_family_and_keeps_synthetic_gradients_float32"]),
+    Mutant("fast path: XLA by default for convolutions on a CPU",
+           "dni_tf/harness/fast_path.py",
+           "    if any(isinstance(layer, _CONV_LAYERS) for layer in layers):", "    if False:",
+           ["tests/test_fast_path.py::test_study_defaults_and_the_conv_fallback_line"]),
 ]
 
 
