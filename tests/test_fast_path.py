@@ -150,12 +150,12 @@ def test_bfloat16_trains_each_family_and_keeps_synthetic_gradients_float32():
     from dni_tf.threshold_updates import ThresholdUpdates
 
     rng = np.random.RandomState(0)
-    x, y = rng.rand(16, 6).astype("float32"), rng.randint(0, 3, 16).astype("int32")
+    x, y = rng.rand(32, 6).astype("float32"), rng.randint(0, 3, 32).astype("int32")
     try:
         fast_path.set_mixed_precision("bfloat16")
         mlp = lambda: models.mlp((6,), hidden=(8,), num_classes=3, seed=0)  # noqa: E731
         for model in (GradientDropping(mlp(), keep_prob=0.5, seed=1),
-                      ThresholdUpdates(mlp(), threshold=1e-3, seed=1),
+                      ThresholdUpdates(mlp(), threshold=0.0, seed=1),
                       targeted_dropout_mlp("targeted_weight", input_shape=(6,), hidden=(8,),
                                            num_classes=3, seed=1)):
             model.compile(optimizer=keras.optimizers.SGD(0.1),

@@ -227,7 +227,16 @@ class FastPathOptions:
         periods = list(self.fast_path_periods() if periods is None else periods)
         self.check_fast_path(periods)
         lines: List[str] = []
-        jit, line = resolve_jit_compile(self.jit_compile, network, self.jit_unsupported())
+        requested = self.jit_compile
+        strategy = tf.distribute.get_strategy()
+        if requested is None and (strategy.num_replicas_in_sync > 1 or isinstance(
+                strategy, tf.distribute.MultiWorkerMirroredStrategy)):
+            # Not covered by tests/test_conformance.py (XLA and strategies are checked
+            # apart); an explicit --jit_compile=true is still honoured.
+            requested = False
+            lines.append("jit_compile off by default under a distribution strategy "
+                         "(--jit_compile=true to try XLA there)")
+        jit, line = resolve_jit_compile(requested, network, self.jit_unsupported())
         if line:
             lines.append(line)
         spe = self.steps_per_execution
