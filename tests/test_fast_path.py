@@ -179,3 +179,18 @@ def test_bfloat16_trains_each_family_and_keeps_synthetic_gradients_float32():
         assert {v.dtype for v in module.variables} == {"float32"}
     finally:
         fast_path.set_mixed_precision("none")
+
+
+def test_under_a_distribution_strategy_no_auto_xla_and_one_step_per_call(mirrored_strategy):
+    import dataclasses
+
+    from dni_tf.studies.threshold_updates import ThresholdSweepConfig
+
+    config = ThresholdSweepConfig(steps=30, eval_every=12)
+    with mirrored_strategy.scope():
+        fast = config.resolve(models.mlp((4,), hidden=(4,), num_classes=2))
+        assert (fast.jit_compile, fast.steps_per_execution) == (False, 1)
+        with pytest.raises(UsageError, match="--steps_per_execution=6: not supported with a "
+                                             "distribution strategy"):
+            dataclasses.replace(config, steps_per_execution=6).resolve()
+        assert dataclasses.replace(config, jit_compile=True).resolve().jit_compile

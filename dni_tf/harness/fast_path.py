@@ -228,9 +228,8 @@ class FastPathOptions:
         self.check_fast_path(periods)
         lines: List[str] = []
         requested = self.jit_compile
-        strategy = tf.distribute.get_strategy()
-        if requested is None and (strategy.num_replicas_in_sync > 1 or isinstance(
-                strategy, tf.distribute.MultiWorkerMirroredStrategy)):
+        distributed = under_distribution()
+        if requested is None and distributed:
             # Not covered by tests/test_conformance.py (XLA and strategies are checked
             # apart); an explicit --jit_compile=true is still honoured.
             requested = False
@@ -240,6 +239,16 @@ class FastPathOptions:
         if line:
             lines.append(line)
         spe = self.steps_per_execution
+        if distributed:
+            # Several steps per call fail under MultiWorkerMirroredStrategy (Keras'
+            # step loop, TensorFlow 2.21); one step per call is what was tested.
+            if spe > 1:
+                raise UsageError(f"--steps_per_execution={spe}: not supported with a "
+                                 "distribution strategy (use 0 = auto, or 1)")
+            if not spe:
+                lines.append("steps_per_execution 1 (one step per call) under a "
+                             "distribution strategy")
+            spe = 1
         if not spe:
             why = self.steps_per_execution_unsupported()
             spe = 1 if why else default_steps_per_execution(periods)
@@ -248,6 +257,13 @@ class FastPathOptions:
         if log:
             log_once(lines)
         return FastPath(bool(jit), int(spe), self.mixed_precision, tuple(lines))
+
+
+def under_distribution() -> bool:
+    """Whether the current tf.distribute strategy has several replicas or workers."""
+    strategy = tf.distribute.get_strategy()
+    return strategy.num_replicas_in_sync > 1 or isinstance(
+        strategy, tf.distribute.MultiWorkerMirroredStrategy)
 
 
 _LOGGED = set()

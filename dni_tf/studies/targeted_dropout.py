@@ -35,7 +35,7 @@ from dni_tf.harness.cli import value_label
 from dni_tf.errors import UsageError
 from dni_tf.harness.config import check_fields, option
 from dni_tf.harness.fast_path import (FastPath, FastPathOptions, default_steps_per_execution,
-                                      last_period, log_once)
+                                      last_period, log_once, under_distribution)
 from dni_tf.targeted_dropout import EVALUATIONS, REGIMES, RAMPS, regime_variant, \
     set_evaluation, targeted_dropout_mlp
 
@@ -136,6 +136,8 @@ class TargetedDropoutConfig(FastPathOptions):
         from several steps per call without XLA (XLA with them was slower).
         """
         periods = list(periods)
+        if under_distribution():  # the shared rules: no XLA by default, one step per call
+            return self.resolve(None, periods)
         self.check_fast_path(periods)
         auto_spe = self.steps_per_execution or default_steps_per_execution(periods)
         if self.xla_regimes:
