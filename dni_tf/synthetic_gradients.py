@@ -74,6 +74,10 @@ class SyntheticGradient(keras.layers.Layer):
     def __init__(self, hidden_layers: int = 0, units: Optional[int] = None,
                  kernel_size: int = 5, form: str = "auto",
                  context_dim: Optional[int] = None, seed: int = 0, **kwargs):
+        # float32 whatever the global (mixed) policy: predictions and their
+        # regression targets are gradients, whose small values bfloat16's 8-bit
+        # mantissa would round away.
+        kwargs.setdefault("dtype", "float32")
         super().__init__(**kwargs)
         if hidden_layers not in (0, 1, 2):
             raise ValueError(f"hidden_layers must be 0, 1 or 2, got {hidden_layers}")
@@ -114,19 +118,21 @@ class SyntheticGradient(keras.layers.Layer):
             if conv:
                 layers.append(keras.layers.Conv2D(width, self.kernel_size, padding="same",
                                                   use_bias=False, kernel_initializer=init,
-                                                  name=f"hidden_{i}"))
+                                                  name=f"hidden_{i}", dtype=self.dtype_policy))
             else:
                 layers.append(keras.layers.Dense(width, use_bias=False,
-                                                 kernel_initializer=init, name=f"hidden_{i}"))
-            layers.append(keras.layers.BatchNormalization(name=f"bn_{i}"))
-            layers.append(keras.layers.ReLU(name=f"relu_{i}"))
+                                                 kernel_initializer=init, name=f"hidden_{i}",
+                                                 dtype=self.dtype_policy))
+            layers.append(keras.layers.BatchNormalization(name=f"bn_{i}", dtype=self.dtype_policy))
+            layers.append(keras.layers.ReLU(name=f"relu_{i}", dtype=self.dtype_policy))
         if conv:
             layers.append(keras.layers.Conv2D(out_dim, self.kernel_size, padding="same",
                                               kernel_initializer="zeros", bias_initializer="zeros",
-                                              name="output"))
+                                              name="output", dtype=self.dtype_policy))
         else:
             layers.append(keras.layers.Dense(out_dim, kernel_initializer="zeros",
-                                             bias_initializer="zeros", name="output"))
+                                             bias_initializer="zeros", name="output",
+                                             dtype=self.dtype_policy))
         for layer in layers:
             layer.build(tuple(shape))
             shape = layer.compute_output_shape(tuple(shape))

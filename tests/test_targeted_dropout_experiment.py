@@ -43,7 +43,10 @@ def test_validate_names_the_allowed_values():
     with pytest.raises(UsageError, match="--seeds: 2 is given more than once"):
         _config(seeds=(2, 2)).validate()
     with pytest.raises(UsageError, match="--steps_per_execution"):
-        _config(steps_per_execution=0).validate()
+        _config(steps_per_execution=-1).validate()
+    _config(steps_per_execution=0).validate()  # 0 = auto
+    with pytest.raises(UsageError, match="--xla_regimes: give it or --jit_compile"):
+        _config(xla_regimes=("targeted_unit",), jit_compile=False).validate()
     _config(regimes=("targeted_weight_ramp", "targeted_unit_ramp"),
             xla_regimes=("targeted_weight_ramp",)).validate()
     _config(xla_regimes=()).validate()  # the one list that may be empty
@@ -52,11 +55,24 @@ def test_validate_names_the_allowed_values():
 
 
 def test_steps_per_execution_must_divide_every_evaluation_period():
-    study.check_steps_per_execution(12, 9360, 468)
-    with pytest.raises(UsageError, match="must divide every evaluation period"):
-        study.check_steps_per_execution(10, 9360, 468)
-    with pytest.raises(UsageError, match="and the last one, 4"):
-        study.check_steps_per_execution(3, 1000, 12)
+    def regime(k, steps, eval_every, name="none", **kwargs):
+        config = _config(steps_per_execution=k, **kwargs)
+        fast = config.regime_fast_path(name, (eval_every, steps % eval_every or eval_every))
+        return fast.jit_compile, fast.steps_per_execution
+
+    assert regime(12, 9360, 468) == (False, 12)
+    with pytest.raises(UsageError, match="--steps_per_execution=10: must divide"):
+        regime(10, 9360, 468)
+    with pytest.raises(UsageError, match=r"periods \[4\]"):
+        regime(3, 1000, 12)
+    # Defaults: XLA one step per call for the weight variant (measured faster), the
+    # largest k dividing every period for the others; --xla_regimes as before.
+    assert regime(0, 9360, 468, "targeted_weight") == (True, 1)
+    assert regime(0, 9360, 468) == (False, 39)  # 468 = 39 x 12
+    assert regime(0, 1000, 12) == (False, 4)
+    assert regime(4, 1000, 12, "targeted_unit", xla_regimes=("targeted_unit",)) == (True, 1)
+    assert regime(4, 1000, 12, "targeted_weight", xla_regimes=("targeted_unit",)) == (False, 4)
+    assert regime(0, 1000, 12, jit_compile=True) == (True, 4)
 
 
 def test_schedule_evaluates_once_per_epoch_or_every_eval_every_steps():

@@ -176,10 +176,31 @@ class _ListParser(flags.ArgumentParser):
         return f"comma-separated list of {self.item_type.__name__}"
 
 
+class _OptionalBooleanParser(flags.BooleanParser):
+    """A boolean flag that also takes a word for None (e.g. `--jit_compile=auto`)."""
+
+    def __init__(self, name: str, none_text: str):
+        self.name, self.none_text = name, none_text
+
+    def parse(self, argument):
+        if argument is None or (isinstance(argument, str)
+                                and argument.strip().lower() == self.none_text):
+            return None
+        try:
+            return super().parse(argument)
+        except ValueError:
+            raise ValueError(f"--{self.name}={argument!r} is not allowed: choose from true, "
+                             f"false, {self.none_text}") from None
+
+    def flag_type(self):
+        return f"bool or {self.none_text}"
+
+
 def define_flags(config_class, skip: Sequence[str] = (), flag_values=flags.FLAGS) -> None:
     """Defines one absl flag per `option` field of `config_class` (except `skip`).
 
-    Types follow the annotations: bool -> boolean flag; str with choices ->
+    Types follow the annotations: bool -> boolean flag (Optional[bool]: also
+    `--name=<none_text>` for None, e.g. auto); str with choices ->
     `DEFINE_enum`; int/float -> numeric flag with a registered validator for
     its bounds (and NaN/inf); Sequence[...] (or a grid field) -> a
     comma-separated list parsed and checked item by item. Every check runs
@@ -201,7 +222,12 @@ def define_flags(config_class, skip: Sequence[str] = (), flag_values=flags.FLAGS
             flags.DEFINE(_ListParser(name, item_type, meta), name, default, help_text,
                          flag_values=flag_values, serializer=flags.CsvListSerializer(","))
             continue
-        if item_type is bool:
+        if item_type is bool and optional:
+            # true / false / `none_text` (None), still accepting --name and --noname.
+            parser = _OptionalBooleanParser(name, meta["none_text"] or "none")
+            flags.DEFINE_flag(flags.Flag(parser, flags.ArgumentSerializer(), name, default,
+                                         help_text, boolean=True), flag_values=flag_values)
+        elif item_type is bool:
             flags.DEFINE_boolean(name, default, help_text, flag_values=flag_values)
         elif meta["choices"] is not None:
             flags.DEFINE_enum(name, default, list(meta["choices"]), help_text,

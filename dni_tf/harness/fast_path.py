@@ -11,17 +11,23 @@ measurements behind the defaults. Imports only Keras and TensorFlow.
   every evaluation / checkpoint / logging period is a multiple of, so callbacks
   that act "every k steps" still land on their steps.
 * `set_mixed_precision`: validates and applies `none|bfloat16|float16`.
+* `FastPathOptions`: the three fields, declared once; every study config
+  inherits them (one flag each, checked with the rest of the config) and
+  calls `resolve(...)` when it compiles.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from typing import Iterable, Optional, Tuple
+from typing import Iterable, List, Optional, Sequence, Tuple
 
 import keras
 import tensorflow as tf
+from absl import logging
 
 from dni_tf.errors import UsageError
+from dni_tf.harness.config import option
 
 MIXED_PRECISION = {"none": "float32", "bfloat16": "mixed_bfloat16",
                    "float16": "mixed_float16"}
@@ -123,3 +129,154 @@ def set_mixed_precision(name: str) -> str:
     policy = MIXED_PRECISION[name]
     keras.mixed_precision.set_global_policy(policy)
     return policy
+
+
+@dataclasses.dataclass
+class FastPath:
+    """What a study passes to `compile()` (and the lines it logged choosing them)."""
+
+    jit_compile: bool
+    steps_per_execution: int
+    mixed_precision: str = "none"
+    lines: Tuple[str, ...] = ()
+
+    def compile_kwargs(self) -> dict:
+        return dict(jit_compile=self.jit_compile, steps_per_execution=self.steps_per_execution)
+
+
+@dataclasses.dataclass
+class FastPathOptions:
+    """`--jit_compile`, `--steps_per_execution`, `--mixed_precision`, shared by every study.
+
+    A study config inherits this and may override the hooks below; its
+    `validate()` calls `check_fast_path()` so an explicit request that cannot be
+    honoured is a UsageError (exit 2) before anything is loaded or trained.
+    When it compiles, the study calls `resolve(network)`: the defaults are XLA
+    where the algorithm compiles and XLA pays off (`xla_pays_off`), and the
+    largest number of steps per call (<= 50) that every evaluation period
+    divides; each fallback is logged in one line.
+    """
+
+    jit_compile: Optional[bool] = option(
+        None, "Compile the train step with XLA: true, false, or auto (on where the algorithm "
+        "compiles and XLA pays off; off with one logged line otherwise).", none_text="auto")
+    steps_per_execution: int = option(
+        0, "Training steps per compiled call (0 = auto: the largest k <= 50 dividing every "
+        "evaluation period; an explicit k must divide them).", low=0)
+    mixed_precision: str = option(
+        "none", "Keras mixed precision: bfloat16 or float16 compute with float32 variables "
+        "(synthetic-gradient modules, accumulators and losses stay float32), or none.",
+        choices=tuple(MIXED_PRECISION))
+
+    # --- hooks a study overrides ------------------------------------------------
+    def fast_path_periods(self) -> Sequence[int]:
+        """Step counts that must each be a whole number of calls (evaluation periods)."""
+        return ()
+
+    def jit_unsupported(self) -> Optional[str]:
+        """Why this configuration cannot compile with XLA, or None."""
+        return None
+
+    def steps_per_execution_unsupported(self) -> Optional[str]:
+        """Why this configuration must run one step per call, or None."""
+        return None
+
+    def mixed_precision_unsupported(self) -> Optional[str]:
+        """Why `self.mixed_precision` cannot be used here, or None."""
+        if self.mixed_precision == "float16":
+            return ("the training step does not scale the loss for float16 (use "
+                    "--mixed_precision=bfloat16)")
+        return None
+
+    # --- shared logic -------------------------------------------------------------
+    def check_fast_path(self, periods: Optional[Sequence[int]] = None) -> None:
+        """UsageError (naming the flag) for an explicit request that cannot be honoured."""
+        if self.mixed_precision != "none":
+            why = self.mixed_precision_unsupported()
+            if why:
+                raise UsageError(f"--mixed_precision={self.mixed_precision}: not supported "
+                                 f"here: {why}")
+        if self.jit_compile:
+            why = self.jit_unsupported()
+            if why:
+                raise UsageError(f"--jit_compile=true: not supported here: {why} (use "
+                                 "--jit_compile=auto or false)")
+        if self.steps_per_execution > 1:
+            why = self.steps_per_execution_unsupported()
+            if why:
+                raise UsageError(f"--steps_per_execution={self.steps_per_execution}: not "
+                                 f"supported here: {why} (use 0 = auto, or 1)")
+            validate_steps_per_execution(
+                self.steps_per_execution,
+                self.fast_path_periods() if periods is None else periods)
+
+    def apply_mixed_precision(self) -> str:
+        """Sets Keras' global dtype policy from `mixed_precision` (call before building
+        the model; `none` restores float32). Returns the policy name."""
+        return set_mixed_precision(self.mixed_precision)
+
+    def resolve(self, network=None, periods: Optional[Sequence[int]] = None,
+                log: bool = True) -> FastPath:
+        """The options to compile with: auto values resolved, each fallback logged
+        once per process (call `apply_mixed_precision()` before building the model).
+
+        `network`: the (inner) network, to judge whether XLA pays off here;
+        `periods`: the evaluation periods when they are only known now (e.g.
+        from the data), else `fast_path_periods()`.
+        """
+        periods = list(self.fast_path_periods() if periods is None else periods)
+        self.check_fast_path(periods)
+        lines: List[str] = []
+        requested = self.jit_compile
+        distributed = under_distribution()
+        if requested is None and distributed:
+            # Not covered by tests/test_conformance.py (XLA and strategies are checked
+            # apart); an explicit --jit_compile=true is still honoured.
+            requested = False
+            lines.append("jit_compile off by default under a distribution strategy "
+                         "(--jit_compile=true to try XLA there)")
+        jit, line = resolve_jit_compile(requested, network, self.jit_unsupported())
+        if line:
+            lines.append(line)
+        spe = self.steps_per_execution
+        if distributed:
+            # Several steps per call fail under MultiWorkerMirroredStrategy (Keras'
+            # step loop, TensorFlow 2.21); one step per call is what was tested.
+            if spe > 1:
+                raise UsageError(f"--steps_per_execution={spe}: not supported with a "
+                                 "distribution strategy (use 0 = auto, or 1)")
+            if not spe:
+                lines.append("steps_per_execution 1 (one step per call) under a "
+                             "distribution strategy")
+            spe = 1
+        if not spe:
+            why = self.steps_per_execution_unsupported()
+            spe = 1 if why else default_steps_per_execution(periods)
+            if why:
+                lines.append(f"steps_per_execution 1 (one step per call): {why}")
+        if log:
+            log_once(lines)
+        return FastPath(bool(jit), int(spe), self.mixed_precision, tuple(lines))
+
+
+def under_distribution() -> bool:
+    """Whether the current tf.distribute strategy has several replicas or workers."""
+    strategy = tf.distribute.get_strategy()
+    return strategy.num_replicas_in_sync > 1 or isinstance(
+        strategy, tf.distribute.MultiWorkerMirroredStrategy)
+
+
+_LOGGED = set()
+
+
+def log_once(lines: Iterable[str]) -> None:
+    """Logs each line the first time this process sees it (a sweep logs a fallback once)."""
+    for line in lines:
+        if line not in _LOGGED:
+            _LOGGED.add(line)
+            logging.info("%s", line)
+
+
+def last_period(steps: int, eval_every: int) -> int:
+    """Length of the last evaluation period of a run of `steps` (harness schedule)."""
+    return steps % eval_every or eval_every

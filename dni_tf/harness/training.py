@@ -17,7 +17,7 @@ import pandas as pd
 import tensorflow as tf
 
 from dni_tf.core import build_for_restore, prepare_for_multi_worker
-from dni_tf.harness import results
+from dni_tf.harness import fast_path, results
 from dni_tf.harness.callbacks import (DivergenceGuard, EvaluationLogger, EvaluationSchedule,
                                       ProgressLogger, ResumableCheckpoint, StopAtLastStep,
                                       SweepProgress)
@@ -102,6 +102,7 @@ def train_and_evaluate(model: keras.Model, train_data, eval_data, *, steps: int,
             train_data.element_spec))
     if multi_worker:
         prepare_for_multi_worker(model)
+    _align_steps_per_execution(model, eval_every, steps - done_step)
     # One fit() and one iterator over train_data: a second iterator over the
     # same dataset would draw another shuffle order. A finished run (or one
     # asked for fewer steps than it has) runs no epochs; the checkpoint is
@@ -126,3 +127,18 @@ def train_and_evaluate(model: keras.Model, train_data, eval_data, *, steps: int,
         verbose=verbose,
     )
     return TrainingOutcome(evaluation_logger.history)
+
+
+def _align_steps_per_execution(model: keras.Model, eval_every: int, remaining: int) -> None:
+    """Lowers the model's steps per call, with one logged line, when an evaluation
+    period of this fit() is not a whole number of calls (a resume from a checkpoint
+    written with another --eval_every or --steps); the study configs refuse such
+    values up front, so this only acts on resumes."""
+    k = int(getattr(model, "steps_per_execution", 1) or 1)
+    periods = (eval_every, remaining % eval_every)
+    if k > 1 and remaining > 0 and any(p % k for p in periods if p):
+        new = fast_path.default_steps_per_execution(periods, cap=k)
+        fast_path.log_once([f"steps_per_execution {k} -> {new}: this run's evaluation "
+                            f"periods are {sorted({p for p in periods if p})} steps"])
+        model.steps_per_execution = new
+        model.train_function = None  # retraced with the new number of steps per call

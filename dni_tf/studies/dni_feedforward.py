@@ -29,6 +29,7 @@ from dni_tf import data as data_lib
 from dni_tf.harness import plots, results, tensorboard_views
 from dni_tf.dni_feedforward import (GRADIENT_UNITS, INITS, INPUT_TARGETS, METHODS,
                                     POINT_CHOICES, UNLOCKS, build_classifier)
+from dni_tf.harness.fast_path import FastPathOptions, last_period
 from dni_tf.harness.config import check_fields, option
 from dni_tf.harness.training import SweepProgress, train_and_evaluate
 
@@ -66,7 +67,7 @@ PRESETS = {
 
 
 @dataclasses.dataclass
-class DNIConfig:
+class DNIConfig(FastPathOptions):
     """One run's settings; the defaults are the paper's (`PRESETS["paper"]`).
 
     On the command line `method`, `layers` and `seed` take comma lists: one run
@@ -144,7 +145,6 @@ class DNIConfig:
     diagnostics: bool = option(False, "Log cosine similarity and norm ratio between synthetic "
                                "and true gradients (one extra backward pass per step).")
     oracle: bool = option(False, "Testing aid: update layers from the true gradient.")
-    jit_compile: bool = option(False, "Compile the train step with XLA.")
     seed: int = option(0, "Seed for initialisation, data order and sparse updates; several = "
                        "grid mode, a run per seed.", low=0, grid=True)
     # Pipelined DNI (dni_tf.pipelined_dni): block-wise execution and placement.
@@ -178,6 +178,20 @@ class DNIConfig:
         if list(self.lr_boundaries) != sorted(self.lr_boundaries):
             raise ValueError(f"lr_boundaries={self.lr_boundaries}: increasing fractions in (0, 1)")
         self._validate_pipeline()
+        self.check_fast_path()
+
+    def fast_path_periods(self):
+        return (self.eval_every, last_period(self.steps, self.eval_every))
+
+    def jit_unsupported(self):
+        if self.devices:
+            return ("jit_compile with --devices: XLA compiles the step for one device (it "
+                    "fails on blocks pinned to several)")
+        return None
+
+    def mixed_precision_unsupported(self):
+        return ("the synthetic-gradient modules stay float32 and the DNI step does not yet "
+                "cast between them and 16-bit layers (use --mixed_precision=none)")
 
     def _validate_pipeline(self) -> None:
         from dni_tf.pipelined_dni import EXECUTIONS, check_options
@@ -187,9 +201,6 @@ class DNIConfig:
         if self.execution == "pipelined" and self.method == "backprop":
             raise ValueError("execution=pipelined: backprop is locked and cannot be pipelined; "
                              "use --execution=sequential (with --devices: model-parallel backprop)")
-        if self.jit_compile and self.devices:
-            raise ValueError("jit_compile with --devices: XLA compiles the step for one device "
-                             "(it fails on blocks pinned to several); use --jit_compile=false")
         try:
             check_options(self.execution, self.devices, self.method, self.lambda_mix,
                           self.target_mix, self.oracle, self.diagnostics, self.update_prob,
@@ -225,6 +236,7 @@ def build_model(config: DNIConfig, image_shape, num_classes,
     if config.input_norm and input_norm is None:
         raise ValueError("config.input_norm needs input_norm=(mean, std) (see input_stats)")
     keras.utils.set_random_seed(config.seed)
+    config.apply_mixed_precision()
     build = build_classifier
     extra = {}
     if config.execution != "sequential" or config.devices:
@@ -247,7 +259,7 @@ def build_model(config: DNIConfig, image_shape, num_classes,
                                                   epsilon=config.adam_epsilon),
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                   metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
-                  jit_compile=config.jit_compile)
+                  **config.resolve(model).compile_kwargs())
     return model
 
 

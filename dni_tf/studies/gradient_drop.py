@@ -27,6 +27,7 @@ from dni_tf.harness import plots, results, tensorboard_views
 from dni_tf.harness import cli
 from dni_tf.errors import TrainingDiverged
 from dni_tf.gradient_dropping import DROPPED_STATES, GRANULARITIES, GradientDropping
+from dni_tf.harness.fast_path import FastPathOptions, last_period
 from dni_tf.harness.config import check_fields, option
 from dni_tf.harness.training import SweepProgress, train_and_evaluate
 
@@ -49,7 +50,7 @@ PUBLISHED = results.Published(
 
 
 @dataclasses.dataclass
-class GradientDropConfig:
+class GradientDropConfig(FastPathOptions):
     """Everything one sweep needs; the defaults are the write-up's setup."""
 
     keep_probs: Sequence[float] = option(
@@ -78,18 +79,25 @@ class GradientDropConfig:
         check_fields(self)
         if self.rescale and 0.0 in self.keep_probs:
             raise ValueError("rescale: needs every keep_prob > 0")
+        self.check_fast_path()
+
+    def fast_path_periods(self):
+        return (self.eval_every, last_period(self.steps, self.eval_every))
 
 
 def build_model(config: GradientDropConfig, keep_prob: float, image_shape, num_classes) -> GradientDropping:
     """The write-up's tutorial CNN wrapped in `GradientDropping`, compiled with Adam."""
     keras.utils.set_random_seed(config.seed)
+    config.apply_mixed_precision()
     network = models.tutorial_cnn(image_shape, num_classes, seed=config.seed)
+    fast = config.resolve(network)
     model = GradientDropping(network, keep_prob=keep_prob, granularity=config.granularity,
                              num_workers=config.num_workers, rescale=config.rescale,
                              dropped_state=config.dropped_state, seed=config.seed)
     model.compile(optimizer=keras.optimizers.Adam(config.learning_rate),
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                  metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")])
+                  metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
+                  **fast.compile_kwargs())
     return model
 
 

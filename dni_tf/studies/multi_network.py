@@ -23,6 +23,7 @@ from dni_tf.harness import cli
 from dni_tf import data as data_lib
 from dni_tf.harness import plots, results, tensorboard_views
 from dni_tf.multi_network import METHODS, SG_CONTEXTS, MultiNetwork, episode_dataset
+from dni_tf.harness.fast_path import FastPathOptions, last_period
 from dni_tf.harness.config import check_fields, option
 from dni_tf.harness.training import SweepProgress, train_and_evaluate
 
@@ -37,7 +38,7 @@ PUBLISHED = results.Published(
 
 
 @dataclasses.dataclass
-class MultiNetworkConfig:
+class MultiNetworkConfig(FastPathOptions):
     """One two-clock system's settings. On the command line `method` and
     `tick_ratio` take comma lists: one run per combination and a comparison
     table (`run_comparison`)."""
@@ -77,6 +78,16 @@ class MultiNetworkConfig:
             if value != 0 and value < per_batch:
                 raise ValueError(f"{name}: must be 0 (off) or >= {per_batch} (one batch of "
                                  f"--batch_size episodes of k*k digits), got {value}")
+        self.check_fast_path()
+
+    def fast_path_periods(self):
+        return (self.eval_steps, last_period(self.train_steps, self.eval_steps))
+
+    def mixed_precision_unsupported(self):
+        if self.method == "dni":
+            return ("method=dni: the synthetic gradient module M is not yet cast between "
+                    "float32 and the 16-bit messages (use --mixed_precision=none, or --method=backprop)")
+        return super().mixed_precision_unsupported()
 
     @property
     def train_steps(self) -> int:
@@ -111,11 +122,13 @@ def check_batch_size(cfg: MultiNetworkConfig, images) -> None:
 
 def build_model(cfg: MultiNetworkConfig, image_shape) -> MultiNetwork:
     keras.utils.set_random_seed(cfg.seed)
+    cfg.apply_mixed_precision()
     model = MultiNetwork(cfg.tick_ratio, cfg.method, cfg.hidden_a, cfg.hidden_b,
                          cfg.message_size, sg_context=cfg.sg_context,
                          sg_learning_rate=cfg.sg_learning_rate or None, seed=cfg.seed)
     model.build((None, cfg.episode_length) + tuple(image_shape))
-    model.compile(optimizer=keras.optimizers.Adam(cfg.learning_rate))
+    model.compile(optimizer=keras.optimizers.Adam(cfg.learning_rate),
+                  **cfg.resolve(model).compile_kwargs())
     return model
 
 

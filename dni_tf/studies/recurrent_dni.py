@@ -27,6 +27,7 @@ from absl import logging
 from dni_tf.harness import cli, plots, results, tensorboard_views
 from dni_tf.data import sequence_tasks, text
 from dni_tf.truncated_bptt import METHODS, UPDATES, ResetEvalState, TruncatedBPTT
+from dni_tf.harness.fast_path import FastPathOptions, last_period
 from dni_tf.harness.config import check_fields, option
 from dni_tf.harness.training import SweepProgress, train_and_evaluate
 
@@ -76,8 +77,13 @@ class SyntheticGradientOptions:
 
 
 # --------------------------------------------------------------- Copy tasks
+_NO_MIXED_PRECISION = ("TruncatedBPTT keeps its LSTM state and synthetic gradients in float32 "
+                       "and does not yet cast them for 16-bit layers (use "
+                       "--mixed_precision=none)")
+
+
 @dataclasses.dataclass
-class CopyTaskConfig(SyntheticGradientOptions):
+class CopyTaskConfig(SyntheticGradientOptions, FastPathOptions):
     """One Copy / Repeat Copy run; defaults are a small CPU budget."""
 
     task: str = option("copy", "Task.", choices=sequence_tasks.TASKS)
@@ -127,11 +133,23 @@ class CopyTaskConfig(SyntheticGradientOptions):
                 f"batch_size={self.batch_size} is out of range: allowed [1, "
                 f"{MAX_GENERATED_BATCH}] (each batch of {self.task} sequences is generated in "
                 f"memory, up to {steps} steps per sequence at --max_length={self.max_length})")
+        self.check_fast_path()
+
+    def jit_unsupported(self):
+        return "the curriculum changes the sequence length from batch to batch"
+
+    def steps_per_execution_unsupported(self):
+        return ("each batch is built from the curriculum after the previous step, at its own "
+                "sequence length")
+
+    def mixed_precision_unsupported(self):
+        return _NO_MIXED_PRECISION
 
 
 def build_copy_model(cfg: CopyTaskConfig):
     """(model, curriculum): a compiled TruncatedBPTT holding its curriculum."""
     keras.utils.set_random_seed(cfg.seed)
+    cfg.apply_mixed_precision()
     curriculum = sequence_tasks.Curriculum(
         cfg.min_length, cfg.max_length, cfg.threshold, cfg.check_every,
         max_repeats=cfg.max_repeats if cfg.task == "repeat_copy" else 1, name="curriculum")
@@ -144,7 +162,7 @@ def build_copy_model(cfg: CopyTaskConfig):
                           batch_size=cfg.batch_size if stream else None, episodic=True,
                           curriculum=curriculum, clip_norm=cfg.clip_norm, seed=cfg.seed)
     model.build((None, None, in_dim))
-    model.compile(optimizer=_optimizer(cfg))
+    model.compile(optimizer=_optimizer(cfg), **cfg.resolve(model).compile_kwargs())
     return model, curriculum
 
 
@@ -240,7 +258,7 @@ class SyntheticGradientDiagnostics:
 
 # --------------------------------------------------------- language model
 @dataclasses.dataclass
-class LanguageModelConfig(SyntheticGradientOptions):
+class LanguageModelConfig(SyntheticGradientOptions, FastPathOptions):
     """One PTB character run: stateful core, `chunk_length` characters per row per step.
 
     Each training batch holds chunk_length / truncation windows, so runs with
@@ -267,8 +285,6 @@ class LanguageModelConfig(SyntheticGradientOptions):
     update: str = option("per_window", "per_window (an optimizer step every T characters) or "
                          "per_batch (windows' gradients summed, one step per batch).",
                          choices=UPDATES)
-    jit_compile: bool = option(False, "Compile the train step with XLA (PTB chunks have static "
-                               "lengths; faster on most machines).")
     data_dir: Optional[str] = option(None, "Directory with ptb/ptb.char.*.txt; default "
                                      "$DNI_TF_DATA_DIR.")
     seed: int = option(0, "Seed for initialisation.", low=0)
@@ -279,6 +295,13 @@ class LanguageModelConfig(SyntheticGradientOptions):
         if self.chunk_length % self.truncation:
             raise ValueError(f"chunk_length: must be a multiple of truncation ({self.truncation}), "
                              f"got {self.chunk_length}")
+        self.check_fast_path()
+
+    def fast_path_periods(self):
+        return (self.eval_every, last_period(self.steps, self.eval_every))
+
+    def mixed_precision_unsupported(self):
+        return _NO_MIXED_PRECISION
 
 
 def check_stream_sizes(cfg: LanguageModelConfig, corpus: text.CharCorpus) -> None:
@@ -306,6 +329,7 @@ def check_stream_sizes(cfg: LanguageModelConfig, corpus: text.CharCorpus) -> Non
 
 def build_language_model(cfg: LanguageModelConfig, vocab_size: int) -> TruncatedBPTT:
     keras.utils.set_random_seed(cfg.seed)
+    cfg.apply_mixed_precision()
     model = TruncatedBPTT(vocab_size, cfg.truncation, method=cfg.method,
                           hidden_size=cfg.hidden_size, loss_type="categorical",
                           vocab_size=vocab_size, sg_scale=cfg.sg_scale,
@@ -313,7 +337,7 @@ def build_language_model(cfg: LanguageModelConfig, vocab_size: int) -> Truncated
                           aux_weight=cfg.aux_weight, stateful=True, batch_size=cfg.batch_size,
                           clip_norm=cfg.clip_norm, seed=cfg.seed)
     model.build()
-    model.compile(optimizer=_optimizer(cfg), jit_compile=bool(cfg.jit_compile))
+    model.compile(optimizer=_optimizer(cfg), **cfg.resolve(model).compile_kwargs())
     return model
 
 

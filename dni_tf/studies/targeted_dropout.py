@@ -34,6 +34,8 @@ from dni_tf.harness import results
 from dni_tf.harness.cli import value_label
 from dni_tf.errors import UsageError
 from dni_tf.harness.config import check_fields, option
+from dni_tf.harness.fast_path import (FastPath, FastPathOptions, default_steps_per_execution,
+                                      last_period, log_once, under_distribution)
 from dni_tf.targeted_dropout import EVALUATIONS, REGIMES, RAMPS, regime_variant, \
     set_evaluation, targeted_dropout_mlp
 
@@ -67,7 +69,7 @@ CELL_SETTINGS = ("dataset", "hidden", "alpha", "gamma", "dropout_rate", "ramp_st
 
 
 @dataclasses.dataclass
-class TargetedDropoutConfig:
+class TargetedDropoutConfig(FastPathOptions):
     """The study's settings; the defaults are the write-up's setup (20 epochs, 3 seeds)."""
 
     dataset: str = option("fashion_mnist", "Image dataset.", choices=IMAGE_DATASETS)
@@ -111,16 +113,45 @@ class TargetedDropoutConfig:
     seeds: Sequence[int] = option((0,), "Seeds, one cell per regime and seed.", low=0,
                                   high=2**31 - 2)
     xla_regimes: Sequence[str] = option(
-        (), "Regimes whose train and test steps are compiled with XLA, one step per call "
-        "(faster for targeted_weight on CPU; changes float rounding, not the masks).",
+        (), "Regimes whose train and test steps are compiled with XLA, one step per call; "
+        "the others run without XLA, --steps_per_execution steps per call (empty: "
+        "--jit_compile decides; its auto is XLA for the targeted_weight regimes only).",
         choices=REGIMES, allow_empty=True)
-    steps_per_execution: int = option(
-        1, "Other regimes: training steps per compiled call (bit-identical results); must "
-        "divide every evaluation period.", low=1)
 
     def validate(self) -> None:
         """Raises UsageError naming the flag and its allowed values."""
         check_fields(self)
+        if self.xla_regimes and self.jit_compile is not None:
+            raise UsageError("--xla_regimes: give it or --jit_compile, not both (--xla_regimes "
+                             "compiles only the regimes it names)")
+        # The evaluation periods depend on the data (eval_every 0 = one epoch):
+        # `run_study` checks --steps_per_execution against them before training.
+        self.check_fast_path(periods=())
+
+    def regime_fast_path(self, regime: str, periods) -> FastPath:
+        """jit_compile and steps per call for one regime (`periods`: evaluation periods).
+
+        Measured on CPU (docs/targeted_dropout.md): XLA pays off for the weight
+        variant's exact ranking, one step per call; the other regimes gain more
+        from several steps per call without XLA (XLA with them was slower).
+        """
+        periods = list(periods)
+        if under_distribution():  # the shared rules: no XLA by default, one step per call
+            return self.resolve(None, periods)
+        self.check_fast_path(periods)
+        auto_spe = self.steps_per_execution or default_steps_per_execution(periods)
+        if self.xla_regimes:
+            xla = regime in self.xla_regimes
+            return FastPath(xla, 1 if xla else auto_spe, self.mixed_precision)
+        if self.jit_compile is None:
+            if regime_variant(regime) == "weight":
+                log_once([f"{regime}: XLA, {self.steps_per_execution or 1} step(s) per call "
+                          "(XLA pays off for the exact ranking)"])
+                return FastPath(True, self.steps_per_execution or 1, self.mixed_precision)
+            log_once([f"{regime}: jit_compile off by default, {auto_spe} steps per call "
+                      "(faster than XLA for this regime on the measured CPU)"])
+            return FastPath(False, auto_spe, self.mixed_precision)
+        return FastPath(bool(self.jit_compile), auto_spe, self.mixed_precision)
 
     def schedule(self, train_size: int):
         """(steps, eval_every, steps_per_epoch) for a train split of `train_size`."""
@@ -270,15 +301,6 @@ def plot_magnitudes(magnitudes, path: str) -> None:
     plt.close(grid.figure)
 
 
-def check_steps_per_execution(k: int, steps: int, eval_every: int) -> None:
-    """UsageError unless `k` steps per call divides every evaluation period."""
-    last = steps % eval_every or eval_every
-    if eval_every % k or last % k:
-        raise UsageError(
-            f"--steps_per_execution={k} must divide every evaluation period ({eval_every} "
-            f"steps" + (f", and the last one, {last}" if last != eval_every else "") + ")")
-
-
 def cell_dir(workdir: str, regime: str, seed: int) -> str:
     """The run directory of one (regime, seed) cell."""
     return os.path.join(workdir, regime, f"seed_{seed}")
@@ -317,18 +339,20 @@ def run_study(data, workdir: str, config: TargetedDropoutConfig,
     (means over the finished seeds), whose config is `config` plus
     `extra_config` and the step schedule.
 
-    Speed (the same training either way): the regimes in `config.xla_regimes`
+    Speed (`config.regime_fast_path`): by default the targeted_weight regimes
     are compiled with XLA, one step per call (XLA pays off for the weight
     variant, whose exact ranking dominates its step; it changes float rounding,
-    not the masks); the others run `config.steps_per_execution` steps per call
-    (bit-identical to one step per call; it must divide every evaluation
-    period, else ValueError).
+    not the masks); the others run several steps per call without XLA
+    (bit-identical to one step per call; an explicit --steps_per_execution must
+    divide every evaluation period, else UsageError). `config.xla_regimes` or
+    `config.jit_compile` override the choice of XLA.
     """
     from dni_tf.harness import tensorboard_views, training
 
     config.validate()
     steps, eval_every, per_epoch = config.schedule(len(data.train[1]))
-    check_steps_per_execution(config.steps_per_execution, steps, eval_every)
+    periods = (eval_every, last_period(steps, eval_every))
+    config.check_fast_path(periods)  # before any training
     record = dict(dataclasses.asdict(config), **(extra_config or {}), workdir=workdir,
                   total_steps=steps, eval_every_steps=eval_every, steps_per_epoch=per_epoch)
     regimes, seeds, hidden = list(config.regimes), list(config.seeds), list(config.hidden)
@@ -337,7 +361,6 @@ def run_study(data, workdir: str, config: TargetedDropoutConfig,
     ramp_steps = int(math.ceil(config.ramp_epochs * per_epoch))
     use_bias, evaluation, batch_size = config.use_bias, config.evaluation, config.batch_size
     learning_rate, prune_logits = config.learning_rate, config.prune_logits
-    xla_regimes, steps_per_execution = config.xla_regimes, config.steps_per_execution
     baseline = data.name == "fashion_mnist"
     fractions = sorted(float(f) for f in config.prune_fractions)
     cells = [(r, s) for s in seeds for r in regimes]
@@ -379,9 +402,11 @@ def run_study(data, workdir: str, config: TargetedDropoutConfig,
         os.makedirs(rundir, exist_ok=True)
         results.save_results(rundir, cell_config, {}, status="running", study=STUDY)
         keras.utils.clear_session()
-        xla = regime in xla_regimes
+        fast = config.regime_fast_path(regime, periods)
+        config.apply_mixed_precision()
         model = compiled_model(regime, data.image_shape, data.num_classes, learning_rate,
-                               jit_compile=xla, steps_per_execution=1 if xla else steps_per_execution,
+                               jit_compile=fast.jit_compile,
+                               steps_per_execution=fast.steps_per_execution,
                                hidden=hidden, use_bias=use_bias, alpha=alpha, gamma=gamma,
                                dropout_rate=dropout_rate, ramp_steps=settings.get("ramp_steps", 0),
                                ramp=ramp, rank_every=rank_every, drop_bias=drop_bias,

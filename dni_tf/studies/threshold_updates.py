@@ -26,6 +26,7 @@ from dni_tf import models
 from dni_tf.harness import cli, results, tensorboard_views
 from dni_tf import data as data_lib
 from dni_tf.threshold_updates import ACCUMULATIONS, ThresholdUpdates
+from dni_tf.harness.fast_path import FastPathOptions, last_period
 from dni_tf.harness.config import check_fields, option
 from dni_tf.harness.training import SweepProgress, train_and_evaluate
 
@@ -42,7 +43,7 @@ OPTIMIZERS = ("sgd", "momentum", "adam")
 
 
 @dataclasses.dataclass
-class ThresholdSweepConfig:
+class ThresholdSweepConfig(FastPathOptions):
     """Everything one sweep needs (the command line's flags, parsed)."""
 
     thresholds: Sequence[float] = option((0.0, 1e-4, 1e-3, 1e-2),
@@ -78,6 +79,16 @@ class ThresholdSweepConfig:
     def validate(self) -> None:
         """Raises `UsageError` naming the flag and its allowed values."""
         check_fields(self)
+        self.check_fast_path()
+
+    def fast_path_periods(self):
+        return (self.eval_every, last_period(self.steps, self.eval_every))
+
+    def mixed_precision_unsupported(self):
+        if self.mixed_precision == "float16":
+            return ("thresholds compare unscaled gradients, and float16 needs loss scaling "
+                    "(use --mixed_precision=bfloat16)")
+        return None
 
 
 def build_classifier(config: ThresholdSweepConfig, data) -> keras.Model:
@@ -113,15 +124,18 @@ def run_sweep(config: ThresholdSweepConfig, workdir: str, data=None,
     for threshold in sweep:
         # Exact folder names: 1e-4 and 1.000001e-4 must not share (and resume) one run.
         subdir = os.path.join(workdir, f"threshold_{cli.value_label(threshold)}")
+        config.apply_mixed_precision()
+        network = build_classifier(config, data)
+        fast = config.resolve(network)
         model = ThresholdUpdates(
-            build_classifier(config, data), threshold=threshold,
+            network, threshold=threshold,
             accumulation=config.accumulation, decay=config.decay, clip=config.clip or None,
             noise_stddev=config.noise_stddev, sparse_backward=config.sparse_backward,
             max_delay=config.max_delay, seed=config.seed,
             statistics_every=config.statistics_every)
         model.compile(optimizer=_base_optimizer(config.optimizer, config.learning_rate),
                       loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                      metrics=["accuracy"])
+                      metrics=["accuracy"], **fast.compile_kwargs())
         history = train_and_evaluate(
             model, data.train_dataset(config.batch_size, seed=config.seed),
             data.test_dataset(1000), steps=config.steps, eval_every=config.eval_every,
