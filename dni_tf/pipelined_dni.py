@@ -240,6 +240,10 @@ class PipelinedDNIClassifier(DNIClassifier):
                       target_mix=self.target_mix, oracle=self.oracle,
                       diagnostics=self.diagnostics, update_prob=self.update_prob,
                       unlock=self.unlock, input_targets=self.input_targets)
+        if self.own_step and self.points and self.sg_lr_scale != 1.0:
+            # The block-wise step has its own module optimizers at the network's rate.
+            raise ValueError(f"sg_lr_scale={self.sg_lr_scale:g} is not supported with "
+                             "execution='pipelined' or devices; use sg_lr_scale=1")
         self.devices = check_devices(devices, num_blocks) if devices is not None else None
         if self.pipelined:
             if batch_size is None or int(batch_size) <= 0:

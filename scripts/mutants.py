@@ -8,6 +8,7 @@ behaviour the mutant names. Every mutant listed here must be killed.
     python scripts/mutants.py            # all mutants (a few minutes on two cores)
     python scripts/mutants.py --list     # names only
     python scripts/mutants.py NAME ...   # the named ones (substring match)
+    python scripts/mutants.py --help     # this text (any other option: exit 2)
 
 Exit status: 0 when every mutant was killed, 1 when any survived, 2 when a
 snippet is no longer in its file (the list needs updating with the code).
@@ -301,8 +302,50 @@ MUTANTS: List[Mutant] = [
            "        scaled_modules = [(v, tf.identity(v.value)) for v, _ in scaled_modules]\n",
            ["tests/test_dni_feedforward.py::test_sg_lr_scale_multiplies_only_the_modules_steps"]),
     Mutant("dni study: sg_lr_scale not passed to the model", "dni_tf/studies/dni_feedforward.py",
-           "sg_lr_scale=config.sg_lr_scale, method=config.method", "method=config.method",
+           "sg_lr_scale=config.module_lr_scale(), method=config.method", "method=config.method",
            ["tests/test_dni_feedforward.py::test_study_config_reaches_the_model"]),
+    # -- dni parity options (issue 20): per-method module rate, network options -----
+    Mutant("dni parity: per-method module rate the same for dni and cdni",
+           "dni_tf/dni_feedforward.py",
+           'return {"dni": 1.0 / 16.0, "cdni": 0.25}.get(method, 1.0)',
+           'return {"dni": 0.25, "cdni": 0.25}.get(method, 1.0)',
+           ["tests/test_dni_feedforward.py::test_per_method_module_rate_defaults_and_the_preset"]),
+    Mutant("dni parity: sg_lr_scale=None treated as 1", "dni_tf/dni_feedforward.py",
+           "            sg_lr_scale = default_sg_lr_scale(method)\n",
+           "            sg_lr_scale = 1.0\n",
+           ["tests/test_dni_feedforward.py::test_one_step_with_parity_options_matches_the_hand_computed_step"]),
+    Mutant("dni parity: sg_lr_scale rescales only the modules' output layers",
+           "dni_tf/dni_feedforward.py",
+           "scaled_modules = [(v, tf.identity(v.value)) for v in module_vars]",
+           'scaled_modules = [(v, tf.identity(v.value)) for v in module_vars if "output" in v.path]',
+           ["tests/test_dni_feedforward.py::test_one_step_with_parity_options_matches_the_hand_computed_step"]),
+    Mutant("dni parity: sg_lr_scale squared", "dni_tf/dni_feedforward.py",
+           "v.assign(old + self.sg_lr_scale * (v.value - old))",
+           "v.assign(old + self.sg_lr_scale ** 2 * (v.value - old))",
+           ["tests/test_dni_feedforward.py::test_one_step_with_parity_options_matches_the_hand_computed_step"]),
+    Mutant("dni parity: input_norm ignored", "dni_tf/dni_feedforward.py",
+           "    if input_norm is not None:\n        mean, std",
+           "    if False:\n        mean, std",
+           ["tests/test_dni_feedforward.py::test_one_step_with_parity_options_matches_the_hand_computed_step"]),
+    Mutant("dni parity: bn_epsilon not passed on", "dni_tf/dni_feedforward.py",
+           "keras.layers.BatchNormalization(momentum=bn_momentum, epsilon=bn_epsilon)",
+           "keras.layers.BatchNormalization(momentum=bn_momentum)",
+           ["tests/test_dni_feedforward.py::test_one_step_with_parity_options_matches_the_hand_computed_step"]),
+    Mutant("dni parity: study's preset gives one module rate to every method",
+           "dni_tf/studies/dni_feedforward.py",
+           "diagnostics=True, sg_lr_scale=None,", "diagnostics=True, sg_lr_scale=0.25,",
+           ["tests/test_dni_feedforward.py::test_per_method_module_rate_defaults_and_the_preset"]),
+    Mutant("dni parity: study's per-method rate ignores the method",
+           "dni_tf/studies/dni_feedforward.py",
+           "return default_sg_lr_scale(self.method)", 'return default_sg_lr_scale("cdni")',
+           ["tests/test_dni_feedforward.py::test_per_method_module_rate_defaults_and_the_preset"]),
+    Mutant("dni parity: pipelined step silently ignores sg_lr_scale", "dni_tf/pipelined_dni.py",
+           "if self.own_step and self.points and self.sg_lr_scale != 1.0:", "if False:",
+           ["tests/test_dni_feedforward.py::test_pipelined_execution_refuses_a_module_rate_it_would_ignore"]),
+    Mutant("dni parity: study lets pipelined runs ignore the module rate",
+           "dni_tf/studies/dni_feedforward.py",
+           "                and self.module_lr_scale() != 1.0):", "                and False):",
+           ["tests/test_dni_feedforward.py::test_pipelined_execution_refuses_a_module_rate_it_would_ignore"]),
     Mutant("dni study: input statistics not used", "dni_tf/studies/dni_feedforward.py",
            "input_norm=input_norm if config.input_norm else None", "input_norm=None",
            ["tests/test_dni_feedforward.py::test_study_config_reaches_the_model"]),
@@ -537,6 +580,13 @@ def main(argv: Sequence[str]) -> int:
         for mutant in MUTANTS:
             print(mutant.name)
         return 0
+    if "-h" in argv or "--help" in argv:
+        print(__doc__)
+        return 0
+    unknown = [a for a in argv if a.startswith("-")]
+    if unknown:  # never fall through to "all mutants" (they rewrite files in place)
+        print(f"unknown option {unknown[0]}: use --list, --help or NAME ...", file=sys.stderr)
+        return 2
     wanted = [a for a in argv if not a.startswith("-")]
     selected = [m for m in MUTANTS if not wanted or any(w in m.name for w in wanted)]
     if not selected:

@@ -160,7 +160,10 @@ CASES = {
     "threshold_sparse_backward": threshold_sparse_backward_case,
     "targeted_dropout_weight": targeted_dropout_case("weight"),
     "targeted_dropout_unit": targeted_dropout_case("unit"),
-    "dni": dni_case("dni"),
+    # dni with the parity setup's options (issue 20): the per-method module learning
+    # rate (1/16) and the reference network's options; the cdni case keeps the defaults.
+    "dni": dni_case("dni", sg_lr_scale=None, sg_hidden_layers=1, input_norm=(0.5, 0.3),
+                    output_norm=True, init="torch", bn_momentum=0.9, bn_epsilon=1e-5),
     "cdni_sparse_complete_unlock": dni_case("cdni", update_prob=0.5, unlock="complete",
                                             sg_hidden_layers=1),
     "cdni_pipelined": pipelined_dni_case,

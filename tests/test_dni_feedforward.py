@@ -321,14 +321,19 @@ STEP_B = 6  # tiny batch: per-example (B * dL/dh) and batch-mean units differ 6-
 
 
 def _step_model(method, sg_scale, lambda_mix, unlock, sg_hidden_layers=0, target_mix=0.0,
-                gradient_units="batch_mean", point="pre_relu", input_targets="real"):
-    """A 3-layer FCN (2 decoupling points) with random, NON-zero modules, SGD lr 1."""
-    net = fcn_layers(3, 10, width=5, seed=1, point=point)
+                gradient_units="batch_mean", point="pre_relu", input_targets="real",
+                sg_lr_scale=1.0, **network):
+    """A 3-layer FCN (2 decoupling points) with random, NON-zero modules, SGD lr 1.
+
+    `network`: `fcn_layers` options (input_norm, output_norm, init, ...).
+    """
+    net = fcn_layers(3, 10, width=5, seed=1, point=point, **network)
     model = DNIClassifier(net, 10, method=method, sg_scale=sg_scale, lambda_mix=lambda_mix,
                           target_mix=target_mix, gradient_units=gradient_units,
                           unlock=unlock, input_targets=input_targets,
                           sg_hidden_layers=sg_hidden_layers, sg_units=4,
-                          input_hidden_layers=0, diagnostics=True, seed=3)
+                          input_hidden_layers=0, diagnostics=True, seed=3,
+                          sg_lr_scale=sg_lr_scale)
     model.build((None, 8, 8, 1))
     # Zero-initialised output layers would hide wrong targets, scales and inputs.
     rng = np.random.default_rng(7)
@@ -573,7 +578,7 @@ def test_study_config_reaches_the_model():
     assert input_stats(config, Data) == (1.0, np.sqrt(0.5))
     assert input_stats(DNIConfig(), Data) is None
     model = build_model(config, (8, 8, 1), 10, input_stats(config, Data))
-    assert model.sg_lr_scale == PRESETS["parity"]["sg_lr_scale"] == 0.25
+    assert model.sg_lr_scale == 0.25 and PRESETS["parity"]["sg_lr_scale"] is None  # cdni
     first, last = model.net_layers[0].layers, model.net_layers[-1].layers
     rescale = first[1]
     assert (rescale.scale, rescale.offset) == pytest.approx((1 / np.sqrt(0.5), -1 / np.sqrt(0.5)))
@@ -583,3 +588,64 @@ def test_study_config_reaches_the_model():
     assert model.optimizer.epsilon == 1e-8
     with pytest.raises(ValueError, match="input_norm"):
         build_model(config, (8, 8, 1), 10)
+
+
+@pytest.mark.parametrize("method,sg_lr_scale,hidden", [("dni", None, 1), ("cdni", None, 0),
+                                                       ("cdni", 0.3, 1)])
+def test_one_step_with_parity_options_matches_the_hand_computed_step(method, sg_lr_scale,
+                                                                     hidden):
+    """SGD lr 1 on the parity network options (input and output normalisation, PyTorch
+    initialisation and batch-norm constants): each layer moves by minus its reference
+    gradient and each module by minus sg_lr_scale times its own (None: the per-method
+    default, 1/16 for dni, 1/4 for cdni)."""
+    model = _step_model(method, 1.0, 0.0, "update", sg_hidden_layers=hidden,
+                        sg_lr_scale=sg_lr_scale, input_norm=(0.3, 0.6), output_norm=True,
+                        init="torch", bn_momentum=0.9, bn_epsilon=1e-5)
+    scale = {None: {"dni": 1 / 16, "cdni": 0.25}[method]}.get(sg_lr_scale, sg_lr_scale)
+    assert model.sg_lr_scale == scale
+    x, y = X[:STEP_B], Y[:STEP_B]
+    expected, _ = _reference_gradients(model, x, y)
+    module_ids = {id(v) for m in model.sg_modules for v in m.trainable_variables}
+    variables = model.trainable_variables
+    assert {id(v) for v in variables} == set(expected)
+    before = values(variables)
+    model.train_on_batch(x, y)
+    for v, b in zip(variables, before):
+        step = -expected[id(v)].numpy() * (scale if id(v) in module_ids else 1.0)
+        np.testing.assert_allclose(v.numpy() - b, step, rtol=1e-4, atol=1e-6, err_msg=v.path)
+    # The options reached the network: the reference ran the same layers.
+    first, last = model.net_layers[0].layers, model.net_layers[-1].layers
+    assert type(first[1]).__name__ == "Rescaling"
+    assert type(last[-1]).__name__ == "BatchNormalization" and last[-1].epsilon == 1e-5
+
+
+def test_per_method_module_rate_defaults_and_the_preset():
+    from dni_tf.studies.dni_feedforward import PRESETS, build_model
+
+    assert [DNIClassifier(fcn_layers(3), 10, method=m, sg_lr_scale=None).sg_lr_scale
+            for m in ("dni", "cdni")] == [1 / 16, 0.25]
+    assert DNIClassifier(fcn_layers(3), 10, method="dni").sg_lr_scale == 1.0  # API default
+    preset = {k: v for k, v in PRESETS["parity"].items() if k not in ("method", "seed")}
+    assert preset["sg_lr_scale"] is None  # per method
+    for method, explicit, want in (("dni", None, 1 / 16), ("cdni", None, 0.25),
+                                   ("dni", 0.25, 0.25), ("backprop", None, 1.0)):
+        config = DNIConfig(**{**preset, "sg_lr_scale": explicit, "sg_units": 5}, method=method,
+                           seed=1, width=6)
+        config.validate()
+        assert config.module_lr_scale() == want
+        if method != "backprop":
+            assert build_model(config, (8, 8, 1), 10).sg_lr_scale == want
+    assert DNIConfig().module_lr_scale() == 1.0  # other presets: one learning rate
+
+
+def test_pipelined_execution_refuses_a_module_rate_it_would_ignore():
+    from dni_tf.pipelined_dni import PipelinedDNIClassifier
+
+    with pytest.raises(ValueError, match="sg_lr_scale=0.25 is not supported"):
+        PipelinedDNIClassifier(fcn_layers(3, 3, width=8), 3, method="dni", sg_lr_scale=0.25,
+                               execution="pipelined", batch_size=16)
+    PipelinedDNIClassifier(fcn_layers(3, 3, width=8), 3, method="dni", execution="pipelined",
+                           batch_size=16)
+    with pytest.raises(ValueError, match="sg_lr_scale=0.0625"):
+        DNIConfig(layers=3, decouple=(2,), method="dni", sg_lr_scale=None,
+                  execution="pipelined").validate()

@@ -13,8 +13,8 @@ Defaults follow the paper (Adam, batch 256, lr 3e-5 divided by 10 at 60% and
 80% of 500k steps); --preset=cpu gives a 1.5k-step schedule of the same shape
 with lr 1e-3. --preset=parity runs the known setup of issue 20 (MNIST, FCN
 784-256-256-10 decoupled after the second hidden layer, modules with one hidden
-layer of 256, batch 64, Adam 1e-3, 10 epochs, backprop/dni/cdni x seeds 1, 2, 3,
-XLA) in one line:
+layer of 256, batch 64, Adam 1e-3, the modules at 1/16 (dni) or 1/4 (cdni) of it,
+10 epochs, backprop/dni/cdni x seeds 1, 2, 3, XLA) in one line:
     python -m experiments.dni_feedforward --workdir=/tmp/dni_parity --preset=parity
 Flags given explicitly override the preset. Several --seed values = grid mode
 (a folder per seed, the table holds the mean). Rerunning the same command
