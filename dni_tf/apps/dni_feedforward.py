@@ -16,6 +16,12 @@ with lr 1e-3. --preset=parity runs the known setup of issue 20 (MNIST, FCN
 layer of 256, batch 64, Adam 1e-3, 10 epochs, backprop/dni/cdni x seeds 1, 2, 3,
 XLA) in one line:
     python -m experiments.dni_feedforward --workdir=/tmp/dni_parity --preset=parity
+A cluster (--cluster; every worker task k >= 1 runs `python -m dni_tf.pipelined_cluster`
+with its TF_CONFIG, this process is task 0; see docs/pipelined_dni.md, "A lost worker"):
+    TF_CONFIG='{"cluster": {"worker": ["127.0.0.1:2222", "127.0.0.1:2223"]},
+                "task": {"type": "worker", "index": 0}}' \
+    python -m experiments.dni_feedforward --workdir=/tmp/pipe --method=cdni --layers=6 \
+        --decouple=2 --execution=pipelined --cluster --preset=cpu
 Flags given explicitly override the preset. Several --seed values = grid mode
 (a folder per seed, the table holds the mean). Rerunning the same command
 resumes.
@@ -53,6 +59,25 @@ def place_blocks(run, depths):
             raise cli.UsageError(f"--devices: {exc} ({depth} layers)") from None
 
 
+def check_cluster(run, depths):
+    """--cluster: TF_CONFIG names enough "worker" tasks for every depth; UsageError (exit 2)."""
+    from dni_tf import pipelined_cluster
+
+    try:
+        resolver = pipelined_cluster.resolver_from_env()
+    except cli.UsageError as exc:
+        raise cli.UsageError(f"--cluster: {exc}") from None
+    if resolver.task_type not in (None, pipelined_cluster.JOB) or resolver.task_id not in (None, 0):
+        raise cli.UsageError(f"--cluster: this process must be task 0 of the '{pipelined_cluster.JOB}' "
+                             f"job in TF_CONFIG, it is {resolver.task_type} {resolver.task_id} "
+                             "(the other tasks run python -m dni_tf.pipelined_cluster)")
+    for depth in depths:
+        try:
+            pipelined_cluster.task_devices(resolver, run.num_blocks(depth))
+        except cli.UsageError as exc:
+            raise cli.UsageError(f"--cluster: {exc} ({depth} layers)") from None
+
+
 def main(argv):
     del argv
     preset = PRESETS[FLAGS.preset]
@@ -60,6 +85,8 @@ def main(argv):
     grid = config.grid_from_flags(DNIConfig, preset=preset)
     if run.devices:
         place_blocks(run, grid["layers"])
+    if run.cluster:
+        check_cluster(run, grid["layers"])
     workdir = cli.prepare_workdir(FLAGS.workdir)
     extra = {"flags": cli.flag_values(), "preset": FLAGS.preset}
     with cli.distributed(workdir) as workdir:
