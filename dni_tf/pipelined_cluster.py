@@ -51,9 +51,13 @@ def resolver_from_env():
         raise PlacementError("TF_CONFIG is not set: a cluster needs "
                              '{"cluster": {"worker": [...]}, "task": {"type": "worker", "index": k}}')
     try:
-        return tf.distribute.cluster_resolver.TFConfigClusterResolver()
-    except ValueError as exc:
-        raise PlacementError(f"TF_CONFIG cannot be read: {exc}") from None
+        resolver = tf.distribute.cluster_resolver.TFConfigClusterResolver()
+        resolver.cluster_spec()  # parses TF_CONFIG (the constructor does not)
+        resolver.task_type, resolver.task_id
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise PlacementError(f"TF_CONFIG cannot be read: {first}") from None
+    return resolver
 
 
 def task_devices(resolver, num_blocks: int, device_type: str = "CPU") -> List[str]:

@@ -553,20 +553,39 @@ def test_study_run_drops_a_killed_worker_and_rejoins_it_from_the_checkpoint(clus
 
 @pytest.mark.parametrize("tf_config,message", [
     (None, "--cluster: TF_CONFIG is not set"),
+    ("{not json", "--cluster: TF_CONFIG cannot be read"),
     ({"cluster": {"worker": ["127.0.0.1:1"]}, "task": {"type": "worker", "index": 0}},
      "--cluster: the cluster has 1 'worker' tasks (127.0.0.1:1), 2 blocks need 2 (3 layers)"),
+    ({"cluster": {"worker": ["127.0.0.1:1", "127.0.0.1:2"]}, "task": {"type": "worker", "index": 1}},
+     "--cluster: this process must be task 0 of the 'worker' job"),
 ])
-def test_cli_cluster_without_the_needed_tasks_exits_2(tf_config, message, tmp_path, monkeypatch):
-    """--cluster checks TF_CONFIG before training: one line, exit 2."""
+def test_cluster_config_checks(tf_config, message, monkeypatch):
+    """--cluster: TF_CONFIG is read (not connected to) and refused in one line (PlacementError)."""
     import json
+
+    from dni_tf.studies.dni_feedforward import DNIConfig, check_cluster
 
     if tf_config is None:
         monkeypatch.delenv("TF_CONFIG", raising=False)
     else:
-        monkeypatch.setenv("TF_CONFIG", json.dumps(tf_config))
+        monkeypatch.setenv("TF_CONFIG", tf_config if isinstance(tf_config, str)
+                           else json.dumps(tf_config))
+    config = DNIConfig(layers=3, decouple=(2,), method="cdni", execution="pipelined", cluster=True)
+    with pytest.raises(PlacementError, match=message.replace("(", r"\(").replace(")", r"\)")) as info:
+        check_cluster(config, [3])
+    assert "\n" not in str(info.value)
+
+
+def test_cli_cluster_without_the_needed_tasks_exits_2(tmp_path, monkeypatch):
+    """--cluster checks TF_CONFIG before training: one line, exit 2, nothing written."""
+    import json
+
+    monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": {"worker": ["127.0.0.1:1"]},
+                                                "task": {"type": "worker", "index": 0}}))
     proc = _cli("--execution=pipelined", "--cluster", workdir=tmp_path / "run")
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
     (line,) = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]
-    assert message in line and proc.stderr.strip().endswith(line)
-    assert not (tmp_path / "run").exists()  # nothing trained, nothing written
+    assert "--cluster: the cluster has 1 'worker' tasks" in line
+    assert proc.stderr.strip().endswith(line)
+    assert not (tmp_path / "run").exists()

@@ -32,7 +32,8 @@ from dni_tf.apps import quiet_tensorflow  # noqa: F401 - first: before TensorFlo
 from absl import flags
 
 from dni_tf.harness import cli, config
-from dni_tf.studies.dni_feedforward import PRESETS, DNIConfig, run_grid, run_single
+from dni_tf.studies.dni_feedforward import (PRESETS, DNIConfig, check_cluster, run_grid,
+                                            run_single)
 
 flags.DEFINE_enum("preset", "paper", sorted(PRESETS), "Defaults: the paper's 500k-step "
                   "schedule, a short CPU schedule, or the parity setup (MNIST MLP "
@@ -59,25 +60,6 @@ def place_blocks(run, depths):
             raise cli.UsageError(f"--devices: {exc} ({depth} layers)") from None
 
 
-def check_cluster(run, depths):
-    """--cluster: TF_CONFIG names enough "worker" tasks for every depth; UsageError (exit 2)."""
-    from dni_tf import pipelined_cluster
-
-    try:
-        resolver = pipelined_cluster.resolver_from_env()
-    except cli.UsageError as exc:
-        raise cli.UsageError(f"--cluster: {exc}") from None
-    if resolver.task_type not in (None, pipelined_cluster.JOB) or resolver.task_id not in (None, 0):
-        raise cli.UsageError(f"--cluster: this process must be task 0 of the '{pipelined_cluster.JOB}' "
-                             f"job in TF_CONFIG, it is {resolver.task_type} {resolver.task_id} "
-                             "(the other tasks run python -m dni_tf.pipelined_cluster)")
-    for depth in depths:
-        try:
-            pipelined_cluster.task_devices(resolver, run.num_blocks(depth))
-        except cli.UsageError as exc:
-            raise cli.UsageError(f"--cluster: {exc} ({depth} layers)") from None
-
-
 def main(argv):
     del argv
     preset = PRESETS[FLAGS.preset]
@@ -86,7 +68,7 @@ def main(argv):
     if run.devices:
         place_blocks(run, grid["layers"])
     if run.cluster:
-        check_cluster(run, grid["layers"])
+        check_cluster(run, grid["layers"])  # TF_CONFIG, before training
     workdir = cli.prepare_workdir(FLAGS.workdir)
     extra = {"flags": cli.flag_values(), "preset": FLAGS.preset}
     with cli.distributed(workdir) as workdir:

@@ -276,6 +276,30 @@ def build_model(config: DNIConfig, image_shape, num_classes,
     return model
 
 
+def check_cluster(config: DNIConfig, depths: Optional[Sequence[int]] = None) -> None:
+    """`--cluster`: this process is task 0 of TF_CONFIG's "worker" job and the job has a task
+    per block (for each of `depths`, default `config.layers`); else PlacementError (exit 2).
+
+    Reads TF_CONFIG only: nothing connects, so the CLI checks this before training.
+    """
+    from dni_tf import pipelined_cluster
+
+    try:
+        resolver = pipelined_cluster.resolver_from_env()
+    except cli.UsageError as exc:
+        raise type(exc)(f"--cluster: {exc}") from None
+    if resolver.task_type not in (None, pipelined_cluster.JOB) or resolver.task_id not in (None, 0):
+        raise pipelined_cluster.PlacementError(
+            f"--cluster: this process must be task 0 of the '{pipelined_cluster.JOB}' job in "
+            f"TF_CONFIG, it is {resolver.task_type} {resolver.task_id} (the other tasks run "
+            "python -m dni_tf.pipelined_cluster)")
+    for depth in depths or [config.layers]:
+        try:
+            pipelined_cluster.task_devices(resolver, config.num_blocks(depth))
+        except cli.UsageError as exc:
+            raise type(exc)(f"--cluster: {exc} ({depth} layers)") from None
+
+
 def connect_cluster(config: DNIConfig):
     """`--cluster`: connects to the cluster in TF_CONFIG; one device per block.
 
@@ -284,6 +308,7 @@ def connect_cluster(config: DNIConfig):
     """
     from dni_tf import pipelined_cluster
 
+    check_cluster(config)
     return pipelined_cluster.connect(config.num_blocks())
 
 
