@@ -19,14 +19,19 @@ tasks of a TensorFlow cluster (`dni_tf.pipelined_cluster`):
   the checkpoint, every other variable as it is now), one info line;
 * an evaluation needs every block: if one is lost when `fit()` starts
   evaluating, it waits (probing) up to `wait_seconds` for the worker, then
-  raises `WorkerLost`;
+  raises `WorkerLost`; a worker that dies during an evaluation is dropped and
+  waited for the same way, and the evaluation goes on without the test batch
+  that failed (a warning says so; not tested);
 * TensorBoard: the scalar `cluster/blocks_alive` at train begin, at each loss
   and at each rejoin.
 
 Use it after the callback that restores a resumed run's checkpoint (in
-`train_and_evaluate` pass it in `callbacks=`). A worker lost during an
-evaluation or during `ResumableCheckpoint`'s save ends the run (the error of
-the step); rerunning resumes from the last checkpoint.
+`train_and_evaluate` pass it in `callbacks=`). Not solved: a worker killed
+in the middle of a step can leave an operation pending on it whose error
+surfaces inside Keras' loop, outside this callback, when the worker returns
+(docs/pipelined_dni.md, "A lost worker"). A worker lost during
+`ResumableCheckpoint`'s save (after an evaluation) ends the run with the
+error of the save; rerunning resumes from the last checkpoint.
 """
 
 from __future__ import annotations
@@ -44,6 +49,17 @@ from dni_tf.errors import CheckpointError, WorkerLost
 from dni_tf.harness.callbacks import ResumableCheckpoint, checkpoint_step, save
 
 REJOIN_CHECKPOINT = "rejoin.weights.h5"
+
+
+def _sync() -> None:
+    """Waits for the pending (remote) ops of this process; raises their errors.
+
+    Private TensorFlow API (`context.async_wait`): with remote devices an op's
+    error can surface at a later op, e.g. while Keras reads the step's logs.
+    """
+    from tensorflow.python.eager import context
+
+    context.async_wait()
 
 
 def _join(items) -> str:
@@ -74,6 +90,9 @@ class LostWorkerHandler(keras.callbacks.Callback):
     or "rejoined"), `step`, `blocks`, `tasks` and timings in seconds.
     """
 
+    MAX_RETRIES = 3  # failed steps in a row, while a block is lost, before giving up
+    SETTLE_PROBES = 20  # probes 0.1 s apart when an error names no task
+
     def __init__(self, make_model: Callable[[], keras.Model], checkpoint_dir: str,
                  checkpoint_every: int = 50, probe_seconds: float = 2.0,
                  wait_seconds: float = 600.0, log_dir: Optional[str] = None, resolver=None):
@@ -90,7 +109,7 @@ class LostWorkerHandler(keras.callbacks.Callback):
             log_dir, filename_suffix=".lost_workers")
         self.events: List[dict] = []
         self.step = 0
-        self._inner = None
+        self._inner = self._inner_test = None
         self._next_probe = 0.0
         self._lost_at = None  # (monotonic time, step) of the loss
 
@@ -112,22 +131,66 @@ class LostWorkerHandler(keras.callbacks.Callback):
         return sorted({pipelined_cluster.task_of(self.model.devices[j]) for j in blocks})
 
     def _install(self) -> None:
-        """Wraps the model's (re)traced train function so a failed step is caught."""
-        self._inner = self.model.train_function
-        self.model.train_function = self._guarded_step
+        """Wraps the model's (re)traced train and test functions so a failed step is caught."""
+        model = self.model
+        if model.train_function is not None and model.train_function != self._guarded_step:
+            self._inner = model.train_function
+            model.train_function = self._guarded_step
+        if model.test_function is not None and model.test_function != self._guarded_test:
+            self._inner_test = model.test_function
+            model.test_function = self._guarded_test
 
     def _guarded_step(self, iterator):
+        retries = 0
         while True:
             start = time.monotonic()
             try:
-                return self._inner(iterator)
+                logs = self._inner(iterator)
+                if not self.model.lost_blocks:
+                    # Remote ops may fail after the call returns: raise here, not in fit().
+                    # Not while a block is lost: an operation of the failed step may stay
+                    # pending on the dead task until it is back (see _try_rejoin).
+                    _sync()
+                return logs
             except pipelined_cluster.LOST_WORKER_ERRORS as exc:
+                tf.experimental.async_clear_error()
+                # The failed step's batch is skipped; this step trains on the next one.
+                if self._lose(exc, time.monotonic() - start):
+                    continue
+                if not self.model.lost_blocks or retries >= self.MAX_RETRIES:
+                    raise
+                # With a block lost, a step can still fail because of the lost task: a
+                # late reply of the dead one, or the restarted worker refusing this
+                # client's old context ("Unable to find a context_id"). Rejoin now if
+                # it listens again, else go on without it.
+                retries += 1
+                logging.info("step %d failed while %s is lost (%s); %s", self.step,
+                             _blocks(self.model.lost_blocks), type(exc).__name__,
+                             "rejoined" if self._try_rejoin() else "retrying")
+
+    def _guarded_test(self, iterator):
+        while True:
+            start = time.monotonic()
+            try:
+                logs = self._inner_test(iterator)
+                _sync()
+                return logs
+            except pipelined_cluster.LOST_WORKER_ERRORS as exc:
+                tf.experimental.async_clear_error()
                 if not self._lose(exc, time.monotonic() - start):
                     raise
-                # The failed step's batch is skipped; this step trains on the next one.
+                self._wait_for_rejoin()
+                logging.warning("the evaluation at step %d skips the test batch that was being "
+                                "evaluated when the worker died", self.step)
 
     def _lose(self, exc: BaseException, seconds: float) -> bool:
         blocks = pipelined_cluster.dead_blocks(self.model, exc, self.addresses)
+        for _ in range(self.SETTLE_PROBES):
+            if blocks:
+                break
+            # A dying worker resets its connections before its port closes: probe again.
+            time.sleep(0.1)
+            blocks = pipelined_cluster.dead_blocks(self.model, None, self.addresses)
         if not blocks:
             return False
         tasks = self._tasks(blocks)
@@ -185,6 +248,12 @@ class LostWorkerHandler(keras.callbacks.Callback):
         path, step = self.newest_checkpoint()
         start = time.monotonic()
         try:
+            try:
+                # The returning worker refuses what the failed step left pending on the
+                # dead one ("Unable to find a context_id"): let that error out here.
+                _sync()
+            except pipelined_cluster.LOST_WORKER_ERRORS:
+                tf.experimental.async_clear_error()
             pipelined_cluster.rejoin_in_place(self.model, self.make_model, path,
                                               resolver=self.resolver)
         except pipelined_cluster.LOST_WORKER_ERRORS as exc:  # listening, not serving yet
@@ -228,8 +297,11 @@ class LostWorkerHandler(keras.callbacks.Callback):
             self._save()
 
     def on_test_begin(self, logs=None):
-        if not self.model.lost_blocks:
-            return
+        self._install()  # evaluate() may have made the test function just now
+        if self.model.lost_blocks:
+            self._wait_for_rejoin()
+
+    def _wait_for_rejoin(self) -> None:
         deadline = time.monotonic() + self.wait_seconds
         logging.info("evaluation at step %d waits up to %g s for %s", self.step,
                      self.wait_seconds, _blocks(self.model.lost_blocks))
@@ -242,5 +314,8 @@ class LostWorkerHandler(keras.callbacks.Callback):
             time.sleep(self.probe_seconds)
 
     def on_train_end(self, logs=None):
-        if self._inner is not None and self.model.train_function == self._guarded_step:
-            self.model.train_function = self._inner  # a later fit() gets the plain function
+        # A later fit() or evaluate() gets the plain functions.
+        if self.model.train_function == self._guarded_step:
+            self.model.train_function = self._inner
+        if self.model.test_function == self._guarded_test:
+            self.model.test_function = self._inner_test

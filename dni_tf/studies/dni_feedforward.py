@@ -30,6 +30,7 @@ from dni_tf import data as data_lib
 from dni_tf.harness import plots, results, tensorboard_views
 from dni_tf.dni_feedforward import (GRADIENT_UNITS, INITS, INPUT_TARGETS, METHODS,
                                     POINT_CHOICES, UNLOCKS, build_classifier)
+from dni_tf.errors import WorkerLost
 from dni_tf.harness.config import check_fields, option
 from dni_tf.harness.training import SweepProgress, train_and_evaluate
 
@@ -332,7 +333,9 @@ def run_single(config: DNIConfig, workdir: str, image_data=None,
     model = build_model(config, image_data.image_shape, image_data.num_classes, stats, devices)
     train_data = image_data.train_dataset(config.batch_size, seed=config.seed)
     handler = None
+    LOST_WORKER_ERRORS = ()
     if config.cluster:
+        from dni_tf.pipelined_cluster import LOST_WORKER_ERRORS
         from dni_tf.core import build_for_restore
         from dni_tf.harness.lost_workers import LostWorkerHandler
 
@@ -352,10 +355,19 @@ def run_single(config: DNIConfig, workdir: str, image_data=None,
             log_dir=workdir)
         callbacks = [*callbacks, handler]
     start = time.time()
-    outcome = train_and_evaluate(
-        model, train_data, image_data.test_dataset(config.eval_batch_size), steps=config.steps,
-        eval_every=config.eval_every, workdir=workdir,
-        label=f"{config.model}{config.layers} {config.method}", sweep=sweep, callbacks=callbacks)
+    try:
+        outcome = train_and_evaluate(
+            model, train_data, image_data.test_dataset(config.eval_batch_size),
+            steps=config.steps, eval_every=config.eval_every, workdir=workdir,
+            label=f"{config.model}{config.layers} {config.method}", sweep=sweep,
+            callbacks=callbacks)
+    except tf.errors.OpError as exc:
+        if handler is None or not isinstance(exc, LOST_WORKER_ERRORS):
+            raise
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise WorkerLost(f"a cluster worker failed outside the step the handler watches "
+                         f"({type(exc).__name__}: {first}); rerun the same command to resume "
+                         "from the last checkpoint") from exc
     final = outcome.final
     metrics = {k: v for k, v in final.items() if k != "step"}
     metrics.update(test_error=1.0 - final["test_accuracy"], steps=final["step"],
