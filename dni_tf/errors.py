@@ -3,7 +3,7 @@
 The command-line programs (`dni_tf.harness.cli.run`) turn them into one `error:` line
 and an exit code: 2 for bad input (`UsageError`, `DataError`,
 `DistributionError`), 1 for failures at run time (`TrainingDiverged`,
-`CheckpointError`). Library callers (notebooks, tests) catch them as usual.
+`CheckpointError`, `WorkerLost`). Library callers (notebooks, tests) catch them as usual.
 """
 
 
@@ -25,3 +25,7 @@ class TrainingDiverged(RuntimeError):
 
 class CheckpointError(RuntimeError):
     """No checkpoint of the run can be resumed from; the message names the file."""
+
+
+class WorkerLost(RuntimeError):
+    """A cluster worker holding a block is gone and the run cannot go on without it."""

@@ -24,14 +24,19 @@ make_model, checkpoint)` reconnects, builds a fresh model, loads the last
 checkpoint and then copies back every variable that lives on a surviving
 device (their current values, optimizer slots and buffers included), so the
 returning block resumes from its checkpoint and nothing else is lost.
+`rejoin_in_place` does the same inside the running model (no new model
+object), so `fit()` can go on; `dni_tf.harness.lost_workers.LostWorkerHandler`
+drives the whole cycle from a Keras callback (detect, drop, probe, rejoin).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
+import socket
 import sys
-from typing import Callable, List, Optional
+from typing import Callable, Dict, List, Optional, Sequence
 
 import tensorflow as tf
 
@@ -46,9 +51,13 @@ def resolver_from_env():
         raise PlacementError("TF_CONFIG is not set: a cluster needs "
                              '{"cluster": {"worker": [...]}, "task": {"type": "worker", "index": k}}')
     try:
-        return tf.distribute.cluster_resolver.TFConfigClusterResolver()
-    except ValueError as exc:
-        raise PlacementError(f"TF_CONFIG cannot be read: {exc}") from None
+        resolver = tf.distribute.cluster_resolver.TFConfigClusterResolver()
+        resolver.cluster_spec()  # parses TF_CONFIG (the constructor does not)
+        resolver.task_type, resolver.task_id
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise PlacementError(f"TF_CONFIG cannot be read: {first}") from None
+    return resolver
 
 
 def task_devices(resolver, num_blocks: int, device_type: str = "CPU") -> List[str]:
@@ -146,6 +155,111 @@ def rejoin(model: PipelinedDNIClassifier, make_model: Callable[[], PipelinedDNIC
         if value is not None:
             v.assign(value)
     return fresh
+
+
+def task_of(device: str) -> Optional[int]:
+    """The task index in a device name ("/job:worker/replica:0/task:1/..." -> 1), or None."""
+    return tf.DeviceSpec.from_string(device).task
+
+
+def task_addresses(resolver=None) -> Dict[int, str]:
+    """{task index: "host:port"} of the "worker" job of the cluster (TF_CONFIG by default)."""
+    resolver = resolver or resolver_from_env()
+    return dict(enumerate(resolver.cluster_spec().as_dict().get(JOB, [])))
+
+
+def worker_alive(address: str, timeout: float = 0.2) -> bool:
+    """Whether something accepts TCP connections at "host:port" (a cheap probe, no TensorFlow).
+
+    A worker's gRPC server listens as soon as it serves, so an open port is a
+    worker that can be reconnected to; a closed port is refused at once on a
+    live host, and `timeout` bounds the wait on an unreachable one.
+    """
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+            return True
+    except (OSError, ValueError):
+        return False
+
+
+def dead_blocks(model: PipelinedDNIClassifier, error: Optional[BaseException] = None,
+                addresses: Optional[Dict[int, str]] = None) -> List[int]:
+    """The blocks (>= 1, not yet lost) whose worker task `error` names or that no longer listens.
+
+    `error`: the exception a step raised; TensorFlow names the remote target
+    ("/job:worker/replica:0/task:1/...") or its address in the message.
+    `addresses`: `task_addresses()`; tasks without an address are only found
+    through the message. Block 0 (the chief) is never returned.
+    """
+    if not model.devices:
+        return []
+    addresses = addresses or {}
+    message = str(error) if error is not None else ""
+    named = {int(t) for t in re.findall(rf"/job:{JOB}/replica:\d+/task:(\d+)", message)}
+    named |= {task for task, address in addresses.items() if address in message}
+    found = []
+    for j in range(1, len(model.devices)):
+        task = task_of(model.devices[j])
+        if task is None or task == task_of(model.devices[0]) or j in model.lost_blocks:
+            continue
+        if task in named or (task in addresses and not worker_alive(addresses[task])):
+            found.append(j)
+    return found
+
+
+def rejoin_in_place(model: PipelinedDNIClassifier,
+                    make_model: Callable[[], PipelinedDNIClassifier], checkpoint: str,
+                    num_blocks: Optional[int] = None, resolver=None,
+                    reconnect: bool = True) -> List[int]:
+    """Brings the lost blocks back into `model` itself from `checkpoint`; returns them.
+
+    Like `rejoin`, but the running model object stays (so `fit()` and its
+    callbacks go on): after reconnecting, `make_model()` builds a model whose
+    variables on the returning devices are fresh, it loads `checkpoint`, and
+    each variable of `model` that lived on a lost device is re-pointed at the
+    fresh, restored one (weights, optimizer slots and step counts, buffers).
+    Variables on surviving devices are not touched: their current values
+    stay. The optimizers' variable indices and the traced step/test/predict
+    functions are rebuilt. `make_model()` must build the same model with
+    every variable created (e.g. `dni_tf.core.build_for_restore`);
+    `checkpoint` is a `save_weights` file of `model` (also `harness.callbacks.save`).
+    """
+    lost = list(model.lost_blocks)
+    if not lost:
+        return []
+    old = all_variables(model)
+    on_lost = [on_lost_device(model, v) for v in old]
+    if reconnect:
+        connect(num_blocks or len(model.block_slices), resolver)
+    fresh = make_model()
+    fresh.load_weights(checkpoint)
+    new = all_variables(fresh)
+    if len(new) != len(old):
+        raise ValueError(f"make_model() built {len(new)} variables, the running model has "
+                         f"{len(old)}: not the same model")
+    for variable, replacement, gone in zip(old, new, on_lost):
+        if gone:
+            if tuple(variable.shape) != tuple(replacement.shape):
+                raise ValueError(f"make_model() built {replacement.path} with shape "
+                                 f"{replacement.shape}, the running model {variable.shape}")
+            # Keras variables hold their TensorFlow variable in `_value`; the old
+            # one's resource died with the worker.
+            variable._value = replacement._value
+    for optimizer in [model.optimizer, *model.block_optimizers, *model.module_optimizers]:
+        # The TensorFlow backend keys slots by the underlying variable's id.
+        indices = getattr(optimizer, "_trainable_variables_indices", None)
+        if indices is not None:
+            indices.clear()
+            for i, variable in enumerate(getattr(optimizer, "_trainable_variables", [])):
+                indices[optimizer._var_key(variable)] = i
+        if hasattr(optimizer, "_exclude_from_weight_decay_cache"):
+            optimizer._exclude_from_weight_decay_cache = {}
+    model.lost_blocks = []
+    model.make_train_function(force=True)
+    model.make_test_function(force=True)
+    model.predict_function = None
+    return lost
 
 
 def _exit_with_parent() -> None:

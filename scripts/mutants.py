@@ -542,6 +542,19 @@ MUTANTS: List[Mutant] = [
            "dni_tf/harness/fast_path.py",
            "    if any(isinstance(layer, _CONV_LAYERS) for layer in layers):", "    if False:",
            ["tests/test_fast_path.py::test_study_defaults_and_the_conv_fallback_line"]),
+    Mutant("lost worker: rejoin in place resets the surviving blocks to the checkpoint too",
+           "dni_tf/pipelined_cluster.py",
+           "    for variable, replacement, gone in zip(old, new, on_lost):\n        if gone:\n",
+           "    for variable, replacement, gone in zip(old, new, on_lost):\n        if True:\n",
+           ["tests/test_pipelined_dni.py::test_study_run_drops_a_killed_worker_and_rejoins_it_from_the_checkpoint"]),
+    Mutant("lost worker: no periodic rejoin checkpoint (the block returns from train begin)",
+           "dni_tf/harness/lost_workers.py",
+           "        elif self.step % self.checkpoint_every == 0:\n            self._save()\n", "",
+           ["tests/test_pipelined_dni.py::test_study_run_drops_a_killed_worker_and_rejoins_it_from_the_checkpoint"]),
+    Mutant("lost worker: the lost worker is never probed during training",
+           "dni_tf/harness/lost_workers.py",
+           "            if time.monotonic() >= self._next_probe:", "            if False:",
+           ["tests/test_pipelined_dni.py::test_study_run_drops_a_killed_worker_and_rejoins_it_from_the_checkpoint"]),
 ]
 
 

@@ -10,8 +10,17 @@ devices in one process). Then: a checkpoint, 1 step, SIGKILL the worker, the
 next step fails, block 1 is marked lost, 2 steps train block 0 alone, the
 worker is restarted and rejoins from the checkpoint, 2 more steps; OUT.json
 says what happened.
+
+Then the study (`run_single` with `cluster=True`, so `LostWorkerHandler`
+drives the cycle inside `fit()`) on the same worker, 30 steps of digits; after
+step 6 the worker is killed; two steps after the loss it is restarted (and
+this waits until it listens); the handler's probe brings block 1 back.
+`KillAndRestart` records every variable after each step, so the returning
+block can be compared with the checkpoint it was restored from;
+OUT.study.json says what happened.
 """
 
+import glob
 import json
 import os
 import subprocess
@@ -57,6 +66,110 @@ def start_worker():
 
 def state(model):
     return [v.numpy() for v in pipelined_cluster.all_variables(model)]
+
+
+class KillAndRestart(keras.callbacks.Callback):
+    """Kills worker task 1 after step `kill_at`; restarts it `restart_after` steps after the loss.
+
+    Runs before the `LostWorkerHandler` in each step's callbacks. It records
+    every variable after each step (None for those on a lost device), sees the
+    loss and the rejoin in `model.lost_blocks`, and checks the rejoined model
+    against the newest checkpoint on disk (the handler's rejoin file or a
+    periodic one).
+    """
+
+    def __init__(self, worker, checkpoint_dir, kill_at=6, restart_after=2):
+        super().__init__()
+        self.worker, self.checkpoint_dir = worker, checkpoint_dir
+        self.kill_at, self.restart_after = kill_at, restart_after
+        self.step, self.snapshots, self.log, self.lost_at = 0, {}, {}, None
+
+    def newest_checkpoint_step(self):
+        from dni_tf.harness.callbacks import ResumableCheckpoint, checkpoint_step
+
+        paths = [p for _, p in ResumableCheckpoint.checkpoints(self.checkpoint_dir)]
+        paths.append(os.path.join(self.checkpoint_dir, "rejoin.weights.h5"))
+        return max(checkpoint_step(p) for p in paths if os.path.exists(p))
+
+    def on_train_batch_begin(self, batch, logs=None):
+        model = self.model
+        if self.lost_at is not None and not model.lost_blocks and "rejoined_at" not in self.log:
+            # The handler rejoined at the end of the last step (or before an evaluation).
+            self.log["rejoined_at"] = self.step
+            ckpt = self.snapshots[self.log.setdefault("checkpoint_step",
+                                                      self.newest_checkpoint_step())]
+            before = self.snapshots["before_rejoin"]
+            variables = [v.numpy() for v in pipelined_cluster.all_variables(model)]
+            lost = [i for i, value in enumerate(before) if value is None]
+            self.log["lost_variables"] = len(lost)
+            self.log["lost_restored_from_checkpoint"] = bool(lost) and all(
+                np.array_equal(variables[i], ckpt[i]) for i in lost)
+            self.log["survivors_kept"] = all(np.array_equal(variables[i], value)
+                                             for i, value in enumerate(before) if value is not None)
+            self.block1 = [v.numpy() for v in model.net_layers[-1].trainable_variables]
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.step += 1
+        model = self.model
+        values = [None if pipelined_cluster.on_lost_device(model, v) else v.numpy()
+                  for v in pipelined_cluster.all_variables(model)]
+        self.snapshots["before_rejoin" if model.lost_blocks else self.step] = values
+        if self.step == self.kill_at:
+            self.worker.kill()
+            self.worker.wait()
+            self.log["killed_after_step"] = self.step
+        if model.lost_blocks and self.lost_at is None:
+            self.lost_at = self.step
+            self.block0 = [v.numpy() for v in model.net_layers[0].trainable_variables]
+        if self.lost_at is not None and "restarted_at" not in self.log \
+                and self.step >= self.lost_at + self.restart_after:
+            self.log["block0_trained_while_lost"] = bool(all(
+                np.abs(a - v.numpy()).max() > 0
+                for a, v in zip(self.block0, model.net_layers[0].trainable_variables)))
+            self.worker = start_worker()
+            start = time.time()
+            address = pipelined_cluster.task_addresses()[1]
+            while not pipelined_cluster.worker_alive(address) and time.time() - start < 120:
+                time.sleep(0.1)
+            self.log["worker_listening_after_s"] = round(time.time() - start, 2)
+            self.log["restarted_at"] = self.step
+
+    def on_train_end(self, logs=None):
+        if "rejoined_at" in self.log:
+            self.log["block1_trains_after_rejoin"] = bool(all(
+                np.abs(a - v.numpy()).max() > 0
+                for a, v in zip(self.block1, self.model.net_layers[-1].trainable_variables)))
+
+
+def study(out, worker):
+    """The study's run with a cluster: kill, drop, restart, rejoin inside fit()."""
+    from absl import logging
+
+    from dni_tf.studies.dni_feedforward import DNIConfig, run_single
+
+    logging.set_verbosity(logging.INFO)
+    workdir = os.path.join(os.path.dirname(out), "study")
+    config = DNIConfig(dataset="digits", layers=3, decouple=(2,), width=16, method="cdni",
+                       execution="pipelined", cluster=True, steps=30, eval_every=15,
+                       batch_size=32, learning_rate=1e-3, lr_boundaries=(),
+                       cluster_checkpoint_every=4, cluster_probe_seconds=0.2,
+                       cluster_wait_seconds=120)
+    callback = KillAndRestart(worker, os.path.join(workdir, "checkpoints"))
+    try:
+        metrics, _ = run_single(config, workdir, callbacks=[callback])
+        alive = []
+        for path in glob.glob(os.path.join(workdir, "*.lost_workers")):
+            for event in tf.compat.v1.train.summary_iterator(path):
+                alive += [(event.step, float(tf.make_ndarray(v.tensor))) for v in event.summary.value
+                          if v.tag == "cluster/blocks_alive"]
+        log = {**callback.log, "blocks_alive": sorted(alive), "steps": metrics["steps"], "worker_losses": metrics["worker_losses"],
+               "rejoins": metrics["rejoins"], "events": metrics["cluster_events"],
+               "test_accuracy": metrics["test_accuracy"]}
+        with open(out + ".study.json", "w") as f:
+            json.dump(log, f, default=str)
+    finally:
+        callback.worker.kill()
+        callback.worker.wait()
 
 
 def main(out):
@@ -110,10 +223,12 @@ def main(out):
             for a, v in zip(block1, model.net_layers[1].trainable_variables)))
         with open(out + ".json", "w") as f:
             json.dump(log, f)
-        return 0
-    finally:
+    except BaseException:
         worker.kill()
         worker.wait()
+        raise
+    study(out, worker)  # the restarted worker serves the study's run too
+    return 0
 
 
 if __name__ == "__main__":

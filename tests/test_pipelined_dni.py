@@ -320,7 +320,11 @@ def test_study_config_checks():
                           (dict(method="dni", diagnostics=True), "diagnostics not supported"),
                           (dict(method="dni", devices=("/CPU:0", "/CPU:1"), jit_compile=True),
                            "jit_compile with --devices"),
-                          (dict(method="dni", execution="parallel"), "execution='parallel'")]:
+                          (dict(method="dni", execution="parallel"), "execution='parallel'"),
+                          (dict(method="dni", cluster=True, devices=("/CPU:0", "/CPU:1")),
+                           "cluster and --devices"),
+                          (dict(method="dni", cluster=True, jit_compile=True),
+                           "jit_compile with --devices")]:
         with pytest.raises(ValueError, match=match):
             DNIConfig(**{**base, **kwargs}).validate()
     DNIConfig(**base, method="cdni", devices=("/CPU:0", "/CPU:1")).validate()
@@ -475,7 +479,8 @@ def _free_port():
 
 @pytest.fixture(scope="module")
 def cluster_run(tmp_path_factory):
-    """Runs tests/pipelined_cluster_chief.py once (it starts, kills, restarts worker task 1)."""
+    """Runs tests/pipelined_cluster_chief.py once (it starts, kills, restarts worker task 1;
+    then the study's run on that worker, killed and restarted inside fit())."""
     tmp_path = tmp_path_factory.mktemp("cluster")
     import json
     import subprocess
@@ -491,6 +496,8 @@ def cluster_run(tmp_path_factory):
                                                         "pipelined_cluster_chief.py"), out],
                           cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(out + ".stderr", "w") as f:
+        f.write(proc.stderr)
     return out
 
 
@@ -520,3 +527,65 @@ def test_killed_worker_others_keep_training_and_it_rejoins(cluster_run):
     assert log["block0_trained_while_lost"] and log["module_frozen_while_lost"]
     assert log["lost_restored_from_checkpoint"] and log["survivors_kept"]
     assert log["lost_variables"] > 0 and log["block1_trains_after_rejoin"]
+
+
+def test_study_run_drops_a_killed_worker_and_rejoins_it_from_the_checkpoint(cluster_run):
+    """run_single with cluster=True: LostWorkerHandler drops block 1, probes, rejoins in fit()."""
+    import json
+
+    log = json.loads(open(cluster_run + ".study.json").read())
+    stderr = open(cluster_run + ".stderr").read()
+    # Killed after step 6: step 7 fails, block 1 is dropped at step 6; block 0 trains on;
+    # restarted two steps later, the probe brings it back from the step-4 checkpoint.
+    assert [(e["event"], e["step"], e["blocks"]) for e in log["events"]] == [
+        ("lost", 6, [1]), ("rejoined", log["restarted_at"], [1])]
+    assert log["killed_after_step"] == 6 and log["block0_trained_while_lost"]
+    assert log["rejoined_at"] == log["restarted_at"] and log["checkpoint_step"] == 4
+    assert log["events"][1]["checkpoint_step"] == 4
+    assert log["lost_variables"] == 11  # block 1's layer, its optimizer slots, the buffers
+    assert log["lost_restored_from_checkpoint"] and log["survivors_kept"]
+    assert log["block1_trains_after_rejoin"]
+    assert log["steps"] == 30 and log["worker_losses"] == 1 and log["rejoins"] == 1
+    assert log["blocks_alive"] == [[0, 2.0], [6, 1.0], [log["restarted_at"], 2.0]]
+    assert "worker task 1 lost at step 6 (UnavailableError" in stderr
+    assert "block 1 rejoined at step" in stderr and "(step 4)" in stderr
+
+
+@pytest.mark.parametrize("tf_config,message", [
+    (None, "--cluster: TF_CONFIG is not set"),
+    ("{not json", "--cluster: TF_CONFIG cannot be read"),
+    ({"cluster": {"worker": ["127.0.0.1:1"]}, "task": {"type": "worker", "index": 0}},
+     "--cluster: the cluster has 1 'worker' tasks (127.0.0.1:1), 2 blocks need 2 (3 layers)"),
+    ({"cluster": {"worker": ["127.0.0.1:1", "127.0.0.1:2"]}, "task": {"type": "worker", "index": 1}},
+     "--cluster: this process must be task 0 of the 'worker' job"),
+])
+def test_cluster_config_checks(tf_config, message, monkeypatch):
+    """--cluster: TF_CONFIG is read (not connected to) and refused in one line (PlacementError)."""
+    import json
+
+    from dni_tf.studies.dni_feedforward import DNIConfig, check_cluster
+
+    if tf_config is None:
+        monkeypatch.delenv("TF_CONFIG", raising=False)
+    else:
+        monkeypatch.setenv("TF_CONFIG", tf_config if isinstance(tf_config, str)
+                           else json.dumps(tf_config))
+    config = DNIConfig(layers=3, decouple=(2,), method="cdni", execution="pipelined", cluster=True)
+    with pytest.raises(PlacementError, match=message.replace("(", r"\(").replace(")", r"\)")) as info:
+        check_cluster(config, [3])
+    assert "\n" not in str(info.value)
+
+
+def test_cli_cluster_without_the_needed_tasks_exits_2(tmp_path, monkeypatch):
+    """--cluster checks TF_CONFIG before training: one line, exit 2, nothing written."""
+    import json
+
+    monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": {"worker": ["127.0.0.1:1"]},
+                                                "task": {"type": "worker", "index": 0}}))
+    proc = _cli("--execution=pipelined", "--cluster", workdir=tmp_path / "run")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    (line,) = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]
+    assert "--cluster: the cluster has 1 'worker' tasks" in line
+    assert proc.stderr.strip().endswith(line)
+    assert not (tmp_path / "run").exists()

@@ -16,6 +16,12 @@ with lr 1e-3. --preset=parity runs the known setup of issue 20 (MNIST, FCN
 layer of 256, batch 64, Adam 1e-3, the modules at 1/16 (dni) or 1/4 (cdni) of it,
 10 epochs, backprop/dni/cdni x seeds 1, 2, 3, XLA) in one line:
     python -m experiments.dni_feedforward --workdir=/tmp/dni_parity --preset=parity
+A cluster (--cluster; every worker task k >= 1 runs `python -m dni_tf.pipelined_cluster`
+with its TF_CONFIG, this process is task 0; see docs/pipelined_dni.md, "A lost worker"):
+    TF_CONFIG='{"cluster": {"worker": ["127.0.0.1:2222", "127.0.0.1:2223"]},
+                "task": {"type": "worker", "index": 0}}' \
+    python -m experiments.dni_feedforward --workdir=/tmp/pipe --method=cdni --layers=6 \
+        --decouple=2 --execution=pipelined --cluster --preset=cpu
 Flags given explicitly override the preset. Several --seed values = grid mode
 (a folder per seed, the table holds the mean). Rerunning the same command
 resumes.
@@ -26,7 +32,8 @@ from dni_tf.apps import quiet_tensorflow  # noqa: F401 - first: before TensorFlo
 from absl import flags
 
 from dni_tf.harness import cli, config
-from dni_tf.studies.dni_feedforward import PRESETS, DNIConfig, run_grid, run_single
+from dni_tf.studies.dni_feedforward import (PRESETS, DNIConfig, check_cluster, run_grid,
+                                            run_single)
 
 flags.DEFINE_enum("preset", "paper", sorted(PRESETS), "Defaults: the paper's 500k-step "
                   "schedule, a short CPU schedule, or the parity setup (MNIST MLP "
@@ -60,6 +67,8 @@ def main(argv):
     grid = config.grid_from_flags(DNIConfig, preset=preset)
     if run.devices:
         place_blocks(run, grid["layers"])
+    if run.cluster:
+        check_cluster(run, grid["layers"])  # TF_CONFIG, before training
     workdir = cli.prepare_workdir(FLAGS.workdir)
     extra = {"flags": cli.flag_values(), "preset": FLAGS.preset}
     with cli.distributed(workdir) as workdir:

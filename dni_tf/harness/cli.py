@@ -33,7 +33,7 @@ from absl import logging as absl_logging
 from dni_tf.harness import distribution
 from dni_tf.harness.distribution import STRATEGIES
 from dni_tf.errors import (CheckpointError, DataError, DistributionError, TrainingDiverged,
-                           UsageError)
+                           UsageError, WorkerLost)
 
 
 def fail(message: str, code: int) -> None:
@@ -195,7 +195,7 @@ def run(main: Callable[[List[str]], None]) -> None:
             main(argv)
         except (UsageError, DataError, DistributionError) as exc:
             fail(str(exc), 2)
-        except (TrainingDiverged, CheckpointError) as exc:
+        except (TrainingDiverged, CheckpointError, WorkerLost) as exc:
             fail(str(exc), 1)
 
     app.run(guarded_main, flags_parser=parse_flags)

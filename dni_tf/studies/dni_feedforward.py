@@ -22,6 +22,7 @@ from typing import Optional, Sequence, Tuple
 
 import keras
 import pandas as pd
+import tensorflow as tf
 from absl import logging
 
 from dni_tf.harness import cli
@@ -30,6 +31,7 @@ from dni_tf.harness import plots, results, tensorboard_views
 from dni_tf.dni_feedforward import (GRADIENT_UNITS, INITS, INPUT_TARGETS, METHODS,
                                     POINT_CHOICES, UNLOCKS, build_classifier,
                                     default_sg_lr_scale)
+from dni_tf.errors import WorkerLost
 from dni_tf.harness.fast_path import FastPathOptions, last_period
 from dni_tf.harness.config import check_fields, option
 from dni_tf.harness.training import SweepProgress, train_and_evaluate
@@ -159,6 +161,24 @@ class DNIConfig(FastPathOptions):
         None, "One TensorFlow device per block, e.g. /CPU:0,/CPU:1 or /GPU:0,/GPU:1 (CPU "
         "devices beyond /CPU:0 are made by splitting the CPU); 'none' = no pinning.",
         none_text="none", distinct=False)
+    # Blocks on the tasks of a TensorFlow cluster, surviving a lost worker
+    # (dni_tf.pipelined_cluster, dni_tf.harness.lost_workers).
+    cluster: bool = option(False, "Block j on task j of the TensorFlow cluster in TF_CONFIG ('worker' "
+                           "job; task 0 is this process, every other task runs python -m "
+                           "dni_tf.pipelined_cluster). A lost worker's block is dropped while the "
+                           "others train and rejoins from the last checkpoint when it is back.")
+    cluster_checkpoint_every: int = option(50, "With --cluster: steps between the checkpoints a "
+                                           "returning block restarts from.", low=1)
+    cluster_probe_seconds: float = option(2.0, "With --cluster: seconds between probes of a lost "
+                                          "worker.", low=0.0, low_open=True)
+    cluster_wait_seconds: float = option(600.0, "With --cluster: how long an evaluation (which "
+                                         "needs every block) waits for a lost worker before the "
+                                         "run stops (exit 1; rerun resumes).", low=0.0)
+
+    def num_blocks(self, layers: Optional[int] = None) -> int:
+        """Blocks of the network (decoupling points + 1) for `layers` (default: `self.layers`)."""
+        layers = self.layers if layers is None else layers
+        return (len(self.decouple) if self.decouple else layers - 1) + 1
 
     def validate(self) -> None:
         """Raises UsageError / ValueError("<field>...") naming the field and the allowed values."""
@@ -187,9 +207,9 @@ class DNIConfig(FastPathOptions):
         return (self.eval_every, last_period(self.steps, self.eval_every))
 
     def jit_unsupported(self):
-        if self.devices:
-            return ("jit_compile with --devices: XLA compiles the step for one device (it "
-                    "fails on blocks pinned to several)")
+        if self.devices or self.cluster:
+            return ("jit_compile with --devices or --cluster: XLA compiles the step for one "
+                    "device (it fails on blocks pinned to several)")
         return None
 
     def mixed_precision_unsupported(self):
@@ -204,13 +224,16 @@ class DNIConfig(FastPathOptions):
         if self.execution == "pipelined" and self.method == "backprop":
             raise ValueError("execution=pipelined: backprop is locked and cannot be pipelined; "
                              "use --execution=sequential (with --devices: model-parallel backprop)")
-        if ((self.execution == "pipelined" or self.devices) and self.method != "backprop"
-                and self.module_lr_scale() != 1.0):
+        if ((self.execution == "pipelined" or self.devices or self.cluster)
+                and self.method != "backprop" and self.module_lr_scale() != 1.0):
             raise ValueError(f"sg_lr_scale={self.module_lr_scale():g} (preset parity: per "
-                             "method) is not supported with execution=pipelined or devices: "
-                             "use --sg_lr_scale=1")
+                             "method) is not supported with execution=pipelined, devices or "
+                             "cluster: use --sg_lr_scale=1")
+        if self.cluster and self.devices:
+            raise ValueError("cluster and --devices: --cluster places the blocks on the tasks of "
+                             "TF_CONFIG itself; give one of them")
         try:
-            check_options(self.execution, self.devices, self.method, self.lambda_mix,
+            check_options(self.execution, self.devices or self.cluster, self.method, self.lambda_mix,
                           self.target_mix, self.oracle, self.diagnostics, self.update_prob,
                           self.unlock, self.input_targets)
         except ValueError as exc:
@@ -241,11 +264,13 @@ def input_stats(config: DNIConfig, image_data) -> Optional[Tuple[float, float]]:
 
 
 def build_model(config: DNIConfig, image_shape, num_classes,
-                input_norm: Optional[Tuple[float, float]] = None):
+                input_norm: Optional[Tuple[float, float]] = None,
+                devices: Optional[Sequence[str]] = None):
     """The compiled `DNIClassifier` for `config` (Adam, cross-entropy on logits).
 
     `input_norm`: (mean, std) of the inputs (`input_stats`); needed when
-    `config.input_norm`.
+    `config.input_norm`. `devices`: one device per block, instead of
+    `config.devices` (the cluster's, `connect_cluster`).
     """
     if config.input_norm and input_norm is None:
         raise ValueError("config.input_norm needs input_norm=(mean, std) (see input_stats)")
@@ -253,11 +278,12 @@ def build_model(config: DNIConfig, image_shape, num_classes,
     config.apply_mixed_precision()
     build = build_classifier
     extra = {}
-    if config.execution != "sequential" or config.devices:
+    devices = devices or config.devices
+    if config.execution != "sequential" or devices:
         from dni_tf.pipelined_dni import build_classifier as build
 
         extra = dict(execution=config.execution, batch_size=config.batch_size,
-                     devices=list(config.devices) if config.devices else None)
+                     devices=list(devices) if devices else None)
     model = build(
         config.model, config.layers, image_shape, num_classes, seed=config.seed,
         width=config.width, point=config.point,
@@ -277,30 +303,107 @@ def build_model(config: DNIConfig, image_shape, num_classes,
     return model
 
 
+def check_cluster(config: DNIConfig, depths: Optional[Sequence[int]] = None) -> None:
+    """`--cluster`: this process is task 0 of TF_CONFIG's "worker" job and the job has a task
+    per block (for each of `depths`, default `config.layers`); else PlacementError (exit 2).
+
+    Reads TF_CONFIG only: nothing connects, so the CLI checks this before training.
+    """
+    from dni_tf import pipelined_cluster
+
+    try:
+        resolver = pipelined_cluster.resolver_from_env()
+    except cli.UsageError as exc:
+        raise type(exc)(f"--cluster: {exc}") from None
+    if resolver.task_type not in (None, pipelined_cluster.JOB) or resolver.task_id not in (None, 0):
+        raise pipelined_cluster.PlacementError(
+            f"--cluster: this process must be task 0 of the '{pipelined_cluster.JOB}' job in "
+            f"TF_CONFIG, it is {resolver.task_type} {resolver.task_id} (the other tasks run "
+            "python -m dni_tf.pipelined_cluster)")
+    for depth in depths or [config.layers]:
+        try:
+            pipelined_cluster.task_devices(resolver, config.num_blocks(depth))
+        except cli.UsageError as exc:
+            raise type(exc)(f"--cluster: {exc} ({depth} layers)") from None
+
+
+def connect_cluster(config: DNIConfig):
+    """`--cluster`: connects to the cluster in TF_CONFIG; one device per block.
+
+    Raises PlacementError (a UsageError: exit 2, one line) for a missing or bad
+    TF_CONFIG or too few "worker" tasks.
+    """
+    from dni_tf import pipelined_cluster
+
+    check_cluster(config)
+    return pipelined_cluster.connect(config.num_blocks())
+
+
 def run_single(config: DNIConfig, workdir: str, image_data=None,
                extra_config: Optional[dict] = None,
-               sweep: Optional[SweepProgress] = None) -> Tuple[dict, pd.DataFrame]:
+               sweep: Optional[SweepProgress] = None,
+               callbacks: Sequence[keras.callbacks.Callback] = ()) -> Tuple[dict, pd.DataFrame]:
     """Trains one configuration in `workdir` (resumes).
 
+    With `config.cluster` the blocks run on the cluster's tasks and a
+    `LostWorkerHandler` drops and rejoins the blocks of lost workers (its
+    events go into the metrics: `worker_losses`, `rejoins`, `cluster_events`).
+    `callbacks`: extra Keras callbacks (after the harness's, before the handler).
     Returns (final metrics, the run's history: one row per evaluation).
     """
     config.validate()
     image_data = image_data or data_lib.load_image_data(config.dataset, config.data_dir)
     check_batch_size(config, image_data)
-    model = build_model(config, image_data.image_shape, image_data.num_classes,
-                        input_stats(config, image_data))
+    devices = connect_cluster(config) if config.cluster else None
+    stats = input_stats(config, image_data)
+    model = build_model(config, image_data.image_shape, image_data.num_classes, stats, devices)
+    train_data = image_data.train_dataset(config.batch_size, seed=config.seed)
+    handler = None
+    LOST_WORKER_ERRORS = ()
+    if config.cluster:
+        from dni_tf.pipelined_cluster import LOST_WORKER_ERRORS
+        from dni_tf.core import build_for_restore
+        from dni_tf.harness.lost_workers import LostWorkerHandler
+
+        zeros = tf.nest.map_structure(lambda spec: tf.zeros([d or 1 for d in spec.shape],
+                                                            spec.dtype), train_data.element_spec)
+
+        def make_model():
+            fresh = build_model(config, image_data.image_shape, image_data.num_classes, stats,
+                                devices)
+            build_for_restore(fresh, zeros)
+            return fresh
+
+        handler = LostWorkerHandler(
+            make_model, os.path.join(workdir, "checkpoints"),
+            checkpoint_every=config.cluster_checkpoint_every,
+            probe_seconds=config.cluster_probe_seconds, wait_seconds=config.cluster_wait_seconds,
+            log_dir=workdir)
+        callbacks = [*callbacks, handler]
     start = time.time()
-    outcome = train_and_evaluate(
-        model, image_data.train_dataset(config.batch_size, seed=config.seed),
-        image_data.test_dataset(config.eval_batch_size), steps=config.steps,
-        eval_every=config.eval_every, workdir=workdir,
-        label=f"{config.model}{config.layers} {config.method}", sweep=sweep)
+    try:
+        outcome = train_and_evaluate(
+            model, train_data, image_data.test_dataset(config.eval_batch_size),
+            steps=config.steps, eval_every=config.eval_every, workdir=workdir,
+            label=f"{config.model}{config.layers} {config.method}", sweep=sweep,
+            callbacks=callbacks)
+    except tf.errors.OpError as exc:
+        if handler is None or not isinstance(exc, LOST_WORKER_ERRORS):
+            raise
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise WorkerLost(f"a cluster worker failed outside the step the handler watches "
+                         f"({type(exc).__name__}: {first}); rerun the same command to resume "
+                         "from the last checkpoint") from exc
     final = outcome.final
     metrics = {k: v for k, v in final.items() if k != "step"}
     metrics.update(test_error=1.0 - final["test_accuracy"], steps=final["step"],
                    wall_seconds_this_call=round(time.time() - start, 1),
                    sg_lr_scale_used=config.module_lr_scale(),
                    data_source=image_data.source)
+    if handler is not None:
+        metrics.update(devices=list(devices), cluster_events=handler.events,
+                       worker_losses=sum(e["event"] == "lost" for e in handler.events),
+                       rejoins=sum(e["event"] == "rejoined" for e in handler.events))
     results.save_results(workdir, {**dataclasses.asdict(config), **(extra_config or {})}, metrics,
                          study=STUDY)
     return metrics, outcome.history
