@@ -212,6 +212,12 @@ class DNIConfig(FastPathOptions):
                     "device (it fails on blocks pinned to several)")
         return None
 
+    def steps_per_execution_unsupported(self):
+        if self.cluster:
+            return ("--cluster: the lost-worker handler must see every step (it drops a dead "
+                    "worker's block between steps)")
+        return None
+
     def mixed_precision_unsupported(self):
         return ("the synthetic-gradient modules stay float32 and the DNI step does not yet "
                 "cast between them and 16-bit layers (use --mixed_precision=none)")
@@ -398,14 +404,15 @@ def run_single(config: DNIConfig, workdir: str, image_data=None,
     metrics = {k: v for k, v in final.items() if k != "step"}
     metrics.update(test_error=1.0 - final["test_accuracy"], steps=final["step"],
                    wall_seconds_this_call=round(time.time() - start, 1),
-                   sg_lr_scale_used=config.module_lr_scale(),
                    data_source=image_data.source)
     if handler is not None:
         metrics.update(devices=list(devices), cluster_events=handler.events,
                        worker_losses=sum(e["event"] == "lost" for e in handler.events),
                        rejoins=sum(e["event"] == "rejoined" for e in handler.events))
-    results.save_results(workdir, {**dataclasses.asdict(config), **(extra_config or {})}, metrics,
-                         study=STUDY)
+    # The module rate actually used is a setting (sg_lr_scale=None: per method), not a metric.
+    record = {**dataclasses.asdict(config), "sg_lr_scale_used": config.module_lr_scale(),
+              **(extra_config or {})}
+    results.save_results(workdir, record, metrics, study=STUDY)
     return metrics, outcome.history
 
 
