@@ -477,6 +477,11 @@ def _free_port():
         return s.getsockname()[1]
 
 
+# The tests reading the one cluster run share an xdist group, so the run (two
+# processes, about 45 s) happens once, not once per worker.
+CLUSTER_GROUP = pytest.mark.xdist_group("pipelined_cluster")
+
+
 @pytest.fixture(scope="module")
 def cluster_run(tmp_path_factory):
     """Runs tests/pipelined_cluster_chief.py once (it starts, kills, restarts worker task 1;
@@ -501,6 +506,7 @@ def cluster_run(tmp_path_factory):
     return out
 
 
+@CLUSTER_GROUP
 def test_two_worker_processes_train_like_two_devices_in_one_process(cluster_run):
     """Block 1 on task 1 of a local cluster = block 1 on /CPU:1 here (TensorFlow's transport)."""
     import pipelined_cluster_chief as chief
@@ -518,6 +524,7 @@ def test_two_worker_processes_train_like_two_devices_in_one_process(cluster_run)
         np.testing.assert_allclose(remote[f"arr_{i}"], value, atol=1e-6, rtol=0)
 
 
+@CLUSTER_GROUP
 def test_killed_worker_others_keep_training_and_it_rejoins(cluster_run):
     import json
 
@@ -529,6 +536,7 @@ def test_killed_worker_others_keep_training_and_it_rejoins(cluster_run):
     assert log["lost_variables"] > 0 and log["block1_trains_after_rejoin"]
 
 
+@CLUSTER_GROUP
 def test_study_run_drops_a_killed_worker_and_rejoins_it_from_the_checkpoint(cluster_run):
     """run_single with cluster=True: LostWorkerHandler drops block 1, probes, rejoins in fit()."""
     import json

@@ -20,6 +20,8 @@ import tensorflow as tf
 from dni_tf.harness import results, tensorboard_views
 
 METHODS = ("dni", "cdni")
+# One xdist worker runs this module: the `sweep` fixture trains once, not once per worker.
+pytestmark = pytest.mark.xdist_group("tensorboard_sweep")
 
 
 @pytest.fixture(scope="module")
