@@ -131,6 +131,23 @@ def on_lost_device(model: PipelinedDNIClassifier, variable) -> bool:
     return any(same_device(variable.handle.device, model.devices[j]) for j in model.lost_blocks)
 
 
+def _restored_model(model: PipelinedDNIClassifier,
+                    make_model: Callable[[], PipelinedDNIClassifier], checkpoint: str,
+                    num_blocks: Optional[int], resolver, reconnect: bool):
+    """(fresh model built after reconnecting and loaded from `checkpoint`, its variables),
+    checked to match `model` variable for variable."""
+    if reconnect:
+        connect(num_blocks or len(model.block_slices), resolver)
+    fresh = make_model()
+    fresh.load_weights(checkpoint)
+    variables = all_variables(fresh)
+    count = len(all_variables(model))
+    if len(variables) != count:
+        raise ValueError(f"make_model() built {len(variables)} variables, the running model "
+                         f"has {count}: not the same model")
+    return fresh, variables
+
+
 def rejoin(model: PipelinedDNIClassifier, make_model: Callable[[], PipelinedDNIClassifier],
            checkpoint: str, num_blocks: Optional[int] = None, resolver=None,
            reconnect: bool = True) -> PipelinedDNIClassifier:
@@ -143,14 +160,8 @@ def rejoin(model: PipelinedDNIClassifier, make_model: Callable[[], PipelinedDNIC
     `reconnect=False` skips reconnecting (devices of this process only).
     """
     keep = [None if on_lost_device(model, v) else v.numpy() for v in all_variables(model)]
-    if reconnect:
-        connect(num_blocks or len(model.block_slices), resolver)
-    fresh = make_model()
-    fresh.load_weights(checkpoint)
-    variables = all_variables(fresh)
-    if len(variables) != len(keep):
-        raise ValueError(f"make_model() built {len(variables)} variables, the running model "
-                         f"has {len(keep)}: not the same model")
+    fresh, variables = _restored_model(model, make_model, checkpoint, num_blocks, resolver,
+                                       reconnect)
     for v, value in zip(variables, keep):
         if value is not None:
             v.assign(value)
@@ -230,14 +241,7 @@ def rejoin_in_place(model: PipelinedDNIClassifier,
         return []
     old = all_variables(model)
     on_lost = [on_lost_device(model, v) for v in old]
-    if reconnect:
-        connect(num_blocks or len(model.block_slices), resolver)
-    fresh = make_model()
-    fresh.load_weights(checkpoint)
-    new = all_variables(fresh)
-    if len(new) != len(old):
-        raise ValueError(f"make_model() built {len(new)} variables, the running model has "
-                         f"{len(old)}: not the same model")
+    _, new = _restored_model(model, make_model, checkpoint, num_blocks, resolver, reconnect)
     for variable, replacement, gone in zip(old, new, on_lost):
         if gone:
             if tuple(variable.shape) != tuple(replacement.shape):
