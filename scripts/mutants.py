@@ -520,7 +520,7 @@ MUTANTS: List[Mutant] = [
     # -- fast path (--jit_compile, --steps_per_execution, --mixed_precision) --------
     Mutant("fast path: the last, shorter evaluation period is not a period",
            "dni_tf/harness/fast_path.py",
-           "    return steps % eval_every or eval_every", "    return eval_every",
+           "    return (eval_every, steps % eval_every or eval_every)", "    return (eval_every, eval_every)",
            ["tests/test_fast_path.py::test_study_defaults_and_the_conv_fallback_line"]),
     Mutant("fast path: an explicit k that does not divide an evaluation period is accepted",
            "dni_tf/harness/fast_path.py",

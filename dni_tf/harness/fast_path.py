@@ -277,6 +277,7 @@ def log_once(lines: Iterable[str]) -> None:
             logging.info("%s", line)
 
 
-def last_period(steps: int, eval_every: int) -> int:
-    """Length of the last evaluation period of a run of `steps` (harness schedule)."""
-    return steps % eval_every or eval_every
+def evaluation_periods(steps: int, eval_every: int) -> Tuple[int, int]:
+    """(eval_every, length of the last period) of a run of `steps` (harness schedule):
+    the periods that steps per call must divide."""
+    return (eval_every, steps % eval_every or eval_every)

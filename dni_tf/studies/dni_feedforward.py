@@ -32,7 +32,7 @@ from dni_tf.dni_feedforward import (GRADIENT_UNITS, INITS, INPUT_TARGETS, METHOD
                                     POINT_CHOICES, UNLOCKS, build_classifier,
                                     default_sg_lr_scale)
 from dni_tf.errors import WorkerLost
-from dni_tf.harness.fast_path import FastPathOptions, last_period
+from dni_tf.harness.fast_path import FastPathOptions, evaluation_periods
 from dni_tf.harness.config import check_fields, option
 from dni_tf.harness.training import SweepProgress, train_and_evaluate
 
@@ -204,7 +204,7 @@ class DNIConfig(FastPathOptions):
         self.check_fast_path()
 
     def fast_path_periods(self):
-        return (self.eval_every, last_period(self.steps, self.eval_every))
+        return evaluation_periods(self.steps, self.eval_every)
 
     def jit_unsupported(self):
         if self.devices or self.cluster:

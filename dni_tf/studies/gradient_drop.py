@@ -27,7 +27,7 @@ from dni_tf.harness import plots, results, tensorboard_views
 from dni_tf.harness import cli
 from dni_tf.errors import TrainingDiverged
 from dni_tf.gradient_dropping import DROPPED_STATES, GRANULARITIES, GradientDropping
-from dni_tf.harness.fast_path import FastPathOptions, last_period
+from dni_tf.harness.fast_path import FastPathOptions, evaluation_periods
 from dni_tf.harness.config import check_fields, option
 from dni_tf.harness.training import SweepProgress, train_and_evaluate
 
@@ -82,7 +82,7 @@ class GradientDropConfig(FastPathOptions):
         self.check_fast_path()
 
     def fast_path_periods(self):
-        return (self.eval_every, last_period(self.steps, self.eval_every))
+        return evaluation_periods(self.steps, self.eval_every)
 
 
 def build_model(config: GradientDropConfig, keep_prob: float, image_shape, num_classes) -> GradientDropping:

@@ -23,7 +23,7 @@ from dni_tf.harness import cli
 from dni_tf import data as data_lib
 from dni_tf.harness import plots, results, tensorboard_views
 from dni_tf.multi_network import METHODS, SG_CONTEXTS, MultiNetwork, episode_dataset
-from dni_tf.harness.fast_path import FastPathOptions, last_period
+from dni_tf.harness.fast_path import FastPathOptions, evaluation_periods
 from dni_tf.harness.config import check_fields, option
 from dni_tf.harness.training import SweepProgress, train_and_evaluate
 
@@ -81,7 +81,7 @@ class MultiNetworkConfig(FastPathOptions):
         self.check_fast_path()
 
     def fast_path_periods(self):
-        return (self.eval_steps, last_period(self.train_steps, self.eval_steps))
+        return evaluation_periods(self.train_steps, self.eval_steps)
 
     def mixed_precision_unsupported(self):
         if self.method == "dni":

@@ -27,7 +27,7 @@ from absl import logging
 from dni_tf.harness import cli, plots, results, tensorboard_views
 from dni_tf.data import sequence_tasks, text
 from dni_tf.truncated_bptt import METHODS, UPDATES, ResetEvalState, TruncatedBPTT
-from dni_tf.harness.fast_path import FastPathOptions, last_period
+from dni_tf.harness.fast_path import FastPathOptions, evaluation_periods
 from dni_tf.harness.config import check_fields, option
 from dni_tf.harness.training import SweepProgress, train_and_evaluate
 
@@ -298,7 +298,7 @@ class LanguageModelConfig(SyntheticGradientOptions, FastPathOptions):
         self.check_fast_path()
 
     def fast_path_periods(self):
-        return (self.eval_every, last_period(self.steps, self.eval_every))
+        return evaluation_periods(self.steps, self.eval_every)
 
     def mixed_precision_unsupported(self):
         return _NO_MIXED_PRECISION

@@ -35,7 +35,7 @@ from dni_tf.harness.cli import value_label
 from dni_tf.errors import UsageError
 from dni_tf.harness.config import check_fields, option
 from dni_tf.harness.fast_path import (FastPath, FastPathOptions, default_steps_per_execution,
-                                      last_period, log_once, under_distribution)
+                                      evaluation_periods, log_once, under_distribution)
 from dni_tf.targeted_dropout import EVALUATIONS, REGIMES, RAMPS, regime_variant, \
     set_evaluation, targeted_dropout_mlp
 
@@ -351,7 +351,7 @@ def run_study(data, workdir: str, config: TargetedDropoutConfig,
 
     config.validate()
     steps, eval_every, per_epoch = config.schedule(len(data.train[1]))
-    periods = (eval_every, last_period(steps, eval_every))
+    periods = evaluation_periods(steps, eval_every)
     config.check_fast_path(periods)  # before any training
     record = dict(dataclasses.asdict(config), **(extra_config or {}), workdir=workdir,
                   total_steps=steps, eval_every_steps=eval_every, steps_per_epoch=per_epoch)

@@ -26,7 +26,7 @@ from dni_tf import models
 from dni_tf.harness import cli, results, tensorboard_views
 from dni_tf import data as data_lib
 from dni_tf.threshold_updates import ACCUMULATIONS, ThresholdUpdates
-from dni_tf.harness.fast_path import FastPathOptions, last_period
+from dni_tf.harness.fast_path import FastPathOptions, evaluation_periods
 from dni_tf.harness.config import check_fields, option
 from dni_tf.harness.training import SweepProgress, train_and_evaluate
 
@@ -82,7 +82,7 @@ class ThresholdSweepConfig(FastPathOptions):
         self.check_fast_path()
 
     def fast_path_periods(self):
-        return (self.eval_every, last_period(self.steps, self.eval_every))
+        return evaluation_periods(self.steps, self.eval_every)
 
     def mixed_precision_unsupported(self):
         if self.mixed_precision == "float16":
