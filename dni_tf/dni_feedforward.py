@@ -324,6 +324,10 @@ def _flat(tensors) -> tf.Tensor:
     return tf.concat([tf.reshape(t, [-1]) for t in tensors], axis=0)
 
 
+def _float32(t):
+    return tf.cast(t, tf.float32)
+
+
 def _scale_backward(h, lam: float):
     """Forward: `h` exactly; backward: the incoming gradient times `lam`."""
     stopped = tf.stop_gradient(h)
@@ -690,10 +694,14 @@ class DNIClassifier(keras.Model):
                 true_grads[j] = grad
                 if j > 0:
                     grad = tape.gradient(outputs[j], inputs[j], output_gradients=grad)
+        # Under a 16-bit policy the blocks' activations (and the gradients at them)
+        # are 16-bit while the modules are float32: cotangents are cast to the
+        # activation's dtype, targets and diagnostics are computed in float32.
         if self.oracle:
             cotangents = [self.sg_scale * g for g in true_grads]
         else:
-            cotangents = [(1.0 - lam) * self.sg_scale * p / units for p in sg_preds]
+            cotangents = [tf.cast((1.0 - lam) * self.sg_scale * p / units, out.dtype)
+                          for p, out in zip(sg_preds, outputs)]
 
         gated = self._gated_blocks()
         block_vars = [self._layer_vars(j) for j in range(num_points + 1)]
@@ -709,7 +717,8 @@ class DNIClassifier(keras.Model):
         if lam > 0.0 and self.sg_scale != 1.0:
             arriving = tape.gradient(
                 [*outputs[:-1], loss], inputs[1:],
-                output_gradients=[*[(1.0 - lam) * p / units for p in sg_preds], tf.ones_like(loss)],
+                output_gradients=[*[tf.cast((1.0 - lam) * p / units, out.dtype)
+                                    for p, out in zip(sg_preds, outputs)], tf.ones_like(loss)],
                 unconnected_gradients=tf.UnconnectedGradients.ZERO)
             scales = [1.0] * num_points
         else:
@@ -719,9 +728,10 @@ class DNIClassifier(keras.Model):
                       for k in range(num_points)]
         targets = []
         for k in range(num_points):
-            target = arriving[k] * units / scales[k]
+            target = _float32(arriving[k]) * units / scales[k]
             if self.target_mix > 0.0:
-                target = self.target_mix * true_grads[k] * units + (1.0 - self.target_mix) * target
+                target = (self.target_mix * _float32(true_grads[k]) * units
+                          + (1.0 - self.target_mix) * target)
             targets.append(tf.stop_gradient(target))
         sg_losses = [regression_loss(p, t) for p, t in zip(sg_preds, targets)]
         # d(mean_n ||p_n - t_n||^2)/dp = 2 (p - t) / B; / replicas as gradients are summed.
@@ -734,7 +744,8 @@ class DNIClassifier(keras.Model):
         if input_preds:
             for pred, real in zip(input_preds, input_targets):
                 input_losses.append(regression_loss(pred, real))
-                output_grads.append(2.0 * (pred - real) / examples)
+                output_grads.append(tf.cast(
+                    2.0 * (_float32(pred) - _float32(real)) / examples, pred.dtype))
             sources += input_values
             input_vars = [v for m in self.input_models for v in m.trainable_variables]
         aux_grads = tape.gradient(sources, module_vars + input_vars, output_gradients=output_grads,
@@ -787,9 +798,8 @@ class DNIClassifier(keras.Model):
             tracker.update_state(value)
         if self.diagnostics:
             for k in range(num_points):
-                sg = (self.sg_scale * true_grads[k] * units if self.oracle
-                      else self.sg_scale * sg_preds[k])
-                true = true_grads[k] * units
+                true = _float32(true_grads[k]) * units
+                sg = self.sg_scale * true if self.oracle else self.sg_scale * sg_preds[k]
                 dot = tf.reduce_sum(sg * true)
                 sg_norm = tf.norm(tf.reshape(sg, [-1]))
                 true_norm = tf.norm(tf.reshape(true, [-1]))

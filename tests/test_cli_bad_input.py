@@ -94,8 +94,11 @@ ENTRY_POINTS = {
         (["--lr_boundaries=0.5,0.5", *CPU], "--lr_boundaries: 0.5 is given more than once"),
         (["--method=dni,dni", *CPU], "--method: 'dni' is given more than once"),
         (["--layers=3,3", *CPU], "--layers: 3 is given more than once"),
-        (["--mixed_precision=bfloat16", "--method=backprop", *CPU],
-         "--mixed_precision=bfloat16: not supported here: the synthetic-gradient modules"),
+        (["--mixed_precision=bfloat16", "--method=dni", "--execution=pipelined", *CPU],
+         "--mixed_precision=bfloat16: not supported here: the block-wise step of "
+         "execution=pipelined"),
+        (["--mixed_precision=float16", "--method=dni", *CPU],
+         "--mixed_precision=float16: not supported here: the training step does not scale"),
         (["--method=backprop", "--devices=/CPU:0,/CPU:1", "--jit_compile", *CPU],
          "--jit_compile=true: not supported here: jit_compile with --devices"),
         (["--batch_size=1498", *CPU],

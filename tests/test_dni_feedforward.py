@@ -210,7 +210,8 @@ def _cli(*args, workdir):
 def test_cli_grid_writes_table_history_and_figures(tmp_path):
     workdir = tmp_path / "grid"
     proc = _cli("--dataset=digits", "--method=backprop,cdni", "--layers=3", "--steps=4",
-                "--eval_every=2", "--batch_size=32", workdir=workdir)
+                "--eval_every=2", "--batch_size=32", "--mixed_precision=bfloat16",
+                workdir=workdir)
     assert proc.returncode == 0, proc.stderr[-2000:]
     table = pd.read_csv(workdir / "table.csv")
     assert list(table["method"]) == ["backprop", "cdni"]
@@ -221,6 +222,7 @@ def test_cli_grid_writes_table_history_and_figures(tmp_path):
         assert (workdir / name).stat().st_size > 0
     run = json.loads((workdir / "fcn3_cdni" / "results.json").read_text())
     assert run["config"]["method"] == "cdni" and run["metrics"]["steps"] == 4
+    assert run["config"]["mixed_precision"] == "bfloat16"
     history = pd.read_csv(workdir / "fcn3_cdni" / "history.csv")
     assert list(history["step"]) == [2, 4] and "train_sg_loss_2" in history
 
@@ -491,6 +493,43 @@ def test_one_step_matches_a_hand_computed_dni_step(method, sg_scale, lambda_mix,
         assert logs[f"sg_cosine_{k}"] == pytest.approx(cosine, rel=1e-4, abs=1e-5)
         assert logs[f"sg_norm_ratio_{k}"] == pytest.approx(ratio, rel=1e-4)
         assert logs[f"update_cosine_{k}"] == pytest.approx(update_cosine, rel=1e-4, abs=1e-5)
+
+
+BF16_CASES = [
+    ("dni", 0.5, 0.5, 0.0, "update"),
+    ("cdni", 1.0, 0.0, 0.3, "update"),
+    ("cdni", 1.0, 0.0, 0.0, "complete"),
+]
+
+
+@pytest.mark.parametrize("method,sg_scale,lambda_mix,target_mix,unlock", BF16_CASES)
+def test_bfloat16_step_follows_the_float32_step(method, sg_scale, lambda_mix, target_mix, unlock):
+    """Under the mixed_bfloat16 policy the blocks compute in bfloat16 and the modules
+    in float32; one SGD step moves every variable as the float32 step does, up to
+    bfloat16 rounding (and the diagnostics come out finite)."""
+    from dni_tf.harness import fast_path
+
+    x, y = X[:STEP_B], Y[:STEP_B]
+    reference = _step_model(method, sg_scale, lambda_mix, unlock, sg_hidden_layers=1,
+                            target_mix=target_mix)
+    try:
+        fast_path.set_mixed_precision("bfloat16")
+        model = _step_model(method, sg_scale, lambda_mix, unlock, sg_hidden_layers=1,
+                            target_mix=target_mix)
+    finally:
+        fast_path.set_mixed_precision("none")
+    model.set_weights(reference.get_weights())
+    assert {layer.compute_dtype for layer in model.net_layers if layer.weights} == {"bfloat16"}
+    assert all(m.compute_dtype == "float32" for m in model.sg_modules)
+    moves = []
+    for m in (reference, model):
+        before = values(m.trainable_variables)
+        logs = m.train_on_batch(x, y, return_dict=True)
+        assert all(np.isfinite(v) for v in logs.values())
+        moves.append([v.numpy() - b for v, b in zip(m.trainable_variables, before)])
+    for v, exact, rounded in zip(model.trainable_variables, *moves):
+        error = np.linalg.norm(rounded - exact) / (np.linalg.norm(exact) + 1e-12)
+        assert error < 0.05, (v.path, error)
 
 
 # --------------------------------------------------------------------------- parity options

@@ -121,6 +121,20 @@ def test_a_period_that_k_does_not_divide_lowers_k(tmp_path):
     assert list(history["step"]) == [3, 6] and calls.ends == [3, 3]
 
 
+def test_awkward_periods_give_a_small_k_and_say_why(caplog):
+    from dni_tf.studies.threshold_updates import ThresholdSweepConfig
+
+    fast_path._LOGGED.clear()
+    with caplog.at_level(logging.INFO):
+        prime = ThresholdSweepConfig(steps=937 * 3, eval_every=937).resolve()
+        even = ThresholdSweepConfig(steps=938 * 3, eval_every=938).resolve()
+    assert (prime.steps_per_execution, even.steps_per_execution) == (1, 14)
+    lines = [r.getMessage() for r in caplog.records if "steps_per_execution" in r.getMessage()]
+    assert lines == ["steps_per_execution 1: no k from 2 to 50 divides the evaluation periods "
+                     "[937] (--eval_every and --steps with a larger common divisor run more "
+                     "steps per call)"]
+
+
 def test_study_defaults_and_the_conv_fallback_line(caplog):
     from dni_tf.studies import gradient_drop, threshold_updates
 

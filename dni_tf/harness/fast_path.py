@@ -85,6 +85,10 @@ def resolve_jit_compile(requested: Optional[bool], network=None,
     return True, None
 
 
+# Below this, auto's choice says so: the periods, not the step, limit the speed.
+SMALL_STEPS_PER_EXECUTION = 5
+
+
 def default_steps_per_execution(periods: Iterable[Optional[int]], cap: int = 50) -> int:
     """Largest k <= cap dividing every positive period (steps between evaluations,
     checkpoints, log lines ...), so each lands at the end of a call; 1 if none.
@@ -254,6 +258,11 @@ class FastPathOptions:
             spe = 1 if why else default_steps_per_execution(periods)
             if why:
                 lines.append(f"steps_per_execution 1 (one step per call): {why}")
+            elif spe < SMALL_STEPS_PER_EXECUTION:
+                lines.append(
+                    f"steps_per_execution {spe}: no k from {spe + 1} to 50 divides the "
+                    f"evaluation periods {sorted({int(p) for p in periods if p})} (--eval_every "
+                    f"and --steps with a larger common divisor run more steps per call)")
         if log:
             log_once(lines)
         return FastPath(bool(jit), int(spe), self.mixed_precision, tuple(lines))

@@ -219,8 +219,12 @@ class DNIConfig(FastPathOptions):
         return None
 
     def mixed_precision_unsupported(self):
-        return ("the synthetic-gradient modules stay float32 and the DNI step does not yet "
-                "cast between them and 16-bit layers (use --mixed_precision=none)")
+        if self.mixed_precision == "bfloat16" and (
+                self.execution == "pipelined" or self.devices or self.cluster):
+            return ("the block-wise step of execution=pipelined, --devices and --cluster does "
+                    "not yet cast between the float32 modules and 16-bit blocks (use "
+                    "--mixed_precision=none, or the default sequential step)")
+        return super().mixed_precision_unsupported()
 
     def _validate_pipeline(self) -> None:
         from dni_tf.pipelined_dni import EXECUTIONS, check_options
