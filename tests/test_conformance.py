@@ -182,6 +182,14 @@ MIRRORED_DIFFERS = {
     "cdni_sparse_complete_unlock": "batch norm statistics are computed per replica",
     "gradient_dropping_replica": "which replicas survive depends on the number of replicas",
 }
+# Cases whose step does not run under the mixed_bfloat16 policy yet (their studies
+# refuse --mixed_precision=bfloat16 with one line).
+NO_BFLOAT16 = {
+    "cdni_pipelined": "the block-wise step does not cast between float32 modules and 16-bit blocks",
+    "truncated_bptt": "TruncatedBPTT keeps its LSTM state and synthetic gradients float32",
+    "truncated_bptt_dni_aux": "TruncatedBPTT keeps its LSTM state and synthetic gradients float32",
+    "multi_network_dni": "the messages are not cast to the float32 module",
+}
 # Cases that refuse a strategy with several replicas, with the error they raise.
 MIRRORED_REFUSED = {
     "cdni_pipelined": "places blocks on devices itself",
@@ -205,7 +213,8 @@ def _assert_same_state(a, b, atol=0.0):
         np.testing.assert_allclose(va, vb, atol=atol, rtol=0, err_msg=ka)
 
 
-def _train(make, epochs=2, jit_compile="auto", strategy=None, callbacks=(), run_eagerly=False):
+def _train(make, epochs=2, jit_compile="auto", strategy=None, callbacks=(), run_eagerly=False,
+           steps_per_execution=1):
     keras.utils.set_random_seed(0)
     if strategy is None:
         model, data = make(jit_compile)
@@ -213,6 +222,7 @@ def _train(make, epochs=2, jit_compile="auto", strategy=None, callbacks=(), run_
         with strategy.scope():
             model, data = make(jit_compile)
     model.run_eagerly = run_eagerly
+    model.steps_per_execution = steps_per_execution
     history = model.fit(_dataset(data), epochs=epochs, verbose=0, shuffle=False,
                         callbacks=list(callbacks))
     return model, history.history
@@ -308,3 +318,37 @@ def test_checkpoint_round_trip_and_continued_training(case, tmp_path):
 
     restored.fit(_dataset(data), epochs=1, verbose=0)
     _assert_same_state(uninterrupted, _state(restored), atol=1e-6)
+
+
+def test_several_steps_per_call_change_nothing_but_the_speed(case):
+    """The fast path's default: 3 steps per call (one epoch) give the same state as
+    one step per call, to the last bit."""
+    model, history = _train(CASES[case], steps_per_execution=3)
+    assert model.steps_per_execution == 3 and len(history["loss"]) == 2
+    _assert_same_state(_reference(case, 2)[0], _state(model))
+
+
+def test_bfloat16_runs_deterministically_and_resumes_exactly(case, tmp_path):
+    """Under mixed_bfloat16: float32 variables, 16-bit computation, a finite loss,
+    and a checkpoint after epoch 1 continues to the uninterrupted run's state."""
+    if case in NO_BFLOAT16:
+        pytest.skip(f"bfloat16 refused: {NO_BFLOAT16[case]}")
+    from dni_tf.harness import fast_path
+
+    make = CASES[case]
+    path = os.path.join(tmp_path, "ckpt.weights.h5")
+    try:
+        fast_path.set_mixed_precision("bfloat16")
+        uninterrupted, history = _train(make)
+        assert np.isfinite(history["loss"]).all()
+        assert {v.dtype for v in uninterrupted.trainable_variables} == {"float32"}
+        assert "bfloat16" in {layer.compute_dtype for layer in uninterrupted._flatten_layers()}
+        interrupted, _ = _train(make, epochs=1)
+        save(interrupted, path)
+        restored, data = make("auto")
+        build_for_restore(restored, next(iter(_dataset(data))))
+        restore(restored, path)
+        restored.fit(_dataset(data), epochs=1, verbose=0)
+    finally:
+        fast_path.set_mixed_precision("none")
+    _assert_same_state(_state(uninterrupted), _state(restored), atol=1e-6)
