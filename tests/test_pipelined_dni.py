@@ -559,6 +559,35 @@ def test_study_run_drops_a_killed_worker_and_rejoins_it_from_the_checkpoint(clus
     assert "block 1 rejoined at step" in stderr and "(step 4)" in stderr
 
 
+def test_an_error_surfacing_when_the_step_logs_are_read_reaches_the_handler(tmp_path):
+    """A step that failed midway can leave an op pending on the dead worker; its error
+    surfaces at the next read once the worker is back. The handler reads each step's
+    logs itself, so that error is handled (rejoin, retry) instead of ending fit()."""
+    import types
+
+    from dni_tf.harness.lost_workers import LostWorkerHandler
+
+    class PendingOnDeadWorker:
+        def numpy(self):
+            raise tf.errors.AbortedError(None, None, "Unable to find a context_id matching "
+                                         "the specified one (7). Perhaps the worker was restarted")
+
+    calls, rejoins = [], []
+    tf.zeros(())  # the eager context exists in any real run
+
+    def inner(iterator):
+        calls.append(iterator)
+        return {"loss": PendingOnDeadWorker() if len(calls) == 1 else tf.constant(0.5)}
+
+    handler = LostWorkerHandler(lambda: None, str(tmp_path))
+    handler.set_model(types.SimpleNamespace(lost_blocks=[1]))  # block 1 already lost
+    handler._inner = inner
+    handler._lose = lambda exc, seconds: False  # no further block to drop
+    handler._try_rejoin = lambda: rejoins.append(len(calls)) or True
+    logs = handler._guarded_step("batches")
+    assert logs == {"loss": np.float32(0.5)} and len(calls) == 2 and rejoins == [1]
+
+
 @pytest.mark.parametrize("tf_config,message", [
     (None, "--cluster: TF_CONFIG is not set"),
     ("{not json", "--cluster: TF_CONFIG cannot be read"),

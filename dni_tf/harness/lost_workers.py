@@ -26,10 +26,12 @@ tasks of a TensorFlow cluster (`dni_tf.pipelined_cluster`):
   and at each rejoin.
 
 Use it after the callback that restores a resumed run's checkpoint (in
-`train_and_evaluate` pass it in `callbacks=`). Not solved: a worker killed
-in the middle of a step can leave an operation pending on it whose error
-surfaces inside Keras' loop, outside this callback, when the worker returns
-(docs/pipelined_dni.md, "A lost worker"). A worker lost during
+`train_and_evaluate` pass it in `callbacks=`). A worker killed in the middle
+of a step can leave an operation pending on it whose error surfaces at the
+next read once the worker is back; the handler reads each step's logs itself
+(`_read`), so that error reaches it, not Keras' loop. A read outside a step
+(Keras' epoch-end metric results) can still meet it if the worker returns in
+that moment (docs/pipelined_dni.md, "A lost worker"). A worker lost during
 `ResumableCheckpoint`'s save (after an evaluation) ends the run with the
 error of the save; rerunning resumes from the last checkpoint.
 """
@@ -60,6 +62,19 @@ def _sync() -> None:
     from tensorflow.python.eager import context
 
     context.async_wait()
+
+
+def _read(logs):
+    """The step's logs as numpy values, read here rather than by Keras.
+
+    Keras reads the logs right after each call (to hand them to the callbacks).
+    With remote devices that read is where the error of an operation left
+    pending on a dead worker by a step that failed midway surfaces once the
+    worker is back ("Unable to find a context_id"): reading here puts it inside
+    the handler's try, so it is handled like any failed step instead of ending
+    fit().
+    """
+    return tf.nest.map_structure(lambda t: t.numpy() if hasattr(t, "numpy") else t, logs)
 
 
 def _join(items) -> str:
@@ -151,7 +166,7 @@ class LostWorkerHandler(keras.callbacks.Callback):
                     # Not while a block is lost: an operation of the failed step may stay
                     # pending on the dead task until it is back (see _try_rejoin).
                     _sync()
-                return logs
+                return _read(logs)
             except pipelined_cluster.LOST_WORKER_ERRORS as exc:
                 tf.experimental.async_clear_error()
                 # The failed step's batch is skipped; this step trains on the next one.
@@ -174,7 +189,7 @@ class LostWorkerHandler(keras.callbacks.Callback):
             try:
                 logs = self._inner_test(iterator)
                 _sync()
-                return logs
+                return _read(logs)
             except pipelined_cluster.LOST_WORKER_ERRORS as exc:
                 tf.experimental.async_clear_error()
                 if not self._lose(exc, time.monotonic() - start):
