@@ -29,9 +29,10 @@ Use it after the callback that restores a resumed run's checkpoint (in
 `train_and_evaluate` pass it in `callbacks=`). A worker killed in the middle
 of a step can leave an operation pending on it whose error surfaces at the
 next read once the worker is back; the handler reads each step's logs itself
-(`_read`), so that error reaches it, not Keras' loop. A read outside a step
-(Keras' epoch-end metric results) can still meet it if the worker returns in
-that moment (docs/pipelined_dni.md, "A lost worker"). A worker lost during
+(`_read`), so that error reaches it, not Keras' loop; and since Keras waits
+for every pending operation when an epoch's batches end, a lost block is
+waited for (up to `wait_seconds`) after the epoch's last batch rather than
+at the evaluation (docs/pipelined_dni.md, "A lost worker"). A worker lost during
 `ResumableCheckpoint`'s save (after an evaluation) ends the run with the
 error of the save; rerunning resumes from the last checkpoint.
 """
@@ -75,6 +76,10 @@ def _read(logs):
     fit().
     """
     return tf.nest.map_structure(lambda t: t.numpy() if hasattr(t, "numpy") else t, logs)
+
+
+def _step_or(step, default):
+    return default if step is None else step  # step 0 (train begin) is a step
 
 
 def _join(items) -> str:
@@ -235,7 +240,7 @@ class LostWorkerHandler(keras.callbacks.Callback):
         candidates = [p for _, p in ResumableCheckpoint.checkpoints(self.checkpoint_dir)[:1]]
         if os.path.exists(self.path):
             candidates.append(self.path)
-        steps = [(checkpoint_step(p) or -1, p) for p in candidates]
+        steps = [(_step_or(checkpoint_step(p), -1), p) for p in candidates]
         if not steps:
             raise CheckpointError(f"no checkpoint in {self.checkpoint_dir} to rejoin from")
         step, path = max(steps)
@@ -306,7 +311,13 @@ class LostWorkerHandler(keras.callbacks.Callback):
     def on_train_batch_end(self, batch, logs=None):
         self.step += 1
         if self.model.lost_blocks:
-            if time.monotonic() >= self._next_probe:
+            steps = (self.params or {}).get("steps")
+            if self.model.stop_training or (steps and batch + 1 >= steps):
+                # The epoch's last batch: Keras now waits for every pending operation
+                # (where an op left on the dead worker fails once it is back, outside
+                # this callback) and then evaluates, which needs every block anyway.
+                self._wait_for_rejoin()
+            elif time.monotonic() >= self._next_probe:
                 self._try_rejoin()
         elif self.step % self.checkpoint_every == 0:
             self._save()
