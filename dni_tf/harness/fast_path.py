@@ -233,9 +233,23 @@ class FastPathOptions:
         lines: List[str] = []
         requested = self.jit_compile
         distributed = under_distribution()
-        if requested is None and distributed:
-            # Not covered by tests/test_conformance.py (XLA and strategies are checked
-            # apart); an explicit --jit_compile=true is still honoured.
+        if distributed and len(tf.distribute.get_strategy().extended.worker_devices) > 1:
+            # Keras' compiled step reads every replica's variables from one XLA
+            # cluster, which XLA refuses ("Trying to access resource ... located in
+            # device CPU:1 from device CPU:0"; TensorFlow's known XLA issue
+            # "tf.Variable on a different device"), for a plain Keras model too.
+            if requested:
+                raise UsageError("--jit_compile=true: not supported with a distribution "
+                                 "strategy over several devices of one machine (XLA cannot "
+                                 "read one replica's variables from another device); use "
+                                 "--jit_compile=auto or false")
+            requested = False
+            if self.jit_compile is None:
+                lines.append("jit_compile off under a distribution strategy over several "
+                             "devices (XLA cannot read one replica's variables from another)")
+        elif requested is None and distributed:
+            # One device per worker: untested with XLA (auto leaves it off); an
+            # explicit --jit_compile=true is honoured.
             requested = False
             lines.append("jit_compile off by default under a distribution strategy "
                          "(--jit_compile=true to try XLA there)")
