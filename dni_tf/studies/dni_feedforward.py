@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
+import traceback
 from typing import Optional, Sequence, Tuple
 
 import keras
@@ -390,6 +391,8 @@ def run_single(config: DNIConfig, workdir: str, image_data=None,
             probe_seconds=config.cluster_probe_seconds, wait_seconds=config.cluster_wait_seconds,
             log_dir=workdir)
         callbacks = [*callbacks, handler]
+        # Keras trims its frames from tracebacks; keep them for worker_lost_traceback.txt.
+        keras.config.disable_traceback_filtering()
     start = time.time()
     try:
         outcome = train_and_evaluate(
@@ -401,9 +404,13 @@ def run_single(config: DNIConfig, workdir: str, image_data=None,
         if handler is None or not isinstance(exc, LOST_WORKER_ERRORS):
             raise
         first = (str(exc).strip().splitlines() or [""])[0]
+        # Where it surfaced, for a bug report (the console gets one line).
+        trace = os.path.join(workdir, "worker_lost_traceback.txt")
+        with open(trace, "w") as f:
+            f.write("".join(traceback.format_exception(exc)))
         raise WorkerLost(f"a cluster worker failed outside the step the handler watches "
                          f"({type(exc).__name__}: {first}); rerun the same command to resume "
-                         "from the last checkpoint") from exc
+                         f"from the last checkpoint (where: {trace})") from exc
     final = outcome.final
     metrics = {k: v for k, v in final.items() if k != "step"}
     metrics.update(test_error=1.0 - final["test_accuracy"], steps=final["step"],
