@@ -328,7 +328,7 @@ def test_several_steps_per_call_change_nothing_but_the_speed(case):
     _assert_same_state(_reference(case, 2)[0], _state(model))
 
 
-def test_bfloat16_runs_deterministically_and_resumes_exactly(case, tmp_path):
+def test_bfloat16_trains_and_resumes_exactly(case, tmp_path):
     """Under mixed_bfloat16: float32 variables, 16-bit computation, a finite loss,
     and a checkpoint after epoch 1 continues to the uninterrupted run's state."""
     if case in NO_BFLOAT16:
@@ -337,6 +337,7 @@ def test_bfloat16_runs_deterministically_and_resumes_exactly(case, tmp_path):
 
     make = CASES[case]
     path = os.path.join(tmp_path, "ckpt.weights.h5")
+
     class SaveAfterFirstEpoch(keras.callbacks.Callback):
         def on_epoch_end(self, epoch, logs=None):
             if epoch == 0:
