@@ -588,6 +588,16 @@ def test_an_error_surfacing_when_the_step_logs_are_read_reaches_the_handler(tmp_
     assert logs == {"loss": np.float32(0.5)} and len(calls) == 2 and rejoins == [1]
 
 
+def test_the_train_begin_rejoin_checkpoint_counts_as_step_0(tmp_path):
+    """A rejoin from the checkpoint written at train begin reports step 0 (not -1)."""
+    from dni_tf.harness.lost_workers import REJOIN_CHECKPOINT, LostWorkerHandler
+
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    save(model, str(tmp_path / REJOIN_CHECKPOINT), step=0)
+    handler = LostWorkerHandler(lambda: None, str(tmp_path))
+    assert handler.newest_checkpoint() == (str(tmp_path / REJOIN_CHECKPOINT), 0)
+
+
 @pytest.mark.parametrize("tf_config,message", [
     (None, "--cluster: TF_CONFIG is not set"),
     ("{not json", "--cluster: TF_CONFIG cannot be read"),
