@@ -187,6 +187,17 @@ def threshold_updates(args, peak):
            {name: (plain_same, 1.3) for name in list(contenders)[2:]})
 
 
+def _method_contenders(make, batch, learning_rate, jit, spe, suffix=""):
+    """Plain Keras fit (the backprop model, Keras' defaults), then backprop, dni and
+    cdni with the given execution options; `make(method)` builds each model."""
+    contenders = {"plain Keras fit": Contender(make("backprop"), batch,
+                                               keras.optimizers.Adam(learning_rate), "auto", 1)}
+    for method in ("backprop", "dni", "cdni"):
+        contenders[method + suffix] = Contender(
+            make(method), batch, keras.optimizers.Adam(learning_rate), jit, spe)
+    return contenders
+
+
 def dni(args, peak):
     from dni_tf.dni_feedforward import build_classifier
     rng = np.random.default_rng(0)
@@ -198,11 +209,7 @@ def dni(args, peak):
         return build_classifier("fcn", 4, (28, 28, 1), 10, method=method)
 
     jit, _ = fast_path.resolve_jit_compile(None, make("backprop"))
-    contenders = {"plain Keras fit": Contender(make("backprop"), batch,
-                                               keras.optimizers.Adam(1e-4), "auto", 1)}
-    for method in ("backprop", "dni", "cdni"):
-        contenders[f"{method}, jit={jit} spe={spe}"] = Contender(
-            make(method), batch, keras.optimizers.Adam(1e-4), jit, spe)
+    contenders = _method_contenders(make, batch, 1e-4, jit, spe, f", jit={jit} spe={spe}")
     race(contenders, args.steps, args.rounds)
     flops = train_flops_per_example(contenders["cdni, jit=%s spe=%d" % (jit, spe)].model) * 256
     report(f"feed-forward DNI: FCN 4 x 256, every layer decoupled, batch 256, Adam; "
@@ -227,11 +234,7 @@ def dni_parity_epoch(args, peak):
                                 sg_hidden_layers=1, sg_units=256)
 
     jit, _ = fast_path.resolve_jit_compile(None, make("backprop"))
-    contenders = {"plain Keras fit": Contender(make("backprop"), batch,
-                                               keras.optimizers.Adam(1e-3), "auto", 1)}
-    for method in ("backprop", "dni", "cdni"):
-        contenders[method] = Contender(make(method), batch, keras.optimizers.Adam(1e-3),
-                                       jit, spe)
+    contenders = _method_contenders(make, batch, 1e-3, jit, spe)
     race(contenders, args.steps, args.rounds)
     flops = train_flops_per_example(contenders["cdni"].model) * 64
     report(f"parity MLP 784-256-256-10, one decoupling point, batch 64, Adam; "

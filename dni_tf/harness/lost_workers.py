@@ -78,10 +78,6 @@ def _read(logs):
     return tf.nest.map_structure(lambda t: t.numpy() if hasattr(t, "numpy") else t, logs)
 
 
-def _step_or(step, default):
-    return default if step is None else step  # step 0 (train begin) is a step
-
-
 def _join(items) -> str:
     return ", ".join(map(str, items))
 
@@ -240,7 +236,8 @@ class LostWorkerHandler(keras.callbacks.Callback):
         candidates = [p for _, p in ResumableCheckpoint.checkpoints(self.checkpoint_dir)[:1]]
         if os.path.exists(self.path):
             candidates.append(self.path)
-        steps = [(_step_or(checkpoint_step(p), -1), p) for p in candidates]
+        # Step 0 (the train-begin checkpoint) is a step; -1 only for a file without one.
+        steps = [(-1 if (step := checkpoint_step(p)) is None else step, p) for p in candidates]
         if not steps:
             raise CheckpointError(f"no checkpoint in {self.checkpoint_dir} to rejoin from")
         step, path = max(steps)
