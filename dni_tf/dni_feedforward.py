@@ -243,6 +243,10 @@ class SyntheticInput(keras.layers.Layer):
 
     def __init__(self, target_shape: Tuple[int, ...], hidden_layers: int = 0,
                  units: Optional[int] = None, kernel_size: int = 5, seed: int = 0, **kwargs):
+        # float32 whatever the global (mixed) policy, like the synthetic gradient
+        # modules: it regresses onto activations, and bfloat16 would round away the
+        # small differences that train it.
+        kwargs.setdefault("dtype", "float32")
         super().__init__(**kwargs)
         self.target_shape = tuple(int(d) for d in target_shape)
         self.hidden_layers = hidden_layers
@@ -257,13 +261,16 @@ class SyntheticInput(keras.layers.Layer):
             init = keras.initializers.HeNormal(seed=seed + i)
             self.hidden_cores.append(
                 keras.layers.Conv2D(width, kernel_size, padding="same", use_bias=False,
-                                    kernel_initializer=init) if self.conv
-                else keras.layers.Dense(width, use_bias=False, kernel_initializer=init))
-            self.hidden_norms.append(keras.layers.BatchNormalization())
+                                    kernel_initializer=init, dtype=self.dtype_policy) if self.conv
+                else keras.layers.Dense(width, use_bias=False, kernel_initializer=init,
+                                        dtype=self.dtype_policy))
+            self.hidden_norms.append(keras.layers.BatchNormalization(dtype=self.dtype_policy))
         init = keras.initializers.GlorotUniform(seed=seed + hidden_layers)
         self.output_layer = (keras.layers.Conv2D(self.target_shape[-1], kernel_size, padding="same",
-                                            kernel_initializer=init) if self.conv
-                        else keras.layers.Dense(self.target_shape[0], kernel_initializer=init))
+                                                 kernel_initializer=init, dtype=self.dtype_policy)
+                             if self.conv
+                             else keras.layers.Dense(self.target_shape[0], kernel_initializer=init,
+                                                     dtype=self.dtype_policy))
 
     def build(self, input_shape):
         shape = tuple(input_shape)

@@ -136,18 +136,21 @@ class MultiNetwork(keras.Model):
                                           kernel_initializer=glorot(0), name="a_encoder")
         self.cell_a = keras.layers.LSTMCell(hidden_a, kernel_initializer=glorot(1),
                                             recurrent_initializer=orthogonal(2), name="a_core")
-        self.parity_head = keras.layers.Dense(2, kernel_initializer=glorot(3), name="a_parity")
+        # Under mixed precision the heads give float32 logits (Keras' advice for output
+        # layers) and M stays float32: its inputs and targets are cast at its boundary.
+        self.parity_head = keras.layers.Dense(2, kernel_initializer=glorot(3), dtype="float32",
+                                              name="a_parity")
         self.message = keras.layers.Dense(message_size, kernel_initializer=glorot(4),
                                           name="a_message")
         self.cell_b = keras.layers.LSTMCell(hidden_b, kernel_initializer=glorot(5),
                                             recurrent_initializer=orthogonal(6), name="b_core")
         self.counter = keras.layers.Dense(self.num_counts, kernel_initializer=glorot(7),
-                                          name="b_counter")
+                                          dtype="float32", name="b_counter")
         self.synthetic_gradient = None
         if method == "dni":
             self.synthetic_gradient = keras.layers.Dense(
                 message_size, kernel_initializer="zeros", bias_initializer="zeros",
-                name="synthetic_gradient")
+                dtype="float32", name="synthetic_gradient")
         self.b_optimizer = None
         self.sg_optimizer = None
         names = ["loss", "a_loss", "b_loss", "a_accuracy", "b_accuracy", "b_final_accuracy"]
@@ -229,7 +232,7 @@ class MultiNetwork(keras.Model):
 
     def sg_input(self, message, count):
         """M's input for one message: the message (constant) [+ one-hot count, cDNI]."""
-        m = tf.stop_gradient(message)
+        m = tf.cast(tf.stop_gradient(message), tf.float32)
         if self.sg_context == "count":
             m = tf.concat([m, tf.one_hot(count, self.num_counts)], axis=-1)
         return m
@@ -295,7 +298,8 @@ class MultiNetwork(keras.Model):
                         a_loss = _cross_entropy(parity[:, t], logits)
                         sg_in = self.sg_input(m, counts[:, t // k])
                         sg = self.synthetic_gradient(sg_in)
-                        objective = a_loss + surrogate_objective(m, sg, batch)
+                        objective = a_loss + surrogate_objective(tf.cast(m, tf.float32), sg,
+                                                                 batch)
                     a_grads = a_tape.gradient(objective, a_vars)
                     self.optimizer.apply(replica_mean(a_grads), a_vars)
                     # Carried, not differentiated: A's gradient stops at each step.
@@ -319,7 +323,7 @@ class MultiNetwork(keras.Model):
                     b_losses.append(b_loss)
         del b_tape
         # Per-example units: B's loss is a batch mean.
-        target = tf.concat(true_grads, axis=0) * tf.cast(batch, tf.float32)
+        target = tf.cast(tf.concat(true_grads, axis=0), tf.float32) * tf.cast(batch, tf.float32)
         sg_vars = self.synthetic_gradient.trainable_variables
         with tf.GradientTape() as sg_tape:
             sg_loss = regression_loss(self.synthetic_gradient(tf.concat(sg_inputs, axis=0)), target)

@@ -322,11 +322,12 @@ class PipelinedDNIClassifier(DNIClassifier):
                                   unconnected_gradients=tf.UnconnectedGradients.ZERO)
             scale = units
         else:
-            grads = tape.gradient(out, variables + [a],
-                                  output_gradients=self.sg_scale * tf.stop_gradient(pred) / units,
+            # The float32 prediction enters a 16-bit block's backward pass in its dtype.
+            cotangent = tf.cast(self.sg_scale * tf.stop_gradient(pred) / units, out.dtype)
+            grads = tape.gradient(out, variables + [a], output_gradients=cotangent,
                                   unconnected_gradients=tf.UnconnectedGradients.ZERO)
             scale = units / self.sg_scale
-        target = tf.stop_gradient(grads[-1] * scale) if j > 0 else None
+        target = tf.stop_gradient(tf.cast(grads[-1], tf.float32) * scale) if j > 0 else None
         return grads[:-1], target
 
     def _build_optimizers(self):
@@ -583,7 +584,8 @@ class PipelinedDNIClassifier(DNIClassifier):
         for k in range(1, n):
             model = self.input_models[k - 1]
             with self.device_of(k):
-                real = tf.stop_gradient(outputs[k - 1])
+                # The input model is float32; the block's output may be 16-bit.
+                real = tf.cast(tf.stop_gradient(outputs[k - 1]), input_preds[k].dtype)
                 input_losses.append(regression_loss(input_preds[k], real))
                 updates.append((self.module_optimizers[offset + k - 1], input_tapes[k].gradient(
                     input_preds[k], model.trainable_variables,

@@ -73,6 +73,11 @@ across batches and a checkpoint restores it; `reset_eval_state()` (the
 A `curriculum` (see `dni_tf.data.sequence_tasks.Curriculum`) is updated in
 `train_step` with each batch's bit errors per sequence.
 
+Mixed precision (Keras' `mixed_bfloat16` policy): the LSTM computes in
+bfloat16; the state carried between windows, the head's logits, M and the Aux
+head are float32, so synthetic gradients and their targets never round to 8
+mantissa bits.
+
 XLA: `compile(jit_compile=True)` works when the sequence length is static in
 the data's shape (e.g. PTB chunks: windows then have static sizes); lengths
 that change from batch to batch (the Copy curriculum) cannot be compiled and
@@ -179,9 +184,12 @@ class TruncatedBPTT(keras.Model):
             self.hidden_size, return_sequences=True, return_state=True,
             kernel_initializer=keras.initializers.GlorotUniform(seed=seed),
             recurrent_initializer=keras.initializers.Orthogonal(seed=seed + 1), name="core")
+        # Under mixed precision only the LSTM computes in 16 bits: the head gives float32
+        # logits (Keras' advice for the last layer), and the state between windows, M and
+        # the Aux head stay float32 (synthetic gradients and their targets are regressions).
         self.head = keras.layers.Dense(
             self.num_outputs, kernel_initializer=keras.initializers.GlorotUniform(seed=seed + 2),
-            name="head")
+            dtype="float32", name="head")
         self.synthetic_gradient = None
         self.aux_head = None
         if method in ("dni", "dni_aux"):
@@ -189,11 +197,11 @@ class TruncatedBPTT(keras.Model):
             # zero-initialised: the first synthetic gradients are exactly zero.
             self.synthetic_gradient = keras.layers.Dense(
                 2 * self.hidden_size, kernel_initializer="zeros", bias_initializer="zeros",
-                name="synthetic_gradient")
+                dtype="float32", name="synthetic_gradient")
         if method == "dni_aux":
             # Reads a window-end state [B, 2H], predicts the next synthetic gradient [B, 2H].
             self.aux_head = keras.layers.Dense(2 * self.hidden_size, kernel_initializer="zeros",
-                                               name="aux_head")
+                                               dtype="float32", name="aux_head")
         self._trackers = {name: keras.metrics.Mean(name=name) for name in self._metric_names()}
 
     # ----------------------------------------------------------------- setup
@@ -269,11 +277,14 @@ class TruncatedBPTT(keras.Model):
         """features [B, t, D], state [B, 2H] -> outputs [B, t, H], state [B, 2H].
 
         `valid` [B, t] bool marks real steps; padded steps leave the state as is.
+        Under mixed precision the LSTM runs in its compute dtype (outputs too) and
+        the states in and out are float32.
         """
         h = self.hidden_size
+        state = tf.cast(state, self.core.compute_dtype)
         outputs, new_h, new_c = self.core(features, initial_state=[state[:, :h], state[:, h:]],
                                           mask=valid)
-        return outputs, tf.concat([new_h, new_c], axis=-1)
+        return outputs, tf.cast(tf.concat([new_h, new_c], axis=-1), tf.float32)
 
     def _step_losses(self, logits, y):
         """Per-position loss in nats, [B, t]."""

@@ -94,9 +94,9 @@ ENTRY_POINTS = {
         (["--lr_boundaries=0.5,0.5", *CPU], "--lr_boundaries: 0.5 is given more than once"),
         (["--method=dni,dni", *CPU], "--method: 'dni' is given more than once"),
         (["--layers=3,3", *CPU], "--layers: 3 is given more than once"),
-        (["--mixed_precision=bfloat16", "--method=dni", "--execution=pipelined", *CPU],
-         "--mixed_precision=bfloat16: not supported here: the block-wise step of "
-         "execution=pipelined"),
+        (["--mixed_precision=bfloat16", "--method=dni", "--execution=pipelined", "--cluster",
+          *CPU], "--mixed_precision=bfloat16: not supported here: --cluster: bfloat16 is "
+                 "verified for the block-wise step in one process"),
         (["--mixed_precision=float16", "--method=dni", *CPU],
          "--mixed_precision=float16: not supported here: the training step does not scale"),
         (["--method=backprop", "--devices=/CPU:0,/CPU:1", "--jit_compile", *CPU],
@@ -148,7 +148,8 @@ ENTRY_POINTS = {
                                    "changes the sequence length"),
         (["--steps_per_execution=2", "--steps=2", "--eval_every=2"],
          "--steps_per_execution=2: not supported here: each batch is built from the curriculum"),
-        (["--mixed_precision=bfloat16", *TINY], "--mixed_precision=bfloat16: not supported here"),
+        (["--mixed_precision=float16", *TINY], "--mixed_precision=float16: not supported here: "
+                                               "the training step does not scale the loss"),
         (["--aux_weight=-1", *TINY], "--aux_weight=-1.0 is out of range: allowed [0, inf)"),
         (["--update=per_epoch", *TINY], "--update=per_epoch: value should be one of <per_window|per_batch>"),
         (["--batch_size=4097", *TINY], "--batch_size=4097 is out of range: allowed [1, 4096] "
@@ -178,8 +179,9 @@ ENTRY_POINTS = {
         (["--tick_ratio=0"], "--tick_ratio"),
         (["--method=rtrl"], "--method"),
         (["--tick_ratio=2,-1"], "--tick_ratio=-1 is out of range"),
-        (["--mixed_precision=bfloat16", "--method=backprop,dni", "--dataset=digits",
-          "--batch_size=4", *TINY], "--mixed_precision=bfloat16: not supported here: method=dni"),
+        (["--mixed_precision=float16", "--method=backprop,dni", "--dataset=digits",
+          "--batch_size=4", *TINY], "--mixed_precision=float16: not supported here: the training "
+                                    "step does not scale the loss"),
         (["--learning_rate=inf", "--dataset=digits", *TINY],
          "--learning_rate=inf is not a finite number"),
         (["--batch_size=19", "--dataset=digits", *TINY],

@@ -182,14 +182,6 @@ MIRRORED_DIFFERS = {
     "cdni_sparse_complete_unlock": "batch norm statistics are computed per replica",
     "gradient_dropping_replica": "which replicas survive depends on the number of replicas",
 }
-# Cases whose step does not run under the mixed_bfloat16 policy yet (their studies
-# refuse --mixed_precision=bfloat16 with one line).
-NO_BFLOAT16 = {
-    "cdni_pipelined": "the block-wise step does not cast between float32 modules and 16-bit blocks",
-    "truncated_bptt": "TruncatedBPTT keeps its LSTM state and synthetic gradients float32",
-    "truncated_bptt_dni_aux": "TruncatedBPTT keeps its LSTM state and synthetic gradients float32",
-    "multi_network_dni": "the messages are not cast to the float32 module",
-}
 # Cases that refuse a strategy with several replicas, with the error they raise.
 MIRRORED_REFUSED = {
     "cdni_pipelined": "places blocks on devices itself",
@@ -331,8 +323,6 @@ def test_several_steps_per_call_change_nothing_but_the_speed(case):
 def test_bfloat16_trains_and_resumes_exactly(case, tmp_path):
     """Under mixed_bfloat16: float32 variables, 16-bit computation, a finite loss,
     and a checkpoint after epoch 1 continues to the uninterrupted run's state."""
-    if case in NO_BFLOAT16:
-        pytest.skip(f"bfloat16 refused: {NO_BFLOAT16[case]}")
     from dni_tf.harness import fast_path
 
     make = CASES[case]

@@ -220,11 +220,10 @@ class DNIConfig(FastPathOptions):
         return None
 
     def mixed_precision_unsupported(self):
-        if self.mixed_precision == "bfloat16" and (
-                self.execution == "pipelined" or self.devices or self.cluster):
-            return ("the block-wise step of execution=pipelined, --devices and --cluster does "
-                    "not yet cast between the float32 modules and 16-bit blocks (use "
-                    "--mixed_precision=none, or the default sequential step)")
+        if self.mixed_precision == "bfloat16" and self.cluster:
+            return ("--cluster: bfloat16 is verified for the block-wise step in one process "
+                    "(execution=pipelined, --devices), not across worker processes (use "
+                    "--mixed_precision=none)")
         return super().mixed_precision_unsupported()
 
     def _validate_pipeline(self) -> None:

@@ -83,12 +83,6 @@ class MultiNetworkConfig(FastPathOptions):
     def fast_path_periods(self):
         return evaluation_periods(self.train_steps, self.eval_steps)
 
-    def mixed_precision_unsupported(self):
-        if self.method == "dni":
-            return ("method=dni: the synthetic gradient module M is not yet cast between "
-                    "float32 and the 16-bit messages (use --mixed_precision=none, or --method=backprop)")
-        return super().mixed_precision_unsupported()
-
     @property
     def train_steps(self) -> int:
         """Batches of episodes to train: `digits` converted, else `steps`."""

@@ -77,11 +77,6 @@ class SyntheticGradientOptions:
 
 
 # --------------------------------------------------------------- Copy tasks
-_NO_MIXED_PRECISION = ("TruncatedBPTT keeps its LSTM state and synthetic gradients in float32 "
-                       "and does not yet cast them for 16-bit layers (use "
-                       "--mixed_precision=none)")
-
-
 @dataclasses.dataclass
 class CopyTaskConfig(SyntheticGradientOptions, FastPathOptions):
     """One Copy / Repeat Copy run; defaults are a small CPU budget."""
@@ -141,9 +136,6 @@ class CopyTaskConfig(SyntheticGradientOptions, FastPathOptions):
     def steps_per_execution_unsupported(self):
         return ("each batch is built from the curriculum after the previous step, at its own "
                 "sequence length")
-
-    def mixed_precision_unsupported(self):
-        return _NO_MIXED_PRECISION
 
 
 def build_copy_model(cfg: CopyTaskConfig):
@@ -299,9 +291,6 @@ class LanguageModelConfig(SyntheticGradientOptions, FastPathOptions):
 
     def fast_path_periods(self):
         return evaluation_periods(self.steps, self.eval_every)
-
-    def mixed_precision_unsupported(self):
-        return _NO_MIXED_PRECISION
 
 
 def check_stream_sizes(cfg: LanguageModelConfig, corpus: text.CharCorpus) -> None:
