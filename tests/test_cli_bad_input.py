@@ -51,7 +51,8 @@ ENTRY_POINTS = {
         # The fast path: an explicit request that cannot be honoured.
         (["--steps_per_execution=7", *TINY], "--steps_per_execution=7: must divide the "
                                              "evaluation/checkpoint/logging periods [1]"),
-        (["--mixed_precision=float16", *TINY], "--mixed_precision=float16: not supported here"),
+        (["--mixed_precision=fp16", *TINY], "--mixed_precision=fp16: value should be one of "
+                                            "<none|bfloat16|float16>"),
         (["--jit_compile=maybe", *TINY], "--jit_compile='maybe' is not allowed: choose from "
                                          "true, false, auto"),
         (["--dataset=mnist", "--data_dir={empty}"], "missing {empty}/mnist/train-images"),

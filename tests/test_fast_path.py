@@ -195,6 +195,69 @@ def test_bfloat16_trains_each_family_and_keeps_synthetic_gradients_float32():
         fast_path.set_mixed_precision("none")
 
 
+FLOAT16_MODELS = {
+    "gradient dropping, variable, freeze": lambda mlp: __import__(
+        "dni_tf.gradient_dropping", fromlist=["x"]).GradientDropping(
+            mlp, keep_prob=0.5, granularity="variable", dropped_state="freeze", seed=1),
+    "gradient dropping, element": lambda mlp: __import__(
+        "dni_tf.gradient_dropping", fromlist=["x"]).GradientDropping(
+            mlp, keep_prob=0.5, granularity="element", seed=1),
+    "targeted dropout": None,
+}
+
+
+@pytest.mark.parametrize("name", list(FLOAT16_MODELS))
+def test_float16_scales_the_loss_and_follows_the_float32_run(name):
+    """Under mixed_float16 Keras wraps the optimizer in a LossScaleOptimizer: the
+    step must differentiate the *scaled* loss (else every update is 2**15 times
+    too small) and the run then follows the float32 run; a step whose scaled
+    gradients overflow is skipped whole (weights and Adam moments unchanged, the
+    scale halved)."""
+    from dni_tf.targeted_dropout import targeted_dropout_mlp
+
+    rng = np.random.RandomState(0)
+    x, y = rng.rand(64, 6).astype("float32"), rng.randint(0, 3, 64).astype("int32")
+
+    def make():
+        if FLOAT16_MODELS[name] is None:
+            model = targeted_dropout_mlp("targeted_weight", input_shape=(6,), hidden=(8,),
+                                         num_classes=3, seed=1)
+        else:
+            model = FLOAT16_MODELS[name](models.mlp((6,), hidden=(8,), num_classes=3, seed=0))
+        model.compile(optimizer=keras.optimizers.Adam(1e-2, epsilon=1e-3),
+                      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        model.build((None, 6))
+        return model
+
+    reference = make()
+    try:
+        fast_path.set_mixed_precision("float16")
+        model = make()
+    finally:
+        fast_path.set_mixed_precision("none")
+    for v, r in zip(model.trainable_variables, reference.trainable_variables):
+        v.assign(r)
+    assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
+    for m in (reference, model):
+        m.fit(x, y, batch_size=16, epochs=2, verbose=0, shuffle=False)
+    assert float(model.optimizer.dynamic_scale.numpy()) == 2.0 ** 15  # no step skipped
+    for v, r in zip(model.trainable_variables, reference.trainable_variables):
+        if "bias" in v.path:
+            continue  # from zero: Adam turns float16's rounding of tiny gradients into steps
+        error = np.linalg.norm(v.numpy() - r.numpy()) / np.linalg.norm(r.numpy())
+        assert error < 2e-3, (v.path, error)
+    # An overflowing step: nothing moves, the scale halves.
+    model.optimizer.dynamic_scale.assign(2.0 ** 100)
+    state = [v.numpy().copy() for v in model.trainable_variables + model.optimizer.variables
+             if "scale" not in v.path and "iteration" not in v.path]
+    model.fit(x[:16], y[:16], batch_size=16, epochs=1, verbose=0)
+    after = [v.numpy() for v in model.trainable_variables + model.optimizer.variables
+             if "scale" not in v.path and "iteration" not in v.path]
+    for b, a in zip(state, after):
+        np.testing.assert_array_equal(a, b)
+    assert float(model.optimizer.dynamic_scale.numpy()) == 2.0 ** 99
+
+
 def test_under_a_distribution_strategy_no_auto_xla_and_one_step_per_call(mirrored_strategy):
     import dataclasses
 

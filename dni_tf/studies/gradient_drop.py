@@ -84,6 +84,12 @@ class GradientDropConfig(FastPathOptions):
     def fast_path_periods(self):
         return evaluation_periods(self.steps, self.eval_every)
 
+    def mixed_precision_unsupported(self):
+        # float16 too: the step differentiates the optimizer's scaled loss, and Keras'
+        # LossScaleOptimizer unscales and skips overflowing steps
+        # (tests/test_fast_path.py::test_float16_scales_the_loss_and_follows_the_float32_run).
+        return None
+
 
 def build_model(config: GradientDropConfig, keep_prob: float, image_shape, num_classes) -> GradientDropping:
     """The write-up's tutorial CNN wrapped in `GradientDropping`, compiled with Adam."""

@@ -128,6 +128,10 @@ class TargetedDropoutConfig(FastPathOptions):
         # `run_study` checks --steps_per_execution against them before training.
         self.check_fast_path(periods=())
 
+    def mixed_precision_unsupported(self):
+        # float16 too: Keras' own train step scales the loss for its LossScaleOptimizer.
+        return None
+
     def regime_fast_path(self, regime: str, periods) -> FastPath:
         """jit_compile and steps per call for one regime (`periods`: evaluation periods).
 
