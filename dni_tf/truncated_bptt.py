@@ -224,26 +224,31 @@ class TruncatedBPTT(keras.Model):
         return list(self._trackers.values())
 
     def build(self, input_shape=None):
-        if self.built:
-            return
+        # Builds whatever is not built yet: Keras' symbolic build on `fit` calls the
+        # model, which builds the core and head but not M or the Aux head.
         if self.loss_type == "categorical":
             feature_dim = int(self.vocab_size)
         else:
             feature_dim = int(input_shape[-1])
         h2 = 2 * self.hidden_size
-        self.core.build((None, None, feature_dim))
-        self.head.build((None, None, self.hidden_size))
-        if self.synthetic_gradient is not None:
-            self.synthetic_gradient.build((None, h2))
-        if self.aux_head is not None:
-            self.aux_head.build((None, h2))
-        if self.stateful:
+        for layer, shape in ((self.core, (None, None, feature_dim)),
+                             (self.head, (None, None, self.hidden_size)),
+                             (self.synthetic_gradient, (None, h2)), (self.aux_head, (None, h2))):
+            if layer is not None and not layer.built:
+                layer.build(shape)
+        if self.stateful and not hasattr(self, "train_state"):
             shape = (int(self.fixed_batch_size), h2)
             self.train_state = self.add_weight(shape=shape, initializer="zeros",
                                                trainable=False, name="train_state")
             self.eval_state = self.add_weight(shape=shape, initializer="zeros",
                                               trainable=False, name="eval_state")
         super().build(input_shape)
+
+    def _missing_state(self) -> bool:
+        """Whether a sub-layer or the carried state is not built yet (`build` adds it)."""
+        layers = (self.core, self.head, self.synthetic_gradient, self.aux_head)
+        return (any(layer is not None and not layer.built for layer in layers)
+                or (self.stateful and not hasattr(self, "train_state")))
 
     def reset_states(self):
         """Zeroes the carried training and evaluation states (stateful only)."""
@@ -632,10 +637,12 @@ class TruncatedBPTT(keras.Model):
 
     def train_step(self, data):
         x, y, mask = self._unpack(data)
-        state = self.train_state.value if self.stateful else None
         if not self.optimizer.built:
             # Built here, outside the window loop: no variables may be created inside it.
+            if self._missing_state():
+                self.build(x.shape)
             self.optimizer.build(self.trainable_variables)
+        state = self.train_state.value if self.stateful else None
         per_window = self.update == "per_window"
         r = self.compute_gradients(x, y, mask, state, episodic=self.episodic,
                                    apply_fn=self._apply if per_window else None)

@@ -488,3 +488,18 @@ def test_bfloat16_step_follows_the_float32_step(method="dni_aux", stateful=True)
         assert model.train_state.dtype == "float32"
         np.testing.assert_allclose(model.train_state.numpy(), reference.train_state.numpy(),
                                    rtol=0.05, atol=0.02)
+
+
+@pytest.mark.parametrize("stateful", [False, True])
+def test_fit_builds_a_model_that_was_never_built(stateful):
+    """Keras' own build on `fit` calls the model, which builds the core and head only:
+    the train step builds M and the Aux head (and the carried state) before the
+    optimizer, so they train like the rest."""
+    x, y, mask = _batch(seed=1)
+    model = TruncatedBPTT(O, 3, method="dni_aux", hidden_size=H, stateful=stateful,
+                          batch_size=B if stateful else None)
+    model.compile(optimizer=keras.optimizers.Adam(1e-2))
+    history = model.fit(x, y, sample_weight=mask, batch_size=B, epochs=2, verbose=0)
+    assert np.isfinite(history.history["loss"]).all()
+    assert len(model.optimizer.variables) > 2 * len(model.trainable_variables)
+    assert np.abs(model.synthetic_gradient.kernel.numpy()).max() > 0  # M was trained
