@@ -507,29 +507,21 @@ def test_bfloat16_step_follows_the_float32_step(method, sg_scale, lambda_mix, ta
     """Under the mixed_bfloat16 policy the blocks compute in bfloat16 and the modules
     in float32; one SGD step moves every variable as the float32 step does, up to
     bfloat16 rounding (and the diagnostics come out finite)."""
-    from dni_tf.harness import fast_path
+    from mixed_precision_helpers import assert_moves_follow, built_under
 
     x, y = X[:STEP_B], Y[:STEP_B]
-    reference = _step_model(method, sg_scale, lambda_mix, unlock, sg_hidden_layers=1,
-                            target_mix=target_mix)
-    try:
-        fast_path.set_mixed_precision("bfloat16")
-        model = _step_model(method, sg_scale, lambda_mix, unlock, sg_hidden_layers=1,
-                            target_mix=target_mix)
-    finally:
-        fast_path.set_mixed_precision("none")
+
+    def make():
+        return _step_model(method, sg_scale, lambda_mix, unlock, sg_hidden_layers=1,
+                           target_mix=target_mix)
+
+    reference = make()
+    model = built_under("bfloat16", make)
     model.set_weights(reference.get_weights())
     assert {layer.compute_dtype for layer in model.net_layers if layer.weights} == {"bfloat16"}
     assert all(m.compute_dtype == "float32" for m in model.sg_modules)
-    moves = []
-    for m in (reference, model):
-        before = values(m.trainable_variables)
-        logs = m.train_on_batch(x, y, return_dict=True)
-        assert all(np.isfinite(v) for v in logs.values())
-        moves.append([v.numpy() - b for v, b in zip(m.trainable_variables, before)])
-    for v, exact, rounded in zip(model.trainable_variables, *moves):
-        error = np.linalg.norm(rounded - exact) / (np.linalg.norm(exact) + 1e-12)
-        assert error < 0.05, (v.path, error)
+    assert_moves_follow(reference, model, lambda m: m.train_on_batch(x, y, return_dict=True),
+                        limit=0.05)
 
 
 # --------------------------------------------------------------------------- parity options

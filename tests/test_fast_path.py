@@ -229,12 +229,10 @@ def test_float16_scales_the_loss_and_follows_the_float32_run(name):
         model.build((None, 6))
         return model
 
+    from mixed_precision_helpers import built_under
+
     reference = make()
-    try:
-        fast_path.set_mixed_precision("float16")
-        model = make()
-    finally:
-        fast_path.set_mixed_precision("none")
+    model = built_under("float16", make)
     for v, r in zip(model.trainable_variables, reference.trainable_variables):
         v.assign(r)
     assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)

@@ -161,30 +161,19 @@ def test_bfloat16_dni_step_follows_the_float32_step(sg_context):
     """Under mixed_bfloat16 A and B compute in bfloat16 while M, its inputs and
     targets and both heads' logits stay float32; one dni step (random non-zero M)
     moves every variable as the float32 step does, up to bfloat16 rounding."""
-    from dni_tf.harness import fast_path
+    from mixed_precision_helpers import assert_moves_follow, built_under
 
     digits, labels = _episode(seed=2)
     # A small step: A's nine updates per episode compound bfloat16's rounding at LR.
-    reference = _model("dni", sg_context, optimizer=keras.optimizers.SGD(0.02))
+    make = lambda: _model("dni", sg_context, optimizer=keras.optimizers.SGD(0.02))  # noqa: E731
+    reference = make()
     _randomise_m(reference)
-    try:
-        fast_path.set_mixed_precision("bfloat16")
-        model = _model("dni", sg_context, optimizer=keras.optimizers.SGD(0.02))
-    finally:
-        fast_path.set_mixed_precision("none")
+    model = built_under("bfloat16", make)
     model.set_weights(reference.get_weights())
     assert model.cell_a.compute_dtype == model.cell_b.compute_dtype == "bfloat16"
     for layer in (model.synthetic_gradient, model.parity_head, model.counter):
         assert layer.compute_dtype == "float32"
-    moves = []
-    for m in (reference, model):
-        before = [v.numpy().copy() for v in m.trainable_variables]
-        logs = m.train_step((digits, labels))
-        assert all(np.isfinite(float(v)) for v in logs.values())
-        moves.append([v.numpy() - b for v, b in zip(m.trainable_variables, before)])
-    for v, exact, rounded in zip(model.trainable_variables, *moves):
-        error = np.linalg.norm(rounded - exact) / (np.linalg.norm(exact) + 1e-12)
-        assert error < 0.05, (v.path, error)
+    assert_moves_follow(reference, model, lambda m: m.train_step((digits, labels)), limit=0.05)
 
 
 def _reference_immediate_target(model, messages, labels):

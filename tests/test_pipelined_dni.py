@@ -209,7 +209,7 @@ def test_bfloat16_pipeline_follows_the_float32_pipeline(method, unlock):
     targets and the buffers stay float32. Eight delayed SGD steps move every
     variable as the float32 pipeline does, up to bfloat16 rounding (a wrong scale
     or a dropped cast is far outside it)."""
-    from dni_tf.harness import fast_path
+    from mixed_precision_helpers import assert_moves_follow, built_under
 
     def make():
         targets = {"input_targets": "chained"} if unlock == "complete" else {}
@@ -220,11 +220,7 @@ def test_bfloat16_pipeline_follows_the_float32_pipeline(method, unlock):
         return _compile(model, keras.optimizers.SGD(0.1 if unlock == "update" else 0.01))
 
     reference = make()
-    try:
-        fast_path.set_mixed_precision("bfloat16")
-        model = make()
-    finally:
-        fast_path.set_mixed_precision("none")
+    model = built_under("bfloat16", make)
     model.set_weights(reference.get_weights())
     assert {l.compute_dtype for l in model.net_layers if l.weights} == {"bfloat16"}
     assert all(m.compute_dtype == "float32" for m in model.sg_modules)
@@ -232,19 +228,16 @@ def test_bfloat16_pipeline_follows_the_float32_pipeline(method, unlock):
     assert all(layer.compute_dtype == "float32" for m in model.input_models
                for layer in m._flatten_layers())
     x, y = _data(n=64)
-    moves = []
-    for m in (reference, model):
-        before = [v.numpy().copy() for v in m.trainable_variables]
+
+    def train(m):
         for i in range(8 if unlock == "update" else 4):
             logs = m.train_on_batch(x[8 * i:8 * i + 8], y[8 * i:8 * i + 8], return_dict=True)
             assert all(np.isfinite(v) for v in logs.values())
-        moves.append([v.numpy() - b for v, b in zip(m.trainable_variables, before)])
-    for v, exact, rounded in zip(model.trainable_variables, *moves):
-        assert np.abs(exact).max() > 0, v.path
-        error = np.linalg.norm(rounded - exact) / np.linalg.norm(exact)
-        # Seen: at most 4.4% (the modules start at zero, so their first moves are
-        # small and bfloat16's 0.4% per activation compounds over the delayed steps).
-        assert error < 0.1, (v.path, error)
+        return logs
+
+    # Seen: at most 4.4% (the modules start at zero, so their first moves are small
+    # and bfloat16's 0.4% per activation compounds over the delayed steps).
+    assert_moves_follow(reference, model, train, limit=0.1, every_variable_moves=True)
 
 
 # ----------------------------------------------------------------- concurrency in the graph

@@ -460,30 +460,21 @@ def test_bfloat16_step_follows_the_float32_step(method="dni_aux", stateful=True)
     the head's logits, M and the Aux head stay float32; one SGD batch (three
     windows, random non-zero M, per-window updates) moves every variable as the
     float32 batch does, up to bfloat16 rounding."""
-    from dni_tf.harness import fast_path
+    from mixed_precision_helpers import assert_moves_follow, built_under
 
     x, y, mask = _batch(seed=3, n=3 * 2)
     reference = _random_module_model(method, stateful, "per_window")
-    try:
-        fast_path.set_mixed_precision("bfloat16")
-        model = _random_module_model(method, stateful, "per_window")
-    finally:
-        fast_path.set_mixed_precision("none")
+    model = built_under("bfloat16", lambda: _random_module_model(method, stateful, "per_window"))
     model.set_weights(reference.get_weights())
     assert model.core.compute_dtype == "bfloat16"
     assert {v.dtype for v in model.weights} == {"float32"}
     for layer in (model.head, model.synthetic_gradient, model.aux_head):
         assert layer is None or layer.compute_dtype == "float32"
-    moves = []
     for m in (reference, model):
         m.compile(optimizer=keras.optimizers.SGD(learning_rate=1.0))
-        before = [v.numpy().copy() for v in m.trainable_variables]
-        logs = m.train_on_batch(x, y, sample_weight=mask, return_dict=True)
-        assert all(np.isfinite(v) for v in logs.values())
-        moves.append([v.numpy() - b for v, b in zip(m.trainable_variables, before)])
-    for v, exact, rounded in zip(model.trainable_variables, *moves):
-        error = np.linalg.norm(rounded - exact) / (np.linalg.norm(exact) + 1e-12)
-        assert error < 0.05, (v.path, error)
+    assert_moves_follow(
+        reference, model,
+        lambda m: m.train_on_batch(x, y, sample_weight=mask, return_dict=True), limit=0.05)
     if stateful:
         assert model.train_state.dtype == "float32"
         np.testing.assert_allclose(model.train_state.numpy(), reference.train_state.numpy(),
