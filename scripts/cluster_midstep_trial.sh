@@ -1,8 +1,10 @@
 #!/bin/bash
 # One trial of a worker killed mid-training (docs/pipelined_dni.md, "A lost worker"):
-#   scripts/cluster_midstep_trial.sh TRIAL RESTART_AFTER_S KILL_AFTER_S
+#   scripts/cluster_midstep_trial.sh TRIAL RESTART_AFTER_S KILL_AFTER_S|save
 # Starts worker task 1 and the chief on two local ports, kill -9s the worker
-# KILL_AFTER_S seconds after the chief's train-begin checkpoint, restarts it
+# KILL_AFTER_S seconds after the chief's train-begin checkpoint (with "save":
+# as soon as the first evaluation's checkpoint save has opened its temporary
+# file, i.e. while that save reads the worker's variables), restarts it
 # RESTART_AFTER_S seconds later, and prints the chief's exit status and its
 # loss/rejoin lines (logs and run in /tmp/midstep_TRIAL).
 cd "$(dirname "$0")/.."
@@ -17,7 +19,11 @@ TF_CONFIG="{\"cluster\": $CLUSTER, \"task\": {\"type\": \"worker\", \"index\": 0
   --execution=pipelined --cluster --preset=cpu --steps=600 --eval_every=300 --cluster_probe_seconds=0.5 > $W/chief.log 2>&1 &
 CHIEF=$!
 while [ ! -f $W/run/checkpoints/rejoin.weights.h5 ]; do sleep 0.2; kill -0 $CHIEF 2>/dev/null || break; done
-sleep $3
+if [ "$3" = save ]; then
+  until compgen -G "$W/run/checkpoints/tmp-*.weights.h5" > /dev/null; do kill -0 $CHIEF 2>/dev/null || break; done
+else
+  sleep $3
+fi
 kill -9 $(cat $W/worker.pid); echo "killed at $(date +%T.%N)" >> $W/trial.log
 sleep $2
 start_worker; echo "restarted at $(date +%T.%N)" >> $W/trial.log

@@ -613,6 +613,14 @@ MUTANTS: List[Mutant] = [
            "dni_tf/harness/lost_workers.py",
            "            elif time.monotonic() >= self._next_probe:", "            elif False:",
            ["tests/test_pipelined_dni.py::test_study_run_drops_a_killed_worker_and_rejoins_it_from_the_checkpoint"]),
+    Mutant("lost worker: a checkpoint save ignores its guard (a worker lost mid-save ends the run)",
+           "dni_tf/harness/callbacks.py",
+           "        if self.guard is None:\n            write()", "        if True:\n            write()",
+           ["tests/test_pipelined_dni.py::test_a_worker_lost_during_a_checkpoint_save_is_waited_for_and_the_save_redone"]),
+    Mutant("lost worker: a failed save is redone at once, without waiting for the block",
+           "dni_tf/harness/lost_workers.py",
+           '                self._wait_for_rejoin("the checkpoint save")', "                pass",
+           ["tests/test_pipelined_dni.py::test_a_worker_lost_during_a_checkpoint_save_is_waited_for_and_the_save_redone"]),
 ]
 
 

@@ -626,6 +626,49 @@ def test_an_error_surfacing_when_the_step_logs_are_read_reaches_the_handler(tmp_
     assert logs == {"loss": np.float32(0.5)} and len(calls) == 2 and rejoins == [1]
 
 
+def test_a_worker_lost_during_a_checkpoint_save_is_waited_for_and_the_save_redone(
+        tmp_path, monkeypatch):
+    """ResumableCheckpoint guarded by LostWorkerHandler.retry_after_rejoin: a save that
+    fails because a worker died drops its block, waits for the rejoin and saves again
+    (a whole checkpoint, no temporary left); an error naming no lost task still ends it."""
+    import types
+
+    from dni_tf.harness import callbacks as callbacks_lib
+    from dni_tf.harness.lost_workers import LostWorkerHandler
+
+    real_save, saves, waits = callbacks_lib.save, [], []
+
+    def save_failing_once(model, path, step=None):
+        saves.append(path)
+        if len(saves) == 1:
+            with open(path, "wb") as f:
+                f.write(b"half a checkpoint")
+            raise tf.errors.UnavailableError(None, None, "Socket closed")
+        real_save(model, path, step=step)
+
+    monkeypatch.setattr(callbacks_lib, "save", save_failing_once)
+    handler = LostWorkerHandler(lambda: None, str(tmp_path))
+    handler.set_model(types.SimpleNamespace(lost_blocks=[]))
+    handler._lose = lambda exc, seconds: handler.model.lost_blocks.append(1) or True
+    handler._wait_for_rejoin = lambda what: waits.append(what) or handler.model.lost_blocks.clear()
+    checkpoint = callbacks_lib.ResumableCheckpoint(str(tmp_path / "ckpt"),
+                                                   guard=handler.retry_after_rejoin)
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    checkpoint.set_model(model)
+    checkpoint.on_epoch_end(0)
+    assert len(saves) == 2 and waits == ["the checkpoint save"]
+    ((epochs, path),) = callbacks_lib.ResumableCheckpoint.checkpoints(str(tmp_path / "ckpt"))
+    assert epochs == 1 and callbacks_lib.verify(path) is None
+    assert os.listdir(tmp_path / "ckpt") == [os.path.basename(path)]
+
+    handler._lose = lambda exc, seconds: False  # the error names no task of the cluster
+    saves.clear()
+    with pytest.raises(tf.errors.UnavailableError):
+        checkpoint.on_epoch_end(1)
+    assert len(saves) == 1 and waits == ["the checkpoint save"]
+    assert os.listdir(tmp_path / "ckpt") == [os.path.basename(path)]
+
+
 def test_the_train_begin_rejoin_checkpoint_counts_as_step_0(tmp_path):
     """A rejoin from the checkpoint written at train begin reports step 0 (not -1)."""
     from dni_tf.harness.lost_workers import REJOIN_CHECKPOINT, LostWorkerHandler

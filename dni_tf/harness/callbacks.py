@@ -156,6 +156,10 @@ class ResumableCheckpoint(keras.callbacks.Callback):
     Keras builds the model and its optimizer before `on_train_begin`, which is
     where the restore happens; models with extra optimizers or state must create
     their variables in `build()`.
+
+    `guard`, if given, runs each save: `guard(write)` must call `write()` (it may
+    call it again after a failure it repaired, e.g.
+    `LostWorkerHandler.retry_after_rejoin` waits for a lost worker's blocks).
     """
 
     _PATTERN = re.compile(r"^ckpt-(\d+)\.weights\.h5$")
@@ -163,11 +167,13 @@ class ResumableCheckpoint(keras.callbacks.Callback):
     CORRUPT_SUFFIX = ".corrupt"
 
     def __init__(self, directory: str, keep: int = 2,
-                 schedule: Optional[EvaluationSchedule] = None):
+                 schedule: Optional[EvaluationSchedule] = None,
+                 guard: Optional[Callable[[Callable[[], None]], None]] = None):
         super().__init__()
         self.directory = directory
         self.keep = keep
         self.schedule = schedule  # gives the step stored in each checkpoint
+        self.guard = guard
         os.makedirs(directory, exist_ok=True)
 
     @classmethod
@@ -247,14 +253,21 @@ class ResumableCheckpoint(keras.callbacks.Callback):
         path = self._path(epoch + 1)
         tmp = os.path.join(self.directory, f"tmp-{os.getpid()}.weights.h5")
         step = None if self.schedule is None else self.schedule.end_step(epoch)
-        try:
-            save(self.model, tmp, step=step)
-            results.fsync_file(tmp)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
+
+        def write():
+            try:
+                save(self.model, tmp, step=step)
+                results.fsync_file(tmp)
+                os.replace(tmp, path)
+            except BaseException:
+                if os.path.exists(tmp):
+                    os.remove(tmp)
+                raise
+
+        if self.guard is None:
+            write()
+        else:
+            self.guard(write)
         results.fsync_directory(self.directory)
         for _, old in self.checkpoints(self.directory)[self.keep:]:
             os.remove(old)

@@ -32,9 +32,10 @@ next read once the worker is back; the handler reads each step's logs itself
 (`_read`), so that error reaches it, not Keras' loop; and since Keras waits
 for every pending operation when an epoch's batches end, a lost block is
 waited for (up to `wait_seconds`) after the epoch's last batch rather than
-at the evaluation (docs/pipelined_dni.md, "A lost worker"). A worker lost during
-`ResumableCheckpoint`'s save (after an evaluation) ends the run with the
-error of the save; rerunning resumes from the last checkpoint.
+at the evaluation (docs/pipelined_dni.md, "A lost worker"). A save of
+`ResumableCheckpoint` needs every block too: given `retry_after_rejoin` as its
+guard (`train_and_evaluate(checkpoint_guard=...)`), a worker lost during the
+save is dropped, waited for (up to `wait_seconds`) and the save is redone.
 """
 
 from __future__ import annotations
@@ -324,15 +325,34 @@ class LostWorkerHandler(keras.callbacks.Callback):
         if self.model.lost_blocks:
             self._wait_for_rejoin()
 
-    def _wait_for_rejoin(self) -> None:
+    def retry_after_rejoin(self, action: Callable[[], None]) -> None:
+        """Runs `action` (which needs every block, e.g. a checkpoint save); when a
+        worker dies during it, drops that worker's blocks, waits (up to
+        `wait_seconds`) for them to rejoin and runs `action` again.
+
+        Raises `WorkerLost` when the worker does not come back in time, and the
+        original error when it names no lost task.
+        """
+        while True:
+            try:
+                return action()
+            except pipelined_cluster.LOST_WORKER_ERRORS as exc:
+                tf.experimental.async_clear_error()
+                if not self._lose(exc, 0.0):
+                    raise
+                logging.warning("the checkpoint save at step %d failed: it is redone once %s "
+                                "rejoins", self.step, _blocks(self.model.lost_blocks))
+                self._wait_for_rejoin("the checkpoint save")
+
+    def _wait_for_rejoin(self, what: str = "the evaluation") -> None:
         deadline = time.monotonic() + self.wait_seconds
-        logging.info("evaluation at step %d waits up to %g s for %s", self.step,
+        logging.info("%s at step %d waits up to %g s for %s", what, self.step,
                      self.wait_seconds, _blocks(self.model.lost_blocks))
         while not self._try_rejoin():
             if time.monotonic() >= deadline:
                 raise WorkerLost(
                     f"worker task {_join(self._tasks(self.model.lost_blocks))} "
-                    f"did not come back within {self.wait_seconds:g} s (the evaluation at step "
+                    f"did not come back within {self.wait_seconds:g} s ({what} at step "
                     f"{self.step} needs every block); rerun to resume from the last checkpoint")
             time.sleep(self.probe_seconds)
 

@@ -45,6 +45,7 @@ def train_and_evaluate(model: keras.Model, train_data, eval_data, *, steps: int,
                        callbacks: Sequence[keras.callbacks.Callback] = (),
                        extra_metrics: Optional[Callable[[keras.Model], Dict[str, float]]] = None,
                        label: str = "", sweep: Optional[SweepProgress] = None,
+                       checkpoint_guard: Optional[Callable[[Callable[[], None]], None]] = None,
                        verbose: int = 0) -> TrainingOutcome:
     """Trains a compiled `model` for `steps` steps, evaluating every `eval_every` and at the end.
 
@@ -72,6 +73,8 @@ def train_and_evaluate(model: keras.Model, train_data, eval_data, *, steps: int,
       label: prefix of the progress lines (e.g. the sweep value).
       sweep: the `SweepProgress` this run belongs to (its position and ETA are
         added to the progress lines).
+      checkpoint_guard: runs each checkpoint save (`ResumableCheckpoint`'s
+        `guard`), e.g. `LostWorkerHandler.retry_after_rejoin`.
 
     Returns:
       A `TrainingOutcome`: the run's whole history (also in history.csv) and
@@ -119,7 +122,7 @@ def train_and_evaluate(model: keras.Model, train_data, eval_data, *, steps: int,
             StopAtLastStep(schedule),
             DivergenceGuard(eval_every, checkpoint_dir, schedule=schedule),
             evaluation_logger,
-            ResumableCheckpoint(checkpoint_dir, schedule=schedule),
+            ResumableCheckpoint(checkpoint_dir, schedule=schedule, guard=checkpoint_guard),
             ProgressLogger(steps, eval_every, label, eval_prefix, schedule=schedule, sweep=sweep),
             *callbacks,
         ],
