@@ -6,7 +6,8 @@
 # as soon as the first evaluation's checkpoint save has opened its temporary
 # file, i.e. while that save reads the worker's variables), restarts it
 # RESTART_AFTER_S seconds later, and prints the chief's exit status and its
-# loss/rejoin lines (logs and run in /tmp/midstep_TRIAL).
+# loss/rejoin lines (logs and run in /tmp/midstep_TRIAL). $EXTRA: more flags
+# for the chief, e.g. EXTRA=--mixed_precision=bfloat16.
 cd "$(dirname "$0")/.."
 export TF_CPP_MIN_LOG_LEVEL=2  # MNIST: $DNI_TF_DATA_DIR (or tfds)
 P1=$((24000 + RANDOM % 2000)); P2=$((P1 + 1))
@@ -16,7 +17,7 @@ start_worker() { TF_CONFIG="{\"cluster\": $CLUSTER, \"task\": {\"type\": \"worke
 start_worker
 TF_CONFIG="{\"cluster\": $CLUSTER, \"task\": {\"type\": \"worker\", \"index\": 0}}" \
   python -m experiments.dni_feedforward --workdir=$W/run --method=cdni --layers=6 --decouple=2 \
-  --execution=pipelined --cluster --preset=cpu --steps=600 --eval_every=300 --cluster_probe_seconds=0.5 > $W/chief.log 2>&1 &
+  --execution=pipelined --cluster --preset=cpu --steps=600 --eval_every=300 --cluster_probe_seconds=0.5 $EXTRA > $W/chief.log 2>&1 &
 CHIEF=$!
 while [ ! -f $W/run/checkpoints/rejoin.weights.h5 ]; do sleep 0.2; kill -0 $CHIEF 2>/dev/null || break; done
 if [ "$3" = save ]; then

@@ -6,7 +6,8 @@ Starts worker task 1 itself (`python -m dni_tf.pipelined_cluster`, TF_CONFIG
 task 1, one thread, exits with this process), connects, and trains a 2-block
 cDNI FCN pipelined over "/job:worker/task:0" and "/job:worker/task:1".
 First 6 steps, then every variable goes to OUT.npz (to compare with two
-devices in one process). Then: a checkpoint, 1 step, SIGKILL the worker, the
+devices in one process); the same 6 steps of a fresh model under
+mixed_bfloat16 go to OUT.bf16.npz. Then: a checkpoint, 1 step, SIGKILL the worker, the
 next step fails, block 1 is marked lost, 2 steps train block 0 alone, the
 worker is restarted and rejoins from the checkpoint, 2 more steps; OUT.json
 says what happened.
@@ -172,6 +173,19 @@ def study(out, worker):
         callback.worker.wait()
 
 
+def train_under_bfloat16(devices, batches):
+    from dni_tf.harness import fast_path
+
+    fast_path.set_mixed_precision("bfloat16")
+    try:
+        model = make_model(devices)
+        for x, y in batches:
+            model.train_on_batch(x, y)
+        return model
+    finally:
+        fast_path.set_mixed_precision("none")
+
+
 def main(out):
     worker = start_worker()
     try:
@@ -181,6 +195,7 @@ def main(out):
         for x, y in batches[:6]:
             model.train_on_batch(x, y)
         np.savez(out, *state(model))
+        np.savez(out + ".bf16.npz", *state(train_under_bfloat16(devices, batches[:6])))
         log = {}
         checkpoint = out + ".weights.h5"
         model.save_weights(checkpoint)

@@ -95,9 +95,6 @@ ENTRY_POINTS = {
         (["--lr_boundaries=0.5,0.5", *CPU], "--lr_boundaries: 0.5 is given more than once"),
         (["--method=dni,dni", *CPU], "--method: 'dni' is given more than once"),
         (["--layers=3,3", *CPU], "--layers: 3 is given more than once"),
-        (["--mixed_precision=bfloat16", "--method=dni", "--execution=pipelined", "--cluster",
-          *CPU], "--mixed_precision=bfloat16: not supported here: --cluster: bfloat16 is "
-                 "verified for the block-wise step in one process"),
         (["--mixed_precision=float16", "--method=dni", *CPU],
          "--mixed_precision=float16: not supported here: the training step does not scale"),
         (["--method=backprop", "--devices=/CPU:0,/CPU:1", "--jit_compile", *CPU],

@@ -563,6 +563,24 @@ def test_two_worker_processes_train_like_two_devices_in_one_process(cluster_run)
 
 
 @CLUSTER_GROUP
+def test_two_worker_processes_train_like_two_devices_under_bfloat16(cluster_run):
+    """The same under mixed_bfloat16: 16-bit blocks on both tasks, float32 modules."""
+    import pipelined_cluster_chief as chief
+
+    _need_two_cpus()
+    local = chief.train_under_bfloat16(TWO, chief.data()[:6])
+    assert "bfloat16" in {layer.compute_dtype for layer in local.net_layers[1]._flatten_layers()}
+    remote = np.load(cluster_run + ".bf16.npz")
+    values = chief.state(local)
+    assert len(remote.files) == len(values)
+    for i, value in enumerate(values):
+        np.testing.assert_allclose(remote[f"arr_{i}"], value, atol=1e-6, rtol=0)
+    float32 = np.load(cluster_run)  # and bfloat16 is not float32 in disguise
+    assert max(np.abs(remote[f"arr_{i}"] - float32[f"arr_{i}"]).max()
+               for i in range(len(values))) > 1e-4
+
+
+@CLUSTER_GROUP
 def test_killed_worker_others_keep_training_and_it_rejoins(cluster_run):
     import json
 

@@ -219,13 +219,6 @@ class DNIConfig(FastPathOptions):
                     "worker's block between steps)")
         return None
 
-    def mixed_precision_unsupported(self):
-        if self.mixed_precision == "bfloat16" and self.cluster:
-            return ("--cluster: bfloat16 is verified for the block-wise step in one process "
-                    "(execution=pipelined, --devices), not across worker processes (use "
-                    "--mixed_precision=none)")
-        return super().mixed_precision_unsupported()
-
     def _validate_pipeline(self) -> None:
         from dni_tf.pipelined_dni import EXECUTIONS, check_options
 
