@@ -621,6 +621,10 @@ MUTANTS: List[Mutant] = [
            "dni_tf/harness/lost_workers.py",
            '                self._wait_for_rejoin("the checkpoint save")', "                pass",
            ["tests/test_pipelined_dni.py::test_a_worker_lost_during_a_checkpoint_save_is_waited_for_and_the_save_redone"]),
+    Mutant("lost worker: an error escaping the handler ends the run (no in-process resume)",
+           "dni_tf/studies/dni_feedforward.py",
+           "    if restarts >= config.cluster_restarts:", "    if True:",
+           ["tests/test_pipelined_dni.py::test_a_worker_failure_outside_the_step_resumes_from_the_checkpoint_in_process"]),
 ]
 
 

@@ -19,6 +19,13 @@ this waits until it listens); the handler's probe brings block 1 back.
 `KillAndRestart` records every variable after each step, so the returning
 block can be compared with the checkpoint it was restored from;
 OUT.study.json says what happened.
+
+Last, a second study run in which a worker failure escapes the handler:
+`FailOutsideTheStep` kills the worker at the end of the first evaluation
+period (after the checkpoint), reads a variable of block 1 (which raises),
+restarts the worker and re-raises; `run_single` waits for the worker,
+reconnects and resumes from the checkpoint in the same process.
+OUT.restart.json says what happened.
 """
 
 import glob
@@ -168,6 +175,58 @@ def study(out, worker):
                "test_accuracy": metrics["test_accuracy"]}
         with open(out + ".study.json", "w") as f:
             json.dump(log, f, default=str)
+    except BaseException:
+        callback.worker.kill()
+        callback.worker.wait()
+        raise
+    return callback.worker
+
+
+class FailOutsideTheStep(keras.callbacks.Callback):
+    """At the first epoch end: snapshot, kill the worker, read its variable (raises), restart it."""
+
+    def __init__(self, worker):
+        super().__init__()
+        self.worker, self.log, self.snapshot = worker, {}, None
+
+    def on_train_batch_begin(self, batch, logs=None):
+        if self.snapshot is not None and "restored_equals_checkpoint" not in self.log:
+            self.log["restored_equals_checkpoint"] = all(
+                np.array_equal(a, b) for a, b in zip(self.snapshot, state(self.model)))
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.snapshot is not None:
+            return
+        self.snapshot = state(self.model)
+        self.worker.kill()
+        self.worker.wait()
+        try:
+            self.model.net_layers[-1].trainable_variables[0].numpy()
+            self.log["read_after_kill"] = "succeeded"
+        except pipelined_cluster.LOST_WORKER_ERRORS as exc:
+            self.log["read_after_kill"] = type(exc).__name__
+            self.worker = start_worker()
+            raise
+
+
+def restart_study(out, worker):
+    """A failure outside the step: run_single resumes from the checkpoint in this process."""
+    from dni_tf.studies.dni_feedforward import DNIConfig, run_single
+
+    workdir = os.path.join(os.path.dirname(out), "study_restart")
+    config = DNIConfig(dataset="digits", layers=3, decouple=(2,), width=16, method="cdni",
+                       execution="pipelined", cluster=True, steps=30, eval_every=15,
+                       batch_size=32, learning_rate=1e-3, lr_boundaries=(),
+                       cluster_probe_seconds=0.2, cluster_wait_seconds=120)
+    callback = FailOutsideTheStep(worker)
+    try:
+        metrics, history = run_single(config, workdir, callbacks=[callback])
+        log = {**callback.log, "steps": metrics["steps"], "restarts": metrics["restarts"],
+               "events": metrics["cluster_events"], "history_steps": list(history["step"]),
+               "traceback_written": os.path.exists(os.path.join(workdir,
+                                                                "worker_lost_traceback.txt"))}
+        with open(out + ".restart.json", "w") as f:
+            json.dump(log, f, default=str)
     finally:
         callback.worker.kill()
         callback.worker.wait()
@@ -242,7 +301,8 @@ def main(out):
         worker.kill()
         worker.wait()
         raise
-    study(out, worker)  # the restarted worker serves the study's run too
+    worker = study(out, worker)  # the restarted worker serves the study's runs too
+    restart_study(out, worker)
     return 0
 
 

@@ -615,6 +615,21 @@ def test_study_run_drops_a_killed_worker_and_rejoins_it_from_the_checkpoint(clus
     assert "block 1 rejoined at step" in stderr and "(step 4)" in stderr
 
 
+@CLUSTER_GROUP
+def test_a_worker_failure_outside_the_step_resumes_from_the_checkpoint_in_process(cluster_run):
+    """An error the handler cannot see (here: a callback reading block 1 after its worker
+    died) ends fit(); run_single waits for the worker, reconnects and resumes from the
+    step-15 checkpoint in the same process, with every variable as checkpointed."""
+    import json
+
+    log = json.loads(open(cluster_run + ".restart.json").read())
+    assert log["read_after_kill"] != "succeeded" and log["traceback_written"]
+    assert log["restarts"] == 1 and log["steps"] == 30 and log["history_steps"] == [15, 30]
+    restarted = [e for e in log["events"] if e["event"] == "restarted"]
+    assert len(restarted) == 1 and restarted[0]["resumed_from"] == 15
+    assert log["restored_equals_checkpoint"]
+
+
 def test_an_error_surfacing_when_the_step_logs_are_read_reaches_the_handler(tmp_path):
     """A step that failed midway can leave an op pending on the dead worker; its error
     surfaces at the next read once the worker is back. The handler reads each step's

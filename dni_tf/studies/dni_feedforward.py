@@ -35,6 +35,7 @@ from dni_tf.dni_feedforward import (GRADIENT_UNITS, INITS, INPUT_TARGETS, METHOD
 from dni_tf.errors import WorkerLost
 from dni_tf.harness.fast_path import FastPathOptions, evaluation_periods
 from dni_tf.harness.config import check_fields, option
+from dni_tf.harness.callbacks import ResumableCheckpoint, checkpoint_step
 from dni_tf.harness.training import SweepProgress, train_and_evaluate
 
 STUDY = "dni_feedforward"  # written into results.json: the reproduction report reads it
@@ -175,6 +176,11 @@ class DNIConfig(FastPathOptions):
     cluster_wait_seconds: float = option(600.0, "With --cluster: how long an evaluation (which "
                                          "needs every block) waits for a lost worker before the "
                                          "run stops (exit 1; rerun resumes).", low=0.0)
+    cluster_restarts: int = option(3, "With --cluster: how many times a worker failure that "
+                                   "escapes the lost-worker handler (outside a step, e.g. while "
+                                   "Keras reads metrics) is survived by waiting for every worker "
+                                   "and resuming from the last checkpoint in this process.",
+                                   low=0)
 
     def num_blocks(self, layers: Optional[int] = None) -> int:
         """Blocks of the network (decoupling points + 1) for `layers` (default: `self.layers`)."""
@@ -351,6 +357,10 @@ def run_single(config: DNIConfig, workdir: str, image_data=None,
     With `config.cluster` the blocks run on the cluster's tasks and a
     `LostWorkerHandler` drops and rejoins the blocks of lost workers (its
     events go into the metrics: `worker_losses`, `rejoins`, `cluster_events`).
+    A lost-worker error that escapes the handler (outside a step) is survived
+    up to `cluster_restarts` times: once every worker listens, training
+    resumes in this process from the last checkpoint (metric `restarts`; a
+    "restarted" event).
     `callbacks`: extra Keras callbacks (after the harness's, before the handler).
     Returns (final metrics, the run's history: one row per evaluation).
     """
@@ -359,65 +369,109 @@ def run_single(config: DNIConfig, workdir: str, image_data=None,
     check_batch_size(config, image_data)
     devices = connect_cluster(config) if config.cluster else None
     stats = input_stats(config, image_data)
-    model = build_model(config, image_data.image_shape, image_data.num_classes, stats, devices)
     train_data = image_data.train_dataset(config.batch_size, seed=config.seed)
-    handler = None
-    LOST_WORKER_ERRORS = ()
+    user_callbacks = list(callbacks)
+    handler, events, restarts = None, [], 0
     if config.cluster:
-        from dni_tf.pipelined_cluster import LOST_WORKER_ERRORS
-        from dni_tf.core import build_for_restore
-        from dni_tf.harness.lost_workers import LostWorkerHandler
-
-        zeros = tf.nest.map_structure(lambda spec: tf.zeros([d or 1 for d in spec.shape],
-                                                            spec.dtype), train_data.element_spec)
-
-        def make_model():
-            fresh = build_model(config, image_data.image_shape, image_data.num_classes, stats,
-                                devices)
-            build_for_restore(fresh, zeros)
-            return fresh
-
-        handler = LostWorkerHandler(
-            make_model, os.path.join(workdir, "checkpoints"),
-            checkpoint_every=config.cluster_checkpoint_every,
-            probe_seconds=config.cluster_probe_seconds, wait_seconds=config.cluster_wait_seconds,
-            log_dir=workdir)
-        callbacks = [*callbacks, handler]
         # Keras trims its frames from tracebacks; keep them for worker_lost_traceback.txt.
         keras.config.disable_traceback_filtering()
     start = time.time()
-    try:
-        outcome = train_and_evaluate(
-            model, train_data, image_data.test_dataset(config.eval_batch_size),
-            steps=config.steps, eval_every=config.eval_every, workdir=workdir,
-            label=f"{config.model}{config.layers} {config.method}", sweep=sweep,
-            callbacks=callbacks,
-            checkpoint_guard=None if handler is None else handler.retry_after_rejoin)
-    except tf.errors.OpError as exc:
-        if handler is None or not isinstance(exc, LOST_WORKER_ERRORS):
-            raise
-        first = (str(exc).strip().splitlines() or [""])[0]
-        # Where it surfaced, for a bug report (the console gets one line).
-        trace = os.path.join(workdir, "worker_lost_traceback.txt")
-        with open(trace, "w") as f:
-            f.write("".join(traceback.format_exception(exc)))
-        raise WorkerLost(f"a cluster worker failed outside the step the handler watches "
-                         f"({type(exc).__name__}: {first}); rerun the same command to resume "
-                         f"from the last checkpoint (where: {trace})") from exc
+    while True:
+        model = build_model(config, image_data.image_shape, image_data.num_classes, stats,
+                            devices)
+        if config.cluster:
+            handler = _lost_worker_handler(config, image_data, stats, devices, train_data,
+                                           workdir)
+            callbacks = [*user_callbacks, handler]
+        try:
+            outcome = train_and_evaluate(
+                model, train_data, image_data.test_dataset(config.eval_batch_size),
+                steps=config.steps, eval_every=config.eval_every, workdir=workdir,
+                label=f"{config.model}{config.layers} {config.method}", sweep=sweep,
+                callbacks=callbacks,
+                checkpoint_guard=None if handler is None else handler.retry_after_rejoin)
+            break
+        except tf.errors.OpError as exc:
+            from dni_tf.pipelined_cluster import LOST_WORKER_ERRORS
+
+            if handler is None or not isinstance(exc, LOST_WORKER_ERRORS):
+                raise
+            events += handler.events
+            devices = _resume_after_worker_failure(config, workdir, exc, restarts)
+            restarts += 1
+            newest = ResumableCheckpoint.checkpoints(os.path.join(workdir, "checkpoints"))[:1]
+            events.append({"event": "restarted", "error": type(exc).__name__,
+                           "step": handler.step,
+                           "resumed_from": checkpoint_step(newest[0][1]) if newest else 0})
     final = outcome.final
     metrics = {k: v for k, v in final.items() if k != "step"}
     metrics.update(test_error=1.0 - final["test_accuracy"], steps=final["step"],
                    wall_seconds_this_call=round(time.time() - start, 1),
                    data_source=image_data.source)
     if handler is not None:
-        metrics.update(devices=list(devices), cluster_events=handler.events,
-                       worker_losses=sum(e["event"] == "lost" for e in handler.events),
-                       rejoins=sum(e["event"] == "rejoined" for e in handler.events))
+        events += handler.events
+        metrics.update(devices=list(devices), cluster_events=events,
+                       worker_losses=sum(e["event"] == "lost" for e in events),
+                       rejoins=sum(e["event"] == "rejoined" for e in events),
+                       restarts=restarts)
     # The module rate actually used is a setting (sg_lr_scale=None: per method), not a metric.
     record = {**dataclasses.asdict(config), "sg_lr_scale_used": config.module_lr_scale(),
               **(extra_config or {})}
     results.save_results(workdir, record, metrics, study=STUDY)
     return metrics, outcome.history
+
+
+def _lost_worker_handler(config: DNIConfig, image_data, stats, devices, train_data,
+                         workdir: str):
+    """A `LostWorkerHandler` for a run on the cluster; it rebuilds the model to rejoin."""
+    from dni_tf.core import build_for_restore
+    from dni_tf.harness.lost_workers import LostWorkerHandler
+
+    zeros = tf.nest.map_structure(lambda spec: tf.zeros([d or 1 for d in spec.shape],
+                                                        spec.dtype), train_data.element_spec)
+
+    def make_model():
+        fresh = build_model(config, image_data.image_shape, image_data.num_classes, stats,
+                            devices)
+        build_for_restore(fresh, zeros)
+        return fresh
+
+    return LostWorkerHandler(
+        make_model, os.path.join(workdir, "checkpoints"),
+        checkpoint_every=config.cluster_checkpoint_every,
+        probe_seconds=config.cluster_probe_seconds, wait_seconds=config.cluster_wait_seconds,
+        log_dir=workdir)
+
+
+def _resume_after_worker_failure(config: DNIConfig, workdir: str, exc: BaseException,
+                                 restarts: int):
+    """After a lost-worker error that escaped the handler: writes its traceback, waits
+    (probing) for every task to listen, reconnects; returns the devices. WorkerLost
+    (one line, exit 1; a rerun resumes) when out of restarts or a task stays away."""
+    from dni_tf import pipelined_cluster
+
+    first = (str(exc).strip().splitlines() or [""])[0]
+    # Where it surfaced, for a bug report (the console gets one line).
+    trace = os.path.join(workdir, "worker_lost_traceback.txt")
+    with open(trace, "w") as f:
+        f.write("".join(traceback.format_exception(exc)))
+    what = (f"a cluster worker failed outside the step the handler watches "
+            f"({type(exc).__name__}: {first}; where: {trace})")
+    if restarts >= config.cluster_restarts:
+        raise WorkerLost(f"{what}, after {restarts} restarts (--cluster_restarts); rerun the "
+                         f"same command to resume from the last checkpoint") from exc
+    logging.warning("%s: resuming from the last checkpoint once every worker listens "
+                    "(restart %d of %d)", what, restarts + 1, config.cluster_restarts)
+    tf.experimental.async_clear_error()
+    addresses = pipelined_cluster.task_addresses()
+    deadline = time.monotonic() + config.cluster_wait_seconds
+    while not all(pipelined_cluster.worker_alive(a) for a in addresses.values()):
+        if time.monotonic() >= deadline:
+            raise WorkerLost(f"{what}; not every worker listened again within "
+                             f"{config.cluster_wait_seconds:g} s; rerun the same command to "
+                             f"resume from the last checkpoint") from exc
+        time.sleep(config.cluster_probe_seconds)
+    return connect_cluster(config)
 
 
 def check_batch_size(config: DNIConfig, image_data) -> None:
