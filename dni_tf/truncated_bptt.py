@@ -237,6 +237,13 @@ class TruncatedBPTT(keras.Model):
             if layer is not None and not layer.built:
                 layer.build(shape)
         if self.stateful and not hasattr(self, "train_state"):
+            replicas = tf.distribute.get_strategy().num_replicas_in_sync
+            if replicas > 1:
+                # The carried state has one row per row of the global batch; each
+                # replica would see only its share of the batch.
+                raise ValueError(f"a stateful TruncatedBPTT carries one state row per batch "
+                                 f"row and cannot be split over {replicas} replicas: train on "
+                                 f"one replica, or with stateful=False")
             shape = (int(self.fixed_batch_size), h2)
             self.train_state = self.add_weight(shape=shape, initializer="zeros",
                                                trainable=False, name="train_state")
@@ -602,7 +609,10 @@ class TruncatedBPTT(keras.Model):
                 (tf.constant(0), tf.convert_to_tensor(state, tf.float32), tf.constant(0.0),
                  tf.TensorArray(tf.float32, size=num_windows)))
         # [K-1, B, 2H], per-example units.
-        true = tf.convert_to_tensor(tape.gradient(total, probes))[:-1] * tf.cast(batch, tf.float32)
+        # One window: no later loss, nothing to compare (empty results, not an error).
+        true = tf.convert_to_tensor(tape.gradient(
+            total, probes, unconnected_gradients=tf.UnconnectedGradients.ZERO))
+        true = true[:-1] * tf.cast(batch, tf.float32)
         predicted = sgs.stack()[:-1]
         flat_true = tf.reshape(true, [num_windows - 1, -1])
         flat_pred = tf.reshape(predicted, [num_windows - 1, -1])
@@ -659,7 +669,12 @@ class TruncatedBPTT(keras.Model):
         if self.aux_head is not None:
             self._trackers["aux_loss"].update_state(r["aux_loss"])
         if self.curriculum is not None:
-            self.curriculum.update(tf.reduce_mean(r["wrong_bits"]))
+            error = tf.reduce_mean(r["wrong_bits"])
+            replica = tf.distribute.get_replica_context()
+            if replica is not None and replica.num_replicas_in_sync > 1:
+                # Every replica's copy of the curriculum decides on the whole batch.
+                error = replica.all_reduce(tf.distribute.ReduceOp.MEAN, error)
+            self.curriculum.update(error)
         return {m.name: m.result() for m in self.metrics}
 
     def test_step(self, data):

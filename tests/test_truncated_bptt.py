@@ -440,6 +440,9 @@ def test_synthetic_gradient_quality_against_full_bptt():
     x, y, mask = _batch(seed=8, n=6)
     q = model.synthetic_gradient_quality(x, y, mask)
     assert q["cosine"].shape == (2,) and q["norm_ratio"].shape == (2,)
+    # One window (a short curriculum level): no later loss, empty results, no error.
+    one = model.synthetic_gradient_quality(x[:, :2], y[:, :2], mask[:, :2])
+    assert one["cosine"].shape == (0,) and one["norm_ratio"].shape == (0,)
     _, s1 = model.forward(x[:, :2])
     with tf.GradientTape() as tape:
         tape.watch(s1)
@@ -494,3 +497,51 @@ def test_fit_builds_a_model_that_was_never_built(stateful):
     assert np.isfinite(history.history["loss"]).all()
     assert len(model.optimizer.variables) > 2 * len(model.trainable_variables)
     assert np.abs(model.synthetic_gradient.kernel.numpy()).max() > 0  # M was trained
+
+
+def _copy_curriculum_run(steps=3):
+    """(curriculum, model) after `steps` Copy batches of 8, per-batch updates, episodes reset."""
+    from dni_tf.data import sequence_tasks
+
+    curriculum = sequence_tasks.Curriculum(1, 50, threshold=1e9, check_every=100,
+                                           name="curriculum")
+    model = TruncatedBPTT(8, 3, method="dni", hidden_size=8, update="per_batch", episodic=True,
+                          curriculum=curriculum, seed=0)
+    model.build((None, None, 9))
+    model.compile(optimizer=keras.optimizers.Adam(1e-3))
+    data = sequence_tasks.task_dataset("copy", 8, curriculum, seed=0, sampling="current")
+    model.fit(data, steps_per_epoch=steps, epochs=1, verbose=0)
+    return curriculum
+
+
+def test_under_replicas_the_curriculum_decides_on_the_whole_batch(mirrored_strategy):
+    """Each replica's copy of the curriculum sees the error of the global batch (the
+    same sum as on one device), not its own half of it."""
+    single = _copy_curriculum_run()
+    with mirrored_strategy.scope():
+        mirrored = _copy_curriculum_run()
+    copies = [v.numpy() for v in mirrored.error_sum.value.values]
+    assert len(copies) == 2
+    np.testing.assert_allclose(copies, [single.error_sum.numpy()] * 2, rtol=1e-5)
+
+
+def test_a_stateful_model_refuses_several_replicas(mirrored_strategy):
+    with mirrored_strategy.scope():
+        model = TruncatedBPTT(O, 3, method="dni", hidden_size=H, stateful=True, batch_size=B)
+        with pytest.raises(ValueError, match="cannot be split over 2 replicas"):
+            model.build((None, None, D))
+
+
+def test_the_studies_refuse_carried_state_under_replicas(mirrored_strategy, tmp_path):
+    """Copy's episode stream and PTB carry state per batch row: one line, before training."""
+    from dni_tf.harness.cli import UsageError
+    from dni_tf.studies import recurrent_dni
+
+    with mirrored_strategy.scope():
+        with pytest.raises(UsageError, match="--episodes=stream carries the state"):
+            recurrent_dni.run_copy_task(recurrent_dni.CopyTaskConfig(steps=1, eval_every=1),
+                                        str(tmp_path / "copy"))
+        with pytest.raises(UsageError, match="PTB trains one stateful stream per batch row"):
+            recurrent_dni.run_language_model(
+                recurrent_dni.LanguageModelConfig(steps=1, eval_every=1), str(tmp_path / "ptb"))
+    assert not list(tmp_path.iterdir())  # nothing written

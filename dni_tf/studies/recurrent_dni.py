@@ -161,7 +161,12 @@ def build_copy_model(cfg: CopyTaskConfig):
 def run_copy_task(cfg: CopyTaskConfig, workdir: str, extra_config: Optional[dict] = None) -> dict:
     """Trains one run under the curriculum; returns its final metrics."""
     cfg.validate()
-    if cfg.update == "per_window" and tf.distribute.get_strategy().num_replicas_in_sync > 1:
+    replicas = tf.distribute.get_strategy().num_replicas_in_sync
+    if cfg.episodes == "stream" and replicas > 1:
+        raise cli.UsageError(f"--episodes=stream carries the state of every batch row, which "
+                             f"{replicas} replicas cannot split: use --episodes=reset "
+                             f"--update=per_batch, or --distribution=none")
+    if cfg.update == "per_window" and replicas > 1:
         # Per-window updates under several replicas unroll the window loop, which
         # needs static lengths; the curriculum changes them.
         raise cli.UsageError("--update=per_window with several replicas needs a static "
@@ -373,6 +378,10 @@ def run_language_model(cfg: LanguageModelConfig, workdir: str,
                        extra_config: Optional[dict] = None) -> dict:
     """Trains on PTB characters; returns best validation BPC and its test BPC."""
     cfg.validate()
+    replicas = tf.distribute.get_strategy().num_replicas_in_sync
+    if replicas > 1:
+        raise cli.UsageError(f"PTB trains one stateful stream per batch row, which {replicas} "
+                             f"replicas cannot split: use --distribution=none")
     corpus = text.load_ptb_chars(cfg.data_dir)
     check_stream_sizes(cfg, corpus)  # before any training
     model = build_language_model(cfg, corpus.vocab_size)
