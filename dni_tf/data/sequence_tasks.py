@@ -87,7 +87,12 @@ def task_channels(task: str, num_bits: int = 8):
 
 
 class Curriculum(keras.layers.Layer):
-    """Curriculum over the sequence length N (and, for Repeat Copy, the repeats R).
+    """Curriculum over the copy length L (and, for Repeat Copy, the repeats R).
+
+    (L is the number of vectors to copy, as in the module docstring; the
+    sequence has more steps, 2L + 1 for Copy. Below, "N" is the level of L.)
+    Under several replicas the caller all-reduces `error` first, so every
+    replica's copy of the variables takes the same decision.
 
     Every `check_every` training batches the mean error (wrong answer bits per
     sequence) over those batches is compared with `threshold` (the paper's
