@@ -55,3 +55,36 @@ def test_close_keep_probs_get_their_own_folders_and_duplicates_are_rejected():
         GradientDropConfig(keep_probs=(0.5, 0.5)).validate()
     with pytest.raises(ValueError, match="--learning_rate=nan is not a finite number"):
         GradientDropConfig(learning_rate=float("nan")).validate()
+
+
+def test_the_tutorials_setup(real_data_dir):
+    """The write-up trains the TensorFlow tutorial's CNN as the tutorial does: 55,000
+    MNIST training images, Adam epsilon 1e-8, each layer initialised independently;
+    the gradient masks draw from a stream apart from the dropout layer's."""
+    import numpy as np
+
+    from dni_tf.studies import gradient_drop as study
+
+    config = GradientDropConfig(data_dir=real_data_dir)
+    data = study.load_data(config)
+    assert len(data.train[1]) == 55000 and len(data.test[1]) == 10000
+    model = study.build_model(config, 0.5, data.image_shape, data.num_classes)
+    assert model.optimizer.epsilon == 1e-8
+    kernels = [layer.kernel.numpy().ravel() for layer in model.network.layers
+               if hasattr(layer, "kernel")]
+    assert len(kernels) == 4
+    for small, large in zip(kernels, kernels[1:]):
+        n = min(small.size, large.size)
+        assert not np.allclose(small[:n], large[:n])  # not the same draws
+    dropout = next(layer for layer in model.network.layers
+                   if isinstance(layer, __import__("keras").layers.Dropout))
+    assert model.seed != dropout.seed
+
+
+def test_the_applied_fraction_covers_the_whole_run():
+    """Keras resets the metric each period: the run's fraction weighs every period."""
+    from dni_tf.studies.gradient_drop import _run_fraction
+
+    history = pd.DataFrame({"step": [500, 1000, 1200],
+                            "train_kept_fraction": [0.4, 0.6, 0.8]})
+    assert _run_fraction(history) == pytest.approx((0.4 * 500 + 0.6 * 500 + 0.8 * 200) / 1200)

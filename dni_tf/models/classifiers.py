@@ -16,21 +16,22 @@ def tutorial_cnn(input_shape: Tuple[int, int, int] = (28, 28, 1), num_classes: i
     as in the tutorial. Input [B, 28, 28, 1] in [0, 1]; output [B, num_classes].
     Eight trainable variables (a kernel and a bias per layer).
     """
-    init = keras.initializers.TruncatedNormal(stddev=0.1, seed=seed)
+    # One seed per layer: an initialiser with one seed draws the same numbers each call.
+    init = lambda i: keras.initializers.TruncatedNormal(stddev=0.1, seed=seed + i)  # noqa: E731
     bias = keras.initializers.Constant(0.1)
     return keras.Sequential([
         keras.Input(input_shape),
         keras.layers.Conv2D(32, 5, padding="same", activation="relu",
-                            kernel_initializer=init, bias_initializer=bias, name="conv1"),
+                            kernel_initializer=init(0), bias_initializer=bias, name="conv1"),
         keras.layers.MaxPooling2D(2, name="pool1"),
         keras.layers.Conv2D(64, 5, padding="same", activation="relu",
-                            kernel_initializer=init, bias_initializer=bias, name="conv2"),
+                            kernel_initializer=init(1), bias_initializer=bias, name="conv2"),
         keras.layers.MaxPooling2D(2, name="pool2"),
         keras.layers.Flatten(name="flatten"),
-        keras.layers.Dense(1024, activation="relu", kernel_initializer=init,
+        keras.layers.Dense(1024, activation="relu", kernel_initializer=init(2),
                            bias_initializer=bias, name="fc1"),
         keras.layers.Dropout(dropout_rate, seed=seed, name="dropout"),
-        keras.layers.Dense(num_classes, kernel_initializer=init, bias_initializer=bias,
+        keras.layers.Dense(num_classes, kernel_initializer=init(3), bias_initializer=bias,
                            name="logits"),
     ], name="tutorial_cnn")
 

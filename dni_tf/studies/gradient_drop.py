@@ -35,6 +35,15 @@ STUDY = "gradient_drop"  # written into results.json: the reproduction report re
 # Published numbers (the write-up, after 20k batches of 50 on MNIST).
 SEED_TEST_ACCURACY = {1.0: 0.992, 0.8: 0.992, 0.5: 0.992, 0.2: 0.899}
 SEED_STEPS = 20_000
+# The TensorFlow tutorial's `read_data_sets` holds 5,000 of MNIST's 60,000 training
+# images out for validation and trains on 55,000 (here the last 5,000 are held out).
+TUTORIAL_HOLDOUT = {"mnist": 5000}
+# The tutorial's `tf.train.AdamOptimizer` epsilon (Keras' default is 1e-7).
+TUTORIAL_ADAM_EPSILON = 1e-8
+# The masks' random stream starts apart from the dropout layer's (both seeded by --seed).
+MASK_SEED_OFFSET = 1_000_003
+
+
 PUBLISHED = results.Published(
     title="Gradient dropping",
     source="the write-up *Effective learning while misplacing gradient updates* "
@@ -45,8 +54,10 @@ PUBLISHED = results.Published(
             "slowly as keep_prob 1.0."),
     setup={"dataset": "mnist", "steps": SEED_STEPS, "batch_size": 50,
            "granularity": "variable", "dropped_state": "zero_gradient", "rescale": False,
-           # the TensorFlow tutorial CNN the write-up trains uses Adam 1e-4
-           "learning_rate": 1e-4})
+           # the TensorFlow tutorial CNN the write-up trains uses Adam 1e-4 (epsilon
+           # 1e-8) on 55,000 of MNIST's training images
+           "learning_rate": 1e-4, "adam_epsilon": TUTORIAL_ADAM_EPSILON,
+           "train_images": 55000})
 
 
 @dataclasses.dataclass
@@ -91,16 +102,25 @@ class GradientDropConfig(FastPathOptions):
         return None
 
 
+def load_data(config: GradientDropConfig) -> data_lib.ImageData:
+    """The training and test images, with the tutorial's holdout for MNIST."""
+    return data_lib.load_image_data(config.dataset, config.data_dir,
+                                    validation_size=TUTORIAL_HOLDOUT.get(config.dataset, 0))
+
+
 def build_model(config: GradientDropConfig, keep_prob: float, image_shape, num_classes) -> GradientDropping:
-    """The write-up's tutorial CNN wrapped in `GradientDropping`, compiled with Adam."""
+    """The write-up's tutorial CNN wrapped in `GradientDropping`, compiled with Adam
+    (the tutorial's epsilon, 1e-8)."""
     keras.utils.set_random_seed(config.seed)
     config.apply_mixed_precision()
     network = models.tutorial_cnn(image_shape, num_classes, seed=config.seed)
     fast = config.resolve(network)
     model = GradientDropping(network, keep_prob=keep_prob, granularity=config.granularity,
                              num_workers=config.num_workers, rescale=config.rescale,
-                             dropped_state=config.dropped_state, seed=config.seed)
-    model.compile(optimizer=keras.optimizers.Adam(config.learning_rate),
+                             dropped_state=config.dropped_state,
+                             seed=config.seed + MASK_SEED_OFFSET)
+    model.compile(optimizer=keras.optimizers.Adam(config.learning_rate,
+                                                  epsilon=TUTORIAL_ADAM_EPSILON),
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                   metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
                   **fast.compile_kwargs())
@@ -126,7 +146,7 @@ def run_single(config: GradientDropConfig, keep_prob: float, workdir: str,
 
     Returns (final metrics, the run's history: one row per evaluation).
     """
-    image_data = image_data or data_lib.load_image_data(config.dataset, config.data_dir)
+    image_data = image_data or load_data(config)
     check_batch_size(config, image_data)
     model = build_model(config, keep_prob, image_data.image_shape, image_data.num_classes)
     run_config = {**dataclasses.asdict(config), "keep_prob": keep_prob}
@@ -147,12 +167,21 @@ def run_single(config: GradientDropConfig, keep_prob: float, workdir: str,
         "test_accuracy": final["test_accuracy"],
         "test_error": 1.0 - final["test_accuracy"],
         "test_loss": final["test_loss"],
-        "kept_fraction": final["train_kept_fraction"],
+        # Keras resets the metric every evaluation period: the run's fraction is the
+        # mean over the periods, weighted by their lengths.
+        "kept_fraction": _run_fraction(outcome.history),
         "steps": final["step"],
         "data_source": image_data.source,
     }
     results.save_results(workdir, run_config, metrics, study=STUDY)
     return metrics, outcome.history
+
+
+def _run_fraction(history: pd.DataFrame) -> float:
+    """The fraction of gradient parts applied over the whole run, from the per-period
+    `train_kept_fraction` of each evaluation row (periods weighted by their steps)."""
+    steps = history["step"].diff().fillna(history["step"].iloc[0])
+    return float((history["train_kept_fraction"] * steps).sum() / steps.sum())
 
 
 def run_sweep(config: GradientDropConfig, workdir: str, extra_config: Optional[dict] = None) -> pd.DataFrame:
@@ -161,10 +190,13 @@ def run_sweep(config: GradientDropConfig, workdir: str, extra_config: Optional[d
     Returns the combined history (one row per keep_prob and evaluation).
     """
     config.validate()
-    image_data = data_lib.load_image_data(config.dataset, config.data_dir)
+    image_data = load_data(config)
     check_batch_size(config, image_data)
-    logging.info("data: %s from %s (%d train, %d test)", config.dataset, image_data.source,
-                 len(image_data.train[1]), len(image_data.test[1]))
+    holdout = TUTORIAL_HOLDOUT.get(config.dataset, 0)
+    logging.info("data: %s from %s (%d train, %d test%s)", config.dataset, image_data.source,
+                 len(image_data.train[1]), len(image_data.test[1]),
+                 f"; {holdout} training images held out, as in the TensorFlow tutorial"
+                 if holdout else "")
     finals, histories = {}, {}
     sweep = SweepProgress(config.keep_probs, lambda p: f"keep_prob={cli.value_label(p)}")
     for keep_prob in sweep:
