@@ -85,18 +85,3 @@ def _nan_gradient_layer():
 
 NaNGradient = _nan_gradient_layer()
 
-
-# The modules with the longest tests (subprocess runs, kernels, a cluster) are
-# handed to the xdist workers first, so no long test starts at the end while
-# the other workers idle. Order within a module is kept (module fixtures).
-_LONGEST_FIRST = ("test_targeted_dropout_experiment.py", "test_pipelined_dni.py",
-                  "test_kill_and_resume.py", "test_tensorboard.py", "test_notebooks.py",
-                  "test_multi_worker.py", "test_conformance.py")
-
-
-def pytest_collection_modifyitems(items):
-    def rank(item):
-        name = os.path.basename(str(item.fspath))
-        return _LONGEST_FIRST.index(name) if name in _LONGEST_FIRST else len(_LONGEST_FIRST)
-
-    items.sort(key=rank)
