@@ -231,9 +231,9 @@ class TruncatedBPTT(keras.Model):
         else:
             feature_dim = int(input_shape[-1])
         h2 = 2 * self.hidden_size
-        for layer, shape in ((self.core, (None, None, feature_dim)),
-                             (self.head, (None, None, self.hidden_size)),
-                             (self.synthetic_gradient, (None, h2)), (self.aux_head, (None, h2))):
+        shapes = ((None, None, feature_dim), (None, None, self.hidden_size), (None, h2),
+                  (None, h2))
+        for layer, shape in zip(self._sublayers(), shapes):
             if layer is not None and not layer.built:
                 layer.build(shape)
         if self.stateful and not hasattr(self, "train_state"):
@@ -251,10 +251,13 @@ class TruncatedBPTT(keras.Model):
                                               trainable=False, name="eval_state")
         super().build(input_shape)
 
+    def _sublayers(self):
+        """(core, head, M, Aux head); M and the Aux head are None where the method has none."""
+        return self.core, self.head, self.synthetic_gradient, self.aux_head
+
     def _missing_state(self) -> bool:
         """Whether a sub-layer or the carried state is not built yet (`build` adds it)."""
-        layers = (self.core, self.head, self.synthetic_gradient, self.aux_head)
-        return (any(layer is not None and not layer.built for layer in layers)
+        return (any(layer is not None and not layer.built for layer in self._sublayers())
                 or (self.stateful and not hasattr(self, "train_state")))
 
     def reset_states(self):

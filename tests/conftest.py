@@ -84,4 +84,3 @@ def _nan_gradient_layer():
 
 
 NaNGradient = _nan_gradient_layer()
-

@@ -192,11 +192,11 @@ def run_sweep(config: GradientDropConfig, workdir: str, extra_config: Optional[d
     config.validate()
     image_data = load_data(config)
     check_batch_size(config, image_data)
-    holdout = TUTORIAL_HOLDOUT.get(config.dataset, 0)
+    held_out = image_data.validation
     logging.info("data: %s from %s (%d train, %d test%s)", config.dataset, image_data.source,
                  len(image_data.train[1]), len(image_data.test[1]),
-                 f"; {holdout} training images held out, as in the TensorFlow tutorial"
-                 if holdout else "")
+                 f"; {len(held_out[1])} training images held out, as in the TensorFlow "
+                 "tutorial" if held_out is not None else "")
     finals, histories = {}, {}
     sweep = SweepProgress(config.keep_probs, lambda p: f"keep_prob={cli.value_label(p)}")
     for keep_prob in sweep:
