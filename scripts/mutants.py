@@ -665,6 +665,21 @@ MUTANTS: List[Mutant] = [
            "    return float((history[\"train_kept_fraction\"] * steps).sum() / steps.sum())",
            "    return float(history[\"train_kept_fraction\"].iloc[-1])",
            ["tests/test_gradient_drop_experiment.py::test_the_applied_fraction_covers_the_whole_run"]),
+    Mutant("report across seeds: the highest seed's value instead of the mean",
+           "dni_tf/studies/report.py",
+           "    mean = sum(values) / len(values)",
+           "    mean = max(values)",
+           ["tests/test_report.py::test_seeds_of_one_setting_get_a_mean_and_range_table"]),
+    Mutant("report across seeds: runs with other settings grouped as seeds",
+           "dni_tf/studies/report.py",
+           "        setup = {k: v for k, v in runs.config.items() if k not in _PER_SEED}",
+           "        setup = {k: v for k, v in runs.config.items() if k == 'dataset'}",
+           ["tests/test_report.py::test_seeds_of_one_setting_get_a_mean_and_range_table"]),
+    Mutant("report across seeds: a missing seed counted as present",
+           "dni_tf/studies/report.py",
+           "    return text if len(values) == seeds else f\"{text} [{len(values)} of {seeds}]\"",
+           "    return text",
+           ["tests/test_report.py::test_seeds_of_one_setting_get_a_mean_and_range_table"]),
 ]
 
 

@@ -26,13 +26,15 @@ def write_png(path: str) -> None:
         f.write(b"\x89PNG\r\n\x1a\n")  # a link target only; never decoded
 
 
-def fake_gradient_drop(root: str) -> None:
+def fake_gradient_drop(root: str, seed: int = 0, final_0_2: float = 0.8734,
+                       learning_rate: float = 1e-4) -> None:
     """A two-keep_prob sweep of 1,000 steps, evaluated every 250, as run_sweep writes it."""
     config = {"keep_probs": [1.0, 0.2], "dataset": "mnist", "steps": 1000, "batch_size": 50,
-              "learning_rate": 1e-4, "granularity": "variable", "dropped_state": "freeze",
-              "rescale": False, "seed": 0, "flags": {"workdir": root}}
+              "learning_rate": learning_rate, "granularity": "variable",
+              "dropped_state": "freeze", "rescale": False, "seed": seed,
+              "flags": {"workdir": root, "seed": seed}}
     finals = {"1": {"test_accuracy": 0.9512, "kept_fraction": 1.0, "data_source": "fake"},
-              "0.2": {"test_accuracy": 0.8734, "kept_fraction": 0.2, "data_source": "fake"}}
+              "0.2": {"test_accuracy": final_0_2, "kept_fraction": 0.2, "data_source": "fake"}}
     rows = [{"keep_prob": p, "step": s, "test_accuracy": acc}
             for p, accs in ((1.0, (0.90, 0.93, 0.94, 0.9512)), (0.2, (0.70, 0.81, 0.85, 0.8734)))
             for s, acc in zip((250, 500, 750, 1000), accs)]
@@ -44,14 +46,14 @@ def fake_gradient_drop(root: str) -> None:
     write_png(os.path.join(root, "results_raw.png"))
 
 
-def fake_copy_table(root: str) -> None:
+def fake_copy_table(root: str, seed: int = 0, solved=None) -> None:
     """A method x T table root: results.json only in `<method>_T<T>/`."""
-    solved = {("bptt", 2): 3, ("bptt", 5): 6, ("dni", 2): 7, ("dni", 5): 11}
+    solved = solved or {("bptt", 2): 3, ("bptt", 5): 6, ("dni", 2): 7, ("dni", 5): 11}
     for (method, t), length in solved.items():
         results.save_results(
             os.path.join(root, f"{method}_T{t}"),
             {"task": "copy", "method": method, "truncation": t, "steps": 400, "batch_size": 32,
-             "learning_rate": 3e-3, "sg_scale": 0.1, "seed": 0},
+             "learning_rate": 3e-3, "sg_scale": 0.1, "seed": seed},
             {"max_length_solved": length}, study="copy_task")
 
 
@@ -113,6 +115,35 @@ def test_each_study_gets_its_section_with_our_numbers_beside_the_published(runs,
     # Sections follow the studies' order, whatever the order of --runs.
     assert text.index("## Gradient dropping") < text.index("## Recurrent DNI") < \
         text.index("## Targeted dropout")
+
+
+def test_seeds_of_one_setting_get_a_mean_and_range_table(tmp_path):
+    root = tmp_path / "runs"
+    for seed, final in ((0, 0.80), (1, 0.90), (2, 0.85)):
+        fake_gradient_drop(str(root / f"gd_seed{seed}"), seed=seed, final_0_2=final)
+    fake_gradient_drop(str(root / "gd_other_lr"), seed=3, learning_rate=1e-3)  # not a seed
+    fake_gradient_drop(str(root / "gd_seed0_again"), seed=0)  # the same seed twice
+    # Copy: seed 1 has no dni T=5 cell yet.
+    fake_copy_table(str(root / "copy0"), seed=0)
+    fake_copy_table(str(root / "copy1"), seed=1, solved={("bptt", 2): 2, ("bptt", 5): 6,
+                                                        ("dni", 2): 8})
+    paths = [str(root / n) for n in ("gd_seed0", "gd_seed1", "gd_seed2", "gd_other_lr",
+                                     "gd_seed0_again", "copy0", "copy1")]
+    text = report.build_report(paths, str(tmp_path / "REPORT.md"))
+
+    gd = section(text, "Gradient dropping")
+    assert gd.count("### Across seeds") == 1
+    across = gd[gd.index("### Across seeds"):]
+    assert "gd_seed0`, `" in across and "gd_other_lr" not in across
+    assert "gd_seed0_again" not in across
+    assert "Seeds 0, 1, 2; every other setting equal." in across
+    assert table_row(across, "0.2")[3:5] == ["85 (80-90)", "89.9"]  # ours at 1000; write-up
+    assert table_row(across, "1")[3] == "95.12"  # equal in every seed: shown once
+
+    copy = section(text, "Recurrent DNI: Copy")
+    across = copy[copy.index("### Across seeds"):]
+    assert table_row(across, "bptt")[1:] == ["2.5 (2-3)", "6"]
+    assert table_row(across, "dni")[1:] == ["7.5 (7-8)", "11 (11-11) [1 of 2]"]
 
 
 def test_figures_are_linked_relative_to_the_report_or_copied_beside_it(runs, tmp_path):

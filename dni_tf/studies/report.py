@@ -12,7 +12,10 @@ names. For each study the report gives the published claims and numbers with
 their source (each study module's `PUBLISHED`), and per run
 directory: its budget, how its setup differs from the published one, our
 numbers beside the published ones, its figures (linked, or copied beside the
-report) and its full configuration.
+report) and its full configuration. Run directories of one study whose settings
+differ only in the seed also get an "across seeds" table: each number's mean
+and range over the seeds, marked where some seeds lack it (a table being
+completed over several sittings).
 
 What the caller must know: a directory without a `results.json` in it or in
 an immediate subdirectory, or one whose study cannot be recognised, raises
@@ -278,6 +281,75 @@ TABLES: Dict[str, Callable[[RunSet], pd.DataFrame]] = {
 }
 
 
+# Columns that identify a row besides the first and the text columns.
+TABLE_KEYS: Dict[str, Tuple[str, ...]] = {
+    "multi_network": ("method", "tick ratio k", "sg context"),
+}
+# Settings that may differ between the seeds of one configuration.
+_PER_SEED = frozenset({"seed", "seeds", "workdir", "flags", "data_dir"})
+
+
+def seed_groups(run_sets: Sequence[RunSet]) -> List[List[RunSet]]:
+    """Run sets of one study whose settings differ only in the seed (two or more seeds).
+
+    A group lists its members in the order given, one per seed: a later run
+    set repeating a seed is the same configuration twice and is left out.
+    """
+    by_setup: Dict[str, Dict[str, RunSet]] = {}
+    for runs in run_sets:
+        setup = {k: v for k, v in runs.config.items() if k not in _PER_SEED}
+        key = json.dumps([runs.study, setup], sort_keys=True, default=str)
+        seed = runs.config.get("seed")
+        if seed is not None:
+            by_setup.setdefault(key, {}).setdefault(str(seed), runs)
+    return [list(members.values()) for members in by_setup.values() if len(members) >= 2]
+
+
+def _spread(values: List[float], seeds: int) -> str:
+    """mean (lowest-highest) over the seeds that have a value; [k of n] when some lack it."""
+    if not values:
+        return ""
+    if len(set(values)) == 1 and len(values) == seeds:
+        return f"{values[0]:.4g}"
+    mean = sum(values) / len(values)
+    text = f"{mean:.4g} ({min(values):.4g}-{max(values):.4g})"
+    return text if len(values) == seeds else f"{text} [{len(values)} of {seeds}]"
+
+
+def across_seeds_table(group: Sequence[RunSet]) -> pd.DataFrame:
+    """The study's table with each number replaced by its mean and range over the seeds.
+
+    Rows are matched on the first column, the text columns and the study's
+    `TABLE_KEYS`; a row some seeds lack is averaged over those that have it.
+    """
+    study = group[0].study
+    tables = [TABLES[study](runs) for runs in group]
+    columns = list(dict.fromkeys(c for t in tables for c in t.columns))
+    keys = [c for c in columns if c == columns[0] or c in TABLE_KEYS.get(study, ())
+            or any(t[c].dtype == object for t in tables if c in t)]
+    stacked = pd.concat(tables, ignore_index=True)
+    rows = []
+    for _, rows_of_key in stacked.groupby(keys, sort=False, dropna=False):
+        row = {k: rows_of_key[k].iloc[0] for k in keys}
+        for column in columns:
+            if column in keys:
+                continue
+            values = [float(v) for v in rows_of_key[column] if not _missing(v)]
+            row[column] = _spread(values, len(group))
+        rows.append(row)
+    return pd.DataFrame(rows, columns=columns)
+
+
+def render_seed_group(group: Sequence[RunSet]) -> str:
+    names = ", ".join(f"`{os.path.normpath(r.path)}`" for r in group)
+    seeds = ", ".join(str(r.config.get("seed")) for r in group)
+    return "\n".join([
+        f"### Across seeds: {names}", "",
+        f"Seeds {seeds}; every other setting equal. Each number is the mean over the seeds "
+        "(lowest-highest); [k of n] where only k of the n seeds have it yet.", "",
+        results.markdown_table(across_seeds_table(group), "{:.4g}")])
+
+
 # ------------------------------------------------------- budget and setup
 def _epochs(config: Mapping[str, Any]) -> Optional[float]:
     if config.get("total_steps") and config.get("steps_per_epoch"):
@@ -435,6 +507,8 @@ def build_report(run_dirs: Sequence[str], out_path: str, copy_figures: bool = Fa
         for runs in members:
             copy_to = _copy_dir(out_path, runs, used) if copy_figures else None
             lines.append(render_run_set(runs, out_dir, copy_to))
+        for group in seed_groups(members):
+            lines.append(render_seed_group(group))
     return "\n".join(lines).rstrip() + "\n"
 
 
