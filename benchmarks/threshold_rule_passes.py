@@ -2,7 +2,8 @@
 
     python -m benchmarks.threshold_rule_passes [--rounds=5] [--calls=100] [--dump=DIR]
 
-Times, in one process (interleaved rounds, fastest kept, process CPU time), the
+Times, in one process (interleaved rounds, fastest kept; process CPU time on a
+CPU-only machine, wall time on a GPU), the
 update part of a step on the weights of the threshold benchmark's MLP
 (784-1000-1000-500-200-10, 2.4M weights), each compiled with XLA:
 
@@ -70,20 +71,26 @@ def main():
 
     functions = contenders(tf)
     for function in functions.values():
-        function()  # compile
-    best = {name: float("inf") for name in functions}
+        function().numpy()  # compile
+    on_gpu = bool(tf.config.list_physical_devices("GPU"))
+    best = {name: [float("inf"), float("inf")] for name in functions}  # wall, CPU
     for _ in range(args.rounds):
         for name, function in functions.items():
-            start = time.process_time()
+            wall, cpu = time.perf_counter(), time.process_time()
             for _ in range(args.calls):
-                function()
-            best[name] = min(best[name], (time.process_time() - start) / args.calls)
-    base = best["plain SGD"]
-    print(f"{sum(math.prod(s) for s in SHAPES):,} weights; "
-          f"CPU ms per update, fastest of {args.rounds} rounds x {args.calls}")
-    for name, seconds in best.items():
-        print(f"{name:16s} {1000 * seconds:7.2f} ms  {seconds / base:5.2f}x plain SGD")
-
+                result = function()
+            result.numpy()  # waits for the device
+            times = (time.perf_counter() - wall, time.process_time() - cpu)
+            best[name] = [min(b, t / args.calls) for b, t in zip(best[name], times)]
+    # On a GPU the host's CPU time says nothing about the kernels: judge wall time there.
+    judged = 0 if on_gpu else 1
+    base = best["plain SGD"][judged]
+    print(f"{sum(math.prod(s) for s in SHAPES):,} weights on {'GPU' if on_gpu else 'CPU'}; "
+          f"ms per update (wall, process CPU), fastest of {args.rounds} rounds x {args.calls}; "
+          f"ratio on {'wall' if on_gpu else 'CPU'} time")
+    for name, (wall, cpu) in best.items():
+        print(f"{name:16s} {1000 * wall:7.2f} {1000 * cpu:7.2f} ms  "
+              f"{(wall, cpu)[judged] / base:5.2f}x plain SGD")
 
 if __name__ == "__main__":
     main()
