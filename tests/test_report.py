@@ -140,6 +140,13 @@ def test_seeds_of_one_setting_get_a_mean_and_range_table(tmp_path):
     assert table_row(across, "0.2")[3:5] == ["85 (80-90)", "89.9"]  # ours at 1000; write-up
     assert table_row(across, "1")[3] == "95.12"  # equal in every seed: shown once
 
+    # With copied figures, the curves over seeds are drawn beside the report.
+    text = report.build_report(paths, str(tmp_path / "docs" / "REPORT.md"), copy_figures=True)
+    figures = tmp_path / "docs" / "REPORT_figures" / "across_seeds_gd_seed0"
+    assert sorted(os.listdir(figures)) == ["results_prorated_seeds.png", "results_raw_seeds.png"]
+    assert "![results_raw_seeds.png](REPORT_figures/across_seeds_gd_seed0/results_raw_seeds.png)" \
+        in section(text, "Gradient dropping")
+
     copy = section(text, "Recurrent DNI: Copy")
     across = copy[copy.index("### Across seeds"):]
     assert table_row(across, "bptt")[1:] == ["2.5 (2-3)", "6"]

@@ -48,8 +48,12 @@ def save_figure(figure, path: str, dpi: int = 120) -> str:
 def learning_curves(history: pd.DataFrame, x: str, hue: str, path: str,
                     y: str = "test_accuracy", xlabel: Optional[str] = None,
                     ylabel: Optional[str] = None, title: Optional[str] = None,
-                    col: Optional[str] = None, ylim=None) -> str:
-    """Line plot of `y` against `x`, one line per `hue` value (a panel per `col`)."""
+                    col: Optional[str] = None, ylim=None, errorbar=("ci", 95)) -> str:
+    """Line plot of `y` against `x`, one line per `hue` value (a panel per `col`).
+
+    Several rows per (`hue`, `x`) (seeds) are drawn as their mean with a band:
+    `errorbar` as seaborn takes it, e.g. ("pi", 100) for the lowest-highest range.
+    """
     frame = history.copy()
     frame[hue] = frame[hue].astype(str)
     hue_order = list(pd.unique(frame[hue]))
@@ -60,7 +64,7 @@ def learning_curves(history: pd.DataFrame, x: str, hue: str, path: str,
     for index, (ax, (value, panel)) in enumerate(zip(axes, panels)):
         last = index == len(panels) - 1
         sns.lineplot(data=panel, x=x, y=y, hue=hue, hue_order=hue_order, palette=palette,
-                     marker="o", markersize=3, ax=ax, legend=last)
+                     marker="o", markersize=3, ax=ax, legend=last, errorbar=errorbar)
         ax.set(xlabel=xlabel or x, ylabel=(ylabel or y.replace("_", " ")) if index == 0 else "")
         if col is not None:
             ax.set_title(f"{col} = {value}")

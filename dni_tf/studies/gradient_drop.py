@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import keras
 import pandas as pd
@@ -222,6 +222,29 @@ def run_sweep(config: GradientDropConfig, workdir: str, extra_config: Optional[d
     results.save_results(workdir, {**dataclasses.asdict(config), **(extra_config or {})},
                          {"by_keep_prob": finals}, study=STUDY)
     return history
+
+
+def seed_figures(histories: Dict[int, pd.DataFrame], out_dir: str) -> List[str]:
+    """Raw and pro-rated curves over seeds: the mean per keep_prob, shaded lowest-highest.
+
+    `histories`: {seed: a sweep's combined history (keep_prob, step, test_accuracy)}. Writes results_raw_seeds.png and results_prorated_seeds.png
+    into `out_dir`; returns their paths.
+    """
+    history = pd.concat([h.assign(seed=seed) for seed, h in histories.items()],
+                        ignore_index=True)
+    history["prorated_step"] = history["step"] * history["keep_prob"]
+    seeds = ", ".join(str(s) for s in histories)
+    os.makedirs(out_dir, exist_ok=True)
+    return [
+        plots.learning_curves(history, x="step", hue="keep_prob", errorbar=("pi", 100),
+                              path=os.path.join(out_dir, "results_raw_seeds.png"),
+                              xlabel="training batches",
+                              title=f"Test accuracy (raw), mean and range over seeds {seeds}"),
+        plots.learning_curves(history, x="prorated_step", hue="keep_prob", errorbar=("pi", 100),
+                              path=os.path.join(out_dir, "results_prorated_seeds.png"),
+                              xlabel="training batches x keep_prob",
+                              title=f"Test accuracy (pro-rated), mean and range over seeds {seeds}"),
+    ]
 
 
 def combined_history(histories: Dict[float, pd.DataFrame]) -> pd.DataFrame:

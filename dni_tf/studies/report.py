@@ -340,14 +340,29 @@ def across_seeds_table(group: Sequence[RunSet]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=columns)
 
 
-def render_seed_group(group: Sequence[RunSet]) -> str:
+# Figures over a seed group: study -> fn({seed: history}, out_dir) -> paths written.
+SEED_FIGURES: Dict[str, Callable[[Dict[int, pd.DataFrame], str], List[str]]] = {
+    gradient_drop.STUDY: gradient_drop.seed_figures,
+}
+
+
+def render_seed_group(group: Sequence[RunSet], out_dir: str,
+                      figures_to: Optional[str] = None) -> str:
+    """The across-seeds section; with `figures_to`, the study's seed figures are drawn
+    there (for studies in `SEED_FIGURES` whose runs have histories) and linked."""
     names = ", ".join(f"`{os.path.normpath(r.path)}`" for r in group)
     seeds = ", ".join(str(r.config.get("seed")) for r in group)
-    return "\n".join([
-        f"### Across seeds: {names}", "",
-        f"Seeds {seeds}; every other setting equal. Each number is the mean over the seeds "
-        "(lowest-highest); [k of n] where only k of the n seeds have it yet.", "",
-        results.markdown_table(across_seeds_table(group), "{:.4g}")])
+    lines = [f"### Across seeds: {names}", "",
+             f"Seeds {seeds}; every other setting equal. Each number is the mean over the seeds "
+             "(lowest-highest); [k of n] where only k of the n seeds have it yet.", "",
+             results.markdown_table(across_seeds_table(group), "{:.4g}")]
+    draw = SEED_FIGURES.get(group[0].study)
+    if figures_to and draw and all(len(r.history) for r in group):
+        paths = draw({r.config.get("seed"): r.history for r in group}, figures_to)
+        lines += [" ".join(f"![{os.path.basename(p)}]"
+                           f"({os.path.relpath(p, out_dir).replace(os.sep, '/')})"
+                           for p in paths), ""]
+    return "\n".join(lines)
 
 
 # ------------------------------------------------------- budget and setup
@@ -469,9 +484,10 @@ def render_run_set(runs: RunSet, out_dir: str, copy_to: Optional[str]) -> str:
     return "\n".join(lines)
 
 
-def _copy_dir(out_path: str, runs: RunSet, used: set) -> str:
+def _copy_dir(out_path: str, run_dir: str, used: set) -> str:
+    """`<out stem>_figures/<run_dir's name>` beside `out_path`, unique among `used`."""
     stem = os.path.splitext(os.path.basename(out_path))[0]
-    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", os.path.basename(os.path.normpath(runs.path)))
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", os.path.basename(os.path.normpath(run_dir)))
     candidate, index = name, 2
     while candidate in used:
         candidate, index = f"{name}_{index}", index + 1
@@ -484,7 +500,9 @@ def build_report(run_dirs: Sequence[str], out_path: str, copy_figures: bool = Fa
 
     With `copy_figures`, each run directory's PNG figures are copied to
     `<out stem>_figures/<run dir name>/` beside `out_path` (so the report can be
-    committed without the runs). Raises ReportError for a directory that
+    committed without the runs), and seed groups with figures over seeds (gradient
+    dropping's curves) get them drawn into `<out stem>_figures/across_seeds_<first
+    run dir name>/`. Raises ReportError for a directory that
     cannot be reported (before copying anything).
     """
     if not run_dirs:
@@ -505,10 +523,12 @@ def build_report(run_dirs: Sequence[str], out_path: str, copy_figures: bool = Fa
                   "Published claims:", ""]
         lines += [f"- {claim}" for claim in published.claims] + [""]
         for runs in members:
-            copy_to = _copy_dir(out_path, runs, used) if copy_figures else None
+            copy_to = _copy_dir(out_path, runs.path, used) if copy_figures else None
             lines.append(render_run_set(runs, out_dir, copy_to))
         for group in seed_groups(members):
-            lines.append(render_seed_group(group))
+            figures_to = (_copy_dir(out_path, "across_seeds_" + os.path.basename(
+                os.path.normpath(group[0].path)), used) if copy_figures else None)
+            lines.append(render_seed_group(group, out_dir, figures_to))
     return "\n".join(lines).rstrip() + "\n"
 
 
