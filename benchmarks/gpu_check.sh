@@ -13,11 +13,12 @@
 #                           XLA:CPU does not? docs/performance.md, "Threshold updates")
 #   recurrent_dni.txt       chars/s of bptt / dni / dni_aux against a Keras LSTM, with XLA
 #                           (PTB from $DNI_TF_DATA_DIR/ptb; skipped without it)
-# Each part has its own time limit, so one slow part cannot take the others' time.
+# Each part has its own time limit, so one slow part cannot take the others' time; the
+# exit status is 1 if any part failed or was stopped.
 set -u
-cd "$(dirname "$0")/.."
 OUT_DIR=${1:-${OUT:-gpu_check}}
-mkdir -p "$OUT_DIR"
+mkdir -p "$OUT_DIR" && OUT_DIR=$(cd "$OUT_DIR" && pwd)  # the caller's folder, before the cd
+cd "$(dirname "$0")/.."
 export TF_CPP_MIN_LOG_LEVEL=2 PYTHONUNBUFFERED=1
 
 python - > "$OUT_DIR/machine.txt" 2>&1 <<'EOF'
@@ -31,18 +32,28 @@ sys.exit(0 if gpus else 3)
 EOF
 status=$?
 cat "$OUT_DIR/machine.txt"
-if [ $status -ne 0 ] && [ -z "${GPU_CHECK_ON_CPU:-}" ]; then
+if [ $status -ne 0 ] && [ $status -ne 3 ]; then
+    echo "error: could not ask TensorFlow for its GPUs (see $OUT_DIR/machine.txt)" >&2
+    exit 1
+fi
+if [ $status -eq 3 ] && [ "${GPU_CHECK_ON_CPU:-0}" != 1 ]; then
     echo "error: TensorFlow sees no GPU here (see $OUT_DIR/machine.txt); nothing was benchmarked" >&2
     exit 1
 fi
 
+failed=0
 part() {  # part NAME SECONDS COMMAND...: runs COMMAND, output to OUT_DIR/NAME.txt
     local name=$1 seconds=$2
     shift 2
     echo "== $name (at most ${seconds} s): $*"
-    timeout "$seconds" "$@" > "$OUT_DIR/$name.txt" 2>&1
+    timeout -k 15 "$seconds" "$@" > "$OUT_DIR/$name.txt" 2>&1
     local rc=$?
-    [ $rc -eq 124 ] && echo "(stopped after ${seconds} s)" >> "$OUT_DIR/$name.txt"
+    if [ $rc -eq 124 ] || [ $rc -eq 137 ]; then
+        echo "(stopped after ${seconds} s)" >> "$OUT_DIR/$name.txt"
+    elif [ $rc -ne 0 ]; then
+        echo "(failed: exit $rc)" >> "$OUT_DIR/$name.txt"
+    fi
+    [ $rc -ne 0 ] && failed=1
     tail -n 25 "$OUT_DIR/$name.txt"
 }
 
@@ -54,3 +65,4 @@ if [ -d "${DNI_TF_DATA_DIR:-/nonexistent}/ptb" ]; then
 else
     echo "== recurrent_dni: skipped (no \$DNI_TF_DATA_DIR/ptb)" | tee "$OUT_DIR/recurrent_dni.txt"
 fi
+exit $failed

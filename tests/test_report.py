@@ -27,14 +27,18 @@ def write_png(path: str) -> None:
 
 
 def fake_gradient_drop(root: str, seed: int = 0, final_0_2: float = 0.8734,
-                       learning_rate: float = 1e-4) -> None:
+                       learning_rate: float = 1e-4, kept_fraction: bool = True,
+                       **extra_config) -> None:
     """A two-keep_prob sweep of 1,000 steps, evaluated every 250, as run_sweep writes it."""
     config = {"keep_probs": [1.0, 0.2], "dataset": "mnist", "steps": 1000, "batch_size": 50,
               "learning_rate": learning_rate, "granularity": "variable",
               "dropped_state": "freeze", "rescale": False, "seed": seed,
-              "flags": {"workdir": root, "seed": seed}}
+              "flags": {"workdir": root, "seed": seed}, **extra_config}
     finals = {"1": {"test_accuracy": 0.9512, "kept_fraction": 1.0, "data_source": "fake"},
               "0.2": {"test_accuracy": final_0_2, "kept_fraction": 0.2, "data_source": "fake"}}
+    if not kept_fraction:  # an older run that did not log it
+        for metrics in finals.values():
+            del metrics["kept_fraction"]
     rows = [{"keep_prob": p, "step": s, "test_accuracy": acc}
             for p, accs in ((1.0, (0.90, 0.93, 0.94, 0.9512)), (0.2, (0.70, 0.81, 0.85, 0.8734)))
             for s, acc in zip((250, 500, 750, 1000), accs)]
@@ -120,25 +124,34 @@ def test_each_study_gets_its_section_with_our_numbers_beside_the_published(runs,
 def test_seeds_of_one_setting_get_a_mean_and_range_table(tmp_path):
     root = tmp_path / "runs"
     for seed, final in ((0, 0.80), (1, 0.90), (2, 0.85)):
-        fake_gradient_drop(str(root / f"gd_seed{seed}"), seed=seed, final_0_2=final)
+        # Seed 2 did not log the applied fraction: its rows still match the others'.
+        fake_gradient_drop(str(root / f"gd_seed{seed}"), seed=seed, final_0_2=final,
+                           kept_fraction=seed != 2)
     fake_gradient_drop(str(root / "gd_other_lr"), seed=3, learning_rate=1e-3)  # not a seed
     fake_gradient_drop(str(root / "gd_seed0_again"), seed=0)  # the same seed twice
-    # Copy: seed 1 has no dni T=5 cell yet.
+    # Runs that trained several seeds each (their `seed` is the first) are no seed group.
+    fake_gradient_drop(str(root / "gd_seeds_4_5"), seed=4, seeds=[4, 5])
+    fake_gradient_drop(str(root / "gd_seeds_6_7"), seed=6, seeds=[6, 7])
+    # Copy: seed 1 has no dni T=5 cell yet; seed 2 only its bptt cells so far.
     fake_copy_table(str(root / "copy0"), seed=0)
     fake_copy_table(str(root / "copy1"), seed=1, solved={("bptt", 2): 2, ("bptt", 5): 6,
                                                         ("dni", 2): 8})
+    fake_copy_table(str(root / "copy2"), seed=2, solved={("bptt", 2): 1, ("bptt", 5): 6})
     paths = [str(root / n) for n in ("gd_seed0", "gd_seed1", "gd_seed2", "gd_other_lr",
-                                     "gd_seed0_again", "copy0", "copy1")]
+                                     "gd_seed0_again", "gd_seeds_4_5", "gd_seeds_6_7",
+                                     "copy0", "copy1", "copy2")]
     text = report.build_report(paths, str(tmp_path / "REPORT.md"))
 
     gd = section(text, "Gradient dropping")
     assert gd.count("### Across seeds") == 1
     across = gd[gd.index("### Across seeds"):]
     assert "gd_seed0`, `" in across and "gd_other_lr" not in across
-    assert "gd_seed0_again" not in across
+    assert "gd_seeds_4_5" not in across
+    assert "Left out, repeating a seed above: `" in across and "gd_seed0_again` (seed 0)" in across
     assert "Seeds 0, 1, 2; every other setting equal." in across
-    assert table_row(across, "0.2")[3:5] == ["85 (80-90)", "89.9"]  # ours at 1000; write-up
+    assert table_row(across, "0.2")[3:6] == ["85 (80 to 90)", "89.9", "0.2 (0.2 to 0.2) [2 of 3]"]
     assert table_row(across, "1")[3] == "95.12"  # equal in every seed: shown once
+    assert len([l for l in across.splitlines() if l.startswith("| 0.2 |")]) == 1
 
     # With copied figures, the curves over seeds are drawn beside the report.
     text = report.build_report(paths, str(tmp_path / "docs" / "REPORT.md"), copy_figures=True)
@@ -149,8 +162,26 @@ def test_seeds_of_one_setting_get_a_mean_and_range_table(tmp_path):
 
     copy = section(text, "Recurrent DNI: Copy")
     across = copy[copy.index("### Across seeds"):]
-    assert table_row(across, "bptt")[1:] == ["2.5 (2-3)", "6"]
-    assert table_row(across, "dni")[1:] == ["7.5 (7-8)", "11 (11-11) [1 of 2]"]
+    assert "Seeds 0, 1, 2;" in across
+    assert table_row(across, "bptt")[1:] == ["2 (1 to 3)", "6"]
+    assert table_row(across, "dni")[1:] == ["7.5 (7 to 8) [2 of 3]", "11 (11 to 11) [1 of 3]"]
+
+
+def test_seed_curves_of_single_keep_prob_runs_take_keep_prob_from_the_configuration(tmp_path):
+    paths = []
+    for seed in (0, 1):  # one run each (not a sweep): history.csv has no keep_prob column
+        path = str(tmp_path / "runs" / f"gd_half_seed{seed}")
+        config = {"keep_prob": 0.5, "dataset": "mnist", "steps": 500, "batch_size": 50,
+                  "learning_rate": 1e-4, "seed": seed}
+        rows = [{"step": s, "test_accuracy": 0.8 + 0.01 * seed + s / 10_000} for s in (250, 500)]
+        results.write_csv(os.path.join(path, results.HISTORY_FILE), pd.DataFrame(rows))
+        results.save_results(path, config, {"test_accuracy": 0.85 + 0.01 * seed,
+                                            "kept_fraction": 0.5}, study="gradient_drop")
+        paths.append(path)
+    text = report.build_report(paths, str(tmp_path / "REPORT.md"), copy_figures=True)
+    across = text[text.index("### Across seeds"):]
+    assert "results_prorated_seeds.png" in across
+    assert table_row(across, "0.5")[2] == "85.5 (85 to 86)"
 
 
 def test_figures_are_linked_relative_to_the_report_or_copied_beside_it(runs, tmp_path):

@@ -289,44 +289,68 @@ TABLE_KEYS: Dict[str, Tuple[str, ...]] = {
 _PER_SEED = frozenset({"seed", "seeds", "workdir", "flags", "data_dir"})
 
 
-def seed_groups(run_sets: Sequence[RunSet]) -> List[List[RunSet]]:
+@dataclasses.dataclass
+class SeedGroup:
+    """Run sets of one setting, one per seed (`members`), and any that repeat a
+    member's seed (`repeats`: left out of the group, named in its section)."""
+
+    members: List[RunSet]
+    repeats: List[RunSet]
+
+
+def _setup(runs: RunSet, row_settings: frozenset) -> dict:
+    """The settings a seed group must share: all but the per-seed ones and, for a
+    table root, the settings that tell its rows apart (a seed whose table holds only
+    some methods so far shares that method in its `config`)."""
+    drop = _PER_SEED | (row_settings if runs.root is None else frozenset())
+    return {k: v for k, v in runs.config.items() if k not in drop}
+
+
+def seed_groups(run_sets: Sequence[RunSet]) -> List[SeedGroup]:
     """Run sets of one study whose settings differ only in the seed (two or more seeds).
 
-    A group lists its members in the order given, one per seed: a later run
-    set repeating a seed is the same configuration twice and is left out.
+    Members keep the order given, one per seed: a later run set repeating a seed
+    is the same configuration twice and goes to `repeats`. Runs that trained
+    several seeds themselves (a `seeds` list, e.g. a feed-forward DNI grid) are
+    not grouped.
     """
-    by_setup: Dict[str, Dict[str, RunSet]] = {}
+    row_settings = {study: frozenset(k for r in run_sets if r.study == study for k in r.varied)
+                    for study in {r.study for r in run_sets}}
+    by_setup: Dict[str, SeedGroup] = {}
     for runs in run_sets:
-        setup = {k: v for k, v in runs.config.items() if k not in _PER_SEED}
-        key = json.dumps([runs.study, setup], sort_keys=True, default=str)
         seed = runs.config.get("seed")
-        if seed is not None:
-            by_setup.setdefault(key, {}).setdefault(str(seed), runs)
-    return [list(members.values()) for members in by_setup.values() if len(members) >= 2]
+        if seed is None or len(runs.config.get("seeds") or []) > 1:
+            continue
+        setup = _setup(runs, row_settings[runs.study])
+        key = json.dumps([runs.study, setup], sort_keys=True, default=str)
+        group = by_setup.setdefault(key, SeedGroup([], []))
+        seeds = [str(m.config.get("seed")) for m in group.members]
+        (group.repeats if str(seed) in seeds else group.members).append(runs)
+    return [g for g in by_setup.values() if len(g.members) >= 2]
 
 
 def _spread(values: List[float], seeds: int) -> str:
-    """mean (lowest-highest) over the seeds that have a value; [k of n] when some lack it."""
+    """mean (lowest to highest) over the seeds that have a value; [k of n] when some lack it."""
     if not values:
         return ""
     if len(set(values)) == 1 and len(values) == seeds:
         return f"{values[0]:.4g}"
     mean = sum(values) / len(values)
-    text = f"{mean:.4g} ({min(values):.4g}-{max(values):.4g})"
+    text = f"{mean:.4g} ({min(values):.4g} to {max(values):.4g})"
     return text if len(values) == seeds else f"{text} [{len(values)} of {seeds}]"
 
 
 def across_seeds_table(group: Sequence[RunSet]) -> pd.DataFrame:
     """The study's table with each number replaced by its mean and range over the seeds.
 
-    Rows are matched on the first column, the text columns and the study's
-    `TABLE_KEYS`; a row some seeds lack is averaged over those that have it.
+    Rows are matched on the first column, the columns holding text and the
+    study's `TABLE_KEYS`; a row some seeds lack is averaged over those that have it.
     """
     study = group[0].study
     tables = [TABLES[study](runs) for runs in group]
     columns = list(dict.fromkeys(c for t in tables for c in t.columns))
     keys = [c for c in columns if c == columns[0] or c in TABLE_KEYS.get(study, ())
-            or any(t[c].dtype == object for t in tables if c in t)]
+            or any(isinstance(v, str) for t in tables if c in t for v in t[c])]
     stacked = pd.concat(tables, ignore_index=True)
     rows = []
     for _, rows_of_key in stacked.groupby(keys, sort=False, dropna=False):
@@ -346,23 +370,35 @@ SEED_FIGURES: Dict[str, Callable[[Dict[int, pd.DataFrame], str], List[str]]] = {
 }
 
 
-def render_seed_group(group: Sequence[RunSet], out_dir: str,
-                      figures_to: Optional[str] = None) -> str:
+def render_seed_group(group: SeedGroup, out_dir: str, figures_to: Optional[str] = None) -> str:
     """The across-seeds section; with `figures_to`, the study's seed figures are drawn
     there (for studies in `SEED_FIGURES` whose runs have histories) and linked."""
-    names = ", ".join(f"`{os.path.normpath(r.path)}`" for r in group)
-    seeds = ", ".join(str(r.config.get("seed")) for r in group)
+    members = group.members
+    names = ", ".join(f"`{os.path.normpath(r.path)}`" for r in members)
+    seeds = ", ".join(str(r.config.get("seed")) for r in members)
     lines = [f"### Across seeds: {names}", "",
              f"Seeds {seeds}; every other setting equal. Each number is the mean over the seeds "
-             "(lowest-highest); [k of n] where only k of the n seeds have it yet.", "",
-             results.markdown_table(across_seeds_table(group), "{:.4g}")]
-    draw = SEED_FIGURES.get(group[0].study)
-    if figures_to and draw and all(len(r.history) for r in group):
-        paths = draw({r.config.get("seed"): r.history for r in group}, figures_to)
+             "(lowest to highest); [k of n] where only k of the n seeds have it yet.", ""]
+    if group.repeats:
+        lines += ["Left out, repeating a seed above: " + ", ".join(
+            f"`{os.path.normpath(r.path)}` (seed {r.config.get('seed')})"
+            for r in group.repeats) + ".", ""]
+    lines.append(results.markdown_table(across_seeds_table(members), "{:.4g}"))
+    draw = SEED_FIGURES.get(members[0].study)
+    if figures_to and draw and all(len(r.history) for r in members):
+        paths = draw({r.config.get("seed"): _with_setting(r.history, r.config, "keep_prob")
+                      for r in members}, figures_to)
         lines += [" ".join(f"![{os.path.basename(p)}]"
                            f"({os.path.relpath(p, out_dir).replace(os.sep, '/')})"
                            for p in paths), ""]
     return "\n".join(lines)
+
+
+def _with_setting(history: pd.DataFrame, config: Mapping[str, Any], name: str) -> pd.DataFrame:
+    """`history` with a `name` column: its own, else the run's single setting."""
+    if name in history or name not in config:
+        return history
+    return history.assign(**{name: config[name]})
 
 
 # ------------------------------------------------------- budget and setup
@@ -527,7 +563,7 @@ def build_report(run_dirs: Sequence[str], out_path: str, copy_figures: bool = Fa
             lines.append(render_run_set(runs, out_dir, copy_to))
         for group in seed_groups(members):
             figures_to = (_copy_dir(out_path, "across_seeds_" + os.path.basename(
-                os.path.normpath(group[0].path)), used) if copy_figures else None)
+                os.path.normpath(group.members[0].path)), used) if copy_figures else None)
             lines.append(render_seed_group(group, out_dir, figures_to))
     return "\n".join(lines).rstrip() + "\n"
 

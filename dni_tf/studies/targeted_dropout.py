@@ -300,7 +300,7 @@ def plot_magnitudes(magnitudes, path: str) -> None:
     # Axes of our own rather than seaborn's figure-level displot: its FacetGrid
     # layout took most of a tiny study's time (1.3 s per figure here).
     figure, axes = plt.subplots(1, max(len(layers), 1), squeeze=False,
-                                figsize=(3.1 * max(len(layers), 1), 2.8), sharey=False)
+                                figsize=(3.1 * max(len(layers), 1), 2.8), sharex=True)
     for index, (axis, layer) in enumerate(zip(axes[0], layers)):
         sns.histplot(data=frame[frame["layer"] == layer], x="magnitude", hue=hue, ax=axis,
                      element="step", fill=False, stat="density", common_norm=False,
