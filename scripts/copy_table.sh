@@ -1,0 +1,32 @@
+#!/bin/bash
+# The Copy / Repeat Copy table of docs/recurrent_dni.md, one cell at a time; resumable.
+#
+#     scripts/copy_table.sh "SEEDS" "TRUNCATIONS" [TASK]     e.g.  scripts/copy_table.sh "0 1" "3 5"
+#
+# TASK: copy (default) or repeat_copy. Cells go to $RUNS/<task>/seed<S>/<method>_T<T>
+# (RUNS defaults to runs/). Rerunning resumes every unfinished cell and skips the
+# finished ones. Run one process per core (e.g. `taskset -c 0 nice -n 10 ...`).
+#
+# dni_aux is trained only where dni's curriculum reached L >= T. Below that every
+# Copy episode (2L+1 steps) spans at most two windows, the Aux head's only target is
+# the zero gradient at the episode's end, and dni_aux trains bit-identically to dni
+# (seen: T=5, seed 0, 32,500 steps, every history column equal). The cell then gets
+# a marker file `dni_aux_T<T>.identical_to_dni` instead of a run.
+set -u
+cd "$(dirname "$0")/.."
+SEEDS=$1 TRUNCATIONS=$2 TASK=${3:-copy}
+ROOT=${RUNS:-runs}/$TASK
+COMMON="--task=$TASK --steps=50000 --eval_every=2500 --hidden_size=256 --max_length=200 --max_repeats=10"
+for T in $TRUNCATIONS; do for seed in $SEEDS; do
+  dir=$ROOT/seed$seed
+  python -m experiments.copy_task --workdir=$dir --method=bptt,dni --truncation=$T $COMMON \
+      --seed=$seed || continue
+  reached=$(python -c "import pandas; print(int(pandas.read_csv('$dir/dni_T$T/history.csv')['curriculum_length'].max()))")
+  if [ "$reached" -ge "$T" ]; then
+    python -m experiments.copy_task --workdir=$dir/dni_aux_T$T --method=dni_aux --truncation=$T \
+        $COMMON --seed=$seed
+  else
+    echo "dni reached L=$reached < T=$T: dni_aux is identical to dni" > $dir/dni_aux_T$T.identical_to_dni
+  fi
+done; done
+echo "copy_table: done ($TASK, seeds $SEEDS, T $TRUNCATIONS)"
