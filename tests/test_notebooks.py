@@ -144,6 +144,8 @@ def test_notebook_is_committed_clean_and_complete(study):
 # the pip calls, the error raised (if any) and whether dni_tf is importable afterwards.
 INSTALL_DRIVER = textwrap.dedent("""
     import importlib.util, json, os, subprocess, sys, types
+    if os.environ.get("FAKE_IMPORTABLE_FROM"):  # a dni_tf there, whatever is installed
+        sys.path.insert(0, os.environ["FAKE_IMPORTABLE_FROM"])
     if os.environ.get("FAKE_COLAB"):
         sys.modules["google.colab"] = types.ModuleType("google.colab")
     calls = []
@@ -163,11 +165,13 @@ INSTALL_DRIVER = textwrap.dedent("""
 
 
 def run_install_cell(tmp_path, cwd, *, site=False, colab=False, repo_url=None, pip_rc=0,
-                     pip_output="Successfully installed dni_tf-0.1.0"):
+                     pip_output="Successfully installed dni_tf-0.1.0", importable_from=None):
     cell = tmp_path / "install_cell.py"
     cell.write_text(install_cell_source())
     env = {k: v for k, v in os.environ.items() if k not in ("DNI_TF_REPO_URL", "PYTHONPATH")}
     env.update(FAKE_PIP_RC=str(pip_rc), FAKE_PIP_OUTPUT=pip_output)
+    if importable_from is not None:
+        env["FAKE_IMPORTABLE_FROM"] = str(importable_from)
     if colab:
         env["FAKE_COLAB"] = "1"
     if repo_url is not None:
@@ -191,7 +195,11 @@ def make_checkout(root, name="dni_tf"):
 
 
 def test_install_cell_does_nothing_when_dni_tf_is_importable(tmp_path):
-    result, printed = run_install_cell(tmp_path, tmp_path, site=True, colab=True)
+    # Importable from a folder of its own, not from whatever this machine has installed
+    # (an install of another checkout, or one being replaced while the tests run).
+    elsewhere = make_checkout(tmp_path / "elsewhere")
+    result, printed = run_install_cell(tmp_path, tmp_path, colab=True,
+                                       importable_from=elsewhere)
     assert result == {"calls": [], "error": None, "importable": True}
     assert printed == "dni_tf is already importable; nothing to install."
 
@@ -264,6 +272,9 @@ def test_notebook_runs_in_a_jupyter_kernel(study, tmp_path):
     notebook = prepared(study, workdir)
     env = dict(os.environ)
     env.pop("MPLBACKEND", None)  # the kernel's own default (inline), as in Jupyter
+    # The kernel imports this checkout, whatever is installed: never the install cell's
+    # real `pip install`, which would replace the install under the other tests' feet.
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO_ROOT, env.get("PYTHONPATH")) if p)
     client = nbclient.NotebookClient(notebook, kernel_name="python3", timeout=TIME_LIMIT_S,
                                      startup_timeout=120, allow_errors=True,
                                      resources={"metadata": {"path": NOTEBOOK_DIR}})
