@@ -700,6 +700,11 @@ MUTANTS: List[Mutant] = [
            "        paths = draw({r.config.get(\"seed\"): _with_setting(r.history, r.config, \"keep_prob\")",
            "        paths = draw({r.config.get(\"seed\"): r.history",
            ["tests/test_report.py::test_seed_curves_of_single_keep_prob_runs_take_keep_prob_from_the_configuration"]),
+    Mutant("report: a running gradient-dropping sweep read from its (absent) root history",
+           "dni_tf/studies/report.py",
+           "    if len(runs.history) or runs.root is not None:\n        return runs.history",
+           "    return runs.history",
+           ["tests/test_report.py::test_a_gradient_drop_sweep_still_running_reports_its_finished_runs"]),
 ]
 
 

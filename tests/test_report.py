@@ -184,6 +184,28 @@ def test_seed_curves_of_single_keep_prob_runs_take_keep_prob_from_the_configurat
     assert table_row(across, "0.5")[2] == "85.5 (85 to 86)"
 
 
+def test_a_gradient_drop_sweep_still_running_reports_its_finished_runs(tmp_path):
+    """No results.json or history.csv at the sweep's root yet: only keep_prob 1 is done."""
+    paths = []
+    for seed, final in ((0, 0.99), (1, 0.98)):
+        root = tmp_path / "runs" / f"gd_seed{seed}"
+        child = str(root / "keep_prob_1")
+        config = {"keep_probs": [1.0, 0.5], "keep_prob": 1.0, "dataset": "mnist", "steps": 1000,
+                  "batch_size": 50, "learning_rate": 1e-4, "seed": seed}
+        results.save_results(child, config, {"test_accuracy": final, "kept_fraction": 1.0},
+                             study="gradient_drop")
+        results.write_csv(os.path.join(child, results.HISTORY_FILE), pd.DataFrame(
+            [{"step": s, "test_accuracy": final - (1000 - s) / 10_000} for s in (250, 500, 1000)]))
+        os.makedirs(root / "keep_prob_0.5")  # running: a history, no results.json yet
+        paths.append(str(root))
+    text = report.build_report(paths, str(tmp_path / "REPORT.md"), copy_figures=True)
+    own = section(text, "Gradient dropping")
+    assert table_row(own, "1")[1:4] == ["91.5", "94", "99"]  # at 250, 500 and 1000
+    across = own[own.index("### Across seeds"):]
+    assert table_row(across, "1")[3] == "98.5 (98 to 99)"
+    assert "results_raw_seeds.png" in across
+
+
 def test_figures_are_linked_relative_to_the_report_or_copied_beside_it(runs, tmp_path):
     out = tmp_path / "docs" / "REPORT.md"
     for copy in (False, True):

@@ -150,24 +150,42 @@ def _accuracy_at(history: pd.DataFrame, step: int, where: Optional[pd.Series] = 
     return _percent(rows["test_accuracy"].iloc[-1]) if len(rows) else None
 
 
+def _sweep_history(runs: RunSet) -> pd.DataFrame:
+    """The run's history.csv; for a sweep still running (no history at its root yet),
+    its finished and running runs' histories, each with its `keep_prob`."""
+    if len(runs.history) or runs.root is not None:
+        return runs.history
+    frames = [runs.child_history(name).assign(keep_prob=float(child["config"]["keep_prob"]))
+              for name, child in runs.children.items() if "keep_prob" in child.get("config", {})]
+    frames = [f for f in frames if len(f)]
+    return pd.concat(frames, ignore_index=True) if frames else runs.history
+
+
 def gradient_drop_table(runs: RunSet) -> pd.DataFrame:
-    """keep_prob rows: ours at a quarter, half and all of the budget, the write-up's at 20k."""
+    """keep_prob rows: ours at a quarter, half and all of the budget, the write-up's at 20k.
+
+    A sweep still running (results.json only in its keep_prob runs so far) gets a
+    row per run begun, with what it has reached; an unfinished run has no final."""
     config = runs.config
     steps = int(config.get("steps", 0))
+    history = _sweep_history(runs)
     if runs.root and "by_keep_prob" in runs.root.get("metrics", {}):
         finals = {float(k): v for k, v in runs.root["metrics"]["by_keep_prob"].items()}
-    else:
+    elif runs.root is not None:
         finals = {float(config["keep_prob"]): runs.root["metrics"]}
-    evaluated = sorted(int(s) for s in runs.history["step"].unique()) if len(runs.history) else []
+    else:
+        finals = {float(child["config"]["keep_prob"]): child.get("metrics", {})
+                  for child in runs.children.values() if "keep_prob" in child.get("config", {})}
+    evaluated = sorted(int(s) for s in history["step"].unique()) if len(history) else []
     # The evaluations nearest below a quarter and a half of the budget.
     earlier = sorted({max((s for s in evaluated if s <= steps * f), default=None)
                       for f in (0.25, 0.5)} - {None, steps})
     rows = []
     for keep_prob, metrics in sorted(finals.items(), reverse=True):
-        where = (runs.history["keep_prob"] == keep_prob) if "keep_prob" in runs.history else None
+        where = (history["keep_prob"] == keep_prob) if "keep_prob" in history else None
         row = {"keep_prob": keep_prob}
         for at in earlier:
-            row[f"ours at {at} %"] = _accuracy_at(runs.history, at, where)
+            row[f"ours at {at} %"] = _accuracy_at(history, at, where)
         row[f"ours at {steps} %"] = _percent(metrics.get("test_accuracy"))
         published = gradient_drop.SEED_TEST_ACCURACY.get(keep_prob)
         row[f"write-up at {gradient_drop.SEED_STEPS} (MNIST) %"] = _percent(published)
@@ -385,9 +403,10 @@ def render_seed_group(group: SeedGroup, out_dir: str, figures_to: Optional[str] 
             for r in group.repeats) + ".", ""]
     lines.append(results.markdown_table(across_seeds_table(members), "{:.4g}"))
     draw = SEED_FIGURES.get(members[0].study)
-    if figures_to and draw and all(len(r.history) for r in members):
-        paths = draw({r.config.get("seed"): _with_setting(r.history, r.config, "keep_prob")
-                      for r in members}, figures_to)
+    histories = {r.config.get("seed"): _with_setting(_sweep_history(r), r.config, "keep_prob")
+                 for r in members}
+    if figures_to and draw and all(len(h) for h in histories.values()):
+        paths = draw(histories, figures_to)
         lines += [" ".join(f"![{os.path.basename(p)}]"
                            f"({os.path.relpath(p, out_dir).replace(os.sep, '/')})"
                            for p in paths), ""]
