@@ -705,6 +705,11 @@ MUTANTS: List[Mutant] = [
            "    if len(runs.history) or runs.root is not None:\n        return runs.history",
            "    return runs.history",
            ["tests/test_report.py::test_a_gradient_drop_sweep_still_running_reports_its_finished_runs"]),
+    Mutant("report: a Copy cell marked identical to dni is left empty",
+           "dni_tf/studies/report.py",
+           "        if same and not any(r[\"method\"] == method and r[\"T\"] == t for r in rows):",
+           "        if False:",
+           ["tests/test_report.py::test_seeds_of_one_setting_get_a_mean_and_range_table"]),
 ]
 
 

@@ -137,6 +137,9 @@ def test_seeds_of_one_setting_get_a_mean_and_range_table(tmp_path):
     fake_copy_table(str(root / "copy1"), seed=1, solved={("bptt", 2): 2, ("bptt", 5): 6,
                                                         ("dni", 2): 8})
     fake_copy_table(str(root / "copy2"), seed=2, solved={("bptt", 2): 1, ("bptt", 5): 6})
+    # Seed 0's dni_aux at T=2 was not run: it would train as dni does (marker file).
+    fake_copy_table(str(root / "copy0"), seed=0, solved={("dni_aux", 5): 12})
+    (root / "copy0" / "dni_aux_T2.identical_to_dni").write_text("dni reached L=1 < T=2\n")
     paths = [str(root / n) for n in ("gd_seed0", "gd_seed1", "gd_seed2", "gd_other_lr",
                                      "gd_seed0_again", "gd_seeds_4_5", "gd_seeds_6_7",
                                      "copy0", "copy1", "copy2")]
@@ -165,6 +168,10 @@ def test_seeds_of_one_setting_get_a_mean_and_range_table(tmp_path):
     assert "Seeds 0, 1, 2;" in across
     assert table_row(across, "bptt")[1:] == ["2 (1 to 3)", "6"]
     assert table_row(across, "dni")[1:] == ["7.5 (7 to 8) [2 of 3]", "11 (11 to 11) [1 of 3]"]
+    assert table_row(across, "dni_aux")[1:] == ["7 (7 to 7) [1 of 3]", "12 (12 to 12) [1 of 3]"]
+    own = copy[copy.index("copy0`"):copy.index("copy1`")]
+    assert table_row(own, "dni_aux")[1:] == ["7", "12"]
+    assert "dni_aux at T=2 = dni." in own
 
 
 def test_seed_curves_of_single_keep_prob_runs_take_keep_prob_from_the_configuration(tmp_path):

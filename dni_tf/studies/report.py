@@ -221,14 +221,33 @@ def dni_feedforward_table(runs: RunSet) -> pd.DataFrame:
     return table.reset_index()
 
 
+# `<method>_T<T>.identical_to_<other>` in a table root: that cell was not run because
+# it would train bit-identically to `<other>` at the same T (scripts/copy_table.sh:
+# dni_aux below L = T); the report shows `<other>`'s value there and says so.
+_IDENTICAL = re.compile(r"^(?P<method>\w+?)_T(?P<t>\d+)\.identical_to_(?P<other>\w+)$")
+
+
+def identical_cells(runs: RunSet) -> List[Tuple[str, int, str]]:
+    """(method, T, the method it is identical to) for each marker file in a table root."""
+    if runs.root is not None or not os.path.isdir(runs.path):
+        return []
+    found = [_IDENTICAL.match(name) for name in sorted(os.listdir(runs.path))]
+    return [(m["method"], int(m["t"]), m["other"]) for m in found if m]
+
+
 def _children_table(runs: RunSet, value: str, label: str) -> pd.DataFrame:
-    """method x T table of `value` from `<method>_T<T>/results.json` children."""
+    """method x T table of `value` from `<method>_T<T>/results.json` children (and the
+    `identical_cells` markers, which take the value of the method they name)."""
     rows = []
     for name, child in runs.children.items():
         config = child.get("config", {})
         if "method" in config and "truncation" in config:
             rows.append({"method": config["method"], "T": int(config["truncation"]),
                          value: child.get("metrics", {}).get(value)})
+    for method, t, other in identical_cells(runs):
+        same = [r[value] for r in rows if r["method"] == other and r["T"] == t]
+        if same and not any(r["method"] == method and r["T"] == t for r in rows):
+            rows.append({"method": method, "T": t, value: same[0]})
     if not rows and runs.root is not None:
         config = runs.config
         rows.append({"method": config["method"], "T": int(config["truncation"]),
@@ -529,6 +548,12 @@ def render_run_set(runs: RunSet, out_dir: str, copy_to: Optional[str]) -> str:
         given = ", ".join(f"`{k}`" for k in PUBLISHED[runs.study].setup)
         lines += [f"Same setup as published in the only settings the source gives: {given}.", ""]
     lines += [results.markdown_table(TABLES[runs.study](runs), "{:.4g}")]
+    identical = identical_cells(runs)
+    if identical:
+        lines += ["Not run, shown with the value of the run it is identical to (it would "
+                  "train bit-identically; marker files in the directory): " + ", ".join(
+                      f"{method} at T={t} = {other}" for method, t, other in identical) + ".",
+                  ""]
     figures = _figure_links(runs, out_dir, copy_to)
     if figures:
         lines += [" ".join(figures), ""]
