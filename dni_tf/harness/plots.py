@@ -19,6 +19,7 @@ import pandas as pd
 import seaborn as sns
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 
 def new_figure(**kwargs) -> Figure:
@@ -66,6 +67,7 @@ def learning_curves(history: pd.DataFrame, x: str, hue: str, path: str,
         sns.lineplot(data=panel, x=x, y=y, hue=hue, hue_order=hue_order, palette=palette,
                      marker="o", markersize=3, ax=ax, legend=last, errorbar=errorbar)
         ax.set(xlabel=xlabel or x, ylabel=(ylabel or y.replace("_", " ")) if index == 0 else "")
+        ax.xaxis.set_major_locator(MaxNLocator(nbins=5))  # 5-digit steps stay readable
         if col is not None:
             ax.set_title(f"{col} = {value}")
         if ylim is not None:
