@@ -1,0 +1,40 @@
+#!/bin/bash
+# Regenerates docs/reproduction_report.md (and its figures) from the run directories
+# behind README's tables, those present under runs/ on this machine; a missing seed
+# directory is left out, and the across-seeds sections average the seeds present.
+#
+#     scripts/reproduction_report.sh [OUT]        # default docs/reproduction_report.md
+#
+# How the runs were made: gradient dropping, README ("at the write-up's budget");
+# Copy, scripts/copy_table.sh; feed-forward DNI and targeted dropout, their docs;
+# threshold updates (about 10 minutes on one core), with
+#   T="--accumulation=sum --batch_size=64 --clip=0 --dataset=mnist --decay=0.9 --eval_every=500
+#      --hidden=256,256 --learning_rate=0.1 --model=mlp --noise_stddev=0 --optimizer=sgd --seed=0
+#      --steps=2000 --target_accuracy=0.9"
+#   python -m experiments.threshold_updates $T --max_delay=0 --sparse_backward=false \
+#       --thresholds=0,0.0001,0.001,0.01,0.03,0.1 --workdir=runs/report/tu_plain
+#   python -m experiments.threshold_updates $T --max_delay=0 --sparse_backward=true \
+#       --thresholds=0,0.0001,0.001,0.01,0.03,0.1 --workdir=runs/report/tu_sparse
+#   python -m experiments.threshold_updates $T --max_delay=4 --sparse_backward=false \
+#       --thresholds=0,0.0001,0.001,0.01 --workdir=runs/report/tu_delay4
+set -u
+cd "$(dirname "$0")/.."
+candidates=(
+  runs/gd_mnist_20k_seed0 runs/gd_mnist_20k_seed1 runs/gd_mnist_20k_seed2
+  runs/report/tu_plain runs/report/tu_sparse runs/report/tu_delay4
+  runs/mnist_fcn_15k runs/mnist_cnn3_w32 runs/mnist_fcn4_sparse_0.2 runs/mnist_fcn4_sparse_0.5
+  runs/mnist_fcn4_unlock runs/mnist_fcn4_unlock_cdni
+  runs/copy/seed0 runs/copy/seed1 runs/copy/seed2 runs/copy_ablation/seed0
+  runs/td_fashion_20ep
+)
+present=()
+for d in "${candidates[@]}"; do
+  # A run directory counts once a results.json is in it or in one of its runs.
+  if compgen -G "$d/results.json" > /dev/null || compgen -G "$d/*/results.json" > /dev/null; then
+    present+=("$d")
+  else
+    echo "left out (no finished run here yet): $d" >&2
+  fi
+done
+RUNS=$(IFS=,; echo "${present[*]}")
+python -m dni_tf.apps report --runs="$RUNS" --out="${1:-docs/reproduction_report.md}" --copy_figures
