@@ -29,11 +29,13 @@ candidates=(
 )
 present=()
 for d in "${candidates[@]}"; do
-  # A run directory counts once a results.json is in it or in one of its runs.
-  if compgen -G "$d/results.json" > /dev/null || compgen -G "$d/*/results.json" > /dev/null; then
+  # A sweep counts once finished (its own results.json); a table root (Copy) once
+  # one of its runs has a results.json.
+  if compgen -G "$d/results.json" > /dev/null \
+      || { [[ $d != runs/gd_* ]] && compgen -G "$d/*/results.json" > /dev/null; }; then
     present+=("$d")
   else
-    echo "left out (no finished run here yet): $d" >&2
+    echo "left out (not finished yet): $d" >&2
   fi
 done
 RUNS=$(IFS=,; echo "${present[*]}")
