@@ -210,12 +210,7 @@ def run_sweep(config: GradientDropConfig, workdir: str, extra_config: Optional[d
         for p in config.keep_probs])
     history = combined_history(histories)
     results.write_csv(os.path.join(workdir, results.HISTORY_FILE), history)
-    plots.learning_curves(history, x="step", hue="keep_prob",
-                          path=os.path.join(workdir, "results_raw.png"),
-                          xlabel="training batches", title="Test accuracy (raw)")
-    plots.learning_curves(history, x="prorated_step", hue="keep_prob",
-                          path=os.path.join(workdir, "results_prorated.png"),
-                          xlabel="training batches x keep_prob", title="Test accuracy (pro-rated)")
+    draw_curves(history, workdir)
     summary = summary_table(finals, config.dataset, config.steps)
     results.write_csv(os.path.join(workdir, "summary.csv"), summary)
     results.atomic_write_text(os.path.join(workdir, "summary.md"), results.markdown_table(summary))
@@ -224,27 +219,31 @@ def run_sweep(config: GradientDropConfig, workdir: str, extra_config: Optional[d
     return history
 
 
+def draw_curves(history: pd.DataFrame, out_dir: str, suffix: str = "", note: str = "",
+                errorbar=("ci", 95)) -> List[str]:
+    """results_raw<suffix>.png and results_prorated<suffix>.png: test accuracy per
+    keep_prob against batches and against batches x keep_prob; returns their paths."""
+    return [plots.learning_curves(history, x=x, hue="keep_prob", errorbar=errorbar,
+                                  path=os.path.join(out_dir, f"results_{name}{suffix}.png"),
+                                  xlabel=xlabel, title=f"Test accuracy ({label}){note}")
+            for name, x, xlabel, label in (
+                ("raw", "step", "training batches", "raw"),
+                ("prorated", "prorated_step", "training batches x keep_prob", "pro-rated"))]
+
+
 def seed_figures(histories: Dict[int, pd.DataFrame], out_dir: str) -> List[str]:
     """Raw and pro-rated curves over seeds: the mean per keep_prob, shaded lowest-highest.
 
-    `histories`: {seed: a sweep's combined history (keep_prob, step, test_accuracy)}. Writes results_raw_seeds.png and results_prorated_seeds.png
-    into `out_dir`; returns their paths.
+    `histories`: {seed: a sweep's combined history (keep_prob, step, test_accuracy)}.
+    Writes results_raw_seeds.png and results_prorated_seeds.png into `out_dir`.
     """
     history = pd.concat([h.assign(seed=seed) for seed, h in histories.items()],
                         ignore_index=True)
     history["prorated_step"] = history["step"] * history["keep_prob"]
-    seeds = ", ".join(str(s) for s in histories)
     os.makedirs(out_dir, exist_ok=True)
-    return [
-        plots.learning_curves(history, x="step", hue="keep_prob", errorbar=("pi", 100),
-                              path=os.path.join(out_dir, "results_raw_seeds.png"),
-                              xlabel="training batches",
-                              title=f"Test accuracy (raw), mean and range over seeds {seeds}"),
-        plots.learning_curves(history, x="prorated_step", hue="keep_prob", errorbar=("pi", 100),
-                              path=os.path.join(out_dir, "results_prorated_seeds.png"),
-                              xlabel="training batches x keep_prob",
-                              title=f"Test accuracy (pro-rated), mean and range over seeds {seeds}"),
-    ]
+    seeds = ", ".join(str(s) for s in histories)
+    return draw_curves(history, out_dir, suffix="_seeds", errorbar=("pi", 100),
+                       note=f", mean and range over seeds {seeds}")
 
 
 def combined_history(histories: Dict[float, pd.DataFrame]) -> pd.DataFrame:

@@ -150,15 +150,20 @@ def _accuracy_at(history: pd.DataFrame, step: int, where: Optional[pd.Series] = 
     return _percent(rows["test_accuracy"].iloc[-1]) if len(rows) else None
 
 
-def _sweep_history(runs: RunSet) -> pd.DataFrame:
-    """The run's history.csv; for a sweep still running (no history at its root yet),
-    its finished and running runs' histories, each with its `keep_prob`."""
-    if len(runs.history) or runs.root is not None:
-        return runs.history
-    frames = [runs.child_history(name).assign(keep_prob=float(child["config"]["keep_prob"]))
-              for name, child in runs.children.items() if "keep_prob" in child.get("config", {})]
-    frames = [f for f in frames if len(f)]
-    return pd.concat(frames, ignore_index=True) if frames else runs.history
+def gradient_drop_history(runs: RunSet) -> pd.DataFrame:
+    """The evaluations of a gradient-dropping run directory, always with `keep_prob`:
+    a sweep's history.csv; a single run's, with its keep_prob; a sweep still running
+    (no history at its root yet), its runs' own histories."""
+    history = runs.history
+    if not len(history) and runs.root is None:
+        frames = [runs.child_history(name).assign(keep_prob=float(child["config"]["keep_prob"]))
+                  for name, child in runs.children.items()
+                  if "keep_prob" in child.get("config", {})]
+        frames = [f for f in frames if len(f)]
+        history = pd.concat(frames, ignore_index=True) if frames else history
+    if len(history) and "keep_prob" not in history and "keep_prob" in runs.config:
+        history = history.assign(keep_prob=float(runs.config["keep_prob"]))
+    return history
 
 
 def gradient_drop_table(runs: RunSet) -> pd.DataFrame:
@@ -168,7 +173,7 @@ def gradient_drop_table(runs: RunSet) -> pd.DataFrame:
     row per run begun, with what it has reached; an unfinished run has no final."""
     config = runs.config
     steps = int(config.get("steps", 0))
-    history = _sweep_history(runs)
+    history = gradient_drop_history(runs)
     if runs.root and "by_keep_prob" in runs.root.get("metrics", {}):
         finals = {float(k): v for k, v in runs.root["metrics"]["by_keep_prob"].items()}
     elif runs.root is not None:
@@ -401,9 +406,11 @@ def across_seeds_table(group: Sequence[RunSet]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=columns)
 
 
-# Figures over a seed group: study -> fn({seed: history}, out_dir) -> paths written.
-SEED_FIGURES: Dict[str, Callable[[Dict[int, pd.DataFrame], str], List[str]]] = {
-    gradient_drop.STUDY: gradient_drop.seed_figures,
+# Figures over a seed group: study -> (the history of one run directory,
+# fn({seed: history}, out_dir) -> paths written).
+SEED_FIGURES: Dict[str, Tuple[Callable[[RunSet], pd.DataFrame],
+                              Callable[[Dict[int, pd.DataFrame], str], List[str]]]] = {
+    gradient_drop.STUDY: (gradient_drop_history, gradient_drop.seed_figures),
 }
 
 
@@ -421,22 +428,16 @@ def render_seed_group(group: SeedGroup, out_dir: str, figures_to: Optional[str] 
             f"`{os.path.normpath(r.path)}` (seed {r.config.get('seed')})"
             for r in group.repeats) + ".", ""]
     lines.append(results.markdown_table(across_seeds_table(members), "{:.4g}"))
-    draw = SEED_FIGURES.get(members[0].study)
-    histories = {r.config.get("seed"): _with_setting(_sweep_history(r), r.config, "keep_prob")
-                 for r in members}
-    if figures_to and draw and all(len(h) for h in histories.values()):
+    figures = SEED_FIGURES.get(members[0].study)
+    if figures_to and figures:
+        history_of, draw = figures
+        histories = {r.config.get("seed"): history_of(r) for r in members}
+    if figures_to and figures and all(len(h) for h in histories.values()):
         paths = draw(histories, figures_to)
         lines += [" ".join(f"![{os.path.basename(p)}]"
                            f"({os.path.relpath(p, out_dir).replace(os.sep, '/')})"
                            for p in paths), ""]
     return "\n".join(lines)
-
-
-def _with_setting(history: pd.DataFrame, config: Mapping[str, Any], name: str) -> pd.DataFrame:
-    """`history` with a `name` column: its own, else the run's single setting."""
-    if name in history or name not in config:
-        return history
-    return history.assign(**{name: config[name]})
 
 
 # ------------------------------------------------------- budget and setup
