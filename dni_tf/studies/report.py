@@ -428,11 +428,10 @@ def render_seed_group(group: SeedGroup, out_dir: str, figures_to: Optional[str] 
             f"`{os.path.normpath(r.path)}` (seed {r.config.get('seed')})"
             for r in group.repeats) + ".", ""]
     lines.append(results.markdown_table(across_seeds_table(members), "{:.4g}"))
-    figures = SEED_FIGURES.get(members[0].study)
-    if figures_to and figures:
-        history_of, draw = figures
-        histories = {r.config.get("seed"): history_of(r) for r in members}
-    if figures_to and figures and all(len(h) for h in histories.values()):
+    history_of, draw = SEED_FIGURES.get(members[0].study, (None, None))
+    histories = ({r.config.get("seed"): history_of(r) for r in members}
+                 if figures_to and draw else {})
+    if histories and all(len(h) for h in histories.values()):
         paths = draw(histories, figures_to)
         lines += [" ".join(f"![{os.path.basename(p)}]"
                            f"({os.path.relpath(p, out_dir).replace(os.sep, '/')})"
