@@ -46,20 +46,6 @@ def test_keep_prob_one_is_exactly_plain_backprop(granularity):
     assert logs["kept_fraction"][-1] == 1.0
 
 
-@pytest.mark.parametrize("dropped_state", ["freeze", "zero_gradient"])
-@pytest.mark.parametrize("granularity", ["variable", "element", "worker"])
-def test_keep_prob_zero_changes_no_variable(granularity, dropped_state):
-    x, y = _data()
-    model = _compile(GradientDropping(_network(), keep_prob=0.0, granularity=granularity,
-                                      dropped_state=dropped_state, seed=0))
-    model.build((None, 6))
-    before = _weights(model.network)
-    logs = model.fit(x, y, batch_size=16, epochs=1, verbose=0).history
-    for a, b in zip(before, _weights(model.network)):
-        np.testing.assert_array_equal(a, b)
-    assert logs["kept_fraction"][-1] == 0.0
-
-
 def _one_step_updates(model, x, y):
     before = _weights(model.network)
     model.train_on_batch(x, y)
@@ -162,7 +148,8 @@ def test_rescale_multiplies_kept_gradients_and_zeroes_the_rest(granularity):
     x, y = _data(16)
     plain = _sgd_update(GradientDropping(_linear_network(), keep_prob=1.0), x, y)
     kept = dropped = 0
-    for seed in range(8):
+    # 8 coins per seed under `variable` (one per variable), hundreds under `element`.
+    for seed in range(8 if granularity == "variable" else 2):
         rescaled = _sgd_update(GradientDropping(_linear_network(), keep_prob=0.5, rescale=True,
                                                 granularity=granularity, seed=seed), x, y)
         for p, r in zip(plain, rescaled):
@@ -219,6 +206,7 @@ def test_variable_granularity_drops_kernel_and_bias_independently(dropped_state)
 @pytest.mark.parametrize("granularity", ["variable", "element", "worker"])
 def test_a_dropped_non_finite_gradient_never_reaches_the_weights(granularity, dropped_state,
                                                                  fuse_update):
+    """keep_prob 0 changes no variable, even where the gradient is NaN."""
     x, y = _data(16)
     network = keras.Sequential([keras.Input((6,)), keras.layers.Dense(3), NaNGradient()])
     model = _compile(GradientDropping(network, keep_prob=0.0, granularity=granularity,
@@ -226,9 +214,10 @@ def test_a_dropped_non_finite_gradient_never_reaches_the_weights(granularity, dr
                                       fuse_update=fuse_update))
     model.build((None, 6))
     before = _weights(model.network)
-    model.fit(x, y, batch_size=16, epochs=2, verbose=0)
+    logs = model.fit(x, y, batch_size=16, epochs=2, verbose=0).history
     for a, b in zip(before, _weights(model.network)):
         np.testing.assert_array_equal(a, b)
+    assert logs["kept_fraction"][-1] == 0.0
 
 
 def test_masks_are_reproducible_for_a_seed():

@@ -450,18 +450,6 @@ def test_cli_pipelined_on_two_cpu_devices(tmp_path):
     assert run["metrics"]["steps"] == 4
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--devices=/CPU:0"], "--devices: 2 blocks need 2 devices, got 1"),
-])
-def test_cli_bad_pipeline_flags_exit_2_with_one_line(args, message, tmp_path):
-    """Placement is checked before training (the other flag checks: test_study_config_checks)."""
-    proc = _cli("--execution=pipelined", *args, workdir=tmp_path / "run")
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    assert "Traceback" not in proc.stderr
-    (line,) = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]
-    assert message in line and proc.stderr.strip().endswith(line)
-
-
 # ----------------------------------------------------------------- a lost block
 def _two_block_model(seed=3):
     return _fcn(PipelinedDNIClassifier, layers=2, method="cdni", execution="pipelined",
