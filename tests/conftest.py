@@ -1,4 +1,5 @@
-"""Shared test fixtures: quiet TensorFlow, real-data location, deterministic seeds."""
+"""Shared test fixtures: quiet TensorFlow, real-data location, deterministic seeds, and
+the harness's own cost kept down (threads per worker, graphs freed after each test)."""
 
 import os
 
@@ -11,19 +12,22 @@ LOGICAL_CPUS = 2
 
 
 def _split_cpu():
-    """Two logical CPU devices for the MirroredStrategy tests, one thread per pool.
+    """Two logical CPU devices for the MirroredStrategy tests; the cores shared out.
 
     Must run before TensorFlow initialises its devices, hence at import.
-    The suite runs one pytest process per core, and the tests' ops are tiny:
-    TensorFlow's default pools (a thread per core for parallel ops, another
-    per core for independent ops, in every process) only oversubscribe the
-    cores (the suite takes about 8% longer with them).
+    Under pytest-xdist each worker gets its share of the cores for each of
+    TensorFlow's thread pools: the tests' ops are tiny, and the default (every
+    core, in every process) only oversubscribes them (README's `-n 2` on two
+    cores took about 8% longer with the defaults).
     """
     import tensorflow as tf
 
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
     try:
-        tf.config.threading.set_intra_op_parallelism_threads(1)
-        tf.config.threading.set_inter_op_parallelism_threads(1)
+        if workers:
+            threads = max(1, (os.cpu_count() or 1) // workers)
+            tf.config.threading.set_intra_op_parallelism_threads(threads)
+            tf.config.threading.set_inter_op_parallelism_threads(threads)
         cpu = tf.config.list_physical_devices("CPU")[0]
         tf.config.set_logical_device_configuration(
             cpu, [tf.config.LogicalDeviceConfiguration()] * LOGICAL_CPUS)
@@ -63,8 +67,10 @@ def _free_traced_graphs():
     (tensorflow/tensorflow#97697). In one long pytest process the graphs of
     hundreds of models pile up (about 26,000 Python objects per truncated-BPTT
     fit) and every full garbage collection walks them all: later tests ran up to
-    5x slower than alone. The entries are only used while a graph is traced and
-    differentiated, which ends with the test that traced it.
+    5x slower than alone. An entry is used while its graph is traced and
+    differentiated, which ends with the test that traced it; only a gradient
+    taken later through an earlier test's `tf.function` would need it again,
+    and no test does that.
     """
     from tensorflow.python.framework import ops
 

@@ -104,7 +104,7 @@ ENTRY_POINTS = {
         (["--method=dni,cdni", "--batch_size=1498", *CPU],
          "--batch_size=1498 is out of range: allowed [1, 1497]"),
         (["--dataset=mnist", "--data_dir={file}"], "--data_dir={file} is a file, not a directory"),
-        (["--layers=3", "--decouple=2", "--execution=pipelined", "--devices=/CPU:0"],
+        (["--layers=3", "--decouple=2", "--execution=pipelined", "--devices=/CPU:0", *CPU],
          "--devices: 2 blocks need 2 devices, got 1"),
     ]),
     "experiments.targeted_dropout": (["--dataset=digits"], [

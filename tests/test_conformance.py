@@ -247,21 +247,25 @@ class CountBatches(keras.callbacks.Callback):
 def _one_epoch(case):
     """(model, history, batches its callback saw) of one epoch in graph mode.
 
-    Trained once per case and never trained further: the fit, XLA and
-    checkpoint tests all start from this run.
+    Trained once per case and never trained, retraced or differentiated again
+    (its traced step is dropped; tests/conftest.py frees each test's graphs):
+    the fit, XLA and checkpoint tests read its state or save it.
     """
     key = (case, "one epoch")
     if key not in _REFERENCE_RUNS:
         counter = CountBatches()
         model, history = _train(CASES[case], epochs=1, callbacks=[counter])
+        model.train_function = None
         _REFERENCE_RUNS[key] = (model, history, counter.batches)
     return _REFERENCE_RUNS[key]
 
 
 def _reference(case, epochs):
-    """(state, trainable weights) of `_train(CASES[case], epochs)`, computed once.
+    """(state, trainable weights) of `_train(CASES[case], epochs)`, computed once
+    (one epoch: the callback run of `_one_epoch`).
 
-    The deterministic test checks that a fresh run reproduces this one.
+    test_deterministic_and_several_steps_per_call... checks that a fresh run
+    reproduces the two-epoch one.
     """
     key = (case, epochs)
     if key not in _REFERENCE_RUNS:

@@ -148,8 +148,8 @@ def test_rescale_multiplies_kept_gradients_and_zeroes_the_rest(granularity):
     x, y = _data(16)
     plain = _sgd_update(GradientDropping(_linear_network(), keep_prob=1.0), x, y)
     kept = dropped = 0
-    # 8 coins per seed under `variable` (one per variable), hundreds under `element`.
-    for seed in range(8 if granularity == "variable" else 2):
+    # 4 coins per seed under `variable` (one per variable), 53 under `element`.
+    for seed in range(8 if granularity == "variable" else 4):
         rescaled = _sgd_update(GradientDropping(_linear_network(), keep_prob=0.5, rescale=True,
                                                 granularity=granularity, seed=seed), x, y)
         for p, r in zip(plain, rescaled):
