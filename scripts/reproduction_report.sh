@@ -6,7 +6,7 @@
 #     scripts/reproduction_report.sh [OUT]        # default docs/reproduction_report.md
 #
 # How the runs were made: gradient dropping, README ("at the write-up's budget");
-# Copy, scripts/copy_table.sh; feed-forward DNI and targeted dropout, their docs;
+# Copy, scripts/copy_table.sh; PTB, scripts/ptb_table.sh; feed-forward DNI and targeted dropout, their docs;
 # threshold updates (about 10 minutes on one core), with
 #   T="--accumulation=sum --batch_size=64 --clip=0 --dataset=mnist --decay=0.9 --eval_every=500
 #      --hidden=256,256 --learning_rate=0.1 --model=mlp --noise_stddev=0 --optimizer=sgd --seed=0
@@ -25,6 +25,7 @@ candidates=(
   runs/mnist_fcn_15k runs/mnist_cnn3_w32 runs/mnist_fcn4_sparse_0.2 runs/mnist_fcn4_sparse_0.5
   runs/mnist_fcn4_unlock runs/mnist_fcn4_unlock_cdni
   runs/copy/seed0 runs/copy/seed1 runs/copy/seed2 runs/copy_ablation/seed0
+  runs/ptb256/seed0 runs/ptb256/seed1 runs/ptb256/seed2
   runs/td_fashion_20ep
 )
 present=()
