@@ -260,16 +260,15 @@ def _one_epoch(case):
     return _REFERENCE_RUNS[key]
 
 
-def _reference(case, epochs):
-    """(state, trainable weights) of `_train(CASES[case], epochs)`, computed once
-    (one epoch: the callback run of `_one_epoch`).
+def _two_epochs(case):
+    """(state, trainable weights) of `_train(CASES[case])` (two epochs), computed once.
 
     test_deterministic_and_several_steps_per_call... checks that a fresh run
-    reproduces the two-epoch one.
+    reproduces it.
     """
-    key = (case, epochs)
+    key = (case, "two epochs")
     if key not in _REFERENCE_RUNS:
-        model = _one_epoch(case)[0] if epochs == 1 else _train(CASES[case], epochs=epochs)[0]
+        model, _ = _train(CASES[case])
         _REFERENCE_RUNS[key] = (_state(model), [v.numpy() for v in model.trainable_variables])
     return _REFERENCE_RUNS[key]
 
@@ -291,7 +290,7 @@ def test_jit_compile(case):
     # XLA fuses and reorders float operations, nothing else: same state as graph
     # mode (the reference run: jit_compile="auto" is graph mode on a CPU).
     assert not tf.config.list_physical_devices("GPU")
-    _assert_same_state(_reference(case, 1)[0], _state(model), atol=1e-4)
+    _assert_same_state(_state(_one_epoch(case)[0]), _state(model), atol=1e-4)
 
 
 def test_mirrored_strategy_matches_single_device(case, mirrored_strategy):
@@ -303,7 +302,7 @@ def test_mirrored_strategy_matches_single_device(case, mirrored_strategy):
     assert np.isfinite(history["loss"][-1])
     if case in MIRRORED_DIFFERS:
         return  # trains; exact agreement is not expected (see MIRRORED_DIFFERS)
-    single = _reference(case, 2)[1]
+    single = _two_epochs(case)[1]
     assert len(single) == len(mirrored.trainable_variables)
     for a, b in zip(single, mirrored.trainable_variables):
         np.testing.assert_allclose(a, b.numpy(), atol=1e-5, err_msg=b.path)
@@ -312,7 +311,7 @@ def test_mirrored_strategy_matches_single_device(case, mirrored_strategy):
 def test_checkpoint_round_trip_and_continued_training(case, tmp_path):
     path = os.path.join(tmp_path, "ckpt.weights.h5")
     make = CASES[case]
-    uninterrupted = _reference(case, 2)[0]
+    uninterrupted = _two_epochs(case)[0]
 
     interrupted = _one_epoch(case)[0]
     save(interrupted, path)
@@ -332,7 +331,7 @@ def test_deterministic_and_several_steps_per_call_change_nothing_but_the_speed(c
     nothing: this run (3 per call) against the reference run (1 per call)."""
     model, history = _train(CASES[case], steps_per_execution=3)
     assert model.steps_per_execution == 3 and len(history["loss"]) == 2
-    _assert_same_state(_reference(case, 2)[0], _state(model))
+    _assert_same_state(_two_epochs(case)[0], _state(model))
 
 
 def test_bfloat16_trains_and_resumes_exactly(case, tmp_path):
