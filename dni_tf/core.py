@@ -10,6 +10,8 @@ with the reason and the Keras version it was written against (3.15).
   needs for the global mean.
 * `build_for_restore`: create every variable `fit()` would, so a checkpoint can
   be loaded before training.
+* `BuildsBeforeTracing`: a model mixin that builds that state before `fit()` and
+  `evaluate()` trace their step, so the step is traced once, not twice.
 * `prepare_for_multi_worker`: the two workarounds `fit()` needs under
   `MultiWorkerMirroredStrategy`.
 """
@@ -66,6 +68,37 @@ def build_for_restore(model: keras.Model, batch) -> None:
         model(keras.utils.unpack_x_y_sample_weight(batch)[0])
     if model.optimizer is not None and not model.optimizer.built:
         model.optimizer.build(model.trainable_variables)
+
+
+def zeros_of_spec(spec):
+    """A batch of zeros with the structure, shapes and dtypes of `spec` (a dataset's
+    `element_spec`); unknown dimensions become 1. Enough to build a model without
+    drawing a batch: a new iterator over a shuffled dataset would advance its seed
+    and change the order training then sees."""
+    return tf.nest.map_structure(lambda s: tf.zeros([d or 1 for d in s.shape], s.dtype), spec)
+
+
+class BuildsBeforeTracing:
+    """keras.Model mixin: optimizer slots and compiled metrics exist before the first trace.
+
+    Without a distribution strategy Keras 3.15 creates them inside the first
+    trace of the train (or test) step, and tf.function then traces the whole
+    step a second time, now forbidding variable creation: every `fit()` and
+    `evaluate()` paid its tracing twice (1-5 s per model in the test suite, more
+    for the larger steps). Keras builds them up front only under a strategy;
+    this does so always, from zeros of the data's spec (`build_for_restore`).
+    List it before `keras.Model`.
+    """
+
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        # Private (Keras 3.15): the hook fit()/evaluate()/train_on_batch() call
+        # before tracing; without a strategy it returns without building.
+        if self._distribute_strategy is not None or not hasattr(self, "_symbolic_build"):
+            return super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
+        if data_batch is None:
+            # Private: the epoch iterator's dataset (no batch is drawn from it).
+            data_batch = zeros_of_spec(iterator._distributed_dataset.element_spec)
+        build_for_restore(self, data_batch)
 
 
 def prepare_for_multi_worker(model: keras.Model) -> None:

@@ -77,7 +77,7 @@ import tensorflow as tf
 
 from dni_tf import random_streams
 from dni_tf.synthetic_gradients import SyntheticGradient, regression_loss
-from dni_tf.core import track_loss
+from dni_tf.core import BuildsBeforeTracing, track_loss
 
 METHODS = ("backprop", "dni", "cdni")
 UNLOCKS = ("update", "complete")
@@ -378,7 +378,7 @@ _GOOD_REDUCTIONS = ("sum_over_batch_size", "mean", "mean_with_sample_weight")
 
 
 # --------------------------------------------------------------------------- model
-class DNIClassifier(keras.Model):
+class DNIClassifier(BuildsBeforeTracing, keras.Model):
     """A classifier trained with backprop, DNI or cDNI at chosen decoupling points.
 
     Args:

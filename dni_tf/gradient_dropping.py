@@ -59,7 +59,7 @@ import tensorflow as tf
 from keras import ops
 
 from dni_tf import random_streams
-from dni_tf.core import track_loss
+from dni_tf.core import BuildsBeforeTracing, track_loss
 
 GRANULARITIES = ("variable", "layer", "element", "worker", "replica")
 DROPPED_STATES = ("freeze", "zero_gradient")
@@ -104,7 +104,7 @@ def _numel(shape) -> int:
     return math.prod(int(d) for d in shape)
 
 
-class GradientDropping(keras.Model):
+class GradientDropping(BuildsBeforeTracing, keras.Model):
     """Wraps any Keras model so that its training applies a random part of each gradient.
 
     Usage:

@@ -58,7 +58,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from dni_tf.core import replica_mean
+from dni_tf.core import BuildsBeforeTracing, replica_mean
 from dni_tf.synthetic_gradients import regression_loss, surrogate_objective
 
 METHODS = ("backprop", "dni")
@@ -101,7 +101,7 @@ def _cross_entropy(labels, logits):
         labels=tf.cast(labels, tf.int32), logits=logits))
 
 
-class MultiNetwork(keras.Model):
+class MultiNetwork(BuildsBeforeTracing, keras.Model):
     """Network A (every step) and network B (every `tick_ratio` steps): backprop or DNI.
 
     Args:

@@ -84,7 +84,7 @@ import tensorflow as tf
 from keras import ops
 
 from dni_tf import random_streams
-from dni_tf.core import track_loss
+from dni_tf.core import BuildsBeforeTracing, track_loss
 
 ACCUMULATIONS = ("sum", "decay", "normalized")
 DATASETS = ("mnist", "fashion_mnist", "cifar10", "digits")
@@ -217,7 +217,7 @@ def validate(threshold: float = 0.0, accumulation: str = "sum", decay: float = 0
         raise ValueError(f"statistics_every={statistics_every!r}: must be an integer >= 1")
 
 
-class ThresholdUpdates(keras.Model):
+class ThresholdUpdates(BuildsBeforeTracing, keras.Model):
     """Trains `network` with the per-weight accumulate-and-fire rule.
 
     Args:

@@ -94,7 +94,7 @@ import keras
 import tensorflow as tf
 
 from dni_tf.synthetic_gradients import regression_loss, surrogate_objective
-from dni_tf.core import replica_mean
+from dni_tf.core import BuildsBeforeTracing, replica_mean
 
 METHODS = ("bptt", "dni", "dni_aux")
 UPDATES = ("per_window", "per_batch")
@@ -114,7 +114,7 @@ def bits_per_character(nats):
     return nats / LN2
 
 
-class TruncatedBPTT(keras.Model):
+class TruncatedBPTT(BuildsBeforeTracing, keras.Model):
     """LSTM core + linear output head trained with truncated BPTT (+ DNI).
 
     Args:

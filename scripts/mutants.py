@@ -720,6 +720,18 @@ MUTANTS: List[Mutant] = [
            "        if same and not any(r[\"method\"] == method and r[\"T\"] == t for r in rows):",
            "        if False:",
            ["tests/test_report.py::test_seeds_of_one_setting_get_a_mean_and_range_table"]),
+    # -- tracing once ------------------------------------------------------
+    Mutant("core: models build optimizer slots and metrics inside the first trace (traced twice)",
+           "dni_tf/core.py",
+           'if self._distribute_strategy is not None or not hasattr(self, "_symbolic_build"):',
+           "if True:",
+           ["tests/test_conformance.py::test_fit_with_callbacks"]),
+    Mutant("harness: a fresh run builds nothing before fit (plain Keras models traced twice)",
+           "dni_tf/harness/training.py",
+           "    build_for_restore(model, zeros_of_spec(train_data.element_spec))\n",
+           "    if done_step or multi_worker:\n"
+           "        build_for_restore(model, zeros_of_spec(train_data.element_spec))\n",
+           ["tests/test_training.py::test_a_plain_keras_model_traces_its_train_step_once"]),
 ]
 
 

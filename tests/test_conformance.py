@@ -9,7 +9,9 @@ Each case builds a tiny compiled model and a finite dataset. Every case must:
 * round-trip a checkpoint exactly: weights, optimizer slots, algorithm state
   and random-generator state; training continued from a restore equals
   training without the interruption;
-* be deterministic for a fixed seed, with one or several steps per call.
+* be deterministic for a fixed seed, with one or several steps per call;
+* trace its train step once per `fit()` (optimizer slots and metrics built
+  before the trace; see `dni_tf.core.BuildsBeforeTracing`).
 """
 
 import os
@@ -186,6 +188,11 @@ MIRRORED_DIFFERS = {
     "cdni_sparse_complete_unlock": "batch norm statistics are computed per replica",
     "gradient_dropping_replica": "which replicas survive depends on the number of replicas",
 }
+# Cases whose fit() traces the train step twice, with the reason.
+TRACED_TWICE = {
+    "targeted_dropout_weight": "a plain keras.Sequential: Keras creates its optimizer slots "
+                               "inside the first trace (the harness builds them before fit)",
+}
 # Cases that refuse a strategy with several replicas, with the error they raise.
 MIRRORED_REFUSED = {
     "cdni_pipelined": "places blocks on devices itself",
@@ -210,13 +217,19 @@ def _assert_same_state(a, b, atol=0.0):
 
 
 def _train(make, epochs=2, jit_compile="auto", strategy=None, callbacks=(), run_eagerly=False,
-           steps_per_execution=1):
+           steps_per_execution=1, traces=None):
+    """Trains a fresh `make()` for `epochs`; each trace of its train step appends to `traces`."""
     keras.utils.set_random_seed(0)
     if strategy is None:
         model, data = make(jit_compile)
     else:
         with strategy.scope():
             model, data = make(jit_compile)
+    if traces is not None:
+        def counted(data, step=model.train_step):
+            traces.append(1)
+            return step(data)
+        model.train_step = counted
     model.run_eagerly = run_eagerly
     model.steps_per_execution = steps_per_execution
     history = model.fit(_dataset(data), epochs=epochs, verbose=0, shuffle=False,
@@ -245,7 +258,7 @@ class CountBatches(keras.callbacks.Callback):
 
 
 def _one_epoch(case):
-    """(model, history, batches its callback saw) of one epoch in graph mode.
+    """(model, history, batches its callback saw, traces of its step) of one epoch in graph mode.
 
     Trained once per case and never trained, retraced or differentiated again
     (its traced step is dropped; tests/conftest.py frees each test's graphs):
@@ -253,10 +266,10 @@ def _one_epoch(case):
     """
     key = (case, "one epoch")
     if key not in _REFERENCE_RUNS:
-        counter = CountBatches()
-        model, history = _train(CASES[case], epochs=1, callbacks=[counter])
+        counter, traces = CountBatches(), []
+        model, history = _train(CASES[case], epochs=1, callbacks=[counter], traces=traces)
         model.train_function = None
-        _REFERENCE_RUNS[key] = (model, history, counter.batches)
+        _REFERENCE_RUNS[key] = (model, history, counter.batches, len(traces))
     return _REFERENCE_RUNS[key]
 
 
@@ -274,8 +287,9 @@ def _two_epochs(case):
 
 
 def test_fit_with_callbacks(case):
-    model, history, batches = _one_epoch(case)
+    model, history, batches, traces = _one_epoch(case)
     assert batches == 3
+    assert traces == (2 if case in TRACED_TWICE else 1)
     # The compiled step computes what the same step computes eagerly, op by op.
     eager, eager_history = _train(CASES[case], epochs=1, run_eagerly=True)
     _assert_same_state(_state(eager), _state(model), atol=1e-4)

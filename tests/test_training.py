@@ -73,6 +73,25 @@ def test_history_has_one_row_per_evaluation(tmp_path):
     assert _tensorboard_steps(tmp_path) == [4, 8, 12]
 
 
+def test_a_plain_keras_model_traces_its_train_step_once(tmp_path):
+    """The harness builds optimizer slots and metrics before fit(); Keras alone would
+    create them inside the first trace and trace the whole step a second time."""
+    traces = []
+
+    class Counted(keras.Sequential):
+        def train_step(self, data):
+            traces.append(1)
+            return super().train_step(data)
+
+    keras.utils.set_random_seed(0)
+    model = Counted([keras.Input((5,)), keras.layers.Dense(3)])
+    model.compile(optimizer=keras.optimizers.Adam(1e-2),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  metrics=["accuracy"])
+    _run(tmp_path, 4, model=model)
+    assert len(traces) == 1
+
+
 def test_interrupted_and_resumed_equals_uninterrupted(tmp_path):
     whole = _run(tmp_path / "whole", 12)
     _run(tmp_path / "split", 8)

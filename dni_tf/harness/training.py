@@ -16,7 +16,7 @@ import keras
 import pandas as pd
 import tensorflow as tf
 
-from dni_tf.core import build_for_restore, prepare_for_multi_worker
+from dni_tf.core import build_for_restore, prepare_for_multi_worker, zeros_of_spec
 from dni_tf.harness import fast_path, results
 from dni_tf.harness.callbacks import (DivergenceGuard, EvaluationLogger, EvaluationSchedule,
                                       ProgressLogger, ResumableCheckpoint, StopAtLastStep,
@@ -94,15 +94,13 @@ def train_and_evaluate(model: keras.Model, train_data, eval_data, *, steps: int,
     # newest one is moved aside here), so the data stream skips exactly its steps.
     done_epochs, done_step = ResumableCheckpoint.resume_point(checkpoint_dir, eval_every)
     schedule = EvaluationSchedule(eval_every, steps, first_epoch=done_epochs, first_step=done_step)
-    done = bool(done_epochs)
     multi_worker = isinstance(tf.distribute.get_strategy(),
                               tf.distribute.MultiWorkerMirroredStrategy)
-    if done or multi_worker:
-        # Zeros of the batch spec: iterating train_data here would advance its
-        # shuffle seed and change the order the resumed run sees.
-        build_for_restore(model, tf.nest.map_structure(
-            lambda spec: tf.zeros([d or 1 for d in spec.shape], spec.dtype),
-            train_data.element_spec))
+    # Every variable before fit() traces the step: a checkpoint can be restored
+    # into it, and the step is traced once (Keras alone would create optimizer
+    # slots and metrics inside the first trace and trace again; plain Keras
+    # models such as targeted dropout's MLP lack `BuildsBeforeTracing`).
+    build_for_restore(model, zeros_of_spec(train_data.element_spec))
     if multi_worker:
         prepare_for_multi_worker(model)
     _align_steps_per_execution(model, eval_every, steps - done_step)
