@@ -97,7 +97,10 @@ class BuildsBeforeTracing:
             return super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
         if data_batch is None:
             # Private: the epoch iterator's dataset (no batch is drawn from it).
-            data_batch = zeros_of_spec(iterator._distributed_dataset.element_spec)
+            dataset = getattr(iterator, "_distributed_dataset", None)
+            if not isinstance(dataset, tf.data.Dataset):  # another Keras: build lazily
+                return super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
+            data_batch = zeros_of_spec(dataset.element_spec)
         build_for_restore(self, data_batch)
 
 
