@@ -720,6 +720,10 @@ MUTANTS: List[Mutant] = [
            "        if same and not any(r[\"method\"] == method and r[\"T\"] == t for r in rows):",
            "        if False:",
            ["tests/test_report.py::test_seeds_of_one_setting_get_a_mean_and_range_table"]),
+    Mutant("language model: undiscounted bootstrap by default (diverged on the PTB stream)",
+           "dni_tf/studies/recurrent_dni.py",
+           "bootstrap_scale: float = option(0.1,", "bootstrap_scale: float = option(1.0,",
+           ["tests/test_recurrent_cli.py::test_language_model_per_window_updates_and_xla_option"]),
     # -- tracing once ------------------------------------------------------
     Mutant("core: models build optimizer slots and metrics inside the first trace (traced twice)",
            "dni_tf/core.py",

@@ -262,6 +262,14 @@ class LanguageModelConfig(SyntheticGradientOptions, FastPathOptions):
     different T see the same characters and make the same number of updates.
     """
 
+    # A discount in an endless stream: with the undiscounted target (1, Copy's
+    # default, where episode ends cut the bootstrap) the module regresses onto the
+    # sum of all future gradients, finite only if the windows' Jacobians contract;
+    # on PTB at T=2 (LSTM 256) it diverged within 250 updates (docs/recurrent_dni.md).
+    bootstrap_scale: float = option(0.1, "Scale of the next synthetic gradient inside the "
+                                    "module's regression target: a discount on credit from "
+                                    "later windows (1 = undiscounted, diverged on this "
+                                    "stream at T=2).", low=0.0)
     method: str = option("bptt", "Training method; several (or several --truncation) = the "
                          "method x T table.", choices=METHODS, grid=True)
     truncation: int = option(5, "Truncation window T (characters); several = the table.",
