@@ -24,6 +24,7 @@ import tensorflow as tf
 from absl import app, flags
 
 from dni_tf.data import text
+from dni_tf.studies.recurrent_dni import LanguageModelConfig
 from dni_tf.truncated_bptt import METHODS, TruncatedBPTT
 
 flags.DEFINE_string("data_dir", None, "Directory with ptb/; default $DNI_TF_DATA_DIR.")
@@ -36,6 +37,8 @@ flags.DEFINE_integer("warmup", 10, "Untimed steps (tracing) per model.")
 flags.DEFINE_integer("repeats", 3, "Timed repeats per model, interleaved (best is kept).")
 flags.DEFINE_string("update", "per_window", "per_window or per_batch for TruncatedBPTT.")
 flags.DEFINE_boolean("jit_compile", False, "Compile every model with XLA.")
+flags.DEFINE_float("bootstrap_scale", LanguageModelConfig.bootstrap_scale,
+                   "The modules' bootstrap scale (default: the PTB study's).")
 FLAGS = flags.FLAGS
 
 
@@ -77,7 +80,8 @@ def main(argv):
     for method in METHODS:
         model = TruncatedBPTT(vocab, t, method=method, hidden_size=FLAGS.hidden_size,
                               loss_type="categorical", vocab_size=vocab, stateful=True,
-                              batch_size=FLAGS.batch_size, update=FLAGS.update)
+                              batch_size=FLAGS.batch_size, update=FLAGS.update,
+                              bootstrap_scale=FLAGS.bootstrap_scale)
         model.build()
         model.compile(optimizer="adam", jit_compile=FLAGS.jit_compile)
         models[method] = (model, stream, 1, chars)

@@ -72,10 +72,25 @@ def build_for_restore(model: keras.Model, batch) -> None:
 
 def zeros_of_spec(spec):
     """A batch of zeros with the structure, shapes and dtypes of `spec` (a dataset's
-    `element_spec`); unknown dimensions become 1. Enough to build a model without
-    drawing a batch: a new iterator over a shuffled dataset would advance its seed
-    and change the order training then sees."""
-    return tf.nest.map_structure(lambda s: tf.zeros([d or 1 for d in s.shape], s.dtype), spec)
+    `element_spec`), or None when a part of it cannot be made that way.
+
+    Unknown dimensions become 1; an absent element (`NoneTensorSpec`, e.g. no
+    sample weights) stays None. None is returned for a shape of unknown rank or
+    a ragged or sparse part: the caller then leaves the building to Keras.
+    Enough to build a model without drawing a batch: a new iterator over a
+    shuffled dataset would advance its seed and change the order training sees.
+    """
+    parts = tf.nest.flatten(spec)
+    if not all(type(s).__name__ == "NoneTensorSpec"
+               or (isinstance(s, tf.TensorSpec) and s.shape.rank is not None) for s in parts):
+        return None
+
+    def zeros(s):
+        if not isinstance(s, tf.TensorSpec):
+            return None
+        return tf.zeros([1 if d is None else d for d in s.shape], s.dtype)
+
+    return tf.nest.map_structure(zeros, spec)
 
 
 class BuildsBeforeTracing:
@@ -87,7 +102,9 @@ class BuildsBeforeTracing:
     `evaluate()` paid its tracing twice (1-5 s per model in the test suite, more
     for the larger steps). Keras builds them up front only under a strategy;
     this does so always, from zeros of the data's spec (`build_for_restore`).
-    List it before `keras.Model`.
+    As under a strategy, `evaluate()` on a fresh model also creates the
+    optimizer's slots. Data it cannot make zeros of (`zeros_of_spec`) is left to
+    Keras' own lazy build. List the mixin before `keras.Model`.
     """
 
     def _maybe_symbolic_build(self, iterator=None, data_batch=None):
@@ -98,9 +115,10 @@ class BuildsBeforeTracing:
         if data_batch is None:
             # Private: the epoch iterator's dataset (no batch is drawn from it).
             dataset = getattr(iterator, "_distributed_dataset", None)
-            if not isinstance(dataset, tf.data.Dataset):  # another Keras: build lazily
-                return super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
-            data_batch = zeros_of_spec(dataset.element_spec)
+            if isinstance(dataset, tf.data.Dataset):
+                data_batch = zeros_of_spec(dataset.element_spec)
+            if data_batch is None:  # another Keras, or data zeros cannot stand in for
+                return super()._maybe_symbolic_build(iterator=iterator, data_batch=None)
         build_for_restore(self, data_batch)
 
 

@@ -730,11 +730,17 @@ MUTANTS: List[Mutant] = [
            'if self._distribute_strategy is not None or not hasattr(self, "_symbolic_build"):',
            "if True:",
            ["tests/test_conformance.py::test_fit_with_callbacks"]),
+    Mutant("core: data with an absent part (no sample weights) is left to the lazy build",
+           "dni_tf/core.py",
+           'if not all(type(s).__name__ == "NoneTensorSpec"\n'
+           '               or (isinstance(s, tf.TensorSpec) and s.shape.rank is not None)',
+           "if not all((isinstance(s, tf.TensorSpec) and s.shape.rank is not None)",
+           ["tests/test_core.py::test_evaluate_and_fit_trace_their_steps_once_also_with_an_absent_part_in_the_data"]),
     Mutant("harness: a fresh run builds nothing before fit (plain Keras models traced twice)",
            "dni_tf/harness/training.py",
-           "    build_for_restore(model, zeros_of_spec(train_data.element_spec))\n",
-           "    if done_step or multi_worker:\n"
-           "        build_for_restore(model, zeros_of_spec(train_data.element_spec))\n",
+           "    if batch is not None:\n        build_for_restore(model, batch)\n",
+           "    if batch is not None and (done_step or multi_worker):\n"
+           "        build_for_restore(model, batch)\n",
            ["tests/test_training.py::test_a_plain_keras_model_traces_its_train_step_once"]),
 ]
 

@@ -289,7 +289,9 @@ def _two_epochs(case):
 def test_fit_with_callbacks(case):
     model, history, batches, traces = _one_epoch(case)
     assert batches == 3
-    assert traces == (2 if case in TRACED_TWICE else 1)
+    # Twice in a TRACED_TWICE case is Keras' own behaviour: if this fails there with 1,
+    # Keras now builds before tracing and the entry can go.
+    assert traces == (2 if case in TRACED_TWICE else 1), TRACED_TWICE.get(case)
     # The compiled step computes what the same step computes eagerly, op by op.
     eager, eager_history = _train(CASES[case], epochs=1, run_eagerly=True)
     _assert_same_state(_state(eager), _state(model), atol=1e-4)

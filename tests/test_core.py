@@ -27,3 +27,62 @@ def test_algorithms_import_nothing_from_the_experiment_harness():
     assert result.returncode == 0, result.stderr[-2000:]
     loaded = set(result.stdout.split())
     assert loaded - ALLOWED == set(), f"algorithms pulled in {sorted(loaded - ALLOWED)}"
+
+
+def _counted_gradient_dropping(traces):
+    """A fresh GradientDropping MLP (with BuildsBeforeTracing) whose train and test steps
+    append their name to `traces` each time they are traced."""
+    import keras
+
+    from dni_tf.gradient_dropping import GradientDropping
+
+    class Counted(GradientDropping):
+        def train_step(self, data):
+            traces.append("train")
+            return super().train_step(data)
+
+        def test_step(self, data):
+            traces.append("test")
+            return super().test_step(data)
+
+    keras.utils.set_random_seed(0)
+    network = keras.Sequential([keras.Input((5,)), keras.layers.Dense(3)])
+    model = Counted(network, keep_prob=0.5, seed=1)
+    model.compile(optimizer=keras.optimizers.Adam(1e-2), metrics=["accuracy"],
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    return model
+
+
+def _data(with_none=False):
+    import numpy as np
+    import tensorflow as tf
+
+    rng = np.random.RandomState(0)
+    x, y = rng.rand(8, 5).astype("float32"), rng.randint(0, 3, 8).astype("int32")
+    return tf.data.Dataset.from_tensor_slices((x, y) if not with_none else (x, y, None)).batch(4)
+
+
+def test_evaluate_and_fit_trace_their_steps_once_also_with_an_absent_part_in_the_data():
+    """BuildsBeforeTracing: evaluate() on a fresh model builds the compiled metrics before
+    tracing (Keras alone traces the test step twice), and a dataset with a None part
+    (no sample weights) is built from zeros with that part left out."""
+    traces = []
+    model = _counted_gradient_dropping(traces)
+    model.evaluate(_data(), verbose=0)
+    model.fit(_data(), epochs=1, verbose=0)
+    assert traces == ["test", "train"]
+    traces.clear()
+    history = _counted_gradient_dropping(traces).fit(_data(with_none=True), epochs=1, verbose=0)
+    assert len(history.history["loss"]) == 1 and traces == ["train"]
+
+
+def test_zeros_of_spec_keeps_absent_parts_and_gives_up_on_unknown_rank():
+    import tensorflow as tf
+
+    from dni_tf.core import zeros_of_spec
+
+    x, weights = zeros_of_spec((tf.TensorSpec([None, 0, 3], tf.int32),
+                                tf.data.Dataset.from_tensors((1, None)).element_spec[1]))
+    assert x.shape == (1, 0, 3) and x.dtype == tf.int32 and weights is None
+    assert zeros_of_spec((tf.TensorSpec(None, tf.float32),)) is None
+    assert zeros_of_spec(tf.RaggedTensorSpec([None, None], tf.float32)) is None

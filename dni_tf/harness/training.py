@@ -100,7 +100,9 @@ def train_and_evaluate(model: keras.Model, train_data, eval_data, *, steps: int,
     # into it, and the step is traced once (Keras alone would create optimizer
     # slots and metrics inside the first trace and trace again; plain Keras
     # models such as targeted dropout's MLP lack `BuildsBeforeTracing`).
-    build_for_restore(model, zeros_of_spec(train_data.element_spec))
+    batch = zeros_of_spec(train_data.element_spec)
+    if batch is not None:
+        build_for_restore(model, batch)
     if multi_worker:
         prepare_for_multi_worker(model)
     _align_steps_per_execution(model, eval_every, steps - done_step)
