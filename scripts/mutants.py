@@ -730,6 +730,11 @@ MUTANTS: List[Mutant] = [
            'if self._distribute_strategy is not None or not hasattr(self, "_symbolic_build"):',
            "if True:",
            ["tests/test_conformance.py::test_fit_with_callbacks"]),
+    Mutant("truncated BPTT: the stateful model built inside its first trace (traced twice)",
+           "dni_tf/truncated_bptt.py",
+           "class TruncatedBPTT(BuildsBeforeTracing, keras.Model):",
+           "class TruncatedBPTT(keras.Model):",
+           ["tests/test_recurrent_cli.py::test_the_stateful_language_model_traces_its_train_step_once"]),
     Mutant("core: data with an absent part (no sample weights) is left to the lazy build",
            "dni_tf/core.py",
            'if not all(type(s).__name__ == "NoneTensorSpec"\n'

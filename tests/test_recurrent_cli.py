@@ -66,6 +66,26 @@ def test_language_model_per_window_updates_and_xla_option():
         study.LanguageModelConfig(update="x").validate()
 
 
+def test_the_stateful_language_model_traces_its_train_step_once():
+    """BuildsBeforeTracing on the stateful TruncatedBPTT of the PTB study (the conformance
+    cases count traces for the non-stateful one)."""
+    import numpy as np
+    import tensorflow as tf
+
+    cfg = study.LanguageModelConfig(hidden_size=8, batch_size=2, method="dni", truncation=2)
+    model = study.build_language_model(cfg, vocab_size=5)
+    traces, step = [], model.train_step
+
+    def counted(data):
+        traces.append(1)
+        return step(data)
+
+    model.train_step = counted
+    chars = np.random.RandomState(0).randint(0, 5, (2, 8)).astype("int32")
+    model.fit(tf.data.Dataset.from_tensors((chars, chars)).repeat(3), epochs=1, verbose=0)
+    assert len(traces) == 1
+
+
 def test_language_model_config_validation():
     with pytest.raises(ValueError, match="truncation"):
         study.LanguageModelConfig(truncation=0).validate()
