@@ -142,6 +142,9 @@ class TruncatedBPTT(BuildsBeforeTracing, keras.Model):
       clip_norm: if > 0, the core's gradients and the synthetic gradient
         module's gradients are each clipped to this global norm separately
         (one joint clip would let the regression loss shrink the core's step).
+      sg_lr_scale: the synthetic-gradient module's (and Aux head's) step is the
+        optimizer's step times this (its learning rate times this, for Adam and
+        SGD): a wide module regressing with Adam can outrun its targets.
       seed: initialiser seed.
     """
 
@@ -151,7 +154,7 @@ class TruncatedBPTT(BuildsBeforeTracing, keras.Model):
                  bootstrap_scale: float = 1.0, update: str = "per_window",
                  aux_weight: float = 1.0, stateful: bool = False,
                  batch_size: Optional[int] = None, episodic: Optional[bool] = None,
-                 curriculum=None, clip_norm: float = 0.0,
+                 curriculum=None, clip_norm: float = 0.0, sg_lr_scale: float = 1.0,
                  seed: int = 0, **kwargs):
         super().__init__(**kwargs)
         if method not in METHODS:
@@ -178,6 +181,9 @@ class TruncatedBPTT(BuildsBeforeTracing, keras.Model):
         # Whether each batch ends an episode (the bootstrap stops there), carried state or not.
         self.episodic = (not self.stateful) if episodic is None else bool(episodic)
         self.clip_norm = float(clip_norm)
+        if not sg_lr_scale > 0.0:
+            raise ValueError(f"sg_lr_scale must be > 0, got {sg_lr_scale}")
+        self.sg_lr_scale = float(sg_lr_scale)
         self.fixed_batch_size = batch_size
         self.curriculum = curriculum
         self.core = keras.layers.LSTM(
@@ -644,9 +650,16 @@ class TruncatedBPTT(BuildsBeforeTracing, keras.Model):
         # in the order of its first apply, and a restore builds them in this order.
         grad_of = {id(v): g for v, g in zip(self.core_variables + self.sg_variables,
                                             replica_mean(core_grads + sg_grads))}
-        self.optimizer.apply([grad_of[id(v)] for v in self.trainable_variables],
-                             self.trainable_variables)
-        return [self.optimizer.iterations.value]
+        scaled = []
+        if self.sg_lr_scale != 1.0:  # the module's values before this update
+            scaled = [(v, tf.identity(v.value)) for v in self.sg_variables]
+        with tf.control_dependencies([old for _, old in scaled]):
+            self.optimizer.apply([grad_of[id(v)] for v in self.trainable_variables],
+                                 self.trainable_variables)
+        # sg_lr_scale: the module's step times s, done before the next window reads M.
+        assigned = [v.assign(old + self.sg_lr_scale * (v.value - old)) for v, old in scaled]
+        with tf.control_dependencies(assigned):
+            return [tf.identity(self.optimizer.iterations.value)]
 
     def train_step(self, data):
         x, y, mask = self._unpack(data)

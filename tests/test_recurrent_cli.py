@@ -132,3 +132,38 @@ def test_table_layout_and_resume(tmp_path):
     assert (tmp_path / "table.png").exists()
     study.run_table(fake_run, cfg, str(tmp_path), ["bptt", "dni"], [2, 5], "max_length_solved")
     assert len(calls) == 4  # finished runs are read back, not rerun
+
+
+def test_sg_lr_scale_multiplies_only_the_modules_step():
+    """One window over a carried non-zero state, with a non-zero module: under
+    `--sg_lr_scale=s` M's change is s times its change at 1 (Adam's step is
+    proportional to its learning rate) and the core's change is the same."""
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    chars = np.random.RandomState(0).randint(0, 5, (2, 8)).astype("int32")
+
+    def trained(scale):
+        cfg = study.LanguageModelConfig(hidden_size=4, batch_size=2, method="dni", truncation=8,
+                                        sg_lr_scale=scale)
+        model = study.build_language_model(cfg, vocab_size=5)
+        rng = np.random.RandomState(1)
+        for v in model.synthetic_gradient.weights:
+            v.assign(rng.normal(0, 0.3, v.shape).astype("float32"))
+        model.train_state.assign(rng.normal(0, 0.5, model.train_state.shape).astype("float32"))
+        before = {"core": [v.numpy() for v in model.core_variables],
+                  "sg": [v.numpy() for v in model.sg_variables]}
+        keras.utils.set_random_seed(0)
+        model.fit(tf.data.Dataset.from_tensors((chars, chars)), epochs=1, verbose=0)
+        return {k: [v.numpy() - b for v, b in zip(getattr(model, f"{k}_variables"), before[k])]
+                for k in before}
+
+    whole, half = trained(1.0), trained(0.5)
+    for a, b in zip(whole["core"], half["core"]):
+        np.testing.assert_allclose(b, a, atol=1e-7)
+    assert max(np.abs(d).max() for d in whole["sg"]) > 1e-4
+    for a, b in zip(whole["sg"], half["sg"]):
+        np.testing.assert_allclose(b, 0.5 * a, atol=1e-7)
+    with pytest.raises(ValueError, match="sg_lr_scale"):
+        study.LanguageModelConfig(sg_lr_scale=0.0).validate()

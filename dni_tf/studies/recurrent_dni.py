@@ -74,6 +74,8 @@ class SyntheticGradientOptions:
     aux_weight: float = option(1.0, "Weight of the dni_aux auxiliary loss.", low=0.0)
     clip_norm: float = option(1.0, "Gradient-norm clip, applied to the core and the synthetic "
                               "gradient module separately (0 = none).", low=0.0)
+    sg_lr_scale: float = option(1.0, "The synthetic-gradient module's learning rate relative "
+                                "to the core's.", low=0.0, low_open=True)
 
 
 # --------------------------------------------------------------- Copy tasks
@@ -152,7 +154,8 @@ def build_copy_model(cfg: CopyTaskConfig):
                           sg_scale=cfg.sg_scale, bootstrap_scale=cfg.bootstrap_scale,
                           update=cfg.update, aux_weight=cfg.aux_weight, stateful=stream,
                           batch_size=cfg.batch_size if stream else None, episodic=True,
-                          curriculum=curriculum, clip_norm=cfg.clip_norm, seed=cfg.seed)
+                          curriculum=curriculum, clip_norm=cfg.clip_norm,
+                          sg_lr_scale=cfg.sg_lr_scale, seed=cfg.seed)
     model.build((None, None, in_dim))
     model.compile(optimizer=_optimizer(cfg), **cfg.resolve(model).compile_kwargs())
     return model, curriculum
@@ -337,7 +340,7 @@ def build_language_model(cfg: LanguageModelConfig, vocab_size: int) -> Truncated
                           vocab_size=vocab_size, sg_scale=cfg.sg_scale,
                           bootstrap_scale=cfg.bootstrap_scale, update=cfg.update,
                           aux_weight=cfg.aux_weight, stateful=True, batch_size=cfg.batch_size,
-                          clip_norm=cfg.clip_norm, seed=cfg.seed)
+                          clip_norm=cfg.clip_norm, sg_lr_scale=cfg.sg_lr_scale, seed=cfg.seed)
     model.build()
     model.compile(optimizer=_optimizer(cfg), **cfg.resolve(model).compile_kwargs())
     return model
