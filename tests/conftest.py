@@ -89,6 +89,22 @@ def _fixed_seed():
     keras.utils.set_random_seed(1234)
 
 
+def count_traces(model, steps=("train_step",)):
+    """Wraps `model`'s `steps` (e.g. "train_step", "test_step") so that each trace of
+    one appends its name to the returned list (a compiled step runs its Python once
+    per trace)."""
+    traces = []
+    for name in steps:
+        step = getattr(model, name)
+
+        def counted(data, step=step, name=name):
+            traces.append(name)
+            return step(data)
+
+        setattr(model, name, counted)
+    return traces
+
+
 @pytest.fixture(scope="session")
 def mirrored_strategy():
     """One MirroredStrategy over the two logical CPUs, shared by every test.

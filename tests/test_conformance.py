@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from conftest import count_traces
 from dni_tf.harness.callbacks import restore, save
 from dni_tf.core import build_for_restore
 
@@ -225,15 +226,13 @@ def _train(make, epochs=2, jit_compile="auto", strategy=None, callbacks=(), run_
     else:
         with strategy.scope():
             model, data = make(jit_compile)
-    if traces is not None:
-        def counted(data, step=model.train_step):
-            traces.append(1)
-            return step(data)
-        model.train_step = counted
+    counted = count_traces(model) if traces is not None else []
     model.run_eagerly = run_eagerly
     model.steps_per_execution = steps_per_execution
     history = model.fit(_dataset(data), epochs=epochs, verbose=0, shuffle=False,
                         callbacks=list(callbacks))
+    if traces is not None:
+        traces.extend(counted)
     return model, history.history
 
 

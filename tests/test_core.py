@@ -3,7 +3,7 @@
 import subprocess
 import sys
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, count_traces
 
 ALGORITHMS = ("gradient_dropping", "threshold_updates", "synthetic_gradients", "dni_feedforward",
               "pipelined_dni", "pipelined_cluster", "truncated_bptt", "multi_network",
@@ -29,25 +29,15 @@ def test_algorithms_import_nothing_from_the_experiment_harness():
     assert loaded - ALLOWED == set(), f"algorithms pulled in {sorted(loaded - ALLOWED)}"
 
 
-def _counted_gradient_dropping(traces):
-    """A fresh GradientDropping MLP (with BuildsBeforeTracing) whose train and test steps
-    append their name to `traces` each time they are traced."""
+def _gradient_dropping():
+    """A fresh compiled GradientDropping MLP (a model with BuildsBeforeTracing)."""
     import keras
 
     from dni_tf.gradient_dropping import GradientDropping
 
-    class Counted(GradientDropping):
-        def train_step(self, data):
-            traces.append("train")
-            return super().train_step(data)
-
-        def test_step(self, data):
-            traces.append("test")
-            return super().test_step(data)
-
     keras.utils.set_random_seed(0)
     network = keras.Sequential([keras.Input((5,)), keras.layers.Dense(3)])
-    model = Counted(network, keep_prob=0.5, seed=1)
+    model = GradientDropping(network, keep_prob=0.5, seed=1)
     model.compile(optimizer=keras.optimizers.Adam(1e-2), metrics=["accuracy"],
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     return model
@@ -66,14 +56,15 @@ def test_evaluate_and_fit_trace_their_steps_once_also_with_an_absent_part_in_the
     """BuildsBeforeTracing: evaluate() on a fresh model builds the compiled metrics before
     tracing (Keras alone traces the test step twice), and a dataset with a None part
     (no sample weights) is built from zeros with that part left out."""
-    traces = []
-    model = _counted_gradient_dropping(traces)
+    model = _gradient_dropping()
+    traces = count_traces(model, ("train_step", "test_step"))
     model.evaluate(_data(), verbose=0)
     model.fit(_data(), epochs=1, verbose=0)
-    assert traces == ["test", "train"]
-    traces.clear()
-    history = _counted_gradient_dropping(traces).fit(_data(with_none=True), epochs=1, verbose=0)
-    assert len(history.history["loss"]) == 1 and traces == ["train"]
+    assert traces == ["test_step", "train_step"]
+    model = _gradient_dropping()
+    traces = count_traces(model)
+    history = model.fit(_data(with_none=True), epochs=1, verbose=0)
+    assert len(history.history["loss"]) == 1 and traces == ["train_step"]
 
 
 def test_zeros_of_spec_keeps_absent_parts_and_gives_up_on_unknown_rank():

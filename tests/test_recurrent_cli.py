@@ -5,6 +5,7 @@ import glob
 import pandas as pd
 import pytest
 
+from conftest import count_traces
 from dni_tf.harness import results
 from dni_tf.studies import recurrent_dni as study
 
@@ -74,13 +75,7 @@ def test_the_stateful_language_model_traces_its_train_step_once():
 
     cfg = study.LanguageModelConfig(hidden_size=8, batch_size=2, method="dni", truncation=2)
     model = study.build_language_model(cfg, vocab_size=5)
-    traces, step = [], model.train_step
-
-    def counted(data):
-        traces.append(1)
-        return step(data)
-
-    model.train_step = counted
+    traces = count_traces(model)
     chars = np.random.RandomState(0).randint(0, 5, (2, 8)).astype("int32")
     model.fit(tf.data.Dataset.from_tensors((chars, chars)).repeat(3), epochs=1, verbose=0)
     assert len(traces) == 1
