@@ -219,6 +219,9 @@ class TruncatedBPTT(BuildsBeforeTracing, keras.Model):
     def _metric_names(self):
         names = ["loss"]
         names += ["bit_errors", "sequence_error"] if self.loss_type == "bernoulli" else ["bpc"]
+        # Mean norm of the LSTM cell state c at the batch's end: in a carried stream
+        # nothing bounds c, and a growing c saturates tanh(c) and inflates M's input.
+        names += ["cell_norm"]
         if self.synthetic_gradient is not None:
             names += ["sg_loss", "sg_norm", "sg_target_norm"]
         if self.aux_head is not None:
@@ -676,6 +679,8 @@ class TruncatedBPTT(BuildsBeforeTracing, keras.Model):
             self._apply(r["core_grads"], r["sg_grads"])
         if self.stateful:
             self.train_state.assign(r["final_state"])
+        self._trackers["cell_norm"].update_state(
+            tf.reduce_mean(tf.norm(r["final_state"][:, self.hidden_size:], axis=-1)))
         self._update_metrics(r["loss"], r["masked_nats"], r["mask_count"], r["wrong_bits"],
                              y, mask)
         if self.synthetic_gradient is not None:

@@ -4,7 +4,8 @@
 #     scripts/copy_table.sh "SEEDS" "TRUNCATIONS" [TASK]     e.g.  scripts/copy_table.sh "0 1" "3 5"
 #
 # TASK: copy (default) or repeat_copy. Cells go to $RUNS/<task>/seed<S>/<method>_T<T>
-# (RUNS defaults to runs/). Rerunning resumes every unfinished cell and skips the
+# (RUNS defaults to runs/), and each finished cell's records to docs/run_records/ (see
+# scripts/archive_runs.py; commit them). Rerunning resumes every unfinished cell and skips the
 # finished ones. Run one process per core (e.g. `taskset -c 0 nice -n 10 ...`).
 #
 # dni_aux is trained only where dni's curriculum reached L >= T. Below that every
@@ -28,5 +29,6 @@ for T in $TRUNCATIONS; do for seed in $SEEDS; do
   else
     echo "dni reached L=$reached < T=$T: dni_aux is identical to dni" > $dir/dni_aux_T$T.identical_to_dni
   fi
+  python scripts/archive_runs.py $TASK  # the cell's records into docs/run_records (commit them)
 done; done
 echo "copy_table: done ($TASK, seeds $SEEDS, T $TRUNCATIONS)"

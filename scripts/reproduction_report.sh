@@ -1,7 +1,9 @@
 #!/bin/bash
-# Regenerates docs/reproduction_report.md (and its figures) from the run directories
-# behind README's tables, those present under runs/ on this machine; a missing seed
-# directory is left out, and the across-seeds sections average the seeds present.
+# Regenerates docs/reproduction_report.md (and its figures) from the records of the runs
+# behind README's tables: it first archives runs/ into docs/run_records/
+# (scripts/archive_runs.py), then reads the archive, so runs from earlier sittings
+# count; a missing seed directory is left out, and the across-seeds sections average
+# the seeds present.
 #
 #     scripts/reproduction_report.sh [OUT]        # default docs/reproduction_report.md
 #
@@ -19,6 +21,7 @@
 #       --thresholds=0,0.0001,0.001,0.01 --workdir=runs/report/tu_delay4
 set -u
 cd "$(dirname "$0")/.."
+[ -d runs ] && python scripts/archive_runs.py
 candidates=(
   runs/gd_mnist_20k_seed0 runs/gd_mnist_20k_seed1 runs/gd_mnist_20k_seed2
   runs/report/tu_plain runs/report/tu_sparse runs/report/tu_delay4
@@ -29,11 +32,11 @@ candidates=(
   runs/td_fashion_20ep
 )
 present=()
-for d in "${candidates[@]}"; do
+for d in "${candidates[@]/#runs\//docs/run_records/}"; do
   # A sweep counts once finished (its own results.json); a table root (Copy) once
   # one of its runs has a results.json.
   if compgen -G "$d/results.json" > /dev/null \
-      || { [[ $d != runs/gd_* ]] && compgen -G "$d/*/results.json" > /dev/null; }; then
+      || { [[ $d != */gd_* ]] && compgen -G "$d/*/results.json" > /dev/null; }; then
     present+=("$d")
   else
     echo "left out (not finished yet): $d" >&2
