@@ -142,9 +142,14 @@ class TruncatedBPTT(BuildsBeforeTracing, keras.Model):
       clip_norm: if > 0, the core's gradients and the synthetic gradient
         module's gradients are each clipped to this global norm separately
         (one joint clip would let the regression loss shrink the core's step).
-      sg_lr_scale: the synthetic-gradient module's (and Aux head's) step is the
-        optimizer's step times this (its learning rate times this, for Adam and
-        SGD): a wide module regressing with Adam can outrun its targets.
+      sg_lr_scale: the synthetic-gradient module M's step is the optimizer's
+        step times this (its learning rate times this, for Adam and SGD); the
+        Aux head, whose loss also trains the core, keeps the core's rate. Adam
+        moves each of M's 2H x 2H weights by about the learning rate per step,
+        so M's output moves by about lr * |s|_1 per coordinate, far more than
+        its targets when the state is wide; in a carried stream the resulting
+        synthetic gradients can drive the cell state c up without bound (see
+        the `cell_norm` metric and docs/recurrent_dni.md).
       seed: initialiser seed.
     """
 

@@ -176,8 +176,11 @@ def test_stateful_training_carries_state_and_restores(tmp_path):
 
     model = make()
     _, expected_state = model.forward(x)
-    model.train_on_batch(x, y)
+    logs = model.train_on_batch(x, y, return_dict=True)
     np.testing.assert_allclose(model.train_state.numpy(), expected_state, rtol=1e-5, atol=1e-6)
+    # cell_norm: the mean norm of the carried cell state c (the state's second half).
+    np.testing.assert_allclose(logs["cell_norm"],
+                               np.linalg.norm(expected_state[:, H:], axis=-1).mean(), rtol=1e-5)
     model.train_on_batch(x, y)
     path = str(tmp_path / "m.weights.h5")
     model.save_weights(path)

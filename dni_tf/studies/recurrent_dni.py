@@ -273,6 +273,13 @@ class LanguageModelConfig(SyntheticGradientOptions, FastPathOptions):
                                     "module's regression target: a discount on credit from "
                                     "later windows (1 = undiscounted, diverged on this "
                                     "stream at T=2).", low=0.0)
+    # M's own learning rate: at 1 (and 0.03) M's Adam steps outran its targets at
+    # LSTM 256, T=5, and the carried cell state ran away (norm 1,853 after 25
+    # updates, 174,000 after 400); at 0.01 dni trained to bptt's test BPC at T=5
+    # (docs/recurrent_dni.md, "The module's learning rate in a carried stream").
+    sg_lr_scale: float = option(0.01, "The synthetic-gradient module's learning rate "
+                                "relative to the core's (1 ran away on this stream at "
+                                "T=5).", low=0.0, low_open=True)
     method: str = option("bptt", "Training method; several (or several --truncation) = the "
                          "method x T table.", choices=METHODS, grid=True)
     truncation: int = option(5, "Truncation window T (characters); several = the table.",
