@@ -8,7 +8,8 @@
 #     scripts/reproduction_report.sh [OUT]        # default docs/reproduction_report.md
 #
 # How the runs were made: gradient dropping, README ("at the write-up's budget");
-# Copy, scripts/copy_table.sh; PTB, scripts/ptb_table.sh; feed-forward DNI and targeted dropout, their docs;
+# Copy, scripts/copy_table.sh (copy_sg0.01 and copy_reset: the commands in docs/recurrent_dni.md);
+# PTB, scripts/ptb_table.sh; feed-forward DNI and targeted dropout, their docs;
 # threshold updates (about 10 minutes on one core), with
 #   T="--accumulation=sum --batch_size=64 --clip=0 --dataset=mnist --decay=0.9 --eval_every=500
 #      --hidden=256,256 --learning_rate=0.1 --model=mlp --noise_stddev=0 --optimizer=sgd --seed=0
@@ -28,6 +29,8 @@ candidates=(
   runs/mnist_fcn_15k runs/mnist_cnn3_w32 runs/mnist_fcn4_sparse_0.2 runs/mnist_fcn4_sparse_0.5
   runs/mnist_fcn4_unlock runs/mnist_fcn4_unlock_cdni
   runs/copy/seed0 runs/copy/seed1 runs/copy/seed2 runs/copy_ablation/seed0
+  runs/copy_sg0.01/seed0 runs/copy_sg0.01/seed1 runs/copy_sg0.01/seed2
+  runs/copy_reset/seed0 runs/copy_reset/seed1 runs/copy_reset/seed2
   runs/ptb256/seed0 runs/ptb256/seed1 runs/ptb256/seed2
   runs/td_fashion_20ep
 )
