@@ -65,6 +65,9 @@ Data (a `(x, y, mask)` tuple; `mask` may be omitted = all ones):
 * `loss_type="categorical"` (characters): x int [B, N] (one-hot of
   `vocab_size` inside the model), y int [B, N]; loss = softmax cross-entropy.
   Metrics: `loss` (nats per masked character) and `bpc` (= loss / ln 2).
+* Training also reports `cell_norm`, the mean norm of the LSTM cell state c
+  at each batch's end: a carried state that nothing bounds can grow without
+  limit (and, fed to M, drive its predictions up); see `sg_lr_scale`.
 
 `stateful=True` (needs `batch_size`) keeps the training state and a separate
 evaluation state in non-trainable variables, so contiguous streams carry state

@@ -8,16 +8,20 @@ never checkpoints, weights or TensorBoard events (rerun a cell for those).
 
     python scripts/archive_runs.py [SUBDIR ...]     e.g.  python scripts/archive_runs.py copy ptb256
 
-With no argument everything under runs/ is archived. Rerun it whenever a cell
-finishes: a record newer in runs/ replaces the archived one, and an archived
-record with no counterpart in runs/ is kept (a later sitting starts with an empty
-runs/). scripts/reproduction_report.sh reads the archive.
+With no argument everything under runs/ (or $RUNS) is archived. Rerun it whenever
+a cell finishes: a record whose contents differ from the archived one replaces it,
+and an archived record with no counterpart in runs/ is kept (a later sitting starts
+with an empty runs/). Hidden files (a plot or result being written) are skipped,
+and each copy is atomic, so two table queues may archive at once.
+scripts/reproduction_report.sh reads the archive.
 """
 
+import filecmp
 import fnmatch
 import os
 import shutil
 import sys
+import tempfile
 
 SOURCE = os.environ.get("RUNS", "runs")
 ARCHIVE = "docs/run_records"
@@ -25,25 +29,36 @@ RECORDS = ("results.json", "history.csv", "best.json", "*.png", "*.identical_to_
 SKIPPED_DIRS = ("checkpoints",)
 
 
-def archive(subdir: str) -> int:
-    root = os.path.join(SOURCE, subdir)
+def archive(subdir: str, source: str = SOURCE, archive_dir: str = ARCHIVE) -> int:
+    """Archives `source/subdir` into `archive_dir`; returns the number of files copied."""
+    root = os.path.join(source, subdir)
     if not os.path.isdir(root):
-        sys.exit(f"archive_runs: no directory {root}")
+        print(f"archive_runs: no directory {root} (give subdirectories of {source})",
+              file=sys.stderr)
+        sys.exit(2)
     copied = 0
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = [d for d in dirnames if d not in SKIPPED_DIRS]
         for name in filenames:
-            if not any(fnmatch.fnmatch(name, pattern) for pattern in RECORDS):
+            if name.startswith(".") or not any(fnmatch.fnmatch(name, p) for p in RECORDS):
                 continue
             src = os.path.join(dirpath, name)
-            dst = os.path.join(ARCHIVE, os.path.relpath(src, SOURCE))
-            if os.path.exists(dst) and os.path.getmtime(dst) >= os.path.getmtime(src):
+            dst = os.path.join(archive_dir, os.path.relpath(src, source))
+            if os.path.exists(dst) and filecmp.cmp(src, dst, shallow=False):
                 continue
             os.makedirs(os.path.dirname(dst), exist_ok=True)
-            tmp = dst + ".tmp-archive"
-            shutil.copy2(src, tmp)
-            os.replace(tmp, dst)  # a reader never sees half a record
-            copied += 1
+            fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(dst))
+            os.close(fd)
+            try:
+                shutil.copyfile(src, tmp)
+                os.chmod(tmp, 0o644)
+                os.replace(tmp, dst)  # a reader never sees half a record
+                copied += 1
+            except FileNotFoundError:
+                pass  # the run replaced the file while we looked; the next archive takes it
+            finally:
+                if os.path.exists(tmp):
+                    os.remove(tmp)
     return copied
 
 

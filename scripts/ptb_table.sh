@@ -14,10 +14,12 @@
 set -u
 cd "$(dirname "$0")/.."
 SEEDS=$1
+# Each finished cell's records into docs/run_records (commit them), on failure too.
+trap 'python scripts/archive_runs.py ptb256' EXIT
 for seed in $SEEDS; do
   python -m experiments.language_model --workdir=${RUNS:-runs}/ptb256/seed$seed \
       --method=bptt,dni,dni_aux --truncation=2,5 --hidden_size=256 --steps=12000 \
       --eval_every=1000 --eval_batches=10 --seed=$seed || exit 1
-  python scripts/archive_runs.py ptb256  # records into docs/run_records (commit them)
+  python scripts/archive_runs.py ptb256
 done
 echo "ptb_table: done (seeds $SEEDS)"

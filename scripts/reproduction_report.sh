@@ -3,7 +3,9 @@
 # behind README's tables: it first archives runs/ into docs/run_records/
 # (scripts/archive_runs.py), then reads the archive, so runs from earlier sittings
 # count; a missing seed directory is left out, and the across-seeds sections average
-# the seeds present.
+# the seeds present. The archive began on 2026-12-01 (ninth sitting): the runs before
+# it are gone, so until their cells are rerun a regenerated report lacks them; keep
+# the committed report (or write to another OUT) meanwhile.
 #
 #     scripts/reproduction_report.sh [OUT]        # default docs/reproduction_report.md
 #
@@ -22,7 +24,7 @@
 #       --thresholds=0,0.0001,0.001,0.01 --workdir=runs/report/tu_delay4
 set -u
 cd "$(dirname "$0")/.."
-[ -d runs ] && python scripts/archive_runs.py
+[ -d "${RUNS:-runs}" ] && python scripts/archive_runs.py
 candidates=(
   runs/gd_mnist_20k_seed0 runs/gd_mnist_20k_seed1 runs/gd_mnist_20k_seed2
   runs/report/tu_plain runs/report/tu_sparse runs/report/tu_delay4

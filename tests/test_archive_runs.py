@@ -1,0 +1,48 @@
+"""Tests for scripts/archive_runs.py: which run files survive into docs/run_records."""
+
+import importlib.util
+import os
+
+import pytest
+
+_SPEC = importlib.util.spec_from_file_location(
+    "archive_runs", os.path.join(os.path.dirname(__file__), "..", "scripts", "archive_runs.py"))
+archive_runs = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(archive_runs)
+
+
+def _write(path, text="x"):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def test_records_are_kept_and_bulk_is_left(tmp_path):
+    runs, archive = tmp_path / "runs", tmp_path / "archive"
+    cell = runs / "copy" / "seed0" / "dni_T3"
+    for name in ("results.json", "history.csv", "best.json", "curves.png"):
+        _write(cell / name)
+    _write(runs / "copy" / "seed0" / "dni_aux_T3.identical_to_dni")
+    for name in ("best.weights.h5", "events.out.tfevents.1.v2", ".tmp-curves.png"):
+        _write(cell / name)
+    _write(cell / "checkpoints" / "history.csv")  # inside checkpoints/: never archived
+    assert archive_runs.archive("copy", str(runs), str(archive)) == 5
+    kept = sorted(os.path.relpath(os.path.join(d, f), archive)
+                  for d, _, files in os.walk(archive) for f in files)
+    assert kept == ["copy/seed0/dni_T3/best.json", "copy/seed0/dni_T3/curves.png",
+                    "copy/seed0/dni_T3/history.csv", "copy/seed0/dni_T3/results.json",
+                    "copy/seed0/dni_aux_T3.identical_to_dni"]
+    # Unchanged records are not copied again; a changed one replaces its copy; a record
+    # gone from runs/ (a later sitting) stays archived.
+    assert archive_runs.archive("copy", str(runs), str(archive)) == 0
+    _write(cell / "history.csv", "step\n1\n")
+    (cell / "best.json").unlink()
+    assert archive_runs.archive("copy", str(runs), str(archive)) == 1
+    assert (archive / "copy/seed0/dni_T3/history.csv").read_text() == "step\n1\n"
+    assert (archive / "copy/seed0/dni_T3/best.json").exists()
+
+
+def test_a_missing_directory_is_a_usage_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        archive_runs.archive("nope", str(tmp_path), str(tmp_path / "a"))
+    assert exit_info.value.code == 2
+    assert "no directory" in capsys.readouterr().err
