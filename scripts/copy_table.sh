@@ -17,7 +17,10 @@ set -u
 cd "$(dirname "$0")/.."
 SEEDS=$1 TRUNCATIONS=$2 TASK=${3:-copy}
 ROOT=${RUNS:-runs}/$TASK
-COMMON="--task=$TASK --steps=50000 --eval_every=2500 --hidden_size=256 --max_length=200 --max_repeats=10"
+# --sg_lr_scale=1: the setting the table's T=3 and T=5 cells were run with (the default
+# until 2026-12-01); the default is now 0.01 (M ran away at T=2 with 1). The T=2 dni
+# cells at 0.01 are in runs/copy_sg0.01 (docs/recurrent_dni.md).
+COMMON="--task=$TASK --steps=50000 --eval_every=2500 --hidden_size=256 --max_length=200 --max_repeats=10 --sg_lr_scale=1"
 for T in $TRUNCATIONS; do for seed in $SEEDS; do
   dir=$ROOT/seed$seed
   python -m experiments.copy_task --workdir=$dir --method=bptt,dni --truncation=$T $COMMON \

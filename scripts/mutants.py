@@ -728,7 +728,7 @@ MUTANTS: List[Mutant] = [
            "dni_tf/studies/recurrent_dni.py",
            "bootstrap_scale: float = option(0.1,", "bootstrap_scale: float = option(1.0,",
            ["tests/test_recurrent_cli.py::test_language_model_per_window_updates_and_xla_option"]),
-    Mutant("language model: M at the core's rate by default (ran away on the PTB stream at T=5)",
+    Mutant("recurrent studies: M at the core's rate by default (ran away in carried streams)",
            "dni_tf/studies/recurrent_dni.py",
            "sg_lr_scale: float = option(0.01,", "sg_lr_scale: float = option(1.0,",
            ["tests/test_recurrent_cli.py::test_language_model_per_window_updates_and_xla_option"]),
