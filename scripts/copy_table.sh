@@ -4,9 +4,13 @@
 #     scripts/copy_table.sh "SEEDS" "TRUNCATIONS" [TASK]     e.g.  scripts/copy_table.sh "0 1" "3 5"
 #
 # TASK: copy (default) or repeat_copy. Cells go to $RUNS/<task>/seed<S>/<method>_T<T>
-# (RUNS defaults to runs/), and each finished cell's records to docs/run_records/ (see
+# (RUNS defaults to runs/; with SG_LR_SCALE=S other than 1, $RUNS/<task>_sgS/...), and
+# each finished cell's records to docs/run_records/ (see
 # scripts/archive_runs.py; commit them). Rerunning resumes every unfinished cell and skips the
 # finished ones. Run one process per core (e.g. `taskset -c 0 nice -n 10 ...`).
+#
+# Environment: SG_LR_SCALE (M's rate over the core's; default 1, see below), SKIP_AUX=1
+# (train bptt and dni only; the dni_aux cells can be added by a later run without it).
 #
 # dni_aux is trained only where dni's curriculum reached L >= T. Below that every
 # Copy episode (2L+1 steps) spans at most two windows, the Aux head's only target is
@@ -16,15 +20,17 @@
 set -u
 cd "$(dirname "$0")/.."
 SEEDS=$1 TRUNCATIONS=$2 TASK=${3:-copy}
-ROOT=${RUNS:-runs}/$TASK
-# --sg_lr_scale=1: the setting the table's T=3 and T=5 cells were run with (the default
-# until 2026-12-01); the default is now 0.01 (M ran away at T=2 with 1). The T=2 dni
-# cells at 0.01 are in runs/copy_sg0.01 (docs/recurrent_dni.md).
-COMMON="--task=$TASK --steps=50000 --eval_every=2500 --hidden_size=256 --max_length=200 --max_repeats=10 --sg_lr_scale=1"
+# SG_LR_SCALE defaults to 1, the setting the table's first T=3 and T=5 cells were run with
+# (the study's default until 2026-12-01); the default is now 0.01 (M ran away at T=2
+# with 1), whose cells go to runs/<task>_sg0.01 (docs/recurrent_dni.md).
+SG=${SG_LR_SCALE:-1}
+if [ "$SG" = 1 ]; then ROOT=${RUNS:-runs}/$TASK; else ROOT=${RUNS:-runs}/${TASK}_sg$SG; fi
+COMMON="--task=$TASK --steps=50000 --eval_every=2500 --hidden_size=256 --max_length=200 --max_repeats=10 --sg_lr_scale=$SG"
 for T in $TRUNCATIONS; do for seed in $SEEDS; do
   dir=$ROOT/seed$seed
   python -m experiments.copy_task --workdir=$dir --method=bptt,dni --truncation=$T $COMMON \
       --seed=$seed || continue
+  if [ "${SKIP_AUX:-0}" = 1 ]; then python scripts/archive_runs.py "${ROOT##*/}"; continue; fi
   reached=$(python -c "import pandas; print(int(pandas.read_csv('$dir/dni_T$T/history.csv')['curriculum_length'].max()))")
   if [ "$reached" -ge "$T" ]; then
     python -m experiments.copy_task --workdir=$dir/dni_aux_T$T --method=dni_aux --truncation=$T \
@@ -32,6 +38,6 @@ for T in $TRUNCATIONS; do for seed in $SEEDS; do
   else
     echo "dni reached L=$reached < T=$T: dni_aux is identical to dni" > $dir/dni_aux_T$T.identical_to_dni
   fi
-  python scripts/archive_runs.py $TASK  # the cell's records into docs/run_records (commit them)
+  python scripts/archive_runs.py "${ROOT##*/}"  # the cell's records into docs/run_records (commit them)
 done; done
 echo "copy_table: done ($TASK, seeds $SEEDS, T $TRUNCATIONS)"
