@@ -774,8 +774,33 @@ MUTANTS: List[Mutant] = [
            "    if batch is not None and (done_step or multi_worker):\n"
            "        build_for_restore(model, batch)\n",
            ["tests/test_training.py::test_a_plain_keras_model_traces_its_train_step_once"]),
+    # -- a run directory's settings ----------------------------------------
+    Mutant("settings: a run resumed under other settings",
+           "dni_tf/harness/results.py",
+           "        if changed:\n            raise _mismatch(workdir, saved, settings, changed)\n",
+           "",
+           ["tests/test_training.py::test_a_resume_under_other_settings_is_refused_and_a_longer_budget_extends_the_run"]),
+    Mutant("settings: a finished run read back under any settings",
+           "dni_tf/harness/results.py",
+           "    if settings is not None:\n        saved = saved_settings(workdir)",
+           "    if False:\n        saved = saved_settings(workdir)",
+           ["tests/test_training.py::test_a_finished_run_is_read_back_only_under_its_own_settings"]),
+    Mutant("settings: a rerun with fewer steps than trained accepted",
+           "dni_tf/harness/training.py",
+           "        if done_step > steps:", "        if False:",
+           ["tests/test_training.py::test_a_resume_under_other_settings_is_refused_and_a_longer_budget_extends_the_run"]),
+    Mutant("settings: a table reads its finished cells back without their settings",
+           "dni_tf/studies/recurrent_dni.py",
+           "results.completed_metrics(subdir, dataclasses.asdict(run_cfg))",
+           "results.completed_metrics(subdir)",
+           ["tests/test_recurrent_cli.py::test_a_table_trains_a_finished_cell_on_to_a_longer_budget_and_refuses_other_settings"]),
+    Mutant("settings: the copy study claims its run directory with no settings",
+           "dni_tf/studies/recurrent_dni.py",
+           """                              label=f"{cfg.task} {cfg.method} T={cfg.truncation}",
+                              settings=dataclasses.asdict(cfg)).final""",
+           """                              label=f"{cfg.task} {cfg.method} T={cfg.truncation}").final""",
+           ["tests/test_recurrent_cli.py::test_copy_run_writes_results_and_resumes_with_curriculum"]),
 ]
-
 
 def _run_tests(tests: Sequence[str]) -> subprocess.CompletedProcess:
     return subprocess.run(

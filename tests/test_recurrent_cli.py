@@ -1,11 +1,13 @@
 """Entry points of issue 4: copy_task, language_model, multi_network (flags, resume, tables)."""
 
+import dataclasses
 import glob
 
 import pandas as pd
 import pytest
 
 from conftest import count_traces
+from dni_tf.errors import UsageError
 from dni_tf.harness import results
 from dni_tf.studies import recurrent_dni as study
 
@@ -109,6 +111,11 @@ def test_copy_run_writes_results_and_resumes_with_curriculum(tmp_path):
     assert history["step"].tolist() == [1, 2, 3]
     saved = results.load_results(str(tmp_path))
     assert saved["config"]["method"] == "dni" and saved["metrics"]["max_length_solved"] == 3
+    # The directory records its settings, and refuses to resume under others.
+    assert results.saved_settings(str(tmp_path)) == dataclasses.asdict(cfg)
+    with pytest.raises(UsageError, match=r"--sg_lr_scale=0\.01 \(now 1\.0\)"):
+        study.run_copy_task(dataclasses.replace(cfg, steps=4, sg_lr_scale=1.0), str(tmp_path))
+    assert results.load_history(str(tmp_path))["step"].tolist() == [1, 2, 3]
     assert glob.glob(str(tmp_path / "**" / "events.out.tfevents.*"), recursive=True)
 
 
@@ -131,6 +138,31 @@ def test_table_layout_and_resume(tmp_path):
     assert (tmp_path / "table.png").exists()
     study.run_table(fake_run, cfg, str(tmp_path), ["bptt", "dni"], [2, 5], "max_length_solved")
     assert len(calls) == 4  # finished runs are read back, not rerun
+
+
+def test_a_table_trains_a_finished_cell_on_to_a_longer_budget_and_refuses_other_settings(
+        tmp_path):
+    calls = []
+
+    def fake_run(cfg, workdir, extra):
+        calls.append((cfg.method, cfg.steps))
+        results.save_results(workdir, dataclasses.asdict(cfg), {"max_length_solved": 1})
+        return {"max_length_solved": 1}
+
+    cfg = study.CopyTaskConfig(steps=100)
+    study.run_table(fake_run, cfg, str(tmp_path), ["bptt", "dni"], [3], "max_length_solved")
+    # dni_T3 trained with another learning rate: the table must not read it back as its cell.
+    results.save_results(str(tmp_path / "dni_T3"), dataclasses.asdict(
+        dataclasses.replace(cfg, method="dni", truncation=3, learning_rate=0.1)), {})
+    with pytest.raises(UsageError, match=r"dni_T3 holds a run trained with other settings: "
+                                         r"--learning_rate=0\.1 \(now 0\.003\)"):
+        study.run_table(fake_run, cfg, str(tmp_path), ["bptt", "dni"], [3], "max_length_solved")
+    calls.clear()
+    results.save_results(str(tmp_path / "dni_T3"), dataclasses.asdict(
+        dataclasses.replace(cfg, method="dni", truncation=3)), {"max_length_solved": 1})
+    study.run_table(fake_run, dataclasses.replace(cfg, steps=200), str(tmp_path),
+                    ["bptt", "dni"], [3], "max_length_solved")
+    assert calls == [("bptt", 200), ("dni", 200)]  # trained on (resumed), not read back
 
 
 def test_sg_lr_scale_multiplies_only_the_modules_step():

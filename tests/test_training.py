@@ -12,7 +12,7 @@ import tensorflow as tf
 
 from conftest import count_traces
 from dni_tf.harness import callbacks, cli, results
-from dni_tf.errors import CheckpointError, TrainingDiverged
+from dni_tf.errors import CheckpointError, TrainingDiverged, UsageError
 from dni_tf.data import make_dataset
 from dni_tf.gradient_dropping import GradientDropping
 from dni_tf.harness.training import SweepProgress, train_and_evaluate
@@ -374,3 +374,54 @@ def test_progress_lines_show_the_sweep_position_only_for_runs_given_the_sweep(tm
     # Evaluation metrics carry the run's own prefix, as in its history.csv.
     assert " test_loss=" in progress[0] and " val_loss=" in progress[4]
     assert "test_" not in progress[4]
+
+
+def _run_with(workdir, steps, **settings):
+    x, y = _data()
+    return train_and_evaluate(
+        _model(), make_dataset(x, y, 16, shuffle=True, seed=0, repeat=True, drop_remainder=True),
+        make_dataset(x, y, 32, shuffle=False), steps=steps, eval_every=4, workdir=str(workdir),
+        settings={"steps": steps, "eval_every": 4, **settings}).final
+
+
+def test_a_resume_under_other_settings_is_refused_and_a_longer_budget_extends_the_run(tmp_path):
+    _run_with(tmp_path, 8, learning_rate=0.01, method="dni")
+    recorded = json.loads((tmp_path / results.SETTINGS_FILE).read_text())
+    assert recorded == {"steps": 8, "eval_every": 4, "learning_rate": 0.01, "method": "dni"}
+    before = {name: (tmp_path / name).read_bytes() for name in ("history.csv", "settings.json")}
+    checkpoints = _checkpoint_names(tmp_path)
+    with pytest.raises(UsageError, match=r"--learning_rate=0\.01 \(now 0\.1\)") as caught:
+        _run_with(tmp_path, 8, learning_rate=0.1, method="dni")
+    assert "method" not in str(caught.value)  # only what changed is named
+    with pytest.raises(UsageError, match=r"trained for 8 steps, more than --steps=4"):
+        _run_with(tmp_path, 4, learning_rate=0.01, method="dni")
+    # Refused before anything was written or trained.
+    assert {name: (tmp_path / name).read_bytes() for name in before} == before
+    assert _checkpoint_names(tmp_path) == checkpoints
+    # A longer budget resumes the run (its settings record the new budget) and
+    # continues it exactly as an uninterrupted run of that length.
+    extended = _run_with(tmp_path, 12, learning_rate=0.01, method="dni")
+    assert json.loads((tmp_path / results.SETTINGS_FILE).read_text())["steps"] == 12
+    assert results.load_history(str(tmp_path))["step"].tolist() == [4, 8, 12]
+    assert extended == _run_with(tmp_path / "uninterrupted", 12, learning_rate=0.01, method="dni")
+
+
+def test_a_run_from_before_settings_json_is_checked_against_its_results(tmp_path):
+    results.save_results(str(tmp_path), {"learning_rate": 0.01, "steps": 8, "flags": {}}, {})
+    with pytest.raises(UsageError, match=r"--learning_rate=0\.01 \(now 0\.1\)"):
+        results.claim_run_directory(str(tmp_path), {"learning_rate": 0.1, "steps": 8})
+    assert not (tmp_path / results.SETTINGS_FILE).exists()
+    # A setting the old run did not record (added later) is not compared.
+    results.claim_run_directory(str(tmp_path), {"learning_rate": 0.01, "steps": 9, "new": 1})
+    assert json.loads((tmp_path / results.SETTINGS_FILE).read_text())["steps"] == 9
+
+
+def test_a_finished_run_is_read_back_only_under_its_own_settings(tmp_path):
+    workdir = str(tmp_path)
+    results.save_results(workdir, {"learning_rate": 0.01, "steps": 8}, {"accuracy": 0.5})
+    assert results.completed_metrics(workdir) == {"accuracy": 0.5}
+    assert results.completed_metrics(workdir, {"learning_rate": 0.01, "steps": 8}) == {
+        "accuracy": 0.5}
+    assert results.completed_metrics(workdir, {"learning_rate": 0.01, "steps": 16}) is None
+    with pytest.raises(UsageError, match=r"--learning_rate=0\.01 \(now 0\.1\)"):
+        results.completed_metrics(workdir, {"learning_rate": 0.1, "steps": 8})

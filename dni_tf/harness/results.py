@@ -1,7 +1,8 @@
 """Result files written atomically: a reader never sees a half-written file.
 
 `results.json` holds `{"study": ..., "config": {...}, "metrics": {...}, "status": ...}`;
-`history.csv` holds one row per evaluation (`step` plus metric columns).
+`history.csv` holds one row per evaluation (`step` plus metric columns);
+`settings.json` the settings a run directory trains with (`claim_run_directory`).
 """
 
 from __future__ import annotations
@@ -18,8 +19,14 @@ from typing import Any, List, Mapping, Optional, Tuple
 import numpy as np
 import pandas as pd
 
+from dni_tf.errors import UsageError
+
 RESULTS_FILE = "results.json"
 HISTORY_FILE = "history.csv"
+SETTINGS_FILE = "settings.json"
+# Settings a rerun may change and still resume the run: the budget (longer, or shorter
+# while not yet reached), the evaluation period, and where the data lives.
+RESUMABLE_CHANGES = ("steps", "eval_every", "digits", "eval_digits", "data_dir")
 TEMPORARY_PREFIX = ".tmp-"  # atomic_write_text's temporary files
 
 
@@ -126,10 +133,73 @@ def load_results(workdir: str) -> Optional[dict]:
         return json.load(f)
 
 
-def completed_metrics(workdir: str) -> Optional[dict]:
-    """The metrics of a finished run in `workdir` (results.json, status completed), else None."""
+def saved_settings(workdir: str) -> Optional[dict]:
+    """The settings the run in `workdir` trained with: settings.json, else (runs made
+    before it existed) results.json's config; None for a new directory."""
+    path = os.path.join(workdir, SETTINGS_FILE)
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
     done = load_results(workdir)
-    return done["metrics"] if done and done.get("status") == "completed" else None
+    return done.get("config") if done else None
+
+
+def changed_settings(saved: Mapping[str, Any], settings: Mapping[str, Any]) -> List[str]:
+    """The names of the settings in both mappings whose values differ (compared as JSON)."""
+    old, new = (json.loads(json.dumps(_jsonable(dict(m)))) for m in (saved, settings))
+    return sorted(k for k in set(old) & set(new) if old[k] != new[k])
+
+
+def _mismatch(workdir: str, saved: Mapping[str, Any], settings: Mapping[str, Any],
+              changed: List[str]) -> UsageError:
+    listed = ", ".join(f"--{k}={_jsonable(saved[k])!r} (now {_jsonable(settings[k])!r})"
+                       for k in changed)
+    return UsageError(f"{workdir} holds a run trained with other settings: {listed}; rerun "
+                      f"with its settings to resume it (only --{', --'.join(RESUMABLE_CHANGES)} may "
+                      "change), or use another --workdir")
+
+
+def claim_run_directory(workdir: str, settings: Mapping[str, Any]) -> None:
+    """Records in `workdir` the settings its run trains with, and refuses to resume
+    a run there under other ones.
+
+    `settings`: the study's configuration of this one run (field -> value, the
+    flag names). A directory that holds a run (settings.json, or results.json
+    from before it) whose settings differ in anything but `RESUMABLE_CHANGES`
+    raises UsageError naming each changed setting, before anything is written:
+    resuming would mix two configurations in one set of weights and record only
+    the second. Settings known to only one side (a field added later) are not
+    compared.
+    """
+    saved = saved_settings(workdir)
+    if saved is not None:
+        changed = [k for k in changed_settings(saved, settings) if k not in RESUMABLE_CHANGES]
+        if changed:
+            raise _mismatch(workdir, saved, settings, changed)
+    write_json(os.path.join(workdir, SETTINGS_FILE), settings)
+
+
+def completed_metrics(workdir: str, settings: Optional[Mapping[str, Any]] = None) -> Optional[dict]:
+    """The metrics of a finished run in `workdir` (results.json, status completed), else None.
+
+    With `settings` (the run's configuration as `claim_run_directory` takes it), a
+    finished run is only read back when it was trained with them; one that differs
+    only in `RESUMABLE_CHANGES` (e.g. `steps`) is not finished for them (None:
+    training it again resumes it to the new budget), and any other difference
+    raises UsageError.
+    """
+    done = load_results(workdir)
+    if not done or done.get("status") != "completed":
+        return None
+    if settings is not None:
+        saved = saved_settings(workdir)
+        changed = changed_settings(saved, settings) if saved is not None else []
+        if any(k not in RESUMABLE_CHANGES for k in changed):
+            raise _mismatch(workdir, saved, settings,
+                            [k for k in changed if k not in RESUMABLE_CHANGES])
+        if changed:
+            return None
+    return done["metrics"]
 
 
 def load_history(workdir: str) -> pd.DataFrame:

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Callable, Dict, Optional, Sequence
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence
 
 import keras
 import pandas as pd
 import tensorflow as tf
 
 from dni_tf.core import build_for_restore, prepare_for_multi_worker, zeros_of_spec
+from dni_tf.errors import UsageError
 from dni_tf.harness import fast_path, results
 from dni_tf.harness.callbacks import (DivergenceGuard, EvaluationLogger, EvaluationSchedule,
                                       ProgressLogger, ResumableCheckpoint, StopAtLastStep,
@@ -46,6 +47,7 @@ def train_and_evaluate(model: keras.Model, train_data, eval_data, *, steps: int,
                        extra_metrics: Optional[Callable[[keras.Model], Dict[str, float]]] = None,
                        label: str = "", sweep: Optional[SweepProgress] = None,
                        checkpoint_guard: Optional[Callable[[Callable[[], None]], None]] = None,
+                       settings: Optional[Mapping[str, Any]] = None,
                        verbose: int = 0) -> TrainingOutcome:
     """Trains a compiled `model` for `steps` steps, evaluating every `eval_every` and at the end.
 
@@ -75,6 +77,11 @@ def train_and_evaluate(model: keras.Model, train_data, eval_data, *, steps: int,
         added to the progress lines).
       checkpoint_guard: runs each checkpoint save (`ResumableCheckpoint`'s
         `guard`), e.g. `LostWorkerHandler.retry_after_rejoin`.
+      settings: the run's configuration (field -> value). Recorded in
+        `workdir/settings.json`; a rerun that would resume the run under other
+        settings (anything but `steps` and `eval_every`), or with fewer `steps`
+        than it has trained, raises UsageError before training
+        (`results.claim_run_directory`).
 
     Returns:
       A `TrainingOutcome`: the run's whole history (also in history.csv) and
@@ -93,6 +100,12 @@ def train_and_evaluate(model: keras.Model, train_data, eval_data, *, steps: int,
     # The checkpoint ResumableCheckpoint restores at train begin (an unreadable
     # newest one is moved aside here), so the data stream skips exactly its steps.
     done_epochs, done_step = ResumableCheckpoint.resume_point(checkpoint_dir, eval_every)
+    if settings is not None:
+        if done_step > steps:
+            raise UsageError(f"{workdir} holds a run trained for {done_step} steps, more than "
+                             f"--steps={steps}: rerun with --steps >= {done_step} to resume it, "
+                             "or use another --workdir")
+        results.claim_run_directory(workdir, settings)
     schedule = EvaluationSchedule(eval_every, steps, first_epoch=done_epochs, first_step=done_step)
     multi_worker = isinstance(tf.distribute.get_strategy(),
                               tf.distribute.MultiWorkerMirroredStrategy)

@@ -388,7 +388,7 @@ def run_single(config: DNIConfig, workdir: str, image_data=None,
                 model, train_data, image_data.test_dataset(config.eval_batch_size),
                 steps=config.steps, eval_every=config.eval_every, workdir=workdir,
                 label=f"{config.model}{config.layers} {config.method}", sweep=sweep,
-                callbacks=callbacks,
+                callbacks=callbacks, settings=dataclasses.asdict(config),
                 checkpoint_guard=None if handler is None else handler.retry_after_rejoin)
             break
         except tf.errors.OpError as exc:

@@ -157,7 +157,8 @@ def run_single(config: GradientDropConfig, keep_prob: float, workdir: str,
             image_data.train_dataset(config.batch_size, seed=config.seed),
             image_data.test_dataset(config.eval_batch_size),
             steps=config.steps, eval_every=config.eval_every, workdir=workdir,
-            label=f"keep_prob={cli.value_label(keep_prob)}", sweep=sweep)
+            label=f"keep_prob={cli.value_label(keep_prob)}", sweep=sweep,
+            settings=run_config)
     except TrainingDiverged as exc:
         results.save_results(workdir, run_config, {}, status="diverged", error=str(exc),
                              study=STUDY)

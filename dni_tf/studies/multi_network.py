@@ -139,7 +139,8 @@ def run_multi_network(cfg: MultiNetworkConfig, workdir: str, extra_config: Optio
                            repeat=False)
     last = train_and_evaluate(model, train, test, steps=cfg.train_steps, eval_every=cfg.eval_steps,
                               workdir=workdir,
-                              label=f"multi-network {cfg.method} k={cfg.tick_ratio}").final
+                              label=f"multi-network {cfg.method} k={cfg.tick_ratio}",
+                              settings=dataclasses.asdict(cfg)).final
     metrics = {k: v for k, v in last.items() if k != "step"}
     metrics["steps"] = cfg.train_steps
     metrics["digits_seen"] = cfg.train_steps * cfg.batch_size * cfg.episode_length
@@ -163,15 +164,18 @@ def run_comparison(cfg: MultiNetworkConfig, workdir: str, methods: Sequence[str]
                for cell in cells}
     for run_cfg in configs.values():
         run_cfg.validate()
-    pending = [cell for cell in cells
-               if results.completed_metrics(os.path.join(workdir, f"{cell[1]}_k{cell[0]}")) is None]
+    def finished(cell):  # raises when the cell's folder holds a run with other settings
+        return results.completed_metrics(os.path.join(workdir, f"{cell[1]}_k{cell[0]}"),
+                                         dataclasses.asdict(configs[cell]))
+
+    pending = [cell for cell in cells if finished(cell) is None]
     images = data_lib.load_image_data(cfg.dataset, cfg.data_dir) if pending else None
     for cell in pending:
         check_batch_size(configs[cell], images)
     rows, runs = [], []
     for k, method in SweepProgress(cells, lambda cell: f"{cell[1]} k={cell[0]}"):
         subdir = os.path.join(workdir, f"{method}_k{k}")
-        metrics = results.completed_metrics(subdir)
+        metrics = finished((k, method))
         if metrics is None:
             images = images or data_lib.load_image_data(cfg.dataset, cfg.data_dir)
             metrics = run_multi_network(configs[k, method], subdir, extra_config, images)

@@ -207,7 +207,8 @@ def run_copy_task(cfg: CopyTaskConfig, workdir: str, extra_config: Optional[dict
                               eval_every=cfg.eval_every, workdir=workdir,
                               extra_metrics=curriculum_metrics,
                               callbacks=[ResetEvalState()] if model.stateful else [],
-                              label=f"{cfg.task} {cfg.method} T={cfg.truncation}").final
+                              label=f"{cfg.task} {cfg.method} T={cfg.truncation}",
+                              settings=dataclasses.asdict(cfg)).final
     metrics = {**{k: v for k, v in last.items() if k != "step"}, "steps": cfg.steps,
                "max_length_solved": int(curriculum.max_solved.value),
                "curriculum_length": int(curriculum.length.value)}
@@ -411,7 +412,8 @@ def run_language_model(cfg: LanguageModelConfig, workdir: str,
     last = train_and_evaluate(model, train, valid, steps=cfg.steps, eval_every=cfg.eval_every,
                               workdir=workdir, eval_prefix="val",
                               callbacks=[ResetEvalState(), best],
-                              label=f"ptb {cfg.method} T={cfg.truncation}").final
+                              label=f"ptb {cfg.method} T={cfg.truncation}",
+                              settings=dataclasses.asdict(cfg)).final
     if os.path.exists(best.path):
         model.load_weights(best.path)
     valid_full = text.stream_dataset(corpus.valid, cfg.batch_size, cfg.eval_length)
@@ -433,7 +435,9 @@ def run_table(run_fn: Callable, cfg, workdir: str, methods: Sequence[str],
     """Runs `run_fn(config, subdir)` for each method x T; writes the combined table.
 
     Finished runs (results.json present with status completed) are read back,
-    not rerun, so rerunning the command resumes the table. With `curve` (a
+    not rerun, so rerunning the command resumes the table; a finished run with a
+    smaller `steps` is trained on to the new budget, and one with other settings
+    is an error (`results.completed_metrics`). With `curve` (a
     history column), also writes the combined `history.csv` (method and T
     columns added) and `curves.png` (that column against step, a panel per T).
     """
@@ -445,7 +449,7 @@ def run_table(run_fn: Callable, cfg, workdir: str, methods: Sequence[str],
     for method, t in SweepProgress(cells, lambda cell: f"{cell[0]} T={cell[1]}"):
         run_cfg = dataclasses.replace(cfg, method=method, truncation=int(t))
         subdir = os.path.join(workdir, f"{method}_T{t}")
-        metrics = results.completed_metrics(subdir)
+        metrics = results.completed_metrics(subdir, dataclasses.asdict(run_cfg))
         if metrics is None:
             metrics = run_fn(run_cfg, subdir, extra_config)
         rows.append({"method": method, "T": int(t), value: metrics[value]})

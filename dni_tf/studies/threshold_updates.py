@@ -139,7 +139,8 @@ def run_sweep(config: ThresholdSweepConfig, workdir: str, data=None,
         history = train_and_evaluate(
             model, data.train_dataset(config.batch_size, seed=config.seed),
             data.test_dataset(1000), steps=config.steps, eval_every=config.eval_every,
-            workdir=subdir, label=f"T={cli.value_label(threshold)}", sweep=sweep).history
+            workdir=subdir, label=f"T={cli.value_label(threshold)}", sweep=sweep,
+            settings={**dataclasses.asdict(config), "thresholds": [threshold]}).history
         row = summarize_run(history, threshold, model.num_weights, config.target_accuracy)
         results.save_results(subdir, {**config_dict, "thresholds": [threshold]}, row,
                              study=STUDY)
