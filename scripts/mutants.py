@@ -800,8 +800,13 @@ MUTANTS: List[Mutant] = [
                               settings=dataclasses.asdict(cfg)).final""",
            """                              label=f"{cfg.task} {cfg.method} T={cfg.truncation}").final""",
            ["tests/test_recurrent_cli.py::test_copy_run_writes_results_and_resumes_with_curriculum"]),
+    Mutant("settings: the multi-network comparison reads cells back without their settings",
+           "dni_tf/studies/multi_network.py",
+           """        return results.completed_metrics(os.path.join(workdir, f"{cell[1]}_k{cell[0]}"),
+                                         dataclasses.asdict(configs[cell]))""",
+           """        return results.completed_metrics(os.path.join(workdir, f"{cell[1]}_k{cell[0]}"))""",
+           ["tests/test_multi_network.py::test_comparison_writes_the_table_counts_updates_and_reads_finished_cells_back"]),
 ]
-
 def _run_tests(tests: Sequence[str]) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",

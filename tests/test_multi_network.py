@@ -6,11 +6,14 @@ ticks written as a sum over per-tick copies of B's weights (each tick ran with
 the weights it had then).
 """
 
+import dataclasses
+
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
+from dni_tf.errors import UsageError
 from dni_tf.multi_network import MultiNetwork, episode_dataset, parity_targets, tick_counts
 
 K, BT, LR = 3, 4, 0.5
@@ -293,3 +296,8 @@ def test_comparison_writes_the_table_counts_updates_and_reads_finished_cells_bac
     assert (tmp_path / "table.md").exists()
     again = run_comparison(cfg, str(tmp_path), ["dni", "backprop"], [2])  # nothing left to train
     assert again.equals(table)
+    # A cell trained with other settings is never read back as this comparison's cell.
+    with pytest.raises(UsageError, match=r"backprop_k2 holds a run trained with other settings: "
+                                         r"--learning_rate=0\.001 \(now 0\.01\)"):
+        run_comparison(dataclasses.replace(cfg, learning_rate=0.01), str(tmp_path),
+                       ["backprop"], [2])
