@@ -488,10 +488,16 @@ def test_bfloat16_step_follows_the_float32_step(method="dni_aux", stateful=True)
 
 
 @pytest.mark.parametrize("stateful", [False, True])
-def test_fit_builds_a_model_that_was_never_built(stateful):
+@pytest.mark.parametrize("built_before_tracing", [True, False])
+def test_fit_builds_a_model_that_was_never_built(stateful, built_before_tracing, monkeypatch):
     """Keras' own build on `fit` calls the model, which builds the core and head only:
     the train step builds M and the Aux head (and the carried state) before the
-    optimizer, so they train like the rest."""
+    optimizer, so they train like the rest. `BuildsBeforeTracing` builds everything
+    before the first trace; without it (data it cannot make zeros of, another Keras)
+    the train step's own build is what keeps M in the optimizer."""
+    if not built_before_tracing:
+        monkeypatch.setattr(TruncatedBPTT, "_maybe_symbolic_build",
+                            keras.Model._maybe_symbolic_build)
     x, y, mask = _batch(seed=1)
     model = TruncatedBPTT(O, 3, method="dni_aux", hidden_size=H, stateful=stateful,
                           batch_size=B if stateful else None)
