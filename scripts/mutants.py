@@ -806,8 +806,22 @@ MUTANTS: List[Mutant] = [
                                          dataclasses.asdict(configs[cell]))""",
            """        return results.completed_metrics(os.path.join(workdir, f"{cell[1]}_k{cell[0]}"))""",
            ["tests/test_multi_network.py::test_comparison_writes_the_table_counts_updates_and_reads_finished_cells_back"]),
-]
-def _run_tests(tests: Sequence[str]) -> subprocess.CompletedProcess:
+    # -- the report's kept sections -----------------------------------------
+    Mutant("report: an earlier block kept beside the new report of its run",
+           "dni_tf/studies/report.py",
+           "for runs, lines in blocks if not runs & reported]",
+           "for runs, lines in blocks]",
+           ["tests/test_report.py::test_an_earlier_reports_sections_are_kept_for_runs_no_longer_at_hand"]),
+    Mutant("report: kept links not re-pointed to the new report's folder",
+           "dni_tf/studies/report.py",
+           "    body = [re.sub(", "    body = [(lambda pattern, relink, line: line)(",
+           ["tests/test_report.py::test_an_earlier_reports_sections_are_kept_for_runs_no_longer_at_hand"]),
+    Mutant("report: new figures copied into a folder a kept block links to",
+           "dni_tf/studies/report.py",
+           "    used = set().union(*(_figure_dirs_named(b, out_path, old_dir) for b in kept.values()))",
+           "    used = set()",
+           ["tests/test_report.py::test_an_earlier_reports_sections_are_kept_for_runs_no_longer_at_hand"]),
+]def _run_tests(tests: Sequence[str]) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",
          "-p", "no:randomly", *tests],

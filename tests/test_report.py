@@ -319,3 +319,36 @@ def test_a_real_tiny_run(tmp_path):
     assert "`steps`: 2 (published 500000)" in text
     assert "`width`: 8 (published 256)" in text
     assert "![test_error.png](dni/test_error.png)" in text
+
+
+def test_an_earlier_reports_sections_are_kept_for_runs_no_longer_at_hand(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    fake_gradient_drop("runs/gd")
+    fake_copy_table("runs/copy")
+    report.write_report(["runs/gd", "runs/copy"], "docs/REPORT.md", copy_figures=True)
+    # A later sitting: runs/ is gone; the Copy table's archived copy has new numbers,
+    # and a new gradient-dropping run has the same folder name as the old one.
+    fake_copy_table("docs/run_records/copy", solved={("bptt", 2): 4, ("dni", 2): 9})
+    fake_gradient_drop("runs/seed1/gd", seed=1, final_0_2=0.5)
+    for name in ("gd", "copy"):
+        os.rename(f"runs/{name}", f"gone_{name}")
+    for out in ("docs/REPORT.md", "elsewhere/R2.md"):
+        text = report.build_report(["docs/run_records/copy", "runs/seed1/gd"], out,
+                                   copy_figures=True, keep_from="docs/REPORT.md")
+        gd = section(text, "Gradient dropping")
+        assert "### `runs/gd`" in gd and "### `runs/seed1/gd`" in gd
+        kept = gd.split("### `runs/gd`")[1].split("###")[0]
+        assert "Kept from `docs/REPORT.md`" in kept and "87.34" in kept
+        (old_link,) = re.findall(r"!\[results_raw.png\]\(([^)]+)\)", kept)
+        target = os.path.normpath(os.path.join(os.path.dirname(out), old_link))
+        assert target == os.path.normpath("docs/REPORT_figures/gd/results_raw.png")
+        assert os.path.exists(target)
+        new = gd.split("### `runs/seed1/gd`")[1].split("###")[0]
+        (new_link,) = re.findall(r"!\[results_raw.png\]\(([^)]+)\)", new)
+        # The kept block's figure folder is not reused for the new run's figures.
+        assert os.path.normpath(os.path.join(os.path.dirname(out), new_link)) != target
+        # The Copy table reported anew replaces the earlier block of the same run.
+        copy = section(text, "Recurrent DNI: Copy")
+        assert "`runs/copy`" not in copy and "### `docs/run_records/copy`" in copy
+        assert table_row(copy, "dni")[1] == "9" and "Kept from" not in copy
+    assert report.build_report(["runs/seed1/gd"], "docs/R3.md").count("Kept from") == 0

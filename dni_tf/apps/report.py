@@ -1,7 +1,7 @@
 r"""Reproduction report: finished runs beside the published results, in one Markdown file.
 
     python -m experiments.report --runs=runs/gd_mnist,runs/mnist_fcn --out=REPORT.md \
-        [--copy_figures]
+        [--copy_figures] [--keep_from=REPORT.md]
 
 Each --runs directory is what one experiment command wrote (a sweep root with
 results.json, or a table root whose runs have results.json in subdirectories).
@@ -19,6 +19,8 @@ from dni_tf.studies import report
 flags.DEFINE_list("runs", None, "Run directories (comma-separated), each written by one "
                   "experiment command.")
 flags.DEFINE_string("out", None, "Markdown file to write (atomically).")
+flags.DEFINE_string("keep_from", None, "An earlier report (may be --out itself): its run "
+                    "sections whose runs are not among --runs are kept, marked as kept.")
 flags.DEFINE_boolean("copy_figures", False, "Copy each run's figures to <out stem>_figures/ "
                      "beside --out instead of linking them where they are.")
 FLAGS = flags.FLAGS
@@ -31,7 +33,8 @@ def main(argv):
     if not FLAGS.out:
         raise cli.UsageError("--out is required: the Markdown file to write")
     try:
-        path = report.write_report(FLAGS.runs, FLAGS.out, copy_figures=FLAGS.copy_figures)
+        path = report.write_report(FLAGS.runs, FLAGS.out, copy_figures=FLAGS.copy_figures,
+                                   keep_from=FLAGS.keep_from)
     except report.ReportError as exc:
         raise cli.UsageError(str(exc)) from None
     except OSError as exc:

@@ -575,30 +575,113 @@ def _copy_dir(out_path: str, run_dir: str, used: set) -> str:
     return os.path.join(os.path.dirname(os.path.abspath(out_path)), f"{stem}_figures", candidate)
 
 
-def build_report(run_dirs: Sequence[str], out_path: str, copy_figures: bool = False) -> str:
+# ------------------------------------------------------------ an earlier report's sections
+# Run directories do not survive a machine; a report regenerated from the runs at hand
+# keeps, with `keep_from`, the sections of an earlier report whose runs are not among them.
+_LOCATION_PREFIXES = ("docs/run_records/", "runs/")
+
+
+def _run_key(path: str) -> str:
+    """Where a run directory sits, whatever root it was reported from (runs/X and
+    docs/run_records/X, the archive's copy, are one run)."""
+    path = os.path.normpath(path).replace(os.sep, "/")
+    while path.startswith("../"):
+        path = path[3:]
+    for prefix in _LOCATION_PREFIXES:
+        if path.startswith(prefix):
+            return path[len(prefix):]
+    return path
+
+
+def earlier_blocks(text: str) -> Dict[str, List[Tuple[frozenset, List[str]]]]:
+    """Section title -> [(its runs, lines)] of each `### ` block of an earlier report
+    (a run block names one run directory, an across-seeds block several)."""
+    sections: Dict[str, List[Tuple[frozenset, List[str]]]] = {}
+    title, block = None, None
+    for line in text.splitlines():
+        if line.startswith("## "):
+            title, block = line[3:].strip(), None
+            sections.setdefault(title, [])
+        elif line.startswith("### ") and title is not None:
+            block = [line]
+            runs = frozenset(_run_key(p) for p in re.findall(r"`([^`]+)`", line))
+            sections[title].append((runs, block))
+        elif block is not None:
+            block.append(line)
+    return sections
+
+
+def _kept_block(lines: List[str], old_dir: str, out_dir: str, source: str) -> str:
+    """An earlier report's block, its relative links re-pointed from `old_dir` to `out_dir`."""
+    def relink(match):
+        target = match.group(2)
+        if re.match(r"[a-z]+:", target) or target.startswith("/"):
+            return match.group(0)
+        moved = os.path.relpath(os.path.join(old_dir, target), out_dir).replace(os.sep, "/")
+        return f"{match.group(1)}({moved})"
+
+    body = [re.sub(r"(!?\[[^\]]*\])\(([^)]+)\)", relink, line) for line in lines[1:]]
+    note = (f"Kept from `{source}`: this run directory was not among the runs of this "
+            "report (its numbers are as that report gave them).")
+    return "\n".join([lines[0], "", note, *body]).rstrip() + "\n"
+
+
+def _figure_dirs_named(blocks, out_path: str, old_dir: str) -> set:
+    """Names of `<out stem>_figures/<name>` folders the kept blocks link to (not to reuse)."""
+    stem = os.path.splitext(os.path.basename(out_path))[0] + "_figures"
+    figures = os.path.join(os.path.dirname(os.path.abspath(out_path)), stem)
+    names = set()
+    for _, lines in blocks:
+        for target in re.findall(r"\]\(([^)]+)\)", "\n".join(lines)):
+            parts = os.path.relpath(os.path.join(old_dir, target), figures).split(os.sep)
+            if len(parts) > 1 and parts[0] != os.pardir:
+                names.add(parts[0])
+    return names
+
+
+def build_report(run_dirs: Sequence[str], out_path: str, copy_figures: bool = False,
+                 keep_from: Optional[str] = None) -> str:
     """The Markdown report for `run_dirs`, with links relative to `out_path`'s directory.
 
     With `copy_figures`, each run directory's PNG figures are copied to
     `<out stem>_figures/<run dir name>/` beside `out_path` (so the report can be
     committed without the runs), and seed groups with figures over seeds (gradient
     dropping's curves) get them drawn into `<out stem>_figures/across_seeds_<first
-    run dir name>/`. Raises ReportError for a directory that
-    cannot be reported (before copying anything).
+    run dir name>/`. With `keep_from` (an earlier report's path), each of its run
+    and across-seeds blocks none of whose runs is in `run_dirs` is kept, after the
+    new ones of its study and marked as kept (a run and its copy in
+    `docs/run_records/` count as one run; its links are re-pointed, and copied
+    figures never take a folder name its links use). Raises ReportError for a
+    directory that cannot be reported (before copying anything).
     """
-    if not run_dirs:
+    if not run_dirs and not keep_from:
         raise ReportError("--runs: give at least one run directory")
     run_sets = [load_run_set(path) for path in run_dirs]
     out_dir = os.path.dirname(os.path.abspath(out_path))
-    used: set = set()
+    earlier: Dict[str, List[Tuple[frozenset, List[str]]]] = {}
+    old_dir = out_dir
+    if keep_from:
+        try:
+            with open(keep_from) as f:
+                earlier = earlier_blocks(f.read())
+        except OSError as exc:
+            raise ReportError(f"--keep_from={keep_from}: cannot read ({exc.strerror})") from None
+        old_dir = os.path.dirname(os.path.abspath(keep_from))
+    reported = {_run_key(r.path) for r in run_sets}
+    # A block goes when any of its runs is reported anew (the new numbers replace it).
+    kept = {title: [(runs, lines) for runs, lines in blocks if not runs & reported]
+            for title, blocks in earlier.items()}
+    used = set().union(*(_figure_dirs_named(b, out_path, old_dir) for b in kept.values()))
     lines = ["# Reproduction report", "",
              "Our finished runs beside the published results. Each section states the source, "
              "each run its budget, how its setup differs from the published one, its numbers, "
              "figures and configuration.", ""]
     for study in STUDY_ORDER:
         members = [r for r in run_sets if r.study == study]
-        if not members:
-            continue
         published = PUBLISHED[study]
+        carried = kept.pop(published.title, [])
+        if not members and not carried:
+            continue
         lines += [f"## {published.title}", "", f"Source: {published.source}.", "",
                   "Published claims:", ""]
         lines += [f"- {claim}" for claim in published.claims] + [""]
@@ -609,11 +692,19 @@ def build_report(run_dirs: Sequence[str], out_path: str, copy_figures: bool = Fa
             figures_to = (_copy_dir(out_path, "across_seeds_" + os.path.basename(
                 os.path.normpath(group.members[0].path)), used) if copy_figures else None)
             lines.append(render_seed_group(group, out_dir, figures_to))
+        lines += [_kept_block(block, old_dir, out_dir, keep_from) for _, block in carried]
+    for title, carried in kept.items():  # a section this version no longer writes
+        if carried:
+            lines += [f"## {title}", ""]
+            lines += [_kept_block(block, old_dir, out_dir, keep_from) for _, block in carried]
     return "\n".join(lines).rstrip() + "\n"
 
 
-def write_report(run_dirs: Sequence[str], out_path: str, copy_figures: bool = False) -> str:
-    """Builds the report and writes it atomically to `out_path`; returns the path."""
-    text = build_report(run_dirs, out_path, copy_figures)
+def write_report(run_dirs: Sequence[str], out_path: str, copy_figures: bool = False,
+                 keep_from: Optional[str] = None) -> str:
+    """Builds the report and writes it atomically to `out_path`; returns the path.
+
+    `out_path` may be `keep_from` itself: the earlier report is read first."""
+    text = build_report(run_dirs, out_path, copy_figures, keep_from)
     results.atomic_write_text(out_path, text)
     return out_path
