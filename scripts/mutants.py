@@ -821,7 +821,10 @@ MUTANTS: List[Mutant] = [
            "    used = set().union(*(_figure_dirs_named(b, out_path, old_dir) for b in kept.values()))",
            "    used = set()",
            ["tests/test_report.py::test_an_earlier_reports_sections_are_kept_for_runs_no_longer_at_hand"]),
-]def _run_tests(tests: Sequence[str]) -> subprocess.CompletedProcess:
+]
+
+
+def _run_tests(tests: Sequence[str]) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",
          "-p", "no:randomly", *tests],
