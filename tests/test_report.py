@@ -338,7 +338,7 @@ def test_an_earlier_reports_sections_are_kept_for_runs_no_longer_at_hand(tmp_pat
         gd = section(text, "Gradient dropping")
         assert "### `runs/gd`" in gd and "### `runs/seed1/gd`" in gd
         kept = gd.split("### `runs/gd`")[1].split("###")[0]
-        assert "Kept from `docs/REPORT.md`" in kept and "87.34" in kept
+        assert "Kept from the earlier `docs/REPORT.md`" in kept and "87.34" in kept
         (old_link,) = re.findall(r"!\[results_raw.png\]\(([^)]+)\)", kept)
         target = os.path.normpath(os.path.join(os.path.dirname(out), old_link))
         assert target == os.path.normpath("docs/REPORT_figures/gd/results_raw.png")
@@ -352,3 +352,9 @@ def test_an_earlier_reports_sections_are_kept_for_runs_no_longer_at_hand(tmp_pat
         assert "`runs/copy`" not in copy and "### `docs/run_records/copy`" in copy
         assert table_row(copy, "dni")[1] == "9" and "Kept from" not in copy
     assert report.build_report(["runs/seed1/gd"], "docs/R3.md").count("Kept from") == 0
+    # Regenerated again from the same runs: the kept blocks keep one note each.
+    report.write_report(["docs/run_records/copy", "runs/seed1/gd"], "docs/REPORT.md",
+                        keep_from="docs/REPORT.md")
+    again = report.build_report(["docs/run_records/copy", "runs/seed1/gd"], "docs/REPORT.md",
+                                keep_from="docs/REPORT.md")
+    assert again.count("Kept from") == 1 and "### `runs/gd`" in again

@@ -611,6 +611,9 @@ def earlier_blocks(text: str) -> Dict[str, List[Tuple[frozenset, List[str]]]]:
     return sections
 
 
+_KEPT_NOTE = "Kept from the earlier"
+
+
 def _kept_block(lines: List[str], old_dir: str, out_dir: str, source: str) -> str:
     """An earlier report's block, its relative links re-pointed from `old_dir` to `out_dir`."""
     def relink(match):
@@ -620,10 +623,13 @@ def _kept_block(lines: List[str], old_dir: str, out_dir: str, source: str) -> st
         moved = os.path.relpath(os.path.join(old_dir, target), out_dir).replace(os.sep, "/")
         return f"{match.group(1)}({moved})"
 
-    body = [re.sub(r"(!?\[[^\]]*\])\(([^)]+)\)", relink, line) for line in lines[1:]]
-    note = (f"Kept from `{source}`: this run directory was not among the runs of this "
-            "report (its numbers are as that report gave them).")
-    return "\n".join([lines[0], "", note, *body]).rstrip() + "\n"
+    body = [re.sub(r"(!?\[[^\]]*\])\(([^)]+)\)", relink, line) for line in lines[1:]
+            if not line.startswith(_KEPT_NOTE)]  # kept again: one note
+    while body and not body[0].strip():
+        body.pop(0)
+    note = (f"{_KEPT_NOTE} `{source}`: its runs were not among this report's, so its "
+            "numbers are as that report gave them.")
+    return "\n".join([lines[0], "", note, "", *body]).rstrip() + "\n"
 
 
 def _figure_dirs_named(blocks, out_path: str, old_dir: str) -> set:
