@@ -25,8 +25,13 @@ RESULTS_FILE = "results.json"
 HISTORY_FILE = "history.csv"
 SETTINGS_FILE = "settings.json"
 # Settings a rerun may change and still resume the run: the budget (longer, or shorter
-# while not yet reached), the evaluation period, and where the data lives.
-RESUMABLE_CHANGES = ("steps", "eval_every", "digits", "eval_digits", "data_dir")
+# while not yet reached), how and how often it is evaluated, and where and how fast it
+# runs (data location, devices, XLA, steps per call, cluster timings). Everything else
+# (the algorithm, model, optimizer, data, seed, precision) must match.
+RESUMABLE_CHANGES = ("steps", "digits", "eval_every", "eval_digits", "eval_batches",
+                     "eval_batch_size", "diagnostics", "data_dir", "devices", "jit_compile",
+                     "steps_per_execution", "cluster_checkpoint_every", "cluster_probe_seconds",
+                     "cluster_wait_seconds", "cluster_restarts")
 TEMPORARY_PREFIX = ".tmp-"  # atomic_write_text's temporary files
 
 
@@ -155,8 +160,9 @@ def _mismatch(workdir: str, saved: Mapping[str, Any], settings: Mapping[str, Any
     listed = ", ".join(f"--{k}={_jsonable(saved[k])!r} (now {_jsonable(settings[k])!r})"
                        for k in changed)
     return UsageError(f"{workdir} holds a run trained with other settings: {listed}; rerun "
-                      f"with its settings to resume it (only --{', --'.join(RESUMABLE_CHANGES)} may "
-                      "change), or use another --workdir")
+                      "with its settings to resume it (only the budget, evaluation and placement "
+                      "flags may change, e.g. --steps, --eval_every, --jit_compile), or use "
+                      "another --workdir")
 
 
 def claim_run_directory(workdir: str, settings: Mapping[str, Any]) -> None:
