@@ -821,6 +821,11 @@ MUTANTS: List[Mutant] = [
            "    used = set().union(*(_figure_dirs_named(b, out_path, old_dir) for b in kept.values()))",
            "    used = set()",
            ["tests/test_report.py::test_an_earlier_reports_sections_are_kept_for_runs_no_longer_at_hand"]),
+    Mutant("settings: how a run executes (XLA) may not change on resume",
+           "dni_tf/harness/results.py",
+           '"eval_batch_size", "diagnostics", "data_dir", "devices", "jit_compile",',
+           '"eval_batch_size", "diagnostics", "data_dir", "devices",',
+           ["tests/test_training.py::test_a_run_from_before_settings_json_is_checked_against_its_results"]),
 ]
 
 
