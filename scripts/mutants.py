@@ -777,7 +777,7 @@ MUTANTS: List[Mutant] = [
     # -- a run directory's settings ----------------------------------------
     Mutant("settings: a run resumed under other settings",
            "dni_tf/harness/results.py",
-           "        if changed:\n            raise _mismatch(workdir, saved, settings, changed)\n",
+           "        if refused:\n            raise _mismatch(workdir, saved, settings, refused, finished=not trains_on)\n",
            "",
            ["tests/test_training.py::test_a_resume_under_other_settings_is_refused_and_a_longer_budget_extends_the_run"]),
     Mutant("settings: a finished run read back under any settings",
@@ -823,8 +823,17 @@ MUTANTS: List[Mutant] = [
            ["tests/test_report.py::test_an_earlier_reports_sections_are_kept_for_runs_no_longer_at_hand"]),
     Mutant("settings: how a run executes (XLA) may not change on resume",
            "dni_tf/harness/results.py",
-           '"eval_batch_size", "diagnostics", "data_dir", "devices", "jit_compile",',
-           '"eval_batch_size", "diagnostics", "data_dir", "devices",',
+           'PLACEMENT_SETTINGS = ("data_dir", "devices", "jit_compile", "steps_per_execution",',
+           'PLACEMENT_SETTINGS = ("data_dir", "devices", "steps_per_execution",',
+           ["tests/test_training.py::test_a_run_from_before_settings_json_is_checked_against_its_results"]),
+    Mutant("settings: a finished run re-recorded under new evaluation flags",
+           "dni_tf/harness/results.py",
+           "    if trains_on:\n        allowed |=", "    if True:\n        allowed |=",
+           ["tests/test_training.py::test_a_resume_under_other_settings_is_refused_and_a_longer_budget_extends_the_run",
+            "tests/test_training.py::test_a_finished_run_is_read_back_only_under_its_own_settings"]),
+    Mutant("settings: the budget changes under a schedule in fractions of it",
+           "dni_tf/harness/results.py",
+           '        if settings.get("lr_boundaries"):', "        if False:",
            ["tests/test_training.py::test_a_run_from_before_settings_json_is_checked_against_its_results"]),
 ]
 

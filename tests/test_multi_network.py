@@ -297,7 +297,7 @@ def test_comparison_writes_the_table_counts_updates_and_reads_finished_cells_bac
     again = run_comparison(cfg, str(tmp_path), ["dni", "backprop"], [2])  # nothing left to train
     assert again.equals(table)
     # A cell trained with other settings is never read back as this comparison's cell.
-    with pytest.raises(UsageError, match=r"backprop_k2 holds a run trained with other settings: "
+    with pytest.raises(UsageError, match=r"backprop_k2 holds a finished run made with other settings: "
                                          r"--learning_rate=0\.001 \(now 0\.01\)"):
         run_comparison(dataclasses.replace(cfg, learning_rate=0.01), str(tmp_path),
                        ["backprop"], [2])

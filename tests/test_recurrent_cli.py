@@ -154,7 +154,7 @@ def test_a_table_trains_a_finished_cell_on_to_a_longer_budget_and_refuses_other_
     # dni_T3 trained with another learning rate: the table must not read it back as its cell.
     results.save_results(str(tmp_path / "dni_T3"), dataclasses.asdict(
         dataclasses.replace(cfg, method="dni", truncation=3, learning_rate=0.1)), {})
-    with pytest.raises(UsageError, match=r"dni_T3 holds a run trained with other settings: "
+    with pytest.raises(UsageError, match=r"dni_T3 holds a finished run made with other settings: "
                                          r"--learning_rate=0\.1 \(now 0\.003\)"):
         study.run_table(fake_run, cfg, str(tmp_path), ["bptt", "dni"], [3], "max_length_solved")
     calls.clear()

@@ -385,9 +385,10 @@ def _run_with(workdir, steps, **settings):
 
 
 def test_a_resume_under_other_settings_is_refused_and_a_longer_budget_extends_the_run(tmp_path):
-    _run_with(tmp_path, 8, learning_rate=0.01, method="dni")
+    _run_with(tmp_path, 8, learning_rate=0.01, method="dni", eval_batches=10)
     recorded = json.loads((tmp_path / results.SETTINGS_FILE).read_text())
-    assert recorded == {"steps": 8, "eval_every": 4, "learning_rate": 0.01, "method": "dni"}
+    assert recorded == {"steps": 8, "eval_every": 4, "learning_rate": 0.01, "method": "dni",
+                        "eval_batches": 10}
     before = {name: (tmp_path / name).read_bytes() for name in ("history.csv", "settings.json")}
     checkpoints = _checkpoint_names(tmp_path)
     with pytest.raises(UsageError, match=r"--learning_rate=0\.01 \(now 0\.1\)") as caught:
@@ -395,12 +396,17 @@ def test_a_resume_under_other_settings_is_refused_and_a_longer_budget_extends_th
     assert "method" not in str(caught.value)  # only what changed is named
     with pytest.raises(UsageError, match=r"trained for 8 steps, more than --steps=4"):
         _run_with(tmp_path, 4, learning_rate=0.01, method="dni")
+    # A finished run evaluates nothing more: its numbers stand under its own evaluation.
+    with pytest.raises(UsageError, match=r"finished run made with other settings: "
+                                         r"--eval_batches=10 \(now 50\)"):
+        _run_with(tmp_path, 8, learning_rate=0.01, method="dni", eval_batches=50)
     # Refused before anything was written or trained.
     assert {name: (tmp_path / name).read_bytes() for name in before} == before
     assert _checkpoint_names(tmp_path) == checkpoints
     # A longer budget resumes the run (its settings record the new budget) and
     # continues it exactly as an uninterrupted run of that length.
-    extended = _run_with(tmp_path, 12, learning_rate=0.01, method="dni")
+    # (its evaluation may change with it: the evaluations to come use the new one).
+    extended = _run_with(tmp_path, 12, learning_rate=0.01, method="dni", eval_batches=50)
     assert json.loads((tmp_path / results.SETTINGS_FILE).read_text())["steps"] == 12
     assert results.load_history(str(tmp_path))["step"].tolist() == [4, 8, 12]
     assert extended == _run_with(tmp_path / "uninterrupted", 12, learning_rate=0.01, method="dni")
@@ -423,6 +429,11 @@ def test_a_run_from_before_settings_json_is_checked_against_its_results(tmp_path
         results.claim_run_directory(str(tmp_path), {"learning_rate": 0.01, "steps": 9,
                                                     "new": 2, "jit_compile": True})
     assert "jit_compile=" not in str(caught.value)
+    # Under a schedule in fractions of the budget, the budget may not change.
+    results.claim_run_directory(str(tmp_path / "schedule"), {"steps": 8, "lr_boundaries": [0.5]})
+    with pytest.raises(UsageError, match=r"--steps=8 \(now 16\)"):
+        results.claim_run_directory(str(tmp_path / "schedule"),
+                                    {"steps": 16, "lr_boundaries": [0.5]})
 
 
 def test_a_finished_run_is_read_back_only_under_its_own_settings(tmp_path):
@@ -434,3 +445,13 @@ def test_a_finished_run_is_read_back_only_under_its_own_settings(tmp_path):
     assert results.completed_metrics(workdir, {"learning_rate": 0.01, "steps": 16}) is None
     with pytest.raises(UsageError, match=r"--learning_rate=0\.01 \(now 0\.1\)"):
         results.completed_metrics(workdir, {"learning_rate": 0.1, "steps": 8})
+    # Placement never matters; evaluation only for a run that trains on.
+    assert results.completed_metrics(
+        workdir, {"learning_rate": 0.01, "steps": 8, "jit_compile": True}) == {"accuracy": 0.5}
+    results.save_results(workdir, {"learning_rate": 0.01, "steps": 8, "eval_every": 4},
+                         {"accuracy": 0.5})
+    with pytest.raises(UsageError, match=r"finished run made with other settings: "
+                                         r"--eval_every=4 \(now 2\)"):
+        results.completed_metrics(workdir, {"learning_rate": 0.01, "steps": 8, "eval_every": 2})
+    assert results.completed_metrics(
+        workdir, {"learning_rate": 0.01, "steps": 16, "eval_every": 2}) is None

@@ -24,14 +24,19 @@ from dni_tf.errors import UsageError
 RESULTS_FILE = "results.json"
 HISTORY_FILE = "history.csv"
 SETTINGS_FILE = "settings.json"
-# Settings a rerun may change and still resume the run: the budget (longer, or shorter
-# while not yet reached), how and how often it is evaluated, and where and how fast it
-# runs (data location, devices, XLA, steps per call, cluster timings). Everything else
-# (the algorithm, model, optimizer, data, seed, precision) must match.
-RESUMABLE_CHANGES = ("steps", "digits", "eval_every", "eval_digits", "eval_batches",
-                     "eval_batch_size", "diagnostics", "data_dir", "devices", "jit_compile",
-                     "steps_per_execution", "cluster_checkpoint_every", "cluster_probe_seconds",
-                     "cluster_wait_seconds", "cluster_restarts")
+# Settings a rerun may change in a run directory that holds a run (see
+# `claim_run_directory`); everything else (the algorithm, model, optimizer, data, seed,
+# precision, schedule) must match.
+# - Where and how fast it runs, and what is derived from its history afterwards:
+#   always (they change no number the run records).
+PLACEMENT_SETTINGS = ("data_dir", "devices", "jit_compile", "steps_per_execution",
+                      "cluster_checkpoint_every", "cluster_probe_seconds",
+                      "cluster_wait_seconds", "cluster_restarts", "target_accuracy")
+# - The budget and how the training still to come is evaluated and logged: only when
+#   the rerun trains on (a finished run's numbers were made under the old ones).
+BUDGET_SETTINGS = ("steps", "digits")
+EVALUATION_SETTINGS = ("eval_every", "eval_digits", "eval_batches", "eval_batch_size",
+                       "eval_length", "diagnostics", "statistics_every")
 TEMPORARY_PREFIX = ".tmp-"  # atomic_write_text's temporary files
 
 
@@ -156,32 +161,50 @@ def changed_settings(saved: Mapping[str, Any], settings: Mapping[str, Any]) -> L
 
 
 def _mismatch(workdir: str, saved: Mapping[str, Any], settings: Mapping[str, Any],
-              changed: List[str]) -> UsageError:
+              changed: List[str], finished: bool) -> UsageError:
     listed = ", ".join(f"--{k}={_jsonable(saved[k])!r} (now {_jsonable(settings[k])!r})"
                        for k in changed)
+    if finished:
+        return UsageError(f"{workdir} holds a finished run made with other settings: {listed}; "
+                          "its results stand as they are: rerun with its settings (and a larger "
+                          "--steps to train it on), or use another --workdir")
     return UsageError(f"{workdir} holds a run trained with other settings: {listed}; rerun "
                       "with its settings to resume it (only the budget, evaluation and placement "
                       "flags may change, e.g. --steps, --eval_every, --jit_compile), or use "
                       "another --workdir")
 
 
-def claim_run_directory(workdir: str, settings: Mapping[str, Any]) -> None:
+def _refused(saved: Mapping[str, Any], settings: Mapping[str, Any], trains_on: bool) -> List[str]:
+    """The changed settings a rerun may not make (see PLACEMENT_SETTINGS and the rest)."""
+    allowed = set(PLACEMENT_SETTINGS)
+    if trains_on:
+        allowed |= set(EVALUATION_SETTINGS) | set(BUDGET_SETTINGS)
+        if settings.get("lr_boundaries"):
+            allowed -= set(BUDGET_SETTINGS)  # the schedule's steps are fractions of the budget
+    return [k for k in changed_settings(saved, settings) if k not in allowed]
+
+
+def claim_run_directory(workdir: str, settings: Mapping[str, Any], trains_on: bool = True) -> None:
     """Records in `workdir` the settings its run trains with, and refuses to resume
     a run there under other ones.
 
     `settings`: the study's configuration of this one run (field -> value, the
-    flag names). A directory that holds a run (settings.json, or results.json
-    from before it) whose settings differ in anything but `RESUMABLE_CHANGES`
-    raises UsageError naming each changed setting, before anything is written:
-    resuming would mix two configurations in one set of weights and record only
-    the second. Settings known to only one side (a field added later) are not
-    compared.
+    flag names); `trains_on`: whether the rerun has steps left to train. A
+    directory that holds a run (settings.json, or results.json from before it)
+    whose settings differ raises UsageError naming each changed setting, before
+    training and before any record is written: resuming would mix two
+    configurations in one set of weights and record only the second. Allowed:
+    `PLACEMENT_SETTINGS` always; the budget and `EVALUATION_SETTINGS` only when
+    the rerun trains on (a finished run's numbers were made under the old ones),
+    and the budget not under a learning-rate schedule given in fractions of it
+    (`lr_boundaries`). Settings known to only one side (a field added later) are
+    not compared.
     """
     saved = saved_settings(workdir)
     if saved is not None:
-        changed = [k for k in changed_settings(saved, settings) if k not in RESUMABLE_CHANGES]
-        if changed:
-            raise _mismatch(workdir, saved, settings, changed)
+        refused = _refused(saved, settings, trains_on)
+        if refused:
+            raise _mismatch(workdir, saved, settings, refused, finished=not trains_on)
     write_json(os.path.join(workdir, SETTINGS_FILE), settings)
 
 
@@ -189,22 +212,24 @@ def completed_metrics(workdir: str, settings: Optional[Mapping[str, Any]] = None
     """The metrics of a finished run in `workdir` (results.json, status completed), else None.
 
     With `settings` (the run's configuration as `claim_run_directory` takes it), a
-    finished run is only read back when it was trained with them; one that differs
-    only in `RESUMABLE_CHANGES` (e.g. `steps`) is not finished for them (None:
+    finished run is read back only when it was made with them (placement
+    settings aside); one asked for a larger budget is not finished for them (None:
     training it again resumes it to the new budget), and any other difference
-    raises UsageError.
+    raises UsageError, as `claim_run_directory` would.
     """
     done = load_results(workdir)
     if not done or done.get("status") != "completed":
         return None
     if settings is not None:
         saved = saved_settings(workdir)
-        changed = changed_settings(saved, settings) if saved is not None else []
-        if any(k not in RESUMABLE_CHANGES for k in changed):
-            raise _mismatch(workdir, saved, settings,
-                            [k for k in changed if k not in RESUMABLE_CHANGES])
-        if changed:
-            return None
+        if saved is not None:
+            grows = any(isinstance(saved.get(k), int) and isinstance(settings.get(k), int)
+                        and settings[k] > saved[k] for k in BUDGET_SETTINGS)
+            refused = _refused(saved, settings, trains_on=grows)
+            if refused:
+                raise _mismatch(workdir, saved, settings, refused, finished=not grows)
+            if grows:
+                return None
     return done["metrics"]
 
 

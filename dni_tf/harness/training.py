@@ -79,9 +79,9 @@ def train_and_evaluate(model: keras.Model, train_data, eval_data, *, steps: int,
         `guard`), e.g. `LostWorkerHandler.retry_after_rejoin`.
       settings: the run's configuration (field -> value). Recorded in
         `workdir/settings.json`; a rerun that would resume the run under other
-        settings (anything but `steps` and `eval_every`), or with fewer `steps`
-        than it has trained, raises UsageError before training
-        (`results.claim_run_directory`).
+        settings (beyond the budget, evaluation and placement settings that
+        `results.claim_run_directory` allows), or with fewer `steps` than it has
+        trained, raises UsageError before training.
 
     Returns:
       A `TrainingOutcome`: the run's whole history (also in history.csv) and
@@ -105,7 +105,7 @@ def train_and_evaluate(model: keras.Model, train_data, eval_data, *, steps: int,
             raise UsageError(f"{workdir} holds a run trained for {done_step} steps, more than "
                              f"--steps={steps}: rerun with --steps >= {done_step} to resume it, "
                              "or use another --workdir")
-        results.claim_run_directory(workdir, settings)
+        results.claim_run_directory(workdir, settings, trains_on=done_step < steps)
     schedule = EvaluationSchedule(eval_every, steps, first_epoch=done_epochs, first_step=done_step)
     multi_worker = isinstance(tf.distribute.get_strategy(),
                               tf.distribute.MultiWorkerMirroredStrategy)
