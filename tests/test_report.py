@@ -326,6 +326,9 @@ def test_an_earlier_reports_sections_are_kept_for_runs_no_longer_at_hand(tmp_pat
     fake_gradient_drop("runs/gd")
     fake_copy_table("runs/copy")
     report.write_report(["runs/gd", "runs/copy"], "docs/REPORT.md", copy_figures=True)
+    with open("docs/REPORT.md", "a") as f:  # links that are not relative paths stay as they are
+        f.write("\n### `runs/other`\n\nSee [the paper](https://arxiv.org/abs/1608.05343), "
+                "[the table](#table) and [HTTPS](HTTPS://example.org/a).\n")
     # A later sitting: runs/ is gone; the Copy table's archived copy has new numbers,
     # and a new gradient-dropping run has the same folder name as the old one.
     fake_copy_table("docs/run_records/copy", solved={("bptt", 2): 4, ("dni", 2): 9})
@@ -338,7 +341,7 @@ def test_an_earlier_reports_sections_are_kept_for_runs_no_longer_at_hand(tmp_pat
         gd = section(text, "Gradient dropping")
         assert "### `runs/gd`" in gd and "### `runs/seed1/gd`" in gd
         kept = gd.split("### `runs/gd`")[1].split("###")[0]
-        assert "Kept from the earlier `docs/REPORT.md`" in kept and "87.34" in kept
+        assert "Kept from the earlier `REPORT.md`" in kept and "87.34" in kept
         (old_link,) = re.findall(r"!\[results_raw.png\]\(([^)]+)\)", kept)
         target = os.path.normpath(os.path.join(os.path.dirname(out), old_link))
         assert target == os.path.normpath("docs/REPORT_figures/gd/results_raw.png")
@@ -350,11 +353,13 @@ def test_an_earlier_reports_sections_are_kept_for_runs_no_longer_at_hand(tmp_pat
         # The Copy table reported anew replaces the earlier block of the same run.
         copy = section(text, "Recurrent DNI: Copy")
         assert "`runs/copy`" not in copy and "### `docs/run_records/copy`" in copy
-        assert table_row(copy, "dni")[1] == "9" and "Kept from" not in copy
+        assert table_row(copy, "dni")[1] == "9" and copy.count("Kept from") == 1  # runs/other
+        assert ("[the paper](https://arxiv.org/abs/1608.05343), [the table](#table) and "
+                "[HTTPS](HTTPS://example.org/a)") in text
     assert report.build_report(["runs/seed1/gd"], "docs/R3.md").count("Kept from") == 0
     # Regenerated again from the same runs: the kept blocks keep one note each.
     report.write_report(["docs/run_records/copy", "runs/seed1/gd"], "docs/REPORT.md",
                         keep_from="docs/REPORT.md")
     again = report.build_report(["docs/run_records/copy", "runs/seed1/gd"], "docs/REPORT.md",
                                 keep_from="docs/REPORT.md")
-    assert again.count("Kept from") == 1 and "### `runs/gd`" in again
+    assert again.count("Kept from") == 2 and "### `runs/gd`" in again

@@ -28,12 +28,12 @@ FLAGS = flags.FLAGS
 
 def main(argv):
     del argv
-    if not FLAGS.runs:
+    if not FLAGS.runs and not FLAGS.keep_from:
         raise cli.UsageError("--runs is required: give one or more run directories")
     if not FLAGS.out:
         raise cli.UsageError("--out is required: the Markdown file to write")
     try:
-        path = report.write_report(FLAGS.runs, FLAGS.out, copy_figures=FLAGS.copy_figures,
+        path = report.write_report(FLAGS.runs or [], FLAGS.out, copy_figures=FLAGS.copy_figures,
                                    keep_from=FLAGS.keep_from)
     except report.ReportError as exc:
         raise cli.UsageError(str(exc)) from None

@@ -618,8 +618,8 @@ def _kept_block(lines: List[str], old_dir: str, out_dir: str, source: str) -> st
     """An earlier report's block, its relative links re-pointed from `old_dir` to `out_dir`."""
     def relink(match):
         target = match.group(2)
-        if re.match(r"[a-z]+:", target) or target.startswith("/"):
-            return match.group(0)
+        if re.match(r"[a-z][a-z0-9+.-]*:", target, re.I) or target.startswith(("/", "#")):
+            return match.group(0)  # a URL, an absolute path or an anchor: not relative
         moved = os.path.relpath(os.path.join(old_dir, target), out_dir).replace(os.sep, "/")
         return f"{match.group(1)}({moved})"
 
@@ -627,7 +627,7 @@ def _kept_block(lines: List[str], old_dir: str, out_dir: str, source: str) -> st
             if not line.startswith(_KEPT_NOTE)]  # kept again: one note
     while body and not body[0].strip():
         body.pop(0)
-    note = (f"{_KEPT_NOTE} `{source}`: its runs were not among this report's, so its "
+    note = (f"{_KEPT_NOTE} `{os.path.basename(source)}`: its runs were not among this report's, so its "
             "numbers are as that report gave them.")
     return "\n".join([lines[0], "", note, "", *body]).rstrip() + "\n"
 
