@@ -564,15 +564,20 @@ def render_run_set(runs: RunSet, out_dir: str, copy_to: Optional[str]) -> str:
     return "\n".join(lines)
 
 
+def _figures_root(out_path: str) -> str:
+    """`<out stem>_figures/` beside `out_path`: where copied figures go."""
+    stem = os.path.splitext(os.path.basename(out_path))[0]
+    return os.path.join(os.path.dirname(os.path.abspath(out_path)), f"{stem}_figures")
+
+
 def _copy_dir(out_path: str, run_dir: str, used: set) -> str:
     """`<out stem>_figures/<run_dir's name>` beside `out_path`, unique among `used`."""
-    stem = os.path.splitext(os.path.basename(out_path))[0]
     name = re.sub(r"[^A-Za-z0-9_.-]+", "_", os.path.basename(os.path.normpath(run_dir)))
     candidate, index = name, 2
     while candidate in used:
         candidate, index = f"{name}_{index}", index + 1
     used.add(candidate)
-    return os.path.join(os.path.dirname(os.path.abspath(out_path)), f"{stem}_figures", candidate)
+    return os.path.join(_figures_root(out_path), candidate)
 
 
 # ------------------------------------------------------------ an earlier report's sections
@@ -634,8 +639,7 @@ def _kept_block(lines: List[str], old_dir: str, out_dir: str, source: str) -> st
 
 def _figure_dirs_named(blocks, out_path: str, old_dir: str) -> set:
     """Names of `<out stem>_figures/<name>` folders the kept blocks link to (not to reuse)."""
-    stem = os.path.splitext(os.path.basename(out_path))[0] + "_figures"
-    figures = os.path.join(os.path.dirname(os.path.abspath(out_path)), stem)
+    figures = _figures_root(out_path)
     names = set()
     for _, lines in blocks:
         for target in re.findall(r"\]\(([^)]+)\)", "\n".join(lines)):
