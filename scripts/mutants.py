@@ -835,6 +835,11 @@ MUTANTS: List[Mutant] = [
            "dni_tf/harness/results.py",
            '        if settings.get("lr_boundaries"):', "        if False:",
            ["tests/test_training.py::test_a_run_from_before_settings_json_is_checked_against_its_results"]),
+    Mutant("recurrent diagnostics: measured from a zero state in the stream",
+           "dni_tf/studies/recurrent_dni.py",
+           "        state = model.train_state.value if model.stateful else None",
+           "        state = None",
+           ["tests/test_recurrent_cli.py::test_diagnostics_measure_m_on_the_carried_stream_state"]),
 ]
 
 

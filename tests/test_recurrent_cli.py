@@ -49,6 +49,41 @@ def test_repeat_copy_diagnostics_run_logs_per_window_quality(tmp_path):
     assert glob.glob(str(tmp_path / "sg_quality" / "events.out.tfevents.*"))
 
 
+def test_diagnostics_measure_m_on_the_carried_stream_state(tmp_path):
+    """In the stream M is trained on carried states, so the diagnostic starts its batch
+    from the training state, not from zero (which would be off M's distribution)."""
+    import numpy as np
+    import tensorflow as tf
+    from dni_tf.data import sequence_tasks
+    cfg = study.CopyTaskConfig(method="dni", truncation=2, hidden_size=4, batch_size=3,
+                               num_bits=2, diagnostics=True)
+    model, curriculum = study.build_copy_model(cfg)
+    curriculum.length.assign(2)  # 5 steps: three windows, two window ends compared
+    x, y, mask = sequence_tasks.copy_batch(tf.constant([cfg.seed + 2_000_003, 0], tf.int64),
+                                           cfg.batch_size, 2, cfg.num_bits)
+    model(x)
+    rng = np.random.default_rng(0)
+    for v in model.synthetic_gradient.weights:
+        v.assign(rng.normal(size=v.shape).astype("float32"))
+    carried = rng.normal(size=model.train_state.shape).astype("float32")
+    model.train_state.assign(carried)
+    row = study.SyntheticGradientDiagnostics(cfg, curriculum, str(tmp_path))(model)
+    expected = model.synthetic_gradient_quality(x, y, mask, state=carried)
+    from_zero = model.synthetic_gradient_quality(x, y, mask)
+    assert row["sg_cosine_mean"] == pytest.approx(float(np.mean(expected["cosine"])), abs=1e-6)
+    assert row["sg_cosine_mean"] != pytest.approx(float(np.mean(from_zero["cosine"])), abs=1e-3)
+    reset, reset_curriculum = study.build_copy_model(dataclasses.replace(cfg, episodes="reset"))
+    reset_curriculum.length.assign(2)
+    reset(x)
+    for v, w in zip(reset.synthetic_gradient.weights, model.synthetic_gradient.weights):
+        v.assign(w)
+    for v, w in zip(reset.core.weights + reset.head.weights,
+                    model.core.weights + model.head.weights):
+        v.assign(w)
+    row = study.SyntheticGradientDiagnostics(cfg, reset_curriculum, str(tmp_path / "r"))(reset)
+    assert row["sg_cosine_mean"] == pytest.approx(float(np.mean(from_zero["cosine"])), abs=1e-6)
+
+
 def test_multi_network_config_validation():
     from dni_tf.studies.multi_network import MultiNetworkConfig
     with pytest.raises(ValueError, match="method"):

@@ -223,7 +223,9 @@ class SyntheticGradientDiagnostics:
     """`--diagnostics`: synthetic gradient vs the true future gradient, per window.
 
     At every evaluation, one fixed-seed batch at the curriculum's current level
-    is run from a zero state; for every window end, the cosine and the norm
+    is run from the state training has carried to that point (the stream's
+    states, which are what M is trained on; a zero state with
+    `--episodes=reset`); for every window end, the cosine and the norm
     ratio ||M(s)|| / ||true|| between M's prediction and the gradient of the
     later windows' losses from full BPTT over the same sequence
     (`TruncatedBPTT.synthetic_gradient_quality`) go to TensorBoard
@@ -248,7 +250,10 @@ class SyntheticGradientDiagnostics:
             x, y, mask = sequence_tasks.repeat_copy_batch(
                 seed, cfg.batch_size, length, int(self.curriculum.repeats.value), cfg.num_bits,
                 cfg.max_repeats)
-        quality = model.synthetic_gradient_quality(x, y, mask)
+        # In the stream M only ever sees carried states: measuring it from a zero
+        # state would judge it off the distribution it learns on.
+        state = model.train_state.value if model.stateful else None
+        quality = model.synthetic_gradient_quality(x, y, mask, state=state)
         cosine, ratio = quality["cosine"].numpy(), quality["norm_ratio"].numpy()
         done = len(results.load_history(self.workdir)) if os.path.exists(
             os.path.join(self.workdir, results.HISTORY_FILE)) else 0
