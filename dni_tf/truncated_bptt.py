@@ -600,7 +600,10 @@ class TruncatedBPTT(BuildsBeforeTracing, keras.Model):
         are unknown, so the last window end is left out.
 
         Returns `cosine` [K-1] (cosine of the two flattened [B * 2H] arrays)
-        and `norm_ratio` [K-1] (||M|| / ||true||), float32.
+        and `norm_ratio` [K-1] (||M|| / ||true||), float32; and the arrays they
+        come from, for fitting other predictors to the same targets:
+        `states`, `true`, `predicted` [K-1, B, 2H] (window-end states, the
+        true future gradients there, M's predictions) and `final_state` [B, 2H].
         """
         if self.synthetic_gradient is None:
             raise ValueError("synthetic_gradient_quality needs method 'dni' or 'dni_aux'")
@@ -616,17 +619,19 @@ class TruncatedBPTT(BuildsBeforeTracing, keras.Model):
         with tf.GradientTape() as tape:
             tape.watch(probes)
 
-            def body(k, s, total, sgs):
+            def body(k, s, total, sgs, ends):
                 out, new_s = self._run_core(_window(features, k, t), s,
                                             self._valid(k, t, n, batch))
                 nats = self._step_losses(self.head(out), _window(y, k, t)) * _window(mask_p, k, t)
                 total += tf.reduce_sum(nats) / tf.cast(batch * t, tf.float32)
                 new_s = new_s + tf.gather(probes, k)
-                return k + 1, new_s, total, sgs.write(k, self._predict_sg(new_s))
+                return (k + 1, new_s, total, sgs.write(k, self._predict_sg(new_s)),
+                        ends.write(k, new_s))
 
-            _, _, total, sgs = tf.while_loop(
+            _, final_state, total, sgs, ends = tf.while_loop(
                 lambda k, *_: k < num_windows, body,
                 (tf.constant(0), tf.convert_to_tensor(state, tf.float32), tf.constant(0.0),
+                 tf.TensorArray(tf.float32, size=num_windows),
                  tf.TensorArray(tf.float32, size=num_windows)))
         # [K-1, B, 2H], per-example units.
         # One window: no later loss, nothing to compare (empty results, not an error).
@@ -641,7 +646,9 @@ class TruncatedBPTT(BuildsBeforeTracing, keras.Model):
         tiny = 1e-12
         return {"cosine": tf.reduce_sum(flat_true * flat_pred, -1)
                 / tf.maximum(norm_true * norm_pred, tiny),
-                "norm_ratio": norm_pred / tf.maximum(norm_true, tiny)}
+                "norm_ratio": norm_pred / tf.maximum(norm_true, tiny),
+                "states": ends.stack()[:-1], "true": true, "predicted": predicted,
+                "final_state": final_state}
 
     # ------------------------------------------------------------ fit hooks
     def _unpack(self, data):

@@ -840,6 +840,19 @@ MUTANTS: List[Mutant] = [
            "        state = model.train_state.value if model.stateful else None",
            "        state = None",
            ["tests/test_recurrent_cli.py::test_diagnostics_measure_m_on_the_carried_stream_state"]),
+    Mutant("recurrent diagnostics: window-START states returned for fitting",
+           "dni_tf/truncated_bptt.py",
+           "                        ends.write(k, new_s))", "                        ends.write(k, s))",
+           ["tests/test_truncated_bptt.py::test_synthetic_gradient_quality_against_full_bptt"]),
+    Mutant("linear bound: the state not carried from batch to batch",
+           "scripts/sg_linear_bound.py",
+           '            state = q["final_state"]', "            pass",
+           ["tests/test_sg_linear_bound.py::test_fits_an_affine_map_to_the_future_gradients_of_a_run"]),
+    Mutant("linear bound: the trained M scored on the batches the map was fitted on",
+           "scripts/sg_linear_bound.py",
+           "s_test, g_test, p_test = rows(s[half:]), rows(g[half:]), rows(p[half:])",
+           "s_test, g_test, p_test = rows(s[half:]), rows(g[half:]), rows(p[:half])",
+           ["tests/test_sg_linear_bound.py::test_fits_an_affine_map_to_the_future_gradients_of_a_run"]),
 ]
 
 

@@ -459,6 +459,11 @@ def test_synthetic_gradient_quality_against_full_bptt():
     assert float(q["cosine"][0]) == pytest.approx(cosine, rel=1e-4, abs=1e-6)
     assert float(q["norm_ratio"][0]) == pytest.approx(float(tf.norm(pred) / tf.norm(true)),
                                                       rel=1e-4)
+    # The arrays behind the scores (for fitting other predictors to the same targets).
+    np.testing.assert_allclose(q["states"][0], s1, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(tf.reshape(q["true"][0], [-1]), true, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(tf.reshape(q["predicted"][0], [-1]), pred, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(q["final_state"], model.forward(x)[1], rtol=1e-5, atol=1e-6)
 
 
 def test_bfloat16_step_follows_the_float32_step(method="dni_aux", stateful=True):

@@ -1,0 +1,117 @@
+"""How much of the true future gradient could ANY linear module predict? (Copy runs.)
+
+    python scripts/sg_linear_bound.py --workdir=runs/copy_sg0.01/seed0/dni_T4 [--batches=200]
+
+Recurrent DNI's module M is linear in the window-end state s. `--diagnostics`
+reports how well the trained M predicts the true gradient of an episode's later
+losses (cosine over the flattened batch). This script asks whether a low cosine
+means M is under-trained or that the target is not linearly predictable from s:
+it loads a finished or checkpointed Copy run (dni or dni_aux), streams
+`--batches` fresh batches at the curriculum's level through the trained core
+with the state carried from batch to batch (as in training, from the state the
+checkpoint holds; no updates), collects the window-end states and the true future
+gradients there (full BPTT over each episode,
+`TruncatedBPTT.synthetic_gradient_quality`), fits the best affine map s -> gradient
+by ridge regression on the first half of the samples, and prints on the second
+half: M's cosine and norm ratio, and the fitted map's (the ceiling for a linear
+M of this core, on these states), with the in-sample fit for reference.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import sys
+
+from absl import app, flags
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO_ROOT)
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", None, "A Copy run directory (settings.json and checkpoints/).")
+flags.DEFINE_integer("batches", 200, "Batches to stream (half fit the map, half score it).",
+                     lower_bound=2)
+flags.DEFINE_float("ridge", 1e-3, "Ridge penalty, relative to the mean squared state.",
+                   lower_bound=0.0)
+
+
+def _cosine(a, b):
+    import numpy as np
+    return float(np.sum(a * b) / max(np.linalg.norm(a) * np.linalg.norm(b), 1e-12))
+
+
+def main(argv):
+    del argv
+    import numpy as np
+    import tensorflow as tf
+    from dni_tf.data import sequence_tasks
+    from dni_tf.studies import recurrent_dni as study
+
+    workdir = FLAGS.workdir
+    settings_file = os.path.join(workdir or "", "settings.json")
+    checkpoints = sorted(glob.glob(os.path.join(workdir or "", "checkpoints", "*.weights.h5")))
+    if not workdir or not os.path.isfile(settings_file) or not checkpoints:
+        print(f"--workdir: needs a Copy run directory with settings.json and "
+              f"checkpoints/*.weights.h5, got {workdir!r}", file=sys.stderr)
+        return 2
+    with open(settings_file) as f:
+        settings = json.load(f)
+    fields = {k: v for k, v in settings.items()
+              if k in study.CopyTaskConfig.__dataclass_fields__}
+    cfg = study.CopyTaskConfig(**fields)
+    if cfg.method == "bptt":
+        print("--workdir: a bptt run has no synthetic gradient module", file=sys.stderr)
+        return 2
+    model, curriculum = study.build_copy_model(cfg)
+    model.load_weights(checkpoints[-1])
+    length = int(curriculum.length.value)
+    repeats = int(curriculum.repeats.value)
+    state = model.train_state.value if model.stateful else None
+    states, trues, preds = [], [], []
+    for i in range(FLAGS.batches):
+        seed = tf.constant([cfg.seed + 3_000_017, i], tf.int64)
+        if cfg.task == "copy":
+            x, y, mask = sequence_tasks.copy_batch(seed, cfg.batch_size, length, cfg.num_bits)
+        else:
+            x, y, mask = sequence_tasks.repeat_copy_batch(
+                seed, cfg.batch_size, length, repeats, cfg.num_bits, cfg.max_repeats)
+        q = model.synthetic_gradient_quality(x, y, mask, state=state)
+        if not q["states"].shape[0]:
+            print(f"the curriculum's level (L={length}) fits one window of "
+                  f"T={cfg.truncation}: no window end to predict at", file=sys.stderr)
+            return 1
+        states.append(q["states"].numpy())
+        trues.append(q["true"].numpy())
+        preds.append(q["predicted"].numpy())
+        if model.stateful:
+            state = q["final_state"]
+    # [batches, K-1, B, 2H]: fit on the first half of the batches, score on the second.
+    s, g, p = (np.stack(a) for a in (states, trues, preds))
+    half = FLAGS.batches // 2
+    dim = s.shape[-1]
+
+    def rows(a):
+        return a.reshape(-1, dim)
+
+    s_fit, g_fit = rows(s[:half]), rows(g[:half])
+    s_test, g_test, p_test = rows(s[half:]), rows(g[half:]), rows(p[half:])
+    design = np.concatenate([s_fit, np.ones([len(s_fit), 1])], 1)
+    penalty = FLAGS.ridge * float(np.mean(s_fit ** 2)) * len(s_fit)
+    w = np.linalg.solve(design.T @ design + penalty * np.eye(dim + 1), design.T @ g_fit)
+    fitted_test = np.concatenate([s_test, np.ones([len(s_test), 1])], 1) @ w
+    fitted_fit = design @ w
+    level = f"L={length}" + (f", R={repeats}" if cfg.task == "repeat_copy" else "")
+    print(f"{workdir}: {cfg.method} T={cfg.truncation}, {level}, checkpoint "
+          f"{os.path.basename(checkpoints[-1])}, {len(s_test)} held-out window ends")
+    print(f"  trained M:         cosine {_cosine(p_test, g_test):.3f}  "
+          f"norm ratio {np.linalg.norm(p_test) / np.linalg.norm(g_test):.3f}")
+    print(f"  best affine map:   cosine {_cosine(fitted_test, g_test):.3f}  "
+          f"norm ratio {np.linalg.norm(fitted_test) / np.linalg.norm(g_test):.3f}  "
+          f"(in-sample cosine {_cosine(fitted_fit, g_fit):.3f})")
+    return 0
+
+
+if __name__ == "__main__":
+    app.run(lambda argv: sys.exit(main(argv)))
