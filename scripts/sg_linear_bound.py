@@ -24,17 +24,8 @@ import json
 import os
 import sys
 
-from absl import app, flags
-
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
-
-FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", None, "A Copy run directory (settings.json and checkpoints/).")
-flags.DEFINE_integer("batches", 200, "Batches to stream (half fit the map, half score it).",
-                     lower_bound=2)
-flags.DEFINE_float("ridge", 1e-3, "Ridge penalty, relative to the mean squared state.",
-                   lower_bound=0.0)
 
 
 def _cosine(a, b):
@@ -42,35 +33,38 @@ def _cosine(a, b):
     return float(np.sum(a * b) / max(np.linalg.norm(a) * np.linalg.norm(b), 1e-12))
 
 
-def main(argv):
-    del argv
+def linear_bound(workdir: str, batches: int = 200, ridge: float = 1e-3) -> dict:
+    """Scores of the trained M and of the best affine map (see the module docstring).
+
+    Raises ValueError (a usage error: no run, or a run without a module) or
+    RuntimeError (the run's level fits one window: nothing to predict).
+    """
     import numpy as np
     import tensorflow as tf
     from dni_tf.data import sequence_tasks
     from dni_tf.studies import recurrent_dni as study
 
-    workdir = FLAGS.workdir
     settings_file = os.path.join(workdir or "", "settings.json")
     checkpoints = sorted(glob.glob(os.path.join(workdir or "", "checkpoints", "*.weights.h5")))
     if not workdir or not os.path.isfile(settings_file) or not checkpoints:
-        print(f"--workdir: needs a Copy run directory with settings.json and "
-              f"checkpoints/*.weights.h5, got {workdir!r}", file=sys.stderr)
-        return 2
+        raise ValueError(f"--workdir: needs a Copy run directory with settings.json and "
+                         f"checkpoints/*.weights.h5, got {workdir!r}")
+    if batches < 2:
+        raise ValueError(f"--batches: needs at least 2 (half fit, half score), got {batches}")
     with open(settings_file) as f:
         settings = json.load(f)
     fields = {k: v for k, v in settings.items()
               if k in study.CopyTaskConfig.__dataclass_fields__}
     cfg = study.CopyTaskConfig(**fields)
     if cfg.method == "bptt":
-        print("--workdir: a bptt run has no synthetic gradient module", file=sys.stderr)
-        return 2
+        raise ValueError("--workdir: a bptt run has no synthetic gradient module")
     model, curriculum = study.build_copy_model(cfg)
     model.load_weights(checkpoints[-1])
     length = int(curriculum.length.value)
     repeats = int(curriculum.repeats.value)
     state = model.train_state.value if model.stateful else None
     states, trues, preds = [], [], []
-    for i in range(FLAGS.batches):
+    for i in range(batches):
         seed = tf.constant([cfg.seed + 3_000_017, i], tf.int64)
         if cfg.task == "copy":
             x, y, mask = sequence_tasks.copy_batch(seed, cfg.batch_size, length, cfg.num_bits)
@@ -79,9 +73,8 @@ def main(argv):
                 seed, cfg.batch_size, length, repeats, cfg.num_bits, cfg.max_repeats)
         q = model.synthetic_gradient_quality(x, y, mask, state=state)
         if not q["states"].shape[0]:
-            print(f"the curriculum's level (L={length}) fits one window of "
-                  f"T={cfg.truncation}: no window end to predict at", file=sys.stderr)
-            return 1
+            raise RuntimeError(f"the curriculum's level (L={length}) fits one window of "
+                               f"T={cfg.truncation}: no window end to predict at")
         states.append(q["states"].numpy())
         trues.append(q["true"].numpy())
         preds.append(q["predicted"].numpy())
@@ -89,7 +82,7 @@ def main(argv):
             state = q["final_state"]
     # [batches, K-1, B, 2H]: fit on the first half of the batches, score on the second.
     s, g, p = (np.stack(a) for a in (states, trues, preds))
-    half = FLAGS.batches // 2
+    half = batches // 2
     dim = s.shape[-1]
 
     def rows(a):
@@ -98,20 +91,51 @@ def main(argv):
     s_fit, g_fit = rows(s[:half]), rows(g[:half])
     s_test, g_test, p_test = rows(s[half:]), rows(g[half:]), rows(p[half:])
     design = np.concatenate([s_fit, np.ones([len(s_fit), 1])], 1)
-    penalty = FLAGS.ridge * float(np.mean(s_fit ** 2)) * len(s_fit)
+    penalty = ridge * float(np.mean(s_fit ** 2)) * len(s_fit)
     w = np.linalg.solve(design.T @ design + penalty * np.eye(dim + 1), design.T @ g_fit)
     fitted_test = np.concatenate([s_test, np.ones([len(s_test), 1])], 1) @ w
-    fitted_fit = design @ w
-    level = f"L={length}" + (f", R={repeats}" if cfg.task == "repeat_copy" else "")
-    print(f"{workdir}: {cfg.method} T={cfg.truncation}, {level}, checkpoint "
-          f"{os.path.basename(checkpoints[-1])}, {len(s_test)} held-out window ends")
-    print(f"  trained M:         cosine {_cosine(p_test, g_test):.3f}  "
-          f"norm ratio {np.linalg.norm(p_test) / np.linalg.norm(g_test):.3f}")
-    print(f"  best affine map:   cosine {_cosine(fitted_test, g_test):.3f}  "
-          f"norm ratio {np.linalg.norm(fitted_test) / np.linalg.norm(g_test):.3f}  "
-          f"(in-sample cosine {_cosine(fitted_fit, g_fit):.3f})")
-    return 0
+    return {
+        "method": cfg.method, "truncation": cfg.truncation, "task": cfg.task,
+        "length": length, "repeats": repeats, "checkpoint": os.path.basename(checkpoints[-1]),
+        "held_out_rows": len(s_test),
+        "m_cosine": _cosine(p_test, g_test),
+        "m_norm_ratio": float(np.linalg.norm(p_test) / np.linalg.norm(g_test)),
+        "fit_cosine": _cosine(fitted_test, g_test),
+        "fit_norm_ratio": float(np.linalg.norm(fitted_test) / np.linalg.norm(g_test)),
+        "fit_in_sample_cosine": _cosine(design @ w, g_fit),
+    }
+
+
+def report(workdir: str, r: dict) -> str:
+    level = f"L={r['length']}" + (f", R={r['repeats']}" if r["task"] == "repeat_copy" else "")
+    return (f"{workdir}: {r['method']} T={r['truncation']}, {level}, checkpoint "
+            f"{r['checkpoint']}, {r['held_out_rows']} held-out window ends\n"
+            f"  trained M:         cosine {r['m_cosine']:.3f}  "
+            f"norm ratio {r['m_norm_ratio']:.3f}\n"
+            f"  best affine map:   cosine {r['fit_cosine']:.3f}  "
+            f"norm ratio {r['fit_norm_ratio']:.3f}  "
+            f"(in-sample cosine {r['fit_in_sample_cosine']:.3f})")
 
 
 if __name__ == "__main__":
+    from absl import app, flags
+
+    flags.DEFINE_string("workdir", None, "A Copy run directory (settings.json, checkpoints/).")
+    flags.DEFINE_integer("batches", 200, "Batches to stream (half fit the map, half score it).")
+    flags.DEFINE_float("ridge", 1e-3, "Ridge penalty, relative to the mean squared state.",
+                       lower_bound=0.0)
+
+    def main(argv):
+        del argv
+        FLAGS = flags.FLAGS
+        try:
+            print(report(FLAGS.workdir, linear_bound(FLAGS.workdir, FLAGS.batches, FLAGS.ridge)))
+        except ValueError as e:
+            print(e, file=sys.stderr)
+            return 2
+        except RuntimeError as e:
+            print(e, file=sys.stderr)
+            return 1
+        return 0
+
     app.run(lambda argv: sys.exit(main(argv)))
