@@ -853,6 +853,15 @@ MUTANTS: List[Mutant] = [
            "s_test, g_test, p_test = rows(s[half:]), rows(g[half:]), rows(p[half:])",
            "s_test, g_test, p_test = rows(s[half:]), rows(g[half:]), rows(p[:half])",
            ["tests/test_sg_linear_bound.py::test_fits_an_affine_map_to_the_future_gradients_of_a_run"]),
+    Mutant("recurrent: --sg_scale=0 (the injection ablation) refused",
+           "dni_tf/studies/recurrent_dni.py",
+           '"trained but nothing enters the core, an ablation).", low=0.0)',
+           '"trained but nothing enters the core, an ablation).", low=0.0, low_open=True)',
+           ["tests/test_recurrent_cli.py::test_copy_defaults_are_the_papers_setting_and_diagnostics_need_a_module"]),
+    Mutant("recurrent: sg_scale 0 treated as the default 0.1",
+           "dni_tf/truncated_bptt.py",
+           "        self.sg_scale = float(sg_scale)", "        self.sg_scale = float(sg_scale) or 0.1",
+           ["tests/test_truncated_bptt.py::test_sg_scale_zero_trains_m_but_leaves_the_core_on_bptt"]),
 ]
 
 

@@ -17,7 +17,7 @@ from dni_tf.studies import recurrent_dni as study
                                           ("truncation", 0), ("max_length", 0),
                                           ("eval_every", 0), ("update", "per_epoch"),
                                           ("episodes", "shuffled"), ("sampling", "all"),
-                                          ("bootstrap_scale", -0.1)])
+                                          ("bootstrap_scale", -0.1), ("sg_scale", -0.1)])
 def test_copy_config_validation(field, value):
     with pytest.raises(ValueError, match=field):
         study.CopyTaskConfig(**{field: value}).validate()
@@ -29,6 +29,7 @@ def test_copy_defaults_are_the_papers_setting_and_diagnostics_need_a_module():
         "per_window", "stream", "uniform", 1.0, 0.1)
     with pytest.raises(ValueError, match="diagnostics"):
         study.CopyTaskConfig(method="bptt", diagnostics=True).validate()
+    study.CopyTaskConfig(sg_scale=0.0).validate()  # the injection ablation is allowed
     model, _ = study.build_copy_model(study.CopyTaskConfig(hidden_size=4, batch_size=3))
     assert model.stateful and model.update == "per_window" and model.bootstrap_scale == 1.0
     assert model.episodic  # state carried, bootstrap cut at every episode's end

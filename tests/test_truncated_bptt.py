@@ -408,6 +408,30 @@ def test_episode_end_regresses_a_nonzero_module_towards_zero():
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
+def test_sg_scale_zero_trains_m_but_leaves_the_core_on_bptt():
+    """The ablation `sg_scale=0`: the core's gradients are bptt's exactly, while M still
+    regresses onto its (bootstrapped) target."""
+    x, y, mask = _batch(seed=9)
+    dni = _model(2, "dni", seed=3, sg_scale=0.0, bootstrap_scale=BOOTSTRAP)
+    rng = np.random.default_rng(5)
+    for v in dni.synthetic_gradient.trainable_variables:
+        v.assign(rng.normal(0.0, 0.3, v.shape).astype("float32"))
+    bptt = _model(2, "bptt", seed=3)
+    for v, w in zip(bptt.core_variables, dni.core_variables):
+        v.assign(w)
+    got = dni.compute_gradients(x, y, mask)
+    want = bptt.compute_gradients(x, y, mask)
+    for g, w in zip(got["core_grads"], want["core_grads"]):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-7)
+    assert float(got["sg_loss"]) > 0 and any(float(tf.norm(g)) > 0 for g in got["sg_grads"])
+    # ... and the same module at sg_scale 0.1 does move the core.
+    injected = _model(2, "dni", seed=3, sg_scale=SG_SCALE, bootstrap_scale=BOOTSTRAP)
+    injected.set_weights(dni.get_weights())
+    moved = injected.compute_gradients(x, y, mask)["core_grads"]
+    assert max(float(tf.reduce_max(tf.abs(a - b))) for a, b in
+               zip(moved, want["core_grads"])) > 1e-4
+
+
 def test_aux_loss_and_its_target():
     """Two windows, per batch: the Aux head reads s_1 and regresses onto M(s_2)...
     which, at the end of an episode, is the zero synthetic gradient received there;

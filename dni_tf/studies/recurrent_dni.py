@@ -66,8 +66,8 @@ def _optimizer(cfg):
 class SyntheticGradientOptions:
     """The settings of the synthetic gradients, shared by the Copy and PTB studies."""
 
-    sg_scale: float = option(0.1, "Scale of synthetic gradients entering the core.", low=0.0,
-                             low_open=True)
+    sg_scale: float = option(0.1, "Scale of synthetic gradients entering the core (0: M is "
+                             "trained but nothing enters the core, an ablation).", low=0.0)
     bootstrap_scale: float = option(1.0, "Scale of the next synthetic gradient inside the "
                                     "module's regression target (1 = the paper's target).",
                                     low=0.0)
