@@ -862,6 +862,12 @@ MUTANTS: List[Mutant] = [
            "dni_tf/truncated_bptt.py",
            "        self.sg_scale = float(sg_scale)", "        self.sg_scale = float(sg_scale) or 0.1",
            ["tests/test_truncated_bptt.py::test_sg_scale_zero_trains_m_but_leaves_the_core_on_bptt"]),
+    Mutant("linear bound: the newest *.weights.h5 file read, a killed save's temporary too",
+           "scripts/sg_linear_bound.py",
+           "    checkpoint = checkpoints[0][1]  # newest first",
+           "    import glob\n    checkpoint = sorted(glob.glob(os.path.join(workdir, 'checkpoints', "
+           "'*.weights.h5')))[-1]",
+           ["tests/test_sg_linear_bound.py::test_fits_an_affine_map_to_the_future_gradients_of_a_run"]),
 ]
 
 

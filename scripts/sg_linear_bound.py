@@ -19,8 +19,6 @@ M of this core, on these states), with the in-sample fit for reference.
 
 from __future__ import annotations
 
-import glob
-import json
 import os
 import sys
 
@@ -41,36 +39,34 @@ def linear_bound(workdir: str, batches: int = 200, ridge: float = 1e-3) -> dict:
     """
     import numpy as np
     import tensorflow as tf
-    from dni_tf.data import sequence_tasks
+    from dni_tf.harness import results
+    from dni_tf.harness.callbacks import ResumableCheckpoint
     from dni_tf.studies import recurrent_dni as study
 
-    settings_file = os.path.join(workdir or "", "settings.json")
-    checkpoints = sorted(glob.glob(os.path.join(workdir or "", "checkpoints", "*.weights.h5")))
-    if not workdir or not os.path.isfile(settings_file) or not checkpoints:
+    settings = results.saved_settings(workdir) if workdir and os.path.isdir(workdir) else None
+    # The training's own checkpoint list: never a temporary a killed save left behind.
+    checkpoints = (ResumableCheckpoint.checkpoints(os.path.join(workdir, "checkpoints"))
+                   if settings else [])
+    if not checkpoints:
         raise ValueError(f"--workdir: needs a Copy run directory with settings.json and "
                          f"checkpoints/*.weights.h5, got {workdir!r}")
     if batches < 2:
         raise ValueError(f"--batches: needs at least 2 (half fit, half score), got {batches}")
-    with open(settings_file) as f:
-        settings = json.load(f)
     fields = {k: v for k, v in settings.items()
               if k in study.CopyTaskConfig.__dataclass_fields__}
     cfg = study.CopyTaskConfig(**fields)
     if cfg.method == "bptt":
         raise ValueError("--workdir: a bptt run has no synthetic gradient module")
     model, curriculum = study.build_copy_model(cfg)
-    model.load_weights(checkpoints[-1])
+    checkpoint = checkpoints[0][1]  # newest first
+    model.load_weights(checkpoint)
     length = int(curriculum.length.value)
     repeats = int(curriculum.repeats.value)
     state = model.train_state.value if model.stateful else None
     states, trues, preds = [], [], []
     for i in range(batches):
-        seed = tf.constant([cfg.seed + 3_000_017, i], tf.int64)
-        if cfg.task == "copy":
-            x, y, mask = sequence_tasks.copy_batch(seed, cfg.batch_size, length, cfg.num_bits)
-        else:
-            x, y, mask = sequence_tasks.repeat_copy_batch(
-                seed, cfg.batch_size, length, repeats, cfg.num_bits, cfg.max_repeats)
+        x, y, mask = study.level_batch(cfg, curriculum,
+                                       tf.constant([cfg.seed + 3_000_017, i], tf.int64))
         q = model.synthetic_gradient_quality(x, y, mask, state=state)
         if not q["states"].shape[0]:
             raise RuntimeError(f"the curriculum's level (L={length}) fits one window of "
@@ -96,7 +92,7 @@ def linear_bound(workdir: str, batches: int = 200, ridge: float = 1e-3) -> dict:
     fitted_test = np.concatenate([s_test, np.ones([len(s_test), 1])], 1) @ w
     return {
         "method": cfg.method, "truncation": cfg.truncation, "task": cfg.task,
-        "length": length, "repeats": repeats, "checkpoint": os.path.basename(checkpoints[-1]),
+        "length": length, "repeats": repeats, "checkpoint": os.path.basename(checkpoint),
         "held_out_rows": len(s_test),
         "m_cosine": _cosine(p_test, g_test),
         "m_norm_ratio": float(np.linalg.norm(p_test) / np.linalg.norm(g_test)),

@@ -23,6 +23,8 @@ def test_fits_an_affine_map_to_the_future_gradients_of_a_run(tmp_path):
                                steps=3, eval_every=3, eval_batches=1, min_length=2,
                                max_length=2, num_bits=2, sg_lr_scale=1.0)
     study.run_copy_task(cfg, str(tmp_path))
+    # A killed save's temporary is never read as the newest checkpoint.
+    (tmp_path / "checkpoints" / "tmp-999.weights.h5").write_bytes(b"partial")
     r = bound.linear_bound(str(tmp_path), batches=40)
     # L=2 at T=2: 5 steps, three windows, two window ends with a future: 20 held-out
     # batches x 2 x 4 rows.
@@ -34,7 +36,7 @@ def test_fits_an_affine_map_to_the_future_gradients_of_a_run(tmp_path):
     # The trained M's score, by hand: the run's weights, its carried state, the script's
     # batches streamed in order with the state carried, scored on the second half.
     model, _ = study.build_copy_model(cfg)
-    model.load_weights(sorted(glob.glob(str(tmp_path / "checkpoints" / "*.h5")))[-1])
+    model.load_weights(sorted(glob.glob(str(tmp_path / "checkpoints" / "ckpt-*.h5")))[-1])
     state, true, predicted = model.train_state.value, [], []
     for i in range(40):
         x, y, mask = sequence_tasks.copy_batch(tf.constant([3_000_017, i], tf.int64), 4, 2, 2)

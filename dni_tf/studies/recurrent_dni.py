@@ -219,6 +219,17 @@ def run_copy_task(cfg: CopyTaskConfig, workdir: str, extra_config: Optional[dict
     return metrics
 
 
+def level_batch(cfg: CopyTaskConfig, curriculum, seed):
+    """One `(x, y, mask)` batch of `cfg.task` at the curriculum's current level (L, and R
+    for Repeat Copy), from the stateless `seed` [2] int64; for diagnostics and analyses."""
+    length = int(curriculum.length.value)
+    if cfg.task == "copy":
+        return sequence_tasks.copy_batch(seed, cfg.batch_size, length, cfg.num_bits)
+    return sequence_tasks.repeat_copy_batch(seed, cfg.batch_size, length,
+                                            int(curriculum.repeats.value), cfg.num_bits,
+                                            cfg.max_repeats)
+
+
 class SyntheticGradientDiagnostics:
     """`--diagnostics`: synthetic gradient vs the true future gradient, per window.
 
@@ -242,14 +253,8 @@ class SyntheticGradientDiagnostics:
 
     def __call__(self, model) -> dict:
         cfg = self.cfg
-        length = int(self.curriculum.length.value)
-        seed = tf.constant([cfg.seed + 2_000_003, 0], tf.int64)
-        if cfg.task == "copy":
-            x, y, mask = sequence_tasks.copy_batch(seed, cfg.batch_size, length, cfg.num_bits)
-        else:
-            x, y, mask = sequence_tasks.repeat_copy_batch(
-                seed, cfg.batch_size, length, int(self.curriculum.repeats.value), cfg.num_bits,
-                cfg.max_repeats)
+        x, y, mask = level_batch(cfg, self.curriculum,
+                                 tf.constant([cfg.seed + 2_000_003, 0], tf.int64))
         # In the stream M only ever sees carried states: measuring it from a zero
         # state would judge it off the distribution it learns on.
         state = model.train_state.value if model.stateful else None
