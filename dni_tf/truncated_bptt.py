@@ -51,7 +51,12 @@ the window losses (the per-step mean times N / T), so with `T >= N` it is the
 ordinary per-step mean and its gradient equals full BPTT's, and a window's
 loss has the same scale whatever the sequence length. With `stateful=True`
 (contiguous streams) the state and the pending synthetic gradient carry
-across batches, as in the language model.
+across batches, as in the language model. With `continuous=True` as well (the
+paper's stream of Copy episodes: one infinitely unrolled RNN chunked into windows
+of T steps, section 2.2) windows are cut every T steps of the stream, not at
+batch starts: the steps after a batch's last whole window wait in checkpointed
+variables and run at the head of the next batch, from the state that window
+left, with the weights it left, as they would in one endless sequence.
 
 `synthetic_gradient_quality(x, y, mask)` compares M's prediction at every
 window end with the true future gradient from full BPTT over the same
@@ -141,6 +146,14 @@ class TruncatedBPTT(BuildsBeforeTracing, keras.Model):
         state). Default: `not stateful`. `stateful=True, episodic=True` is a
         stream of episodes with the state carried but the bootstrap cut at
         episode ends (the Copy stream).
+      continuous: cut windows every T steps of the stream regardless of where
+        batches end (the paper's one infinitely unrolled RNN, chunked into
+        windows of T steps): the steps after a batch's last full window are
+        kept (`pending_*` variables, checkpointed) and run at the head of the
+        next batch, from the state that window left; with no window complete,
+        a batch only extends them. Needs `stateful=True, episodic=False` and
+        float inputs (bernoulli). Metrics then count the steps run in the
+        batch (one episode's worth on average), and so does the curriculum.
       curriculum: optional Curriculum layer updated every train step.
       clip_norm: if > 0, the core's gradients and the synthetic gradient
         module's gradients are each clipped to this global norm separately
@@ -162,8 +175,8 @@ class TruncatedBPTT(BuildsBeforeTracing, keras.Model):
                  bootstrap_scale: float = 1.0, update: str = "per_window",
                  aux_weight: float = 1.0, stateful: bool = False,
                  batch_size: Optional[int] = None, episodic: Optional[bool] = None,
-                 curriculum=None, clip_norm: float = 0.0, sg_lr_scale: float = 1.0,
-                 seed: int = 0, **kwargs):
+                 continuous: bool = False, curriculum=None, clip_norm: float = 0.0,
+                 sg_lr_scale: float = 1.0, seed: int = 0, **kwargs):
         super().__init__(**kwargs)
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -188,6 +201,11 @@ class TruncatedBPTT(BuildsBeforeTracing, keras.Model):
         self.stateful = bool(stateful)
         # Whether each batch ends an episode (the bootstrap stops there), carried state or not.
         self.episodic = (not self.stateful) if episodic is None else bool(episodic)
+        self.continuous = bool(continuous)
+        if self.continuous and (not self.stateful or self.episodic
+                                or loss_type != "bernoulli"):
+            raise ValueError("continuous=True needs stateful=True, episodic=False and "
+                             "loss_type='bernoulli' (a stream of float inputs)")
         self.clip_norm = float(clip_norm)
         if not sg_lr_scale > 0.0:
             raise ValueError(f"sg_lr_scale must be > 0, got {sg_lr_scale}")
@@ -266,6 +284,20 @@ class TruncatedBPTT(BuildsBeforeTracing, keras.Model):
                                                trainable=False, name="train_state")
             self.eval_state = self.add_weight(shape=shape, initializer="zeros",
                                               trainable=False, name="eval_state")
+            if self.continuous:
+                # At most T - 1 steps wait for the next batch; T keeps the shape non-empty.
+                rows, t = int(self.fixed_batch_size), self.truncation
+                self.pending_x = self.add_weight(shape=(rows, t, feature_dim),
+                                                 initializer="zeros", trainable=False,
+                                                 name="pending_x")
+                self.pending_y = self.add_weight(shape=(rows, t, self.num_outputs),
+                                                 initializer="zeros", trainable=False,
+                                                 name="pending_y")
+                self.pending_mask = self.add_weight(shape=(rows, t), initializer="zeros",
+                                                    trainable=False, name="pending_mask")
+                self.pending_steps = self.add_weight(shape=(), dtype="int32",
+                                                     initializer="zeros", trainable=False,
+                                                     name="pending_steps")
         super().build(input_shape)
 
     def _sublayers(self):
@@ -278,10 +310,13 @@ class TruncatedBPTT(BuildsBeforeTracing, keras.Model):
                 or (self.stateful and not hasattr(self, "train_state")))
 
     def reset_states(self):
-        """Zeroes the carried training and evaluation states (stateful only)."""
+        """Zeroes the carried training and evaluation states (stateful only), and drops
+        the steps waiting for the next window (continuous)."""
         if self.stateful:
             self.train_state.assign(tf.zeros_like(self.train_state))
             self.eval_state.assign(tf.zeros_like(self.eval_state))
+        if self.continuous:
+            self.pending_steps.assign(0)
 
     def reset_eval_state(self):
         if self.stateful:
@@ -395,7 +430,8 @@ class TruncatedBPTT(BuildsBeforeTracing, keras.Model):
                                  "length in the data's shape (got None); compile with "
                                  "jit_compile=False for variable-length sequences")
             n = tf.shape(features)[1]
-            t = tf.minimum(tf.constant(self.truncation, tf.int32), n)
+            # At least 1: a continuous stream may hand over no complete window (n = 0).
+            t = tf.maximum(tf.minimum(tf.constant(self.truncation, tf.int32), n), 1)
         num_windows = (n + t - 1) // t
         pad = num_windows * t - n
 
@@ -575,13 +611,13 @@ class TruncatedBPTT(BuildsBeforeTracing, keras.Model):
             carry = tf.while_loop(lambda c: c["k"] < num_windows, lambda c: [body(c)], [carry],
                                   parallel_iterations=1)[0]
         stats = carry["stats"]
-        windows_f = tf.cast(num_windows, tf.float32)
+        windows_f = tf.maximum(tf.cast(num_windows, tf.float32), 1.0)  # 0 windows: stats 0
         aux_windows = tf.maximum(windows_f - 1.0, 1.0)
         return {
             "core_grads": carry["core_acc"] if accumulate else zeros(core_vars),
             "sg_grads": carry["sg_acc"] if accumulate else zeros(sg_vars),
             "final_state": carry["s"], "initial_state_grad": carry["first_grad"],
-            "loss": stats["loss_sum"] / tf.cast(n, tf.float32),
+            "loss": stats["loss_sum"] / tf.maximum(tf.cast(n, tf.float32), 1.0),
             "masked_nats": stats["masked_nats"], "mask_count": stats["mask_count"],
             "wrong_bits": stats["wrong_bits"], "sg_loss": stats["sg_loss"] / windows_f,
             "sg_norm": stats["sg_norm"] / windows_f,
@@ -687,6 +723,8 @@ class TruncatedBPTT(BuildsBeforeTracing, keras.Model):
                 self.build(x.shape)
             self.optimizer.build(self.trainable_variables)
         state = self.train_state.value if self.stateful else None
+        if self.continuous:
+            x, y, mask, later = self._take_whole_windows(x, y, mask)
         per_window = self.update == "per_window"
         r = self.compute_gradients(x, y, mask, state, episodic=self.episodic,
                                    apply_fn=self._apply if per_window else None)
@@ -694,10 +732,15 @@ class TruncatedBPTT(BuildsBeforeTracing, keras.Model):
             self._apply(r["core_grads"], r["sg_grads"])
         if self.stateful:
             self.train_state.assign(r["final_state"])
+        if self.continuous:
+            self._keep_pending(*later)
         self._trackers["cell_norm"].update_state(
             tf.reduce_mean(tf.norm(r["final_state"][:, self.hidden_size:], axis=-1)))
+        # A continuous batch runs a varying number of steps (none at all when no window
+        # completes): its loss weighs by them.
         self._update_metrics(r["loss"], r["masked_nats"], r["mask_count"], r["wrong_bits"],
-                             y, mask)
+                             y, mask, loss_weight=(tf.cast(tf.shape(mask)[1], tf.float32)
+                                                   if self.continuous else None))
         if self.synthetic_gradient is not None:
             self._trackers["sg_loss"].update_state(r["sg_loss"])
             self._trackers["sg_norm"].update_state(r["sg_norm"])
@@ -712,6 +755,27 @@ class TruncatedBPTT(BuildsBeforeTracing, keras.Model):
                 error = replica.all_reduce(tf.distribute.ReduceOp.MEAN, error)
             self.curriculum.update(error)
         return {m.name: m.result() for m in self.metrics}
+
+    def _take_whole_windows(self, x, y, mask):
+        """Continuous stream: (x, y, mask) of the whole windows that the pending steps
+        and this batch make, and the leftover (x, y, mask) for the next batch."""
+        waiting = self.pending_steps.value
+        x = tf.concat([self.pending_x[:, :waiting], tf.cast(x, tf.float32)], axis=1)
+        y = tf.concat([self.pending_y[:, :waiting], tf.cast(y, tf.float32)], axis=1)
+        mask = tf.concat([self.pending_mask[:, :waiting], mask], axis=1)
+        whole = tf.shape(x)[1] // self.truncation * self.truncation
+        return x[:, :whole], y[:, :whole], mask[:, :whole], (x[:, whole:], y[:, whole:],
+                                                             mask[:, whole:])
+
+    def _keep_pending(self, x, y, mask):
+        """Stores the < T steps after the last whole window for the next batch."""
+        steps = tf.shape(x)[1]
+        fill = [[0, 0], [0, self.truncation - steps]]
+        for variable, value in ((self.pending_x, tf.pad(x, fill + [[0, 0]])),
+                                (self.pending_y, tf.pad(y, fill + [[0, 0]])),
+                                (self.pending_mask, tf.pad(mask, fill))):
+            variable.assign(tf.ensure_shape(value, variable.shape))
+        self.pending_steps.assign(steps)
 
     def test_step(self, data):
         x, y, mask = self._unpack(data)
@@ -728,7 +792,8 @@ class TruncatedBPTT(BuildsBeforeTracing, keras.Model):
         return {m.name: m.result() for m in self.metrics
                 if m.name in ("loss", "bit_errors", "sequence_error", "bpc")}
 
-    def _update_metrics(self, loss, masked_nats, mask_count, wrong_bits, y, mask):
+    def _update_metrics(self, loss, masked_nats, mask_count, wrong_bits, y, mask,
+                        loss_weight=None):
         if self.loss_type == "categorical":
             # Weighted by characters so the epoch value is the corpus BPC.
             per_char = masked_nats / tf.maximum(mask_count, 1.0)
@@ -736,7 +801,7 @@ class TruncatedBPTT(BuildsBeforeTracing, keras.Model):
             self._trackers["bpc"].update_state(bits_per_character(per_char),
                                                sample_weight=mask_count)
         else:
-            self._trackers["loss"].update_state(loss)
+            self._trackers["loss"].update_state(loss, sample_weight=loss_weight)
             self._trackers["bit_errors"].update_state(wrong_bits)
             self._trackers["sequence_error"].update_state(
                 tf.cast(wrong_bits > 0, tf.float32))

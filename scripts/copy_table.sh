@@ -10,7 +10,10 @@
 # finished ones. Run one process per core (e.g. `taskset -c 0 nice -n 10 ...`).
 #
 # Environment: SG_LR_SCALE (M's rate over the core's; default 1, see below), SKIP_AUX=1
-# (train bptt and dni only; the dni_aux cells can be added by a later run without it).
+# (train bptt and dni only; the dni_aux cells can be added by a later run without it),
+# STEPS (the budget, default 50000; a finished cell trains on when it is raised),
+# EPISODES=continuous (windows cut every T steps of the episode stream, bootstrap 0.1;
+# cells in $RUNS/<task>_continuous/...; default: the episodic stream, bootstrap 1).
 #
 # dni_aux is trained only where dni's curriculum reached L >= T. Below that every
 # Copy episode (2L+1 steps) spans at most two windows, the Aux head's only target is
@@ -24,8 +27,14 @@ SEEDS=$1 TRUNCATIONS=$2 TASK=${3:-copy}
 # (the study's default until 2026-12-01); the default is now 0.01 (M ran away at T=2
 # with 1), whose cells go to runs/<task>_sg0.01 (docs/recurrent_dni.md).
 SG=${SG_LR_SCALE:-1}
-if [ "$SG" = 1 ]; then ROOT=${RUNS:-runs}/$TASK; else ROOT=${RUNS:-runs}/${TASK}_sg$SG; fi
-COMMON="--task=$TASK --steps=50000 --eval_every=2500 --hidden_size=256 --max_length=200 --max_repeats=10 --sg_lr_scale=$SG"
+if [ "${EPISODES:-stream}" = continuous ]; then
+  # An undiscounted bootstrap diverges in an endless stream (docs/recurrent_dni.md).
+  ROOT=${RUNS:-runs}/${TASK}_continuous; EPISODE_FLAGS="--episodes=continuous --bootstrap_scale=0.1"
+  [ -n "${SG_LR_SCALE:-}" ] && [ "$SG" != 0.01 ] && ROOT=${ROOT}_sg$SG
+  SG=${SG_LR_SCALE:-0.01}
+elif [ "$SG" = 1 ]; then ROOT=${RUNS:-runs}/$TASK; EPISODE_FLAGS="--episodes=stream --bootstrap_scale=1"
+else ROOT=${RUNS:-runs}/${TASK}_sg$SG; EPISODE_FLAGS="--episodes=stream --bootstrap_scale=1"; fi
+COMMON="--task=$TASK --steps=${STEPS:-50000} --eval_every=2500 --hidden_size=256 --max_length=200 --max_repeats=10 --sg_lr_scale=$SG $EPISODE_FLAGS"
 for T in $TRUNCATIONS; do for seed in $SEEDS; do
   dir=$ROOT/seed$seed
   python -m experiments.copy_task --workdir=$dir --method=bptt,dni --truncation=$T $COMMON \

@@ -656,7 +656,7 @@ MUTANTS: List[Mutant] = [
            ["tests/test_truncated_bptt.py::test_stateful_training_carries_state_and_restores"]),
     Mutant("recurrent: the Copy stream is accepted under replicas",
            "dni_tf/studies/recurrent_dni.py",
-           '    if cfg.episodes == "stream" and replicas > 1:', "    if False:",
+           '    if cfg.episodes != "reset" and replicas > 1:', "    if False:",
            ["tests/test_truncated_bptt.py::test_the_studies_refuse_carried_state_under_replicas"]),
     Mutant("gradient dropping study: every tutorial-CNN layer drawn from one seed",
            "dni_tf/models/classifiers.py",
@@ -868,6 +868,23 @@ MUTANTS: List[Mutant] = [
            "    import glob\n    checkpoint = sorted(glob.glob(os.path.join(workdir, 'checkpoints', "
            "'*.weights.h5')))[-1]",
            ["tests/test_sg_linear_bound.py::test_fits_an_affine_map_to_the_future_gradients_of_a_run"]),
+    Mutant("continuous stream: the pending steps are dropped, windows restart at each batch",
+           "dni_tf/truncated_bptt.py",
+           "        waiting = self.pending_steps.value",
+           "        waiting = 0 * self.pending_steps.value",
+           ["tests/test_truncated_bptt.py::test_continuous_stream_cuts_windows_across_batches"]),
+    Mutant("continuous stream: a batch's steps all run, windows not cut at multiples of T",
+           "dni_tf/truncated_bptt.py",
+           "        whole = tf.shape(x)[1] // self.truncation * self.truncation",
+           "        whole = tf.shape(x)[1]",
+           ["tests/test_truncated_bptt.py::test_continuous_stream_cuts_windows_across_batches"]),
+    Mutant("continuous stream: the pending-step count is not checkpointed",
+           "dni_tf/truncated_bptt.py",
+           '                self.pending_steps = self.add_weight(shape=(), dtype="int32",',
+           '                object.__setattr__(self, "pending_steps", keras.Variable('
+           '0, trainable=False, dtype="int32")); _ = dict(shape=(), dtype="int32",',
+           ["tests/test_recurrent_cli.py::"
+            "test_continuous_copy_stream_resumes_exactly_with_its_pending_steps"]),
 ]
 
 

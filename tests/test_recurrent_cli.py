@@ -155,6 +155,26 @@ def test_copy_run_writes_results_and_resumes_with_curriculum(tmp_path):
     assert glob.glob(str(tmp_path / "**" / "events.out.tfevents.*"), recursive=True)
 
 
+def test_continuous_copy_stream_resumes_exactly_with_its_pending_steps(tmp_path):
+    """--episodes=continuous: episodes of 3, 5, 7, 9 steps cut into windows of 2 leave
+    1, 0, 1, 0 steps pending; a run stopped after step 3 (one step pending) and resumed
+    must log step 4 exactly as the uninterrupted run."""
+    cfg = study.CopyTaskConfig(method="dni", truncation=2, hidden_size=8, batch_size=4,
+                               steps=4, eval_every=1, eval_batches=1, max_length=20,
+                               threshold=100.0, check_every=1, num_bits=3, sampling="current",
+                               episodes="continuous")
+    model, _ = study.build_copy_model(cfg)
+    assert model.continuous and model.stateful and not model.episodic
+    study.run_copy_task(cfg, str(tmp_path / "whole"))
+    study.run_copy_task(dataclasses.replace(cfg, steps=3), str(tmp_path / "split"))
+    study.run_copy_task(cfg, str(tmp_path / "split"))
+    whole = results.load_history(str(tmp_path / "whole"))
+    split = results.load_history(str(tmp_path / "split"))
+    assert split["step"].tolist() == [1, 2, 3, 4]
+    columns = [c for c in whole.columns if c.startswith(("train_", "test_"))]
+    pd.testing.assert_frame_equal(whole[columns], split[columns])
+
+
 def test_table_layout_and_resume(tmp_path):
     calls = []
 

@@ -388,6 +388,60 @@ def test_one_batch_matches_hand_written_recurrent_dni(method, stateful, update):
         np.testing.assert_allclose(model.train_state.numpy(), final_state, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("method", ["dni", "dni_aux", "bptt"])
+def test_continuous_stream_cuts_windows_across_batches(method, tmp_path):
+    """Batches of 3, 5, 1 and 7 steps at T = 4 are one 16-step stream: the
+    continuous model must train exactly as a stream model fed the same steps in
+    two batches of 8 (windows 0-1, then 2-3; the hand-written reference above
+    checks that path). Batch 3 completes no window: it only adds to the pending
+    steps, which a save/load in the middle must carry."""
+    x, y, mask = _batch(seed=6, n=16)
+    cuts = [0, 3, 8, 9, 16]
+
+    def make(continuous):
+        model = _model(4, method, seed=4, stateful=True, batch_size=B, sg_scale=SG_SCALE,
+                       bootstrap_scale=BOOTSTRAP, episodic=False, continuous=continuous)
+        rng = np.random.default_rng(11)
+        for layer in (model.synthetic_gradient, model.aux_head):
+            if layer is not None:
+                for v in layer.trainable_variables:
+                    v.assign(rng.normal(0.0, 0.3, v.shape).astype("float32"))
+        model.train_state.assign(np.random.default_rng(5).normal(0.0, 0.5, (B, 2 * H))
+                                 .astype("float32"))
+        model.compile(optimizer=keras.optimizers.SGD(learning_rate=1.0))
+        return model
+
+    reference = make(continuous=False)
+    for lo, hi in ((0, 8), (8, 16)):
+        reference.train_on_batch(x[:, lo:hi], y[:, lo:hi], sample_weight=mask[:, lo:hi])
+    model = make(continuous=True)
+    for i in range(3):
+        lo, hi = cuts[i], cuts[i + 1]
+        logs = model.train_on_batch(x[:, lo:hi], y[:, lo:hi], sample_weight=mask[:, lo:hi],
+                                    return_dict=True)
+    assert int(model.pending_steps.numpy()) == 1 and int(model.optimizer.iterations) == 2
+    path = str(tmp_path / "m.weights.h5")
+    model.save_weights(path)
+    model = make(continuous=True)
+    model.load_weights(path)
+    model.optimizer.iterations.assign(2)
+    model.train_on_batch(x[:, 9:], y[:, 9:], sample_weight=mask[:, 9:])
+    assert int(model.optimizer.iterations) == int(reference.optimizer.iterations) == 4
+    assert int(model.pending_steps.numpy()) == 0
+    for v, r in zip(model.trainable_variables, reference.trainable_variables):
+        np.testing.assert_allclose(v.numpy(), r.numpy(), rtol=1e-4, atol=1e-5, err_msg=v.path)
+    np.testing.assert_allclose(model.train_state.numpy(), reference.train_state.numpy(),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_continuous_stream_refuses_what_it_cannot_carry():
+    for kwargs in (dict(), dict(stateful=True, batch_size=B, episodic=True),
+                   dict(stateful=True, batch_size=B, episodic=False, loss_type="categorical",
+                        vocab_size=5)):
+        with pytest.raises(ValueError, match="continuous=True needs"):
+            TruncatedBPTT(O, 2, continuous=True, **kwargs)
+
+
 def test_default_bootstrap_is_the_papers_unscaled_target():
     model = TruncatedBPTT(O, 2, method="dni")
     assert model.bootstrap_scale == 1.0 and model.sg_scale == 0.1

@@ -46,10 +46,12 @@ LANGUAGE_PUBLISHED = results.Published(
     claims=("DNI improves test bits per character over BPTT at equal T (early stopping on "
             "validation).",),
     setup={"sg_scale": 0.1})
-# "stream": the paper's setting, one continuous stream of episodes per batch row
-# with the core state carried from episode to episode (a stateful model);
-# "reset": every episode starts from a zero state.
-EPISODES = ("stream", "reset")
+# "stream": one stream of episodes per batch row with the core state carried from
+# episode to episode (a stateful model), windows restarting at every episode and
+# the bootstrap cut at its end; "continuous": the same stream cut into windows of
+# T steps wherever episodes end (the paper's infinitely unrolled RNN, section 2.2),
+# bootstrapping across episodes; "reset": every episode starts from a zero state.
+EPISODES = ("stream", "continuous", "reset")
 # Copy / Repeat Copy batches are generated in memory, every sequence up to
 # 2 * max_length + 1 (Copy) or max_length * (max_repeats + 1) + 2 (Repeat
 # Copy) steps long, and truncated BPTT keeps the core's activations for every
@@ -111,9 +113,10 @@ class CopyTaskConfig(SyntheticGradientOptions, FastPathOptions):
     update: str = option("per_window", "per_window (an optimizer step every T steps) or "
                          "per_batch (windows' gradients summed, one step per batch).",
                          choices=UPDATES)
-    episodes: str = option("stream", "stream (state carried from episode to episode, the "
-                           "paper's setting) or reset (every episode from a zero state).",
-                           choices=EPISODES)
+    episodes: str = option("stream", "stream (state carried from episode to episode, windows "
+                           "restart at each), continuous (the same stream cut every T steps "
+                           "wherever episodes end, the paper's unrolled RNN) or reset (every "
+                           "episode from a zero state).", choices=EPISODES)
     sampling: str = option("uniform", "uniform (each batch's length, and repeats, drawn up to "
                            "the curriculum's) or current (always the curriculum's).",
                            choices=sequence_tasks.SAMPLINGS)
@@ -155,13 +158,14 @@ def build_copy_model(cfg: CopyTaskConfig):
         cfg.min_length, cfg.max_length, cfg.threshold, cfg.check_every,
         max_repeats=cfg.max_repeats if cfg.task == "repeat_copy" else 1, name="curriculum")
     in_dim, out_dim = sequence_tasks.task_channels(cfg.task, cfg.num_bits)
-    stream = cfg.episodes == "stream"
+    carried = cfg.episodes != "reset"
+    continuous = cfg.episodes == "continuous"
     model = TruncatedBPTT(out_dim, cfg.truncation, method=cfg.method,
                           hidden_size=cfg.hidden_size, loss_type="bernoulli",
                           sg_scale=cfg.sg_scale, bootstrap_scale=cfg.bootstrap_scale,
-                          update=cfg.update, aux_weight=cfg.aux_weight, stateful=stream,
-                          batch_size=cfg.batch_size if stream else None, episodic=True,
-                          curriculum=curriculum, clip_norm=cfg.clip_norm,
+                          update=cfg.update, aux_weight=cfg.aux_weight, stateful=carried,
+                          batch_size=cfg.batch_size if carried else None,
+                          episodic=not continuous, continuous=continuous, curriculum=curriculum, clip_norm=cfg.clip_norm,
                           sg_lr_scale=cfg.sg_lr_scale, seed=cfg.seed)
     model.build((None, None, in_dim))
     model.compile(optimizer=_optimizer(cfg), **cfg.resolve(model).compile_kwargs())
@@ -172,9 +176,9 @@ def run_copy_task(cfg: CopyTaskConfig, workdir: str, extra_config: Optional[dict
     """Trains one run under the curriculum; returns its final metrics."""
     cfg.validate()
     replicas = tf.distribute.get_strategy().num_replicas_in_sync
-    if cfg.episodes == "stream" and replicas > 1:
-        raise cli.UsageError(f"--episodes=stream carries the state of every batch row, which "
-                             f"{replicas} replicas cannot split: use --episodes=reset "
+    if cfg.episodes != "reset" and replicas > 1:
+        raise cli.UsageError(f"--episodes={cfg.episodes} carries the state of every batch "
+                             f"row, which {replicas} replicas cannot split: use --episodes=reset "
                              f"--update=per_batch, or --distribution=none")
     if cfg.update == "per_window" and replicas > 1:
         # Per-window updates under several replicas unroll the window loop, which
