@@ -165,7 +165,8 @@ def build_copy_model(cfg: CopyTaskConfig):
                           sg_scale=cfg.sg_scale, bootstrap_scale=cfg.bootstrap_scale,
                           update=cfg.update, aux_weight=cfg.aux_weight, stateful=carried,
                           batch_size=cfg.batch_size if carried else None,
-                          episodic=not continuous, continuous=continuous, curriculum=curriculum, clip_norm=cfg.clip_norm,
+                          episodic=not continuous, continuous=continuous,
+                          curriculum=curriculum, clip_norm=cfg.clip_norm,
                           sg_lr_scale=cfg.sg_lr_scale, seed=cfg.seed)
     model.build((None, None, in_dim))
     model.compile(optimizer=_optimizer(cfg), **cfg.resolve(model).compile_kwargs())
