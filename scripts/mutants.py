@@ -885,6 +885,24 @@ MUTANTS: List[Mutant] = [
            '0, trainable=False, dtype="int32")); _ = dict(shape=(), dtype="int32",',
            ["tests/test_recurrent_cli.py::"
             "test_continuous_copy_stream_resumes_exactly_with_its_pending_steps"]),
+    Mutant("fork: the source checkpoint is not copied (the fork trains from scratch)",
+           "dni_tf/harness/training.py",
+           "    os.replace(temporary, os.path.join(checkpoints, os.path.basename(path)))",
+           "    os.remove(temporary)",
+           ["tests/test_recurrent_cli.py::"
+            "test_a_fork_starts_from_the_source_checkpoint_under_new_settings"]),
+    Mutant("fork: a rerun copies the source again over the fork's own training",
+           "dni_tf/harness/training.py",
+           "            return int(record[\"step\"])  # the fork trained: resume it",
+           "            pass",
+           ["tests/test_recurrent_cli.py::"
+            "test_a_fork_starts_from_the_source_checkpoint_under_new_settings"]),
+    Mutant("restore: the checkpoint's learning rate overrides the compiled one",
+           "dni_tf/harness/callbacks.py",
+           "        variable.assign(value)\n",
+           "        pass\n",
+           ["tests/test_recurrent_cli.py::"
+            "test_a_fork_starts_from_the_source_checkpoint_under_new_settings"]),
 ]
 
 

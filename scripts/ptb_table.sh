@@ -11,15 +11,21 @@
 # resumes every unfinished cell and reads the finished ones back. Run one process per
 # core (e.g. `taskset -c 0 nice -n 10 ...`). Needs ptb/ptb.char.{train,valid,test}.txt
 # under --data_dir (default $DNI_TF_DATA_DIR).
+#
+# SG_LR_SCALE (M's rate over the core's): 0.01 by default, the setting these cells were
+# started with (the study's default until the twelfth sitting); another value (the
+# default is now 0.001) puts its cells in $RUNS/ptb256_sg<S>/.
 set -u
 cd "$(dirname "$0")/.."
 SEEDS=$1
+SG=${SG_LR_SCALE:-0.01}
+if [ "$SG" = 0.01 ]; then NAME=ptb256; else NAME=ptb256_sg$SG; fi
 # Each finished cell's records into docs/run_records (commit them), on failure too.
-trap 'python scripts/archive_runs.py ptb256' EXIT
+trap 'python scripts/archive_runs.py $NAME' EXIT
 for seed in $SEEDS; do
-  python -m experiments.language_model --workdir=${RUNS:-runs}/ptb256/seed$seed \
+  python -m experiments.language_model --workdir=${RUNS:-runs}/$NAME/seed$seed \
       --method=bptt,dni,dni_aux --truncation=2,5 --hidden_size=256 --steps=12000 \
-      --eval_every=1000 --eval_batches=10 --seed=$seed || exit 1
-  python scripts/archive_runs.py ptb256
+      --eval_every=1000 --eval_batches=10 --seed=$seed --sg_lr_scale=$SG || exit 1
+  python scripts/archive_runs.py $NAME
 done
 echo "ptb_table: done (seeds $SEEDS)"

@@ -2,13 +2,15 @@
 
 import dataclasses
 import glob
+import json
+import os
 
 import pandas as pd
 import pytest
 
 from conftest import count_traces
 from dni_tf.errors import UsageError
-from dni_tf.harness import results
+from dni_tf.harness import results, training
 from dni_tf.studies import recurrent_dni as study
 
 
@@ -101,9 +103,9 @@ def test_language_model_per_window_updates_and_xla_option():
     # ... so its target is discounted by default (undiscounted diverged on PTB at T=2);
     # Copy, whose episode ends cut the bootstrap, keeps the undiscounted 1.
     assert model.bootstrap_scale == pytest.approx(0.1)
-    # ... and M learns at 1/100 of the core's rate in both studies (at 1 the carried cell
-    # state ran away: PTB at T=5, Copy at T=2).
-    assert model.sg_lr_scale == pytest.approx(0.01)
+    # ... and M learns at 1/1000 of the core's rate on PTB (at 0.01 one seed of three ran
+    # away at T=5) and 1/100 on Copy (at 1 the carried cell state ran away in both).
+    assert model.sg_lr_scale == pytest.approx(0.001)
     assert study.CopyTaskConfig().sg_lr_scale == pytest.approx(0.01)
     with pytest.raises(ValueError, match="update"):
         study.LanguageModelConfig(update="x").validate()
@@ -173,6 +175,49 @@ def test_continuous_copy_stream_resumes_exactly_with_its_pending_steps(tmp_path)
     assert split["step"].tolist() == [1, 2, 3, 4]
     columns = [c for c in whole.columns if c.startswith(("train_", "test_"))]
     pd.testing.assert_frame_equal(whole[columns], split[columns])
+
+
+def test_a_fork_starts_from_the_source_checkpoint_under_new_settings(tmp_path):
+    """fork_run (`--fork_from`): a fork under the source's own settings trains on
+    exactly as the uninterrupted run (so it carries the weights, optimizer, carried
+    state, pending steps and curriculum); one under other settings differs from
+    there on; the source is left as it was."""
+    cfg = study.CopyTaskConfig(method="dni", truncation=2, hidden_size=8, batch_size=4,
+                               steps=4, eval_every=2, eval_batches=1, max_length=20,
+                               threshold=100.0, check_every=1, num_bits=3, sampling="current",
+                               episodes="continuous")
+    source, whole = str(tmp_path / "source"), str(tmp_path / "whole")
+    study.run_copy_task(cfg, source)
+    source_files = {p: os.path.getmtime(p) for p in glob.glob(source + "/**", recursive=True)}
+    longer = dataclasses.replace(cfg, steps=6)
+    study.run_copy_task(longer, whole)
+    same, ablation = str(tmp_path / "same"), str(tmp_path / "ablation")
+    assert training.fork_run(source, same) == 4
+    study.run_copy_task(longer, same)
+    columns = [c for c in results.load_history(whole).columns if c.startswith(("train_", "test_"))]
+    pd.testing.assert_frame_equal(results.load_history(whole)[columns],
+                                  results.load_history(same)[columns])
+    # The ablation: 10x the learning rate from step 4 on (the compiled rate, not the
+    # checkpoint's, is the one that trains).
+    assert training.fork_run(source, ablation) == 4
+    study.run_copy_task(dataclasses.replace(longer, learning_rate=0.03), ablation)
+    forked = results.load_history(ablation)
+    assert forked["step"].tolist() == [2, 4, 6]
+    pd.testing.assert_frame_equal(forked[columns].iloc[:2],
+                                  results.load_history(source)[columns])
+    assert forked["train_loss"].iloc[2] != results.load_history(whole)["train_loss"].iloc[2]
+    with open(os.path.join(ablation, training.FORK_FILE)) as f:
+        record = json.load(f)
+    assert record["step"] == 4 and record["source_settings"]["learning_rate"] == 3e-3
+    assert results.saved_settings(ablation)["learning_rate"] == 0.03
+    assert training.fork_run(source, ablation) == 4  # a rerun resumes the fork ...
+    assert results.load_history(ablation)["step"].tolist() == [2, 4, 6]  # ... as it is
+    assert {p: os.path.getmtime(p)
+            for p in glob.glob(source + "/**", recursive=True)} == source_files
+    with pytest.raises(UsageError, match="already holds a run"):
+        training.fork_run(source, whole)
+    with pytest.raises(UsageError, match="was forked from"):
+        training.fork_run(whole, ablation)
 
 
 def test_table_layout_and_resume(tmp_path):

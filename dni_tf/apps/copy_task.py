@@ -19,6 +19,7 @@ from dni_tf.harness import cli, config
 from dni_tf.studies.recurrent_dni import CopyTaskConfig, run_copy_task, run_table
 
 cli.define_study_flags(CopyTaskConfig)
+cli.define_fork_flag()
 FLAGS = flags.FLAGS
 
 
@@ -27,6 +28,7 @@ def main(argv):
     run = config.from_flags(CopyTaskConfig)
     grid = config.grid_from_flags(CopyTaskConfig)
     workdir = cli.prepare_workdir(FLAGS.workdir)
+    cli.fork_if_asked(workdir, grid)
     extra = {"flags": cli.flag_values()}
     with cli.distributed(workdir) as workdir:
         if len(grid["method"]) * len(grid["truncation"]) > 1:

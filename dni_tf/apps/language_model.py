@@ -23,6 +23,7 @@ from dni_tf.data import text
 from dni_tf.studies.recurrent_dni import LanguageModelConfig, run_language_model, run_table
 
 cli.define_study_flags(LanguageModelConfig)
+cli.define_fork_flag()
 FLAGS = flags.FLAGS
 
 
@@ -32,6 +33,7 @@ def main(argv):
     grid = config.grid_from_flags(LanguageModelConfig)
     text.ptb_char_paths(run.data_dir)  # DataError (exit 2) before touching the workdir
     workdir = cli.prepare_workdir(FLAGS.workdir)
+    cli.fork_if_asked(workdir, grid)
     extra = {"flags": cli.flag_values()}
     with cli.distributed(workdir) as workdir:
         if len(grid["method"]) * len(grid["truncation"]) > 1:

@@ -353,10 +353,20 @@ def verify(path: str) -> Optional[str]:
 
 
 def restore(model: keras.Model, path: str) -> None:
-    """Inverse of `save`; the model (and its optimizers) must be built."""
+    """Inverse of `save`; the model (and its optimizers) must be built.
+
+    The optimizer keeps the learning rate it was compiled with, not the
+    checkpoint's: a resumed run has the same one, and a fork (`--fork_from`)
+    may change it.
+    """
     import h5py
 
+    optimizer = getattr(model, "optimizer", None)
+    compiled_rates = [(v, v.numpy()) for v in getattr(optimizer, "variables", [])
+                      if v.path.split("/")[-1] == "learning_rate"]
     model.load_weights(path)
+    for variable, value in compiled_rates:
+        variable.assign(value)
     states = _rng_state(model)
     with h5py.File(path, "r") as f:
         group = f.get(_RNG_GROUP)

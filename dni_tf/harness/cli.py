@@ -25,7 +25,7 @@ import logging as python_logging
 import os
 import re
 import sys
-from typing import Callable, Iterator, List, Optional, Sequence
+from typing import Callable, Iterator, List, Mapping, Optional, Sequence
 
 from absl import app, flags
 from absl import logging as absl_logging
@@ -39,12 +39,6 @@ from dni_tf.errors import (CheckpointError, DataError, DistributionError, Traini
 def fail(message: str, code: int) -> None:
     print(f"error: {message}", file=sys.stderr, flush=True)
     sys.exit(code)
-
-
-
-
-
-
 
 
 def check_batch_size(batch_size: int, limit: int, reason: str, name: str = "batch_size") -> None:
@@ -63,20 +57,6 @@ def value_label(value: float) -> str:
     value = float(value)
     short = f"{value:g}"
     return short if float(short) == value else repr(value)
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 
 
 def prepare_workdir(workdir: str, flag_name: str = "workdir") -> str:
@@ -106,6 +86,38 @@ def define_study_flags(config_class, workdir_help: str = "Output directory (crea
     flags.DEFINE_string("workdir", None, workdir_help)
     flags.mark_flag_as_required("workdir")
     define_common_flags()
+
+
+def define_fork_flag() -> None:
+    """`--fork_from`, for studies whose single run trains in `--workdir` itself (see
+    `fork_if_asked`)."""
+    flags.DEFINE_string("fork_from", None,
+                        "Start this run from the newest checkpoint of the run directory "
+                        "given (weights, optimizer, carried state, curriculum, step; its "
+                        "history up to there) under this command's settings, in a new "
+                        "--workdir; the source is only read. For ablations from a shared "
+                        "point.")
+
+
+def fork_if_asked(workdir: str, grid: Mapping[str, Sequence]) -> None:
+    """Applies `--fork_from` to `workdir` (`dni_tf.harness.training.fork_run`); one
+    run only: a table (`grid` with several values) is refused."""
+    source = flags.FLAGS.fork_from
+    if not source:
+        return
+    if any(len(values) > 1 for values in grid.values()):
+        names = ", ".join(f"--{name}" for name, values in grid.items() if len(values) > 1)
+        raise UsageError(f"--fork_from starts one run: give one value to {names}")
+    if flags.FLAGS.distribution == "multi_worker":
+        raise UsageError("--fork_from is not supported with --distribution=multi_worker "
+                         "(each worker keeps its own run directory)")
+    source = os.path.abspath(os.path.expanduser(source))
+    if not os.path.isdir(source):
+        raise UsageError(f"--fork_from={source}: no such run directory")
+    from dni_tf.harness import training
+
+    step = training.fork_run(source, workdir)
+    absl_logging.info("forked from %s at step %d", source, step)
 
 
 def define_common_flags() -> None:

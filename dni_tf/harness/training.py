@@ -9,7 +9,9 @@ clean stop on divergence.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import shutil
 from typing import Any, Callable, Dict, Mapping, Optional, Sequence
 
 import keras
@@ -21,7 +23,9 @@ from dni_tf.errors import UsageError
 from dni_tf.harness import fast_path, results
 from dni_tf.harness.callbacks import (DivergenceGuard, EvaluationLogger, EvaluationSchedule,
                                       ProgressLogger, ResumableCheckpoint, StopAtLastStep,
-                                      SweepProgress)
+                                      SweepProgress, checkpoint_step)
+
+FORK_FILE = "forked_from.json"
 
 
 @dataclasses.dataclass
@@ -143,6 +147,67 @@ def train_and_evaluate(model: keras.Model, train_data, eval_data, *, steps: int,
         verbose=verbose,
     )
     return TrainingOutcome(evaluation_logger.history)
+
+
+def fork_run(source: str, workdir: str) -> int:
+    """Starts the run in `workdir` from the newest checkpoint of the run in `source`.
+
+    Copies that checkpoint (every model variable: weights, optimizer state,
+    carried state, curriculum, the step) and the history rows up to its step,
+    and records `forked_from.json` (`source`, `step`, the source's settings).
+    `train_and_evaluate` in `workdir` then resumes from it under the settings it
+    is given, which may differ from the source's (an ablation from a shared
+    point: the fork sees the batches the source would have seen). `source` is
+    only read. Rerunning a fork that already trained resumes it; one killed
+    before its checkpoint landed is copied again. Returns the step forked at.
+
+    Raises:
+      UsageError: `workdir` holds another run (or a fork of another source), or
+        `source` has no checkpoint.
+      dni_tf.errors.CheckpointError: `source` has checkpoints, none readable.
+    """
+    source, workdir = os.path.abspath(source), os.path.abspath(workdir)
+    if source == workdir:
+        raise UsageError(f"--fork_from={source} is --workdir itself: fork into a new directory")
+    source_checkpoints = os.path.join(source, "checkpoints")
+    checkpoints = os.path.join(workdir, "checkpoints")
+    record_path = os.path.join(workdir, FORK_FILE)
+    if os.path.exists(record_path):
+        with open(record_path) as f:
+            record = json.load(f)
+        if record["source"] != source:
+            raise UsageError(f"--workdir={workdir} was forked from {record['source']}, not "
+                             f"{source}: fork into a new directory")
+        if ResumableCheckpoint.checkpoints(checkpoints):
+            return int(record["step"])  # the fork trained: resume it
+    elif (ResumableCheckpoint.checkpoints(checkpoints)
+          or any(os.path.exists(os.path.join(workdir, name))
+                 for name in (results.SETTINGS_FILE, results.HISTORY_FILE))):
+        raise UsageError(f"--workdir={workdir} already holds a run: fork into a new directory")
+    epochs, path = ResumableCheckpoint.latest(source_checkpoints)
+    if path is None:
+        raise UsageError(f"--fork_from={source}: no checkpoint to start from in "
+                         f"{source_checkpoints}")
+    step = checkpoint_step(path)
+    settings = results.saved_settings(source) or {}
+    if step is None:  # written before checkpoints stored their step
+        step = epochs * int(settings.get("eval_every", 0))
+    if step <= 0:
+        raise UsageError(f"--fork_from={source}: its checkpoint {path} does not say its step")
+    # The record first: a fork killed before its checkpoint lands is copied again.
+    results.write_json(record_path, {"source": source, "step": step,
+                                     "checkpoint": os.path.basename(path),
+                                     "source_settings": settings})
+    history = results.load_history(source)
+    results.write_csv(os.path.join(workdir, results.HISTORY_FILE),
+                      history[history["step"] <= step])
+    os.makedirs(checkpoints, exist_ok=True)
+    temporary = os.path.join(checkpoints, f"tmp-{os.getpid()}.weights.h5")
+    shutil.copyfile(path, temporary)
+    results.fsync_file(temporary)
+    os.replace(temporary, os.path.join(checkpoints, os.path.basename(path)))
+    results.fsync_directory(checkpoints)
+    return step
 
 
 def _align_steps_per_execution(model: keras.Model, eval_every: int, remaining: int) -> None:
