@@ -903,6 +903,16 @@ MUTANTS: List[Mutant] = [
            "        pass\n",
            ["tests/test_recurrent_cli.py::"
             "test_a_fork_starts_from_the_source_checkpoint_under_new_settings"]),
+    Mutant("PTB: M's default rate back to 0.01 (ran away in one seed of three)",
+           "dni_tf/studies/recurrent_dni.py",
+           '    sg_lr_scale: float = option(0.001, "The synthetic-gradient module\'s learning rate "',
+           '    sg_lr_scale: float = option(0.01, "The synthetic-gradient module\'s learning rate "',
+           ["tests/test_recurrent_cli.py::test_language_model_per_window_updates_and_xla_option"]),
+    Mutant("Copy: windows restart at every episode by default (not the paper's stream)",
+           "dni_tf/studies/recurrent_dni.py",
+           '    episodes: str = option("continuous",', '    episodes: str = option("stream",',
+           ["tests/test_recurrent_cli.py::"
+            "test_copy_defaults_are_the_papers_setting_and_diagnostics_need_a_module"]),
 ]
 
 

@@ -11,7 +11,8 @@
 #     scripts/reproduction_report.sh [OUT]        # default docs/reproduction_report.md
 #
 # How the runs were made: gradient dropping, README ("at the write-up's budget");
-# Copy, scripts/copy_table.sh (copy_sg0.01 and copy_reset: the commands in docs/recurrent_dni.md);
+# Copy, scripts/copy_table.sh (copy_sg0.01 and copy_reset: the commands in docs/recurrent_dni.md;
+# copy_continuous: EPISODES=continuous STEPS=20000 SKIP_AUX=1 scripts/copy_table.sh);
 # PTB, scripts/ptb_table.sh; feed-forward DNI and targeted dropout, their docs;
 # threshold updates (about 10 minutes on one core), with
 #   T="--accumulation=sum --batch_size=64 --clip=0 --dataset=mnist --decay=0.9 --eval_every=500
@@ -33,6 +34,7 @@ candidates=(
   runs/copy_ablation/seed0
   runs/copy_sg0.01/seed0 runs/copy_sg0.01/seed1 runs/copy_sg0.01/seed2
   runs/copy_reset/seed0 runs/copy_reset/seed1 runs/copy_reset/seed2
+  runs/copy_continuous/seed0 runs/copy_continuous/seed1 runs/copy_continuous/seed2
   runs/ptb256/seed0 runs/ptb256/seed1 runs/ptb256/seed2
   runs/td_fashion_20ep
 )

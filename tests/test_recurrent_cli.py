@@ -28,13 +28,16 @@ def test_copy_config_validation(field, value):
 def test_copy_defaults_are_the_papers_setting_and_diagnostics_need_a_module():
     cfg = study.CopyTaskConfig()
     assert (cfg.update, cfg.episodes, cfg.sampling, cfg.bootstrap_scale, cfg.sg_scale) == (
-        "per_window", "stream", "uniform", 1.0, 0.1)
+        "per_window", "continuous", "uniform", 0.1, 0.1)
     with pytest.raises(ValueError, match="diagnostics"):
         study.CopyTaskConfig(method="bptt", diagnostics=True).validate()
     study.CopyTaskConfig(sg_scale=0.0).validate()  # the injection ablation is allowed
     model, _ = study.build_copy_model(study.CopyTaskConfig(hidden_size=4, batch_size=3))
-    assert model.stateful and model.update == "per_window" and model.bootstrap_scale == 1.0
-    assert model.episodic  # state carried, bootstrap cut at every episode's end
+    # One endless stream cut every T steps, bootstrapping across episodes (discounted).
+    assert model.stateful and model.update == "per_window" and model.bootstrap_scale == 0.1
+    assert model.continuous and not model.episodic
+    stream, _ = study.build_copy_model(study.CopyTaskConfig(hidden_size=4, episodes="stream"))
+    assert stream.stateful and stream.episodic and not stream.continuous  # cut at episode ends
     reset, _ = study.build_copy_model(study.CopyTaskConfig(hidden_size=4, episodes="reset"))
     assert not reset.stateful
 
@@ -100,8 +103,8 @@ def test_language_model_per_window_updates_and_xla_option():
     model = study.build_language_model(cfg, vocab_size=5)
     assert model.jit_compile and model.update == "per_window" and model.stateful
     assert not model.episodic  # a true stream: the bootstrap crosses batches
-    # ... so its target is discounted by default (undiscounted diverged on PTB at T=2);
-    # Copy, whose episode ends cut the bootstrap, keeps the undiscounted 1.
+    # ... so its target is discounted by default (undiscounted diverged on PTB at T=2),
+    # as in Copy's default stream.
     assert model.bootstrap_scale == pytest.approx(0.1)
     # ... and M learns at 1/1000 of the core's rate on PTB (at 0.01 one seed of three ran
     # away at T=5) and 1/100 on Copy (at 1 the carried cell state ran away in both).

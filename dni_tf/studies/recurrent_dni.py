@@ -70,8 +70,15 @@ class SyntheticGradientOptions:
 
     sg_scale: float = option(0.1, "Scale of synthetic gradients entering the core (0: M is "
                              "trained but nothing enters the core, an ablation).", low=0.0)
-    bootstrap_scale: float = option(1.0, "Scale of the next synthetic gradient inside the "
-                                    "module's regression target (1 = the paper's target).",
+    # A discount in an endless stream (PTB, Copy's default continuous stream): with the
+    # undiscounted target (1) the module regresses onto the sum of all future gradients,
+    # finite only if the windows' Jacobians contract; it diverged on PTB at T=2 within 250
+    # updates and on the Copy stream at once (docs/recurrent_dni.md). 1 is usable where
+    # every episode's end cuts the bootstrap (Copy with --episodes=stream or reset).
+    bootstrap_scale: float = option(0.1, "Scale of the next synthetic gradient inside the "
+                                    "module's regression target: a discount on credit from "
+                                    "later windows (1 = undiscounted: diverged in endless "
+                                    "streams; usable with Copy's --episodes=stream or reset).",
                                     low=0.0)
     aux_weight: float = option(1.0, "Weight of the dni_aux auxiliary loss.", low=0.0)
     clip_norm: float = option(1.0, "Gradient-norm clip, applied to the core and the synthetic "
@@ -113,10 +120,11 @@ class CopyTaskConfig(SyntheticGradientOptions, FastPathOptions):
     update: str = option("per_window", "per_window (an optimizer step every T steps) or "
                          "per_batch (windows' gradients summed, one step per batch).",
                          choices=UPDATES)
-    episodes: str = option("stream", "stream (state carried from episode to episode, windows "
-                           "restart at each), continuous (the same stream cut every T steps "
-                           "wherever episodes end, the paper's unrolled RNN) or reset (every "
-                           "episode from a zero state).", choices=EPISODES)
+    episodes: str = option("continuous", "continuous (one stream of episodes, state carried, "
+                           "cut every T steps wherever episodes end: the paper's unrolled "
+                           "RNN), stream (the same, but windows restart at every episode and "
+                           "its end cuts the bootstrap) or reset (every episode from a zero "
+                           "state).", choices=EPISODES)
     sampling: str = option("uniform", "uniform (each batch's length, and repeats, drawn up to "
                            "the curriculum's) or current (always the curriculum's).",
                            choices=sequence_tasks.SAMPLINGS)
@@ -288,14 +296,6 @@ class LanguageModelConfig(SyntheticGradientOptions, FastPathOptions):
     different T see the same characters and make the same number of updates.
     """
 
-    # A discount in an endless stream: with the undiscounted target (1, Copy's
-    # default, where episode ends cut the bootstrap) the module regresses onto the
-    # sum of all future gradients, finite only if the windows' Jacobians contract;
-    # on PTB at T=2 (LSTM 256) it diverged within 250 updates (docs/recurrent_dni.md).
-    bootstrap_scale: float = option(0.1, "Scale of the next synthetic gradient inside the "
-                                    "module's regression target: a discount on credit from "
-                                    "later windows (1 = undiscounted, diverged on this "
-                                    "stream at T=2).", low=0.0)
     # At 0.01 (Copy's default) dni ran away on PTB at T=5 in one seed of three (seed 1:
     # cell norm 6 million, test BPC 2.72); at 0.001 all three seeds trained, level with
     # bptt (docs/recurrent_dni.md, "PTB: the module's rate").
