@@ -9,13 +9,15 @@
 # scripts/archive_runs.py; commit them). Rerunning resumes every unfinished cell and skips the
 # finished ones. Run one process per core (e.g. `taskset -c 0 nice -n 10 ...`).
 #
-# Environment: SG_LR_SCALE (M's rate over the core's; default 1, see below), SKIP_AUX=1
+# Environment: SG_LR_SCALE (M's rate over the core's; default 1 for the episodic stream's
+# cells, see below, and 0.01 with EPISODES=continuous), SKIP_AUX=1
 # (train bptt and dni only; the dni_aux cells can be added by a later run without it),
 # STEPS (the budget, default 50000; a finished cell trains on when it is raised),
 # EPISODES=continuous (windows cut every T steps of the episode stream, bootstrap 0.1;
 # cells in $RUNS/<task>_continuous/...; default: the episodic stream, bootstrap 1).
 #
-# dni_aux is trained only where dni's curriculum reached L >= T. Below that every
+# In the episodic stream dni_aux is trained only where dni's curriculum reached L >= T
+# (with EPISODES=continuous always: windows span episodes there). Below that every
 # Copy episode (2L+1 steps) spans at most two windows, the Aux head's only target is
 # the zero gradient at the episode's end, and dni_aux trains bit-identically to dni
 # (seen: T=5, seed 0, 32,500 steps, every history column equal). The cell then gets
@@ -41,7 +43,7 @@ for T in $TRUNCATIONS; do for seed in $SEEDS; do
       --seed=$seed || continue
   if [ "${SKIP_AUX:-0}" = 1 ]; then python scripts/archive_runs.py "${ROOT##*/}"; continue; fi
   reached=$(python -c "import pandas; print(int(pandas.read_csv('$dir/dni_T$T/history.csv')['curriculum_length'].max()))")
-  if [ "$reached" -ge "$T" ]; then
+  if [ "$reached" -ge "$T" ] || [ "${EPISODES:-stream}" = continuous ]; then
     python -m experiments.copy_task --workdir=$dir/dni_aux_T$T --method=dni_aux --truncation=$T \
         $COMMON --seed=$seed
   else
