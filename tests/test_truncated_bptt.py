@@ -625,12 +625,13 @@ def test_a_stateful_model_refuses_several_replicas(mirrored_strategy):
 
 
 def test_the_studies_refuse_carried_state_under_replicas(mirrored_strategy, tmp_path):
-    """Copy's episode stream and PTB carry state per batch row: one line, before training."""
+    """Copy's episode stream (continuous by default) and PTB carry state per batch row: one
+    line, before training."""
     from dni_tf.harness.cli import UsageError
     from dni_tf.studies import recurrent_dni
 
     with mirrored_strategy.scope():
-        with pytest.raises(UsageError, match="--episodes=stream carries the state"):
+        with pytest.raises(UsageError, match="--episodes=continuous carries the state"):
             recurrent_dni.run_copy_task(recurrent_dni.CopyTaskConfig(steps=1, eval_every=1),
                                         str(tmp_path / "copy"))
         with pytest.raises(UsageError, match="PTB trains one stateful stream per batch row"):
