@@ -298,7 +298,7 @@ class LanguageModelConfig(SyntheticGradientOptions, FastPathOptions):
 
     # At 0.01 (Copy's default) dni ran away on PTB at T=5 in one seed of three (seed 1:
     # cell norm 6 million, test BPC 2.72); at 0.001 all three seeds trained, level with
-    # bptt (docs/recurrent_dni.md, "PTB: the module's rate").
+    # bptt (docs/recurrent_dni.md, "PTB: the module's rate at three seeds").
     sg_lr_scale: float = option(0.001, "The synthetic-gradient module's learning rate "
                                 "relative to the core's (0.01 ran away in one PTB seed of "
                                 "three, 1 in every carried stream).", low=0.0, low_open=True)
