@@ -417,8 +417,7 @@ def test_continuous_stream_cuts_windows_across_batches(method, tmp_path):
     model = make(continuous=True)
     for i in range(3):
         lo, hi = cuts[i], cuts[i + 1]
-        logs = model.train_on_batch(x[:, lo:hi], y[:, lo:hi], sample_weight=mask[:, lo:hi],
-                                    return_dict=True)
+        model.train_on_batch(x[:, lo:hi], y[:, lo:hi], sample_weight=mask[:, lo:hi])
     assert int(model.pending_steps.numpy()) == 1 and int(model.optimizer.iterations) == 2
     path = str(tmp_path / "m.weights.h5")
     model.save_weights(path)
