@@ -340,9 +340,11 @@ def _reference_dni_batch(model, x, y, mask, state, episodic, per_window):
     return updates, s
 
 
-def _random_module_model(method, stateful, update, seed=4, episodic=None):
-    model = _model(2, method, seed=seed, stateful=stateful, batch_size=B, update=update,
-                   sg_scale=SG_SCALE, bootstrap_scale=BOOTSTRAP, episodic=episodic)
+def _random_module_model(method, stateful, update, seed=4, episodic=None, truncation=2,
+                         **kwargs):
+    model = _model(truncation, method, seed=seed, stateful=stateful, batch_size=B,
+                   update=update, sg_scale=SG_SCALE, bootstrap_scale=BOOTSTRAP,
+                   episodic=episodic, **kwargs)
     rng = np.random.default_rng(11)
     for layer in (model.synthetic_gradient, model.aux_head):
         if layer is not None:
@@ -399,13 +401,8 @@ def test_continuous_stream_cuts_windows_across_batches(method, tmp_path):
     cuts = [0, 3, 8, 9, 16]
 
     def make(continuous):
-        model = _model(4, method, seed=4, stateful=True, batch_size=B, sg_scale=SG_SCALE,
-                       bootstrap_scale=BOOTSTRAP, episodic=False, continuous=continuous)
-        rng = np.random.default_rng(11)
-        for layer in (model.synthetic_gradient, model.aux_head):
-            if layer is not None:
-                for v in layer.trainable_variables:
-                    v.assign(rng.normal(0.0, 0.3, v.shape).astype("float32"))
+        model = _random_module_model(method, True, "per_window", episodic=False, truncation=4,
+                                     continuous=continuous)
         model.train_state.assign(np.random.default_rng(5).normal(0.0, 0.5, (B, 2 * H))
                                  .astype("float32"))
         model.compile(optimizer=keras.optimizers.SGD(learning_rate=1.0))
