@@ -913,6 +913,17 @@ MUTANTS: List[Mutant] = [
            '    episodes: str = option("continuous",', '    episodes: str = option("stream",',
            ["tests/test_recurrent_cli.py::"
             "test_copy_defaults_are_the_papers_setting_and_diagnostics_need_a_module"]),
+    Mutant("diagnostics: the continuous stream scored on one episode aligned to a window",
+           "dni_tf/studies/recurrent_dni.py",
+           "    if not model.continuous:\n        return level_batch",
+           "    if True:\n        return level_batch",
+           ["tests/test_recurrent_cli.py::"
+            "test_continuous_diagnostics_score_m_on_training_windows"]),
+    Mutant("linear bound: continuous segments drop the steps cut from the last one",
+           "scripts/sg_linear_bound.py",
+           "study.stream_segment(cfg, curriculum, seed, leftover)",
+           "study.stream_segment(cfg, curriculum, seed, None)",
+           ["tests/test_sg_linear_bound.py"]),
 ]
 
 

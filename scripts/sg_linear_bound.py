@@ -9,7 +9,9 @@ means M is under-trained or that the target is not linearly predictable from s:
 it loads a finished or checkpointed Copy run (dni or dni_aux), streams
 `--batches` fresh batches at the curriculum's level through the trained core
 with the state carried from batch to batch (as in training, from the state the
-checkpoint holds; no updates), collects the window-end states and the true future
+checkpoint holds; no updates; in the continuous stream, segments of four
+episodes after the checkpoint's pending steps, cut at training's window ends,
+`recurrent_dni.stream_segment`), collects the window-end states and the true future
 gradients there (full BPTT over each episode,
 `TruncatedBPTT.synthetic_gradient_quality`), fits the best affine map s -> gradient
 by ridge regression on the first half of the samples, and prints on the second
@@ -62,11 +64,16 @@ def linear_bound(workdir: str, batches: int = 200, ridge: float = 1e-3) -> dict:
     model.load_weights(checkpoint)
     length = int(curriculum.length.value)
     repeats = int(curriculum.repeats.value)
-    state = model.train_state.value if model.stateful else None
     states, trues, preds = [], [], []
+    leftover = None
     for i in range(batches):
-        x, y, mask = study.level_batch(cfg, curriculum,
-                                       tf.constant([cfg.seed + 3_000_017, i], tf.int64))
+        seed = tf.constant([cfg.seed + 3_000_017, i], tf.int64)
+        if i == 0:
+            (x, y, mask), state, leftover = study.diagnostic_batch(cfg, curriculum, model, seed)
+        elif model.continuous:  # the stream goes on where the last segment was cut
+            (x, y, mask), leftover = study.stream_segment(cfg, curriculum, seed, leftover)
+        else:
+            x, y, mask = study.level_batch(cfg, curriculum, seed)
         q = model.synthetic_gradient_quality(x, y, mask, state=state)
         if not q["states"].shape[0]:
             raise RuntimeError(f"the curriculum's level (L={length}) fits one window of "

@@ -62,7 +62,7 @@ def test_diagnostics_measure_m_on_the_carried_stream_state(tmp_path):
     import tensorflow as tf
     from dni_tf.data import sequence_tasks
     cfg = study.CopyTaskConfig(method="dni", truncation=2, hidden_size=4, batch_size=3,
-                               num_bits=2, diagnostics=True)
+                               num_bits=2, diagnostics=True, episodes="stream")
     model, curriculum = study.build_copy_model(cfg)
     curriculum.length.assign(2)  # 5 steps: three windows, two window ends compared
     x, y, mask = sequence_tasks.copy_batch(tf.constant([cfg.seed + 2_000_003, 0], tf.int64),
@@ -88,6 +88,54 @@ def test_diagnostics_measure_m_on_the_carried_stream_state(tmp_path):
         v.assign(w)
     row = study.SyntheticGradientDiagnostics(cfg, reset_curriculum, str(tmp_path / "r"))(reset)
     assert row["sg_cosine_mean"] == pytest.approx(float(np.mean(from_zero["cosine"])), abs=1e-6)
+
+
+def test_continuous_diagnostics_score_m_on_training_windows(tmp_path):
+    """In the continuous stream training cuts windows at any offset of an episode, after
+    the steps it holds over: the diagnostic runs those pending steps, then four episodes,
+    cut at a window end, from the carried state (not one episode aligned to a window)."""
+    import numpy as np
+    import tensorflow as tf
+    from dni_tf.data import sequence_tasks
+    cfg = study.CopyTaskConfig(method="dni", truncation=3, hidden_size=4, batch_size=3,
+                               num_bits=2, diagnostics=True)
+    model, curriculum = study.build_copy_model(cfg)
+    assert model.continuous
+    curriculum.length.assign(2)  # 5-step episodes
+    rng = np.random.default_rng(1)
+    model(np.zeros([3, 5, 3], "float32"))
+    for v in model.synthetic_gradient.weights:
+        v.assign(rng.normal(size=v.shape).astype("float32"))
+    carried = rng.normal(size=model.train_state.shape).astype("float32")
+    model.train_state.assign(carried)
+    pending = [rng.normal(size=v.shape).astype("float32")
+               for v in (model.pending_x, model.pending_y, model.pending_mask)]
+    pending[1], pending[2] = (pending[1] > 0).astype("float32"), np.ones([3, 3], "float32")
+    for v, value in zip((model.pending_x, model.pending_y, model.pending_mask), pending):
+        v.assign(value)
+    model.pending_steps.assign(1)
+    row = study.SyntheticGradientDiagnostics(cfg, curriculum, str(tmp_path))(model)
+    # By hand: 1 pending step + 4 x 5 episode steps = 21 steps, 7 whole windows of 3.
+    episodes = [sequence_tasks.copy_batch(tf.constant([cfg.seed + 2_000_003, i], tf.int64),
+                                          3, 2, 2) for i in range(4)]
+    stream = [np.concatenate([pending[j][:, :1]] + [e[j].numpy() for e in episodes], 1)
+              for j in range(3)]
+    assert stream[0].shape[1] == 21
+    expected = model.synthetic_gradient_quality(*stream, state=carried)
+    assert len(expected["cosine"]) == 6
+    assert row["sg_cosine_mean"] == pytest.approx(float(np.mean(expected["cosine"])), abs=1e-6)
+    assert row["sg_norm_ratio_mean"] == pytest.approx(float(np.mean(expected["norm_ratio"])),
+                                                      rel=1e-5)
+    one_episode = model.synthetic_gradient_quality(*episodes[0], state=carried)
+    assert row["sg_cosine_mean"] != pytest.approx(float(np.mean(one_episode["cosine"])),
+                                                  abs=1e-3)
+    # 22 steps (two pending) are cut after 21: the 22nd starts the next segment.
+    model.pending_steps.assign(2)
+    (x, _, _), state, leftover = study.diagnostic_batch(
+        cfg, curriculum, model, tf.constant([cfg.seed + 2_000_003, 0], tf.int64))
+    assert x.shape[1] == 21 and leftover[0].shape[1] == 1
+    np.testing.assert_array_equal(x[:, :2], pending[0][:, :2])
+    np.testing.assert_array_equal(leftover[0][:, 0], episodes[3][0][:, -1])
 
 
 def test_multi_network_config_validation():

@@ -18,28 +18,48 @@ bound = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(bound)
 
 
-def test_fits_an_affine_map_to_the_future_gradients_of_a_run(tmp_path):
+@pytest.mark.parametrize("episodes", ["stream", "continuous"])
+def test_fits_an_affine_map_to_the_future_gradients_of_a_run(tmp_path, episodes):
     cfg = study.CopyTaskConfig(method="dni", truncation=2, hidden_size=6, batch_size=4,
                                steps=3, eval_every=3, eval_batches=1, min_length=2,
-                               max_length=2, num_bits=2, sg_lr_scale=1.0)
+                               max_length=2, num_bits=2, sg_lr_scale=1.0, episodes=episodes)
     study.run_copy_task(cfg, str(tmp_path))
     # A killed save's temporary is never read as the newest checkpoint.
     (tmp_path / "checkpoints" / "tmp-999.weights.h5").write_bytes(b"partial")
     r = bound.linear_bound(str(tmp_path), batches=40)
-    # L=2 at T=2: 5 steps, three windows, two window ends with a future: 20 held-out
-    # batches x 2 x 4 rows.
-    assert (r["method"], r["truncation"], r["length"], r["held_out_rows"]) == ("dni", 2, 2, 160)
+    # L=2 at T=2, episodic: 5 steps, three windows, two window ends with a future: 20
+    # held-out batches x 2 x 4 rows. Continuous: segments of four episodes (20 steps) cut
+    # at window ends, 10 windows and 9 window ends with a future each.
+    rows = 160 if episodes == "stream" else 20 * 9 * 4
+    assert (r["method"], r["truncation"], r["length"], r["held_out_rows"]) == ("dni", 2, 2, rows)
     assert "dni T=2, L=2" in bound.report("W", r)
     assert 0 < r["fit_cosine"] <= 1 and r["fit_norm_ratio"] > 0
-    # 13 parameters per output fitted on 160 rows: the in-sample fit is the better one.
-    assert r["fit_in_sample_cosine"] >= r["fit_cosine"]
+    if episodes == "stream":
+        # 13 parameters per output fitted on 160 rows: the in-sample fit is the better one.
+        assert r["fit_in_sample_cosine"] >= r["fit_cosine"]
     # The trained M's score, by hand: the run's weights, its carried state, the script's
     # batches streamed in order with the state carried, scored on the second half.
     model, _ = study.build_copy_model(cfg)
     model.load_weights(sorted(glob.glob(str(tmp_path / "checkpoints" / "ckpt-*.h5")))[-1])
     state, true, predicted = model.train_state.value, [], []
+    if episodes == "continuous":
+        # One stream: the checkpoint's pending steps, then episodes 0, 1, ... in order;
+        # segment i ends at the last window end before its four episodes' end.
+        p = int(model.pending_steps.numpy())
+        assert p == 1  # 3 batches of 5 steps at T=2 leave one step over
+        pending = [v.numpy()[:, :p] for v in (model.pending_x, model.pending_y,
+                                              model.pending_mask)]
+        parts = [sequence_tasks.copy_batch(tf.constant([3_000_017, k], tf.int64), 4, 2, 2)
+                 for k in range(160)]
+        stream = [np.concatenate([pending[j]] + [e[j].numpy() for e in parts], 1)
+                  for j in range(3)]
+        ends = [0] + [(p + 20 * (i + 1)) // 2 * 2 for i in range(40)]
     for i in range(40):
-        x, y, mask = sequence_tasks.copy_batch(tf.constant([3_000_017, i], tf.int64), 4, 2, 2)
+        if episodes == "continuous":
+            x, y, mask = (v[:, ends[i]:ends[i + 1]] for v in stream)
+        else:
+            x, y, mask = sequence_tasks.copy_batch(tf.constant([3_000_017, i], tf.int64), 4,
+                                                   2, 2)
         q = model.synthetic_gradient_quality(x, y, mask, state=state)
         state = q["final_state"]
         if i >= 20:

@@ -243,13 +243,52 @@ def level_batch(cfg: CopyTaskConfig, curriculum, seed):
                                             cfg.max_repeats)
 
 
+def stream_segment(cfg: CopyTaskConfig, curriculum, seed, prefix=None, episodes: int = 4):
+    """A stretch of the continuous stream (`--episodes=continuous`), cut where training cuts.
+
+    `episodes` level episodes (`level_batch`, seeds `[seed[0], seed[1] * episodes + i]`)
+    end to end after `prefix` (steps the stream holds over: the model's pending steps, or
+    the previous segment's leftover), cut after the last whole window of T steps, so
+    every window of the segment is one of training's windows and its first state is a
+    window end. Returns `((x, y, mask), leftover)`; the leftover (fewer than T steps) is
+    the next segment's prefix.
+    """
+    seed = tf.convert_to_tensor(seed, tf.int64)
+    parts = [level_batch(cfg, curriculum, tf.stack([seed[0], seed[1] * episodes + i]))
+             for i in range(episodes)]
+    if prefix is not None:
+        parts.insert(0, prefix)
+    stream = [tf.concat([tf.cast(p[j], tf.float32) for p in parts], axis=1) for j in range(3)]
+    whole = stream[0].shape[1] // cfg.truncation * cfg.truncation
+    return tuple(v[:, :whole] for v in stream), tuple(v[:, whole:] for v in stream)
+
+
+def diagnostic_batch(cfg: CopyTaskConfig, curriculum, model: TruncatedBPTT, seed):
+    """`(x, y, mask, state)` on which to score M: what it is trained on, from the carried state.
+
+    Episodic settings: one level batch from the training state (zero with
+    `--episodes=reset`). Continuous stream: the model's pending steps, then four
+    episodes, cut at training's window ends (`stream_segment`), from the training state
+    (which is the state at the last window end). Also returns the leftover steps for a
+    caller that streams on (None when episodic).
+    """
+    state = model.train_state.value if model.stateful else None
+    if not model.continuous:
+        return level_batch(cfg, curriculum, seed), state, None
+    p = int(model.pending_steps.numpy())
+    pending = (model.pending_x[:, :p], model.pending_y[:, :p], model.pending_mask[:, :p])
+    segment, leftover = stream_segment(cfg, curriculum, seed, prefix=pending)
+    return segment, state, leftover
+
+
 class SyntheticGradientDiagnostics:
     """`--diagnostics`: synthetic gradient vs the true future gradient, per window.
 
-    At every evaluation, one fixed-seed batch at the curriculum's current level
-    is run from the state training has carried to that point (the stream's
-    states, which are what M is trained on; a zero state with
-    `--episodes=reset`); for every window end, the cosine and the norm
+    At every evaluation, a fixed-seed batch at the curriculum's current level
+    (`diagnostic_batch`: one episode, or in the continuous stream the pending
+    steps and four episodes cut where training cuts its windows) is run from the
+    state training has carried to that point (the stream's states, which are what
+    M is trained on; a zero state with `--episodes=reset`); for every window end, the cosine and the norm
     ratio ||M(s)|| / ||true|| between M's prediction and the gradient of the
     later windows' losses from full BPTT over the same sequence
     (`TruncatedBPTT.synthetic_gradient_quality`) go to TensorBoard
@@ -266,11 +305,11 @@ class SyntheticGradientDiagnostics:
 
     def __call__(self, model) -> dict:
         cfg = self.cfg
-        x, y, mask = level_batch(cfg, self.curriculum,
-                                 tf.constant([cfg.seed + 2_000_003, 0], tf.int64))
-        # In the stream M only ever sees carried states: measuring it from a zero
-        # state would judge it off the distribution it learns on.
-        state = model.train_state.value if model.stateful else None
+        # In the stream M only ever sees carried states (and, in the continuous stream,
+        # windows cut at any offset of an episode): measuring it from a zero state or on
+        # windows aligned with episodes would judge it off the distribution it learns on.
+        (x, y, mask), state, _ = diagnostic_batch(
+            cfg, self.curriculum, model, tf.constant([cfg.seed + 2_000_003, 0], tf.int64))
         quality = model.synthetic_gradient_quality(x, y, mask, state=state)
         cosine, ratio = quality["cosine"].numpy(), quality["norm_ratio"].numpy()
         done = len(results.load_history(self.workdir)) if os.path.exists(
