@@ -83,16 +83,16 @@ def linear_bound(workdir: str, batches: int = 200, ridge: float = 1e-3) -> dict:
         preds.append(q["predicted"].numpy())
         if model.stateful:
             state = q["final_state"]
-    # [batches, K-1, B, 2H]: fit on the first half of the batches, score on the second.
-    s, g, p = (np.stack(a) for a in (states, trues, preds))
+    # Per batch [K-1, B, 2H] (K varies along a continuous stream): fit on the first half
+    # of the batches, score on the second.
     half = batches // 2
-    dim = s.shape[-1]
+    dim = states[0].shape[-1]
 
-    def rows(a):
-        return a.reshape(-1, dim)
+    def rows(arrays):
+        return np.concatenate([a.reshape(-1, dim) for a in arrays])
 
-    s_fit, g_fit = rows(s[:half]), rows(g[:half])
-    s_test, g_test, p_test = rows(s[half:]), rows(g[half:]), rows(p[half:])
+    s_fit, g_fit = rows(states[:half]), rows(trues[:half])
+    s_test, g_test, p_test = rows(states[half:]), rows(trues[half:]), rows(preds[half:])
     design = np.concatenate([s_fit, np.ones([len(s_fit), 1])], 1)
     penalty = ridge * float(np.mean(s_fit ** 2)) * len(s_fit)
     w = np.linalg.solve(design.T @ design + penalty * np.eye(dim + 1), design.T @ g_fit)

@@ -18,21 +18,18 @@ bound = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(bound)
 
 
-@pytest.mark.parametrize("episodes", ["stream", "continuous"])
-def test_fits_an_affine_map_to_the_future_gradients_of_a_run(tmp_path, episodes):
-    cfg = study.CopyTaskConfig(method="dni", truncation=2, hidden_size=6, batch_size=4,
+# Continuous at T=3: 20-step segments cut at 18 or 21 steps, so segments differ in length.
+@pytest.mark.parametrize("episodes, t", [("stream", 2), ("continuous", 3)])
+def test_fits_an_affine_map_to_the_future_gradients_of_a_run(tmp_path, episodes, t):
+    cfg = study.CopyTaskConfig(method="dni", truncation=t, hidden_size=6, batch_size=4,
                                steps=3, eval_every=3, eval_batches=1, min_length=2,
                                max_length=2, num_bits=2, sg_lr_scale=1.0, episodes=episodes)
     study.run_copy_task(cfg, str(tmp_path))
     # A killed save's temporary is never read as the newest checkpoint.
     (tmp_path / "checkpoints" / "tmp-999.weights.h5").write_bytes(b"partial")
     r = bound.linear_bound(str(tmp_path), batches=40)
-    # L=2 at T=2, episodic: 5 steps, three windows, two window ends with a future: 20
-    # held-out batches x 2 x 4 rows. Continuous: segments of four episodes (20 steps) cut
-    # at window ends, 10 windows and 9 window ends with a future each.
-    rows = 160 if episodes == "stream" else 20 * 9 * 4
-    assert (r["method"], r["truncation"], r["length"], r["held_out_rows"]) == ("dni", 2, 2, rows)
-    assert "dni T=2, L=2" in bound.report("W", r)
+    assert (r["method"], r["truncation"], r["length"]) == ("dni", t, 2)
+    assert f"dni T={t}, L=2" in bound.report("W", r)
     assert 0 < r["fit_cosine"] <= 1 and r["fit_norm_ratio"] > 0
     if episodes == "stream":
         # 13 parameters per output fitted on 160 rows: the in-sample fit is the better one.
@@ -45,15 +42,22 @@ def test_fits_an_affine_map_to_the_future_gradients_of_a_run(tmp_path, episodes)
     if episodes == "continuous":
         # One stream: the checkpoint's pending steps, then episodes 0, 1, ... in order;
         # segment i ends at the last window end before its four episodes' end.
-        p = int(model.pending_steps.numpy())
-        assert p == 1  # 3 batches of 5 steps at T=2 leave one step over
+        p = int(model.pending_steps.numpy())  # 3 batches of 5 steps at T=3: none over
         pending = [v.numpy()[:, :p] for v in (model.pending_x, model.pending_y,
                                               model.pending_mask)]
         parts = [sequence_tasks.copy_batch(tf.constant([3_000_017, k], tf.int64), 4, 2, 2)
                  for k in range(160)]
         stream = [np.concatenate([pending[j]] + [e[j].numpy() for e in parts], 1)
                   for j in range(3)]
-        ends = [0] + [(p + 20 * (i + 1)) // 2 * 2 for i in range(40)]
+        ends = [0] + [(p + 20 * (i + 1)) // t * t for i in range(40)]
+        windows = [(ends[i + 1] - ends[i]) // t for i in range(20, 40)]
+        assert len(set(windows)) > 1
+        # Every window end but each segment's last has a future, 4 rows each.
+        assert r["held_out_rows"] == sum(k - 1 for k in windows) * 4
+    else:
+        # L=2 at T=2: 5 steps, three windows, two window ends with a future: 20 held-out
+        # batches x 2 x 4 rows.
+        assert r["held_out_rows"] == 160
     for i in range(40):
         if episodes == "continuous":
             x, y, mask = (v[:, ends[i]:ends[i + 1]] for v in stream)
@@ -65,7 +69,7 @@ def test_fits_an_affine_map_to_the_future_gradients_of_a_run(tmp_path, episodes)
         if i >= 20:
             true.append(q["true"].numpy())
             predicted.append(q["predicted"].numpy())
-    true, predicted = np.stack(true), np.stack(predicted)
+    true, predicted = np.concatenate(true, 0), np.concatenate(predicted, 0)
     cosine = np.sum(true * predicted) / (np.linalg.norm(true) * np.linalg.norm(predicted))
     assert r["m_cosine"] == pytest.approx(cosine, rel=1e-4)
     assert r["m_norm_ratio"] == pytest.approx(np.linalg.norm(predicted) / np.linalg.norm(true),
