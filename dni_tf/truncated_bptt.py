@@ -625,7 +625,8 @@ class TruncatedBPTT(BuildsBeforeTracing, keras.Model):
             "aux_loss": stats["aux_loss"] / aux_windows,
         }
 
-    def synthetic_gradient_quality(self, x, y, mask=None, state=None) -> Dict[str, object]:
+    def synthetic_gradient_quality(self, x, y, mask=None, state=None,
+                                   next_window_only: bool = False) -> Dict[str, object]:
         """How well M predicts the future gradient, per window, against full BPTT.
 
         For each window end s_{k+1} (k = 0 .. K-2), compares M(s_{k+1}) with the
@@ -633,7 +634,9 @@ class TruncatedBPTT(BuildsBeforeTracing, keras.Model):
         s_{k+1}, from one tape over the whole sequence with the current weights
         (per-example units: B times the gradient of the batch objective; the
         windows' losses are weighted as in training). Losses beyond the batch
-        are unknown, so the last window end is left out.
+        are unknown, so the last window end is left out. `next_window_only`:
+        the gradient of window k+1's loss alone (the part of M's regression
+        target that is not bootstrapped; the paths through later windows are cut).
 
         Returns `cosine` [K-1] (cosine of the two flattened [B * 2H] arrays)
         and `norm_ratio` [K-1] (||M|| / ||true||), float32; and the arrays they
@@ -656,11 +659,15 @@ class TruncatedBPTT(BuildsBeforeTracing, keras.Model):
             tape.watch(probes)
 
             def body(k, s, total, sgs, ends):
+                if next_window_only:  # window k's loss reaches back one window end only
+                    s = tf.stop_gradient(s) + tf.gather(probes, tf.maximum(k - 1, 0)) * tf.cast(
+                        k > 0, tf.float32)
                 out, new_s = self._run_core(_window(features, k, t), s,
                                             self._valid(k, t, n, batch))
                 nats = self._step_losses(self.head(out), _window(y, k, t)) * _window(mask_p, k, t)
                 total += tf.reduce_sum(nats) / tf.cast(batch * t, tf.float32)
-                new_s = new_s + tf.gather(probes, k)
+                if not next_window_only:
+                    new_s = new_s + tf.gather(probes, k)
                 return (k + 1, new_s, total, sgs.write(k, self._predict_sg(new_s)),
                         ends.write(k, new_s))
 

@@ -924,6 +924,11 @@ MUTANTS: List[Mutant] = [
            "study.stream_segment(cfg, curriculum, seed, leftover)",
            "study.stream_segment(cfg, curriculum, seed, None)",
            ["tests/test_sg_linear_bound.py"]),
+    Mutant("quality: next_window_only keeps the paths through later windows",
+           "dni_tf/truncated_bptt.py",
+           "                    s = tf.stop_gradient(s) + tf.gather(probes",
+           "                    s = s + tf.gather(probes",
+           ["tests/test_truncated_bptt.py::test_synthetic_gradient_quality_against_full_bptt"]),
 ]
 
 

@@ -1,6 +1,7 @@
 """How much of the true future gradient could ANY linear module predict? (Copy runs.)
 
     python scripts/sg_linear_bound.py --workdir=runs/copy_sg0.01/seed0/dni_T4 [--batches=200]
+        [--next_window_only]
 
 Recurrent DNI's module M is linear in the window-end state s. `--diagnostics`
 reports how well the trained M predicts the true gradient of an episode's later
@@ -33,8 +34,12 @@ def _cosine(a, b):
     return float(np.sum(a * b) / max(np.linalg.norm(a) * np.linalg.norm(b), 1e-12))
 
 
-def linear_bound(workdir: str, batches: int = 200, ridge: float = 1e-3) -> dict:
+def linear_bound(workdir: str, batches: int = 200, ridge: float = 1e-3,
+                 next_window_only: bool = False) -> dict:
     """Scores of the trained M and of the best affine map (see the module docstring).
+
+    `next_window_only`: the target is the gradient of the next window's loss alone
+    (the part of M's training target that is not bootstrapped), not all later losses.
 
     Raises ValueError (a usage error: no run, or a run without a module) or
     RuntimeError (the run's level fits one window: nothing to predict).
@@ -74,7 +79,8 @@ def linear_bound(workdir: str, batches: int = 200, ridge: float = 1e-3) -> dict:
             (x, y, mask), leftover = study.stream_segment(cfg, curriculum, seed, leftover)
         else:
             x, y, mask = study.level_batch(cfg, curriculum, seed)
-        q = model.synthetic_gradient_quality(x, y, mask, state=state)
+        q = model.synthetic_gradient_quality(x, y, mask, state=state,
+                                             next_window_only=next_window_only)
         if not q["states"].shape[0]:
             raise RuntimeError(f"the curriculum's level (L={length}) fits one window of "
                                f"T={cfg.truncation}: no window end to predict at")
@@ -100,6 +106,7 @@ def linear_bound(workdir: str, batches: int = 200, ridge: float = 1e-3) -> dict:
     return {
         "method": cfg.method, "truncation": cfg.truncation, "task": cfg.task,
         "length": length, "repeats": repeats, "checkpoint": os.path.basename(checkpoint),
+        "target": "next window's loss" if next_window_only else "all later losses",
         "held_out_rows": len(s_test),
         "m_cosine": _cosine(p_test, g_test),
         "m_norm_ratio": float(np.linalg.norm(p_test) / np.linalg.norm(g_test)),
@@ -112,7 +119,8 @@ def linear_bound(workdir: str, batches: int = 200, ridge: float = 1e-3) -> dict:
 def report(workdir: str, r: dict) -> str:
     level = f"L={r['length']}" + (f", R={r['repeats']}" if r["task"] == "repeat_copy" else "")
     return (f"{workdir}: {r['method']} T={r['truncation']}, {level}, checkpoint "
-            f"{r['checkpoint']}, {r['held_out_rows']} held-out window ends\n"
+            f"{r['checkpoint']}, {r['held_out_rows']} held-out window ends, target: "
+            f"{r['target']}\n"
             f"  trained M:         cosine {r['m_cosine']:.3f}  "
             f"norm ratio {r['m_norm_ratio']:.3f}\n"
             f"  best affine map:   cosine {r['fit_cosine']:.3f}  "
@@ -127,12 +135,15 @@ if __name__ == "__main__":
     flags.DEFINE_integer("batches", 200, "Batches to stream (half fit the map, half score it).")
     flags.DEFINE_float("ridge", 1e-3, "Ridge penalty, relative to the mean squared state.",
                        lower_bound=0.0)
+    flags.DEFINE_bool("next_window_only", False, "Target: the gradient of the next window's "
+                      "loss alone (M's unbootstrapped target), not of all later losses.")
 
     def main(argv):
         del argv
         FLAGS = flags.FLAGS
         try:
-            print(report(FLAGS.workdir, linear_bound(FLAGS.workdir, FLAGS.batches, FLAGS.ridge)))
+            print(report(FLAGS.workdir, linear_bound(FLAGS.workdir, FLAGS.batches, FLAGS.ridge,
+                                                        FLAGS.next_window_only)))
         except ValueError as e:
             print(e, file=sys.stderr)
             return 2

@@ -29,7 +29,10 @@ def test_fits_an_affine_map_to_the_future_gradients_of_a_run(tmp_path, episodes,
     (tmp_path / "checkpoints" / "tmp-999.weights.h5").write_bytes(b"partial")
     r = bound.linear_bound(str(tmp_path), batches=40)
     assert (r["method"], r["truncation"], r["length"]) == ("dni", t, 2)
-    assert f"dni T={t}, L=2" in bound.report("W", r)
+    assert f"dni T={t}, L=2" in bound.report("W", r) and "all later losses" in bound.report("W", r)
+    near = bound.linear_bound(str(tmp_path), batches=10, next_window_only=True)
+    assert "next window's loss" in bound.report("W", near)
+    assert near["m_norm_ratio"] != pytest.approx(r["m_norm_ratio"], rel=1e-3)
     assert 0 < r["fit_cosine"] <= 1 and r["fit_norm_ratio"] > 0
     if episodes == "stream":
         # 13 parameters per output fitted on 160 rows: the in-sample fit is the better one.

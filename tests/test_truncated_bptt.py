@@ -538,6 +538,19 @@ def test_synthetic_gradient_quality_against_full_bptt():
     np.testing.assert_allclose(tf.reshape(q["true"][0], [-1]), true, rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(tf.reshape(q["predicted"][0], [-1]), pred, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(q["final_state"], model.forward(x)[1], rtol=1e-5, atol=1e-6)
+    # next_window_only: at s1 the gradient of window 1's loss (steps 2-3) alone.
+    near = model.synthetic_gradient_quality(x, y, mask, next_window_only=True)
+    with tf.GradientTape() as tape:
+        tape.watch(s1)
+        logits, _ = model.forward(x[:, 2:4], s1)
+        nats = tf.reduce_sum(
+            tf.nn.sigmoid_cross_entropy_with_logits(labels=y[:, 2:4], logits=logits), -1)
+        next_loss = tf.reduce_sum(nats * mask[:, 2:4]) / (B * 2)
+    next_grad = tape.gradient(next_loss, s1) * B
+    np.testing.assert_allclose(near["true"][0], next_grad, rtol=1e-4, atol=1e-6)
+    assert not np.allclose(near["true"][0], q["true"][0], rtol=1e-3, atol=1e-5)
+    np.testing.assert_allclose(near["true"][1], q["true"][1], rtol=1e-4, atol=1e-6)  # the last
+    np.testing.assert_allclose(near["predicted"], q["predicted"], rtol=1e-5, atol=1e-6)
 
 
 def test_bfloat16_step_follows_the_float32_step(method="dni_aux", stateful=True):
