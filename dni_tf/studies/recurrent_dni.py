@@ -264,13 +264,13 @@ def stream_segment(cfg: CopyTaskConfig, curriculum, seed, prefix=None, episodes:
 
 
 def diagnostic_batch(cfg: CopyTaskConfig, curriculum, model: TruncatedBPTT, seed):
-    """`(x, y, mask, state)` on which to score M: what it is trained on, from the carried state.
+    """`((x, y, mask), state, leftover)`: where to score M, as it is trained.
 
-    Episodic settings: one level batch from the training state (zero with
-    `--episodes=reset`). Continuous stream: the model's pending steps, then four
-    episodes, cut at training's window ends (`stream_segment`), from the training state
-    (which is the state at the last window end). Also returns the leftover steps for a
-    caller that streams on (None when episodic).
+    Episodic settings: one level batch from the training state (None with
+    `--episodes=reset`: zeros); leftover None. Continuous stream: the model's pending
+    steps, then four episodes, cut at training's window ends (`stream_segment`), from
+    the training state (the state at the last window end); leftover: the steps cut
+    off, for a caller that streams on.
     """
     state = model.train_state.value if model.stateful else None
     if not model.continuous:
@@ -288,9 +288,9 @@ class SyntheticGradientDiagnostics:
     (`diagnostic_batch`: one episode, or in the continuous stream the pending
     steps and four episodes cut where training cuts its windows) is run from the
     state training has carried to that point (the stream's states, which are what
-    M is trained on; a zero state with `--episodes=reset`); for every window end, the cosine and the norm
-    ratio ||M(s)|| / ||true|| between M's prediction and the gradient of the
-    later windows' losses from full BPTT over the same sequence
+    M is trained on; a zero state with `--episodes=reset`); for every window end,
+    the cosine and the norm ratio ||M(s)|| / ||true|| between M's prediction and
+    the gradient of the later windows' losses from full BPTT over the same sequence
     (`TruncatedBPTT.synthetic_gradient_quality`) go to TensorBoard
     (`sg_quality/cosine_window_<k>`, `sg_quality/norm_ratio_window_<k>`, in
     `<workdir>/sg_quality`); the means over windows (and window 0's, the
