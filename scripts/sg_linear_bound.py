@@ -13,7 +13,7 @@ with the state carried from batch to batch (as in training, from the state the
 checkpoint holds; no updates; in the continuous stream, segments of four
 episodes after the checkpoint's pending steps, cut at training's window ends,
 `recurrent_dni.stream_segment`), collects the window-end states and the true future
-gradients there (full BPTT over each episode,
+gradients there (full BPTT over each batch or segment,
 `TruncatedBPTT.synthetic_gradient_quality`), fits the best affine map s -> gradient
 by ridge regression on the first half of the samples, and prints on the second
 half: M's cosine and norm ratio, and the fitted map's (the ceiling for a linear
