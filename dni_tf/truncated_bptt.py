@@ -626,7 +626,8 @@ class TruncatedBPTT(BuildsBeforeTracing, keras.Model):
         }
 
     def synthetic_gradient_quality(self, x, y, mask=None, state=None,
-                                   next_window_only: bool = False) -> Dict[str, object]:
+                                   next_window_only: bool = False,
+                                   weight_space: bool = False) -> Dict[str, object]:
         """How well M predicts the future gradient, per window, against full BPTT.
 
         For each window end s_{k+1} (k = 0 .. K-2), compares M(s_{k+1}) with the
@@ -643,6 +644,13 @@ class TruncatedBPTT(BuildsBeforeTracing, keras.Model):
         come from, for fitting other predictors to the same targets:
         `states`, `true`, `predicted` [K-1, B, 2H] (window-end states, the
         true future gradients there, M's predictions) and `final_state` [B, 2H].
+
+        With `weight_space=True` also `update_cosine` and `update_norm_ratio`
+        [K-1]: the same comparison after both are backpropagated through window
+        k into the core's weights (J^T M(s_{k+1}) against J^T true, summed over
+        the batch), i.e. between the weight change the injection makes and the
+        one full BPTT would make. Per-example noise that a state-space cosine
+        counts largely cancels in the sum over the batch.
         """
         if self.synthetic_gradient is None:
             raise ValueError("synthetic_gradient_quality needs method 'dni' or 'dni_aux'")
@@ -687,11 +695,47 @@ class TruncatedBPTT(BuildsBeforeTracing, keras.Model):
         norm_true = tf.norm(flat_true, axis=-1)
         norm_pred = tf.norm(flat_pred, axis=-1)
         tiny = 1e-12
-        return {"cosine": tf.reduce_sum(flat_true * flat_pred, -1)
-                / tf.maximum(norm_true * norm_pred, tiny),
-                "norm_ratio": norm_pred / tf.maximum(norm_true, tiny),
-                "states": ends.stack()[:-1], "true": true, "predicted": predicted,
-                "final_state": final_state}
+        quality = {"cosine": tf.reduce_sum(flat_true * flat_pred, -1)
+                   / tf.maximum(norm_true * norm_pred, tiny),
+                   "norm_ratio": norm_pred / tf.maximum(norm_true, tiny),
+                   "states": ends.stack()[:-1], "true": true, "predicted": predicted,
+                   "final_state": final_state}
+        if weight_space:
+            starts = tf.concat([tf.convert_to_tensor(state, tf.float32)[None],
+                                quality["states"]], 0)
+            quality.update(self._weight_space_quality(features, n, t, starts, true, predicted))
+        return quality
+
+    def _weight_space_quality(self, features, n, t, starts, true, predicted):
+        """Cosine and norm ratio of J_k^T predicted[k] vs J_k^T true[k] in the core's
+        weights, J_k the Jacobian of window k's end state (from starts[k])."""
+        batch = tf.shape(features)[0]
+        core = self.core.trainable_variables
+
+        def flat_update(tape, end, direction):
+            grads = tape.gradient(end, core, output_gradients=direction,
+                                  unconnected_gradients=tf.UnconnectedGradients.ZERO)
+            return tf.concat([tf.reshape(g, [-1]) for g in grads], 0)
+
+        def body(k, cosines, ratios):
+            with tf.GradientTape(persistent=True) as tape:
+                _, end = self._run_core(_window(features, k, t), starts[k],
+                                        self._valid(k, t, n, batch))
+            by_m = flat_update(tape, end, predicted[k])
+            by_true = flat_update(tape, end, true[k])
+            del tape
+            tiny = 1e-12
+            cosine = tf.reduce_sum(by_m * by_true) / tf.maximum(
+                tf.norm(by_m) * tf.norm(by_true), tiny)
+            return (k + 1, cosines.write(k, cosine),
+                    ratios.write(k, tf.norm(by_m) / tf.maximum(tf.norm(by_true), tiny)))
+
+        windows = tf.shape(true)[0]
+        _, cosines, ratios = tf.while_loop(
+            lambda k, *_: k < windows, body,
+            (tf.constant(0), tf.TensorArray(tf.float32, size=windows, element_shape=[]),
+             tf.TensorArray(tf.float32, size=windows, element_shape=[])))
+        return {"update_cosine": cosines.stack(), "update_norm_ratio": ratios.stack()}
 
     # ------------------------------------------------------------ fit hooks
     def _unpack(self, data):

@@ -929,6 +929,18 @@ MUTANTS: List[Mutant] = [
            "                    s = tf.stop_gradient(s) + tf.gather(probes",
            "                    s = s + tf.gather(probes",
            ["tests/test_truncated_bptt.py::test_synthetic_gradient_quality_against_full_bptt"]),
+    Mutant("weight-space quality: window k run from the next window's start state",
+           "dni_tf/truncated_bptt.py",
+           "_, end = self._run_core(_window(features, k, t), starts[k],",
+           "_, end = self._run_core(_window(features, k, t), starts[k + 1],",
+           ["tests/test_truncated_bptt.py::"
+            "test_weight_space_quality_backpropagates_both_through_their_window"]),
+    Mutant("weight-space quality: M's update compared with the next window's true gradient",
+           "dni_tf/truncated_bptt.py",
+           "by_true = flat_update(tape, end, true[k])",
+           "by_true = flat_update(tape, end, true[tf.minimum(k + 1, windows - 1)])",
+           ["tests/test_truncated_bptt.py::"
+            "test_weight_space_quality_backpropagates_both_through_their_window"]),
 ]
 
 

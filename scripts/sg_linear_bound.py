@@ -17,7 +17,10 @@ gradients there (full BPTT over each batch or segment,
 `TruncatedBPTT.synthetic_gradient_quality`), fits the best affine map s -> gradient
 by ridge regression on the first half of the samples, and prints on the second
 half: M's cosine and norm ratio, and the fitted map's (the ceiling for a linear
-M of this core, on these states), with the in-sample fit for reference.
+M of this core, on these states), with the in-sample fit for reference; and M's
+cosine and norm ratio in the core's weights (the weight change M's injection makes
+against the one full BPTT would make, summed over the batch; per-window mean,
+`weight_space=True` of `synthetic_gradient_quality`).
 """
 
 from __future__ import annotations
@@ -69,7 +72,7 @@ def linear_bound(workdir: str, batches: int = 200, ridge: float = 1e-3,
     model.load_weights(checkpoint)
     length = int(curriculum.length.value)
     repeats = int(curriculum.repeats.value)
-    states, trues, preds = [], [], []
+    states, trues, preds, update_cosines, update_ratios = [], [], [], [], []
     leftover = None
     for i in range(batches):
         seed = tf.constant([cfg.seed + 3_000_017, i], tf.int64)
@@ -80,13 +83,17 @@ def linear_bound(workdir: str, batches: int = 200, ridge: float = 1e-3,
         else:
             x, y, mask = study.level_batch(cfg, curriculum, seed)
         q = model.synthetic_gradient_quality(x, y, mask, state=state,
-                                             next_window_only=next_window_only)
+                                             next_window_only=next_window_only,
+                                             weight_space=i >= batches // 2)
         if not q["states"].shape[0]:
             raise RuntimeError(f"the curriculum's level (L={length}) fits one window of "
                                f"T={cfg.truncation}: no window end to predict at")
         states.append(q["states"].numpy())
         trues.append(q["true"].numpy())
         preds.append(q["predicted"].numpy())
+        if i >= batches // 2:
+            update_cosines.append(q["update_cosine"].numpy())
+            update_ratios.append(q["update_norm_ratio"].numpy())
         if model.stateful:
             state = q["final_state"]
     # Per batch [K-1, B, 2H] (K varies along a continuous stream): fit on the first half
@@ -113,6 +120,8 @@ def linear_bound(workdir: str, batches: int = 200, ridge: float = 1e-3,
         "fit_cosine": _cosine(fitted_test, g_test),
         "fit_norm_ratio": float(np.linalg.norm(fitted_test) / np.linalg.norm(g_test)),
         "fit_in_sample_cosine": _cosine(design @ w, g_fit),
+        "m_update_cosine": float(np.mean(np.concatenate(update_cosines))),
+        "m_update_norm_ratio": float(np.mean(np.concatenate(update_ratios))),
     }
 
 
@@ -125,7 +134,9 @@ def report(workdir: str, r: dict) -> str:
             f"norm ratio {r['m_norm_ratio']:.3f}\n"
             f"  best affine map:   cosine {r['fit_cosine']:.3f}  "
             f"norm ratio {r['fit_norm_ratio']:.3f}  "
-            f"(in-sample cosine {r['fit_in_sample_cosine']:.3f})")
+            f"(in-sample cosine {r['fit_in_sample_cosine']:.3f})\n"
+            f"  trained M in the core's weights: cosine {r['m_update_cosine']:.3f}  "
+            f"norm ratio {r['m_update_norm_ratio']:.3f} (mean over windows)")
 
 
 if __name__ == "__main__":

@@ -553,6 +553,34 @@ def test_synthetic_gradient_quality_against_full_bptt():
     np.testing.assert_allclose(near["predicted"], q["predicted"], rtol=1e-5, atol=1e-6)
 
 
+def test_weight_space_quality_backpropagates_both_through_their_window():
+    """update_cosine[k]: J_k^T M(s_{k+1}) vs J_k^T true[k] in the core's weights, J_k
+    the Jacobian of window k's end state; a hand tape over windows 0 and 1."""
+    model = _random_module_model("dni", False, "per_batch")
+    x, y, mask = _batch(seed=8, n=6)
+    q = model.synthetic_gradient_quality(x, y, mask, weight_space=True)
+    assert q["update_cosine"].shape == (2,) and q["update_norm_ratio"].shape == (2,)
+    core = model.core.trainable_variables
+    start = None
+    for k in range(2):
+        with tf.GradientTape(persistent=True) as tape:
+            _, end = model.forward(x[:, 2 * k:2 * k + 2], start)
+
+        def update(direction):
+            return tf.concat([tf.reshape(g, [-1]) for g in tape.gradient(
+                end, core, output_gradients=direction)], 0)
+
+        by_m, by_true = update(q["predicted"][k]), update(q["true"][k])
+        cosine = float(tf.reduce_sum(by_m * by_true) / (tf.norm(by_m) * tf.norm(by_true)))
+        assert abs(cosine) > 1e-3  # a test that can tell the two apart
+        assert float(q["update_cosine"][k]) == pytest.approx(cosine, rel=1e-4, abs=1e-6)
+        assert float(q["update_norm_ratio"][k]) == pytest.approx(
+            float(tf.norm(by_m) / tf.norm(by_true)), rel=1e-4)
+        start = end
+    one = model.synthetic_gradient_quality(x[:, :2], y[:, :2], mask[:, :2], weight_space=True)
+    assert one["update_cosine"].shape == (0,)
+
+
 def test_bfloat16_step_follows_the_float32_step(method="dni_aux", stateful=True):
     """Under mixed_bfloat16 the LSTM computes in bfloat16 while the carried state,
     the head's logits, M and the Aux head stay float32; one SGD batch (three
