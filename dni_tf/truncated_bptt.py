@@ -645,12 +645,14 @@ class TruncatedBPTT(BuildsBeforeTracing, keras.Model):
         `states`, `true`, `predicted` [K-1, B, 2H] (window-end states, the
         true future gradients there, M's predictions) and `final_state` [B, 2H].
 
-        With `weight_space=True` also `update_cosine` and `update_norm_ratio`
-        [K-1]: the same comparison after both are backpropagated through window
-        k into the core's weights (J^T M(s_{k+1}) against J^T true, summed over
-        the batch), i.e. between the weight change the injection makes and the
-        one full BPTT would make. Per-example noise that a state-space cosine
-        counts largely cancels in the sum over the batch.
+        With `weight_space=True` also `update_cosine`, `update_norm` and
+        `update_true_norm` [K-1]: the same comparison after both are
+        backpropagated through window k into the core's weights (J^T M(s_{k+1})
+        against J^T true, summed over the batch), i.e. between the weight change
+        the injection makes and the one full BPTT would make, and the two
+        changes' norms. Per-example noise that a state-space cosine counts
+        largely cancels in the sum over the batch. A window whose future holds
+        no loss (a masked stretch) has a zero true change and cosine 0.
         """
         if self.synthetic_gradient is None:
             raise ValueError("synthetic_gradient_quality needs method 'dni' or 'dni_aux'")
@@ -707,7 +709,7 @@ class TruncatedBPTT(BuildsBeforeTracing, keras.Model):
         return quality
 
     def _weight_space_quality(self, features, n, t, starts, true, predicted):
-        """Cosine and norm ratio of J_k^T predicted[k] vs J_k^T true[k] in the core's
+        """Cosine and norms of J_k^T predicted[k] and J_k^T true[k] in the core's
         weights, J_k the Jacobian of window k's end state (from starts[k])."""
         batch = tf.shape(features)[0]
         core = self.core.trainable_variables
@@ -717,25 +719,25 @@ class TruncatedBPTT(BuildsBeforeTracing, keras.Model):
                                   unconnected_gradients=tf.UnconnectedGradients.ZERO)
             return tf.concat([tf.reshape(g, [-1]) for g in grads], 0)
 
-        def body(k, cosines, ratios):
+        def body(k, cosines, norms, true_norms):
             with tf.GradientTape(persistent=True) as tape:
                 _, end = self._run_core(_window(features, k, t), starts[k],
                                         self._valid(k, t, n, batch))
             by_m = flat_update(tape, end, predicted[k])
             by_true = flat_update(tape, end, true[k])
             del tape
-            tiny = 1e-12
-            cosine = tf.reduce_sum(by_m * by_true) / tf.maximum(
-                tf.norm(by_m) * tf.norm(by_true), tiny)
-            return (k + 1, cosines.write(k, cosine),
-                    ratios.write(k, tf.norm(by_m) / tf.maximum(tf.norm(by_true), tiny)))
+            norm, true_norm = tf.norm(by_m), tf.norm(by_true)
+            cosine = tf.reduce_sum(by_m * by_true) / tf.maximum(norm * true_norm, 1e-12)
+            return (k + 1, cosines.write(k, cosine), norms.write(k, norm),
+                    true_norms.write(k, true_norm))
 
         windows = tf.shape(true)[0]
-        _, cosines, ratios = tf.while_loop(
+        _, cosines, norms, true_norms = tf.while_loop(
             lambda k, *_: k < windows, body,
-            (tf.constant(0), tf.TensorArray(tf.float32, size=windows, element_shape=[]),
-             tf.TensorArray(tf.float32, size=windows, element_shape=[])))
-        return {"update_cosine": cosines.stack(), "update_norm_ratio": ratios.stack()}
+            (tf.constant(0),) + tuple(tf.TensorArray(tf.float32, size=windows, element_shape=[])
+                                      for _ in range(3)))
+        return {"update_cosine": cosines.stack(), "update_norm": norms.stack(),
+                "update_true_norm": true_norms.stack()}
 
     # ------------------------------------------------------------ fit hooks
     def _unpack(self, data):

@@ -43,7 +43,7 @@ def test_fits_an_affine_map_to_the_future_gradients_of_a_run(tmp_path, episodes,
     # batches streamed in order with the state carried, scored on the second half.
     model, _ = study.build_copy_model(cfg)
     model.load_weights(sorted(glob.glob(str(tmp_path / "checkpoints" / "ckpt-*.h5")))[-1])
-    state, true, predicted, update_cosines = model.train_state.value, [], [], []
+    state, true, predicted, dots, norms, true_norms = model.train_state.value, [], [], 0, 0, 0
     if episodes == "continuous":
         # One stream: the checkpoint's pending steps, then episodes 0, 1, ... in order;
         # segment i ends at the last window end before its four episodes' end.
@@ -75,14 +75,18 @@ def test_fits_an_affine_map_to_the_future_gradients_of_a_run(tmp_path, episodes,
         if i >= batches // 2:
             true.append(q["true"].numpy())
             predicted.append(q["predicted"].numpy())
-            update_cosines.append(q["update_cosine"].numpy())
+            norm, true_norm = q["update_norm"].numpy(), q["update_true_norm"].numpy()
+            dots += np.sum(q["update_cosine"].numpy() * norm * true_norm)
+            norms += np.sum(norm ** 2)
+            true_norms += np.sum(true_norm ** 2)
     true, predicted = np.concatenate(true, 0), np.concatenate(predicted, 0)
     cosine = np.sum(true * predicted) / (np.linalg.norm(true) * np.linalg.norm(predicted))
     assert r["m_cosine"] == pytest.approx(cosine, rel=1e-4)
     assert r["m_norm_ratio"] == pytest.approx(np.linalg.norm(predicted) / np.linalg.norm(true),
                                               rel=1e-4)
-    assert r["m_update_cosine"] == pytest.approx(np.mean(np.concatenate(update_cosines)),
+    assert r["m_update_cosine"] == pytest.approx(dots / np.sqrt(norms * true_norms),
                                                  rel=1e-4, abs=1e-6)
+    assert r["m_update_norm_ratio"] == pytest.approx(np.sqrt(norms / true_norms), rel=1e-4)
     assert "in the core's weights" in bound.report("W", r)
 
 

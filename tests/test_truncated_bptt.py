@@ -559,7 +559,7 @@ def test_weight_space_quality_backpropagates_both_through_their_window():
     model = _random_module_model("dni", False, "per_batch")
     x, y, mask = _batch(seed=8, n=6)
     q = model.synthetic_gradient_quality(x, y, mask, weight_space=True)
-    assert q["update_cosine"].shape == (2,) and q["update_norm_ratio"].shape == (2,)
+    assert q["update_cosine"].shape == (2,) and q["update_norm"].shape == (2,)
     core = model.core.trainable_variables
     start = None
     for k in range(2):
@@ -574,8 +574,9 @@ def test_weight_space_quality_backpropagates_both_through_their_window():
         cosine = float(tf.reduce_sum(by_m * by_true) / (tf.norm(by_m) * tf.norm(by_true)))
         assert abs(cosine) > 1e-3  # a test that can tell the two apart
         assert float(q["update_cosine"][k]) == pytest.approx(cosine, rel=1e-4, abs=1e-6)
-        assert float(q["update_norm_ratio"][k]) == pytest.approx(
-            float(tf.norm(by_m) / tf.norm(by_true)), rel=1e-4)
+        assert float(q["update_norm"][k]) == pytest.approx(float(tf.norm(by_m)), rel=1e-4)
+        assert float(q["update_true_norm"][k]) == pytest.approx(float(tf.norm(by_true)),
+                                                                rel=1e-4)
         start = end
     one = model.synthetic_gradient_quality(x[:, :2], y[:, :2], mask[:, :2], weight_space=True)
     assert one["update_cosine"].shape == (0,)
