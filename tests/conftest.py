@@ -145,8 +145,3 @@ def _nan_gradient_layer():
 
 
 NaNGradient = _nan_gradient_layer()
-
-
-if os.environ.get("XX_NO_GRAPPLER"):
-    import tensorflow as _tf
-    _tf.config.optimizer.set_experimental_options({"disable_meta_optimizer": True})
