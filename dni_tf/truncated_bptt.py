@@ -60,7 +60,8 @@ left, with the weights it left, as they would in one endless sequence.
 
 `synthetic_gradient_quality(x, y, mask)` compares M's prediction at every
 window end with the true future gradient from full BPTT over the same
-sequence (cosine and norm ratio per window).
+sequence (cosine and norm ratio per window; with `weight_space=True` also
+after both are backpropagated through their window into the core's weights).
 
 Data (a `(x, y, mask)` tuple; `mask` may be omitted = all ones):
 * `loss_type="bernoulli"` (Copy tasks): x float [B, N, D], y float [B, N, O]
