@@ -118,6 +118,19 @@ def _window(v, k, t):
     return tf.slice(v, begin, size)
 
 
+def pooled_update_scores(cosine, norm, true_norm):
+    """Per-window weight-space scores (`synthetic_gradient_quality(weight_space=True)`'s
+    `update_cosine`, `update_norm`, `update_true_norm`, any equal-length 1-D arrays) ->
+    (cosine, norm ratio) of the windows' weight changes concatenated: windows weigh by
+    their changes' sizes, and a window with no future loss adds nothing."""
+    import numpy as np
+
+    cosine, norm, true_norm = (np.asarray(a, np.float64) for a in (cosine, norm, true_norm))
+    scale = np.sqrt(np.sum(norm ** 2) * np.sum(true_norm ** 2))
+    return (float(np.sum(cosine * norm * true_norm) / max(scale, 1e-12)),
+            float(np.sqrt(np.sum(norm ** 2) / max(np.sum(true_norm ** 2), 1e-24))))
+
+
 def bits_per_character(nats):
     """Cross-entropy in nats per character -> bits per character (divide by ln 2)."""
     return nats / LN2

@@ -941,6 +941,17 @@ MUTANTS: List[Mutant] = [
            "by_true = flat_update(tape, end, true[tf.minimum(k + 1, windows - 1)])",
            ["tests/test_truncated_bptt.py::"
             "test_weight_space_quality_backpropagates_both_through_their_window"]),
+    Mutant("pooled weight-space cosine: windows summed unweighted",
+           "dni_tf/truncated_bptt.py",
+           "return (float(np.sum(cosine * norm * true_norm) / max(scale, 1e-12)),",
+           "return (float(np.sum(cosine) / len(cosine)),",
+           ["tests/test_recurrent_cli.py::test_continuous_diagnostics_score_m_on_training_windows",
+            "tests/test_sg_linear_bound.py"]),
+    Mutant("diagnostics: M's and full BPTT's weight-change norms swapped",
+           "dni_tf/studies/recurrent_dni.py",
+           'update_cosine, quality["update_norm"], quality["update_true_norm"])',
+           'update_cosine, quality["update_true_norm"], quality["update_norm"])',
+           ["tests/test_recurrent_cli.py::test_continuous_diagnostics_score_m_on_training_windows"]),
 ]
 
 

@@ -38,18 +38,6 @@ def _cosine(a, b):
     return float(np.sum(a * b) / max(np.linalg.norm(a) * np.linalg.norm(b), 1e-12))
 
 
-def _pooled_update_scores(windows) -> dict:
-    """windows [W, 3]: per window (cosine, ||by M||, ||by true||) -> the cosine and norm
-    ratio of the W windows' weight changes concatenated."""
-    import numpy as np
-
-    cosine, norm, true_norm = windows.T
-    return {"m_update_cosine": float(np.sum(cosine * norm * true_norm)
-                                     / max(np.sqrt(np.sum(norm ** 2) * np.sum(true_norm ** 2)),
-                                           1e-12)),
-            "m_update_norm_ratio": float(np.sqrt(np.sum(norm ** 2) / np.sum(true_norm ** 2)))}
-
-
 def linear_bound(workdir: str, batches: int = 200, ridge: float = 1e-3,
                  next_window_only: bool = False) -> dict:
     """Scores of the trained M and of the best affine map (see the module docstring).
@@ -65,6 +53,7 @@ def linear_bound(workdir: str, batches: int = 200, ridge: float = 1e-3,
     from dni_tf.harness import results
     from dni_tf.harness.callbacks import ResumableCheckpoint
     from dni_tf.studies import recurrent_dni as study
+    from dni_tf.truncated_bptt import pooled_update_scores
 
     settings = results.saved_settings(workdir) if workdir and os.path.isdir(workdir) else None
     # The training's own checkpoint list: never a temporary a killed save left behind.
@@ -133,7 +122,8 @@ def linear_bound(workdir: str, batches: int = 200, ridge: float = 1e-3,
         "fit_cosine": _cosine(fitted_test, g_test),
         "fit_norm_ratio": float(np.linalg.norm(fitted_test) / np.linalg.norm(g_test)),
         "fit_in_sample_cosine": _cosine(design @ w, g_fit),
-        **_pooled_update_scores(np.concatenate(updates)),
+        **dict(zip(("m_update_cosine", "m_update_norm_ratio"),
+                   pooled_update_scores(*np.concatenate(updates).T))),
     }
 
 

@@ -126,6 +126,14 @@ def test_continuous_diagnostics_score_m_on_training_windows(tmp_path):
     assert row["sg_cosine_mean"] == pytest.approx(float(np.mean(expected["cosine"])), abs=1e-6)
     assert row["sg_norm_ratio_mean"] == pytest.approx(float(np.mean(expected["norm_ratio"])),
                                                       rel=1e-5)
+    # The weight-space scores, pooled over the six windows (their changes concatenated).
+    weights = model.synthetic_gradient_quality(*stream, state=carried, weight_space=True)
+    norm, true_norm = weights["update_norm"].numpy(), weights["update_true_norm"].numpy()
+    assert row["sg_update_cosine"] == pytest.approx(
+        np.sum(weights["update_cosine"].numpy() * norm * true_norm)
+        / np.sqrt(np.sum(norm ** 2) * np.sum(true_norm ** 2)), rel=1e-4, abs=1e-6)
+    assert row["sg_update_norm_ratio"] == pytest.approx(
+        np.sqrt(np.sum(norm ** 2) / np.sum(true_norm ** 2)), rel=1e-4)
     one_episode = model.synthetic_gradient_quality(*episodes[0], state=carried)
     assert row["sg_cosine_mean"] != pytest.approx(float(np.mean(one_episode["cosine"])),
                                                   abs=1e-3)

@@ -26,7 +26,8 @@ from absl import logging
 
 from dni_tf.harness import cli, plots, results, tensorboard_views
 from dni_tf.data import sequence_tasks, text
-from dni_tf.truncated_bptt import METHODS, UPDATES, ResetEvalState, TruncatedBPTT
+from dni_tf.truncated_bptt import (METHODS, UPDATES, ResetEvalState, TruncatedBPTT,
+                                   pooled_update_scores)
 from dni_tf.harness.fast_path import FastPathOptions, evaluation_periods
 from dni_tf.harness.config import check_fields, option
 from dni_tf.harness.training import SweepProgress, train_and_evaluate
@@ -293,8 +294,12 @@ class SyntheticGradientDiagnostics:
     the gradient of the later windows' losses from full BPTT over the same sequence
     (`TruncatedBPTT.synthetic_gradient_quality`) go to TensorBoard
     (`sg_quality/cosine_window_<k>`, `sg_quality/norm_ratio_window_<k>`, in
-    `<workdir>/sg_quality`); the means over windows (and window 0's, the
-    furthest from the end) are returned as history columns.
+    `<workdir>/sg_quality`); so does the cosine between the weight changes the two
+    make through their window (`sg_quality/update_cosine_window_<k>`, summed over
+    the batch, where per-example noise cancels: M can lean away from full BPTT
+    there while the state-space cosine reads zero). History columns: the means
+    over windows (and window 0's, the furthest from the end), and the weight-space
+    cosine and norm ratio pooled over windows (`pooled_update_scores`).
     """
 
     def __init__(self, cfg: CopyTaskConfig, curriculum, workdir: str):
@@ -310,20 +315,25 @@ class SyntheticGradientDiagnostics:
         # windows aligned with episodes would judge it off the distribution it learns on.
         (x, y, mask), state, _ = diagnostic_batch(
             cfg, self.curriculum, model, tf.constant([cfg.seed + 2_000_003, 0], tf.int64))
-        quality = model.synthetic_gradient_quality(x, y, mask, state=state)
+        quality = model.synthetic_gradient_quality(x, y, mask, state=state, weight_space=True)
         cosine, ratio = quality["cosine"].numpy(), quality["norm_ratio"].numpy()
+        update_cosine = quality["update_cosine"].numpy()
         done = len(results.load_history(self.workdir)) if os.path.exists(
             os.path.join(self.workdir, results.HISTORY_FILE)) else 0
         step = min((done + 1) * cfg.eval_every, cfg.steps)
         with self.writer.as_default(step=step):
-            for k, (c, r) in enumerate(zip(cosine, ratio)):
+            for k, (c, r, u) in enumerate(zip(cosine, ratio, update_cosine)):
                 tf.summary.scalar(f"sg_quality/cosine_window_{k}", float(c))
                 tf.summary.scalar(f"sg_quality/norm_ratio_window_{k}", float(r))
+                tf.summary.scalar(f"sg_quality/update_cosine_window_{k}", float(u))
         self.writer.flush()
         if not len(cosine):  # one window: nothing lies beyond it
             return {}
+        pooled_cosine, pooled_ratio = pooled_update_scores(
+            update_cosine, quality["update_norm"], quality["update_true_norm"])
         return {"sg_cosine_mean": float(cosine.mean()), "sg_norm_ratio_mean": float(ratio.mean()),
-                "sg_cosine_window_0": float(cosine[0])}
+                "sg_cosine_window_0": float(cosine[0]), "sg_update_cosine": pooled_cosine,
+                "sg_update_norm_ratio": pooled_ratio}
 
 
 # --------------------------------------------------------- language model
