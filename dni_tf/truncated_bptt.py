@@ -100,6 +100,7 @@ import math
 from typing import Dict, Optional
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from dni_tf.synthetic_gradients import regression_loss, surrogate_objective
@@ -123,8 +124,6 @@ def pooled_update_scores(cosine, norm, true_norm):
     `update_cosine`, `update_norm`, `update_true_norm`, any equal-length 1-D arrays) ->
     (cosine, norm ratio) of the windows' weight changes concatenated: windows weigh by
     their changes' sizes, and a window with no future loss adds nothing."""
-    import numpy as np
-
     cosine, norm, true_norm = (np.asarray(a, np.float64) for a in (cosine, norm, true_norm))
     scale = np.sqrt(np.sum(norm ** 2) * np.sum(true_norm ** 2))
     return (float(np.sum(cosine * norm * true_norm) / max(scale, 1e-12)),
