@@ -130,7 +130,8 @@ class CopyTaskConfig(SyntheticGradientOptions, FastPathOptions):
                            "the curriculum's) or current (always the curriculum's).",
                            choices=sequence_tasks.SAMPLINGS)
     diagnostics: bool = option(False, "Log per-window cosine and norm ratio of the synthetic "
-                               "gradient vs full BPTT's future gradient (dni, dni_aux).")
+                               "gradient vs full BPTT's future gradient, at the state and in "
+                               "the core's weights (dni, dni_aux).")
     seed: int = option(0, "Seed for initialisation and data.", low=0)
 
     def validate(self) -> None:
