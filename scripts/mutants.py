@@ -952,6 +952,11 @@ MUTANTS: List[Mutant] = [
            'update_cosine, quality["update_norm"], quality["update_true_norm"])',
            'update_cosine, quality["update_true_norm"], quality["update_norm"])',
            ["tests/test_recurrent_cli.py::test_continuous_diagnostics_score_m_on_training_windows"]),
+    Mutant("report: a table whose cells stopped at different steps shows only the last",
+           "dni_tf/studies/report.py",
+           'parts.append(f"last evaluation at step {high:,}" if low == high else',
+           'parts.append(f"last evaluation at step {high:,}" if True else',
+           ["tests/test_report.py::test_a_table_whose_cells_trained_to_different_steps_says_so"]),
 ]
 
 

@@ -213,6 +213,20 @@ def test_a_gradient_drop_sweep_still_running_reports_its_finished_runs(tmp_path)
     assert "results_raw_seeds.png" in across
 
 
+def test_a_table_whose_cells_trained_to_different_steps_says_so(tmp_path):
+    root = tmp_path / "copy"
+    fake_copy_table(str(root))
+    for cell, last in (("bptt_T2", 400), ("dni_T2", 400), ("bptt_T5", 200), ("dni_T5", 400)):
+        pd.DataFrame({"step": [100, last], "max_length_solved": [1, 2]}).to_csv(
+            root / cell / "history.csv", index=False)
+    text = report.build_report([str(root)], str(tmp_path / "REPORT.md"))
+    assert "last evaluations at steps 200 to 400 (the runs differ)" in text
+    pd.DataFrame({"step": [100, 400], "max_length_solved": [1, 2]}).to_csv(
+        root / "bptt_T5" / "history.csv", index=False)
+    text = report.build_report([str(root)], str(tmp_path / "REPORT.md"))
+    assert "last evaluation at step 400;" in text and "the runs differ" not in text
+
+
 def test_figures_are_linked_relative_to_the_report_or_copied_beside_it(runs, tmp_path):
     out = tmp_path / "docs" / "REPORT.md"
     for copy in (False, True):

@@ -457,7 +457,10 @@ def budget(runs: RunSet) -> str:
     evaluated = [h["step"].max() for h in
                  [runs.history] + [runs.child_history(name) for name in runs.children] if len(h)]
     if evaluated:
-        parts.append(f"last evaluation at step {int(max(evaluated)):,}")
+        low, high = int(min(evaluated)), int(max(evaluated))
+        # A table built over several sittings can hold cells at different budgets.
+        parts.append(f"last evaluation at step {high:,}" if low == high else
+                     f"last evaluations at steps {low:,} to {high:,} (the runs differ)")
     for key, label in (("batch_size", "batch"), ("learning_rate", "lr"), ("dataset", "data"),
                        ("task", "task"), ("seed", "seed")):
         if config.get(key) is not None:
