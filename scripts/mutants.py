@@ -957,6 +957,12 @@ MUTANTS: List[Mutant] = [
            'parts.append(f"last evaluation at step {high:,}" if low == high else',
            'parts.append(f"last evaluation at step {high:,}" if True else',
            ["tests/test_report.py::test_a_table_whose_cells_trained_to_different_steps_says_so"]),
+    Mutant("weight-space quality: window 0 run from a zero state, not the carried one",
+           "dni_tf/truncated_bptt.py",
+           "starts = tf.concat([tf.convert_to_tensor(state, tf.float32)[None],",
+           "starts = tf.concat([tf.zeros_like(tf.convert_to_tensor(state, tf.float32))[None],",
+           ["tests/test_truncated_bptt.py::"
+            "test_weight_space_quality_backpropagates_both_through_their_window"]),
 ]
 
 

@@ -555,13 +555,15 @@ def test_synthetic_gradient_quality_against_full_bptt():
 
 def test_weight_space_quality_backpropagates_both_through_their_window():
     """update_cosine[k]: J_k^T M(s_{k+1}) vs J_k^T true[k] in the core's weights, J_k
-    the Jacobian of window k's end state; a hand tape over windows 0 and 1."""
+    the Jacobian of window k's end state; a hand tape over windows 0 and 1, from a
+    carried non-zero state."""
     model = _random_module_model("dni", False, "per_batch")
     x, y, mask = _batch(seed=8, n=6)
-    q = model.synthetic_gradient_quality(x, y, mask, weight_space=True)
+    carried = tf.random.stateless_normal([B, 2 * H], [3, 4])
+    q = model.synthetic_gradient_quality(x, y, mask, state=carried, weight_space=True)
     assert q["update_cosine"].shape == (2,) and q["update_norm"].shape == (2,)
     core = model.core.trainable_variables
-    start = None
+    start = carried
     for k in range(2):
         with tf.GradientTape(persistent=True) as tape:
             _, end = model.forward(x[:, 2 * k:2 * k + 2], start)
