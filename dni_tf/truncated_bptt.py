@@ -675,6 +675,7 @@ class TruncatedBPTT(BuildsBeforeTracing, keras.Model):
                   else tf.cast(mask_p, tf.float32))
         if state is None:
             state = self.initial_state(batch)
+        state = tf.convert_to_tensor(state, tf.float32)
         # A zero added to every window-end state: its gradient is the gradient of the
         # later windows' losses at that state.
         probes = tf.zeros([num_windows, batch, 2 * self.hidden_size])
@@ -696,7 +697,7 @@ class TruncatedBPTT(BuildsBeforeTracing, keras.Model):
 
             _, final_state, total, sgs, ends = tf.while_loop(
                 lambda k, *_: k < num_windows, body,
-                (tf.constant(0), tf.convert_to_tensor(state, tf.float32), tf.constant(0.0),
+                (tf.constant(0), state, tf.constant(0.0),
                  tf.TensorArray(tf.float32, size=num_windows),
                  tf.TensorArray(tf.float32, size=num_windows)))
         # [K-1, B, 2H], per-example units.
@@ -716,8 +717,7 @@ class TruncatedBPTT(BuildsBeforeTracing, keras.Model):
                    "states": ends.stack()[:-1], "true": true, "predicted": predicted,
                    "final_state": final_state}
         if weight_space:
-            starts = tf.concat([tf.convert_to_tensor(state, tf.float32)[None],
-                                quality["states"]], 0)
+            starts = tf.concat([state[None], quality["states"]], 0)
             quality.update(self._weight_space_quality(features, n, t, starts, true, predicted))
         return quality
 

@@ -959,8 +959,8 @@ MUTANTS: List[Mutant] = [
            ["tests/test_report.py::test_a_table_whose_cells_trained_to_different_steps_says_so"]),
     Mutant("weight-space quality: window 0 run from a zero state, not the carried one",
            "dni_tf/truncated_bptt.py",
-           "starts = tf.concat([tf.convert_to_tensor(state, tf.float32)[None],",
-           "starts = tf.concat([tf.zeros_like(tf.convert_to_tensor(state, tf.float32))[None],",
+           "starts = tf.concat([state[None], quality[\"states\"]], 0)",
+           "starts = tf.concat([tf.zeros_like(state)[None], quality[\"states\"]], 0)",
            ["tests/test_truncated_bptt.py::"
             "test_weight_space_quality_backpropagates_both_through_their_window"]),
 ]

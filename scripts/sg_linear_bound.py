@@ -76,6 +76,7 @@ def linear_bound(workdir: str, batches: int = 200, ridge: float = 1e-3,
     repeats = int(curriculum.repeats.value)
     states, trues, preds, updates = [], [], [], []
     leftover = None
+    half = batches // 2  # the map is fitted on the first half, scored on the second
     for i in range(batches):
         seed = tf.constant([cfg.seed + 3_000_017, i], tf.int64)
         if i == 0:
@@ -86,21 +87,20 @@ def linear_bound(workdir: str, batches: int = 200, ridge: float = 1e-3,
             x, y, mask = study.level_batch(cfg, curriculum, seed)
         q = model.synthetic_gradient_quality(x, y, mask, state=state,
                                              next_window_only=next_window_only,
-                                             weight_space=i >= batches // 2)
+                                             weight_space=i >= half)
         if not q["states"].shape[0]:
             raise RuntimeError(f"the curriculum's level (L={length}) fits one window of "
                                f"T={cfg.truncation}: no window end to predict at")
         states.append(q["states"].numpy())
         trues.append(q["true"].numpy())
         preds.append(q["predicted"].numpy())
-        if i >= batches // 2:
+        if i >= half:
             updates.append(np.stack([q["update_cosine"], q["update_norm"],
                                      q["update_true_norm"]], 1))
         if model.stateful:
             state = q["final_state"]
     # Per batch [K-1, B, 2H] (K varies along a continuous stream): fit on the first half
     # of the batches, score on the second.
-    half = batches // 2
     dim = states[0].shape[-1]
 
     def rows(arrays):
