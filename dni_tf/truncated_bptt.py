@@ -669,10 +669,10 @@ class TruncatedBPTT(BuildsBeforeTracing, keras.Model):
         """
         if self.synthetic_gradient is None:
             raise ValueError("synthetic_gradient_quality needs method 'dni' or 'dni_aux'")
+        # A missing mask counts the given steps only, not the padding to whole windows.
+        mask = tf.ones(tf.shape(y)[:2]) if mask is None else tf.cast(mask, tf.float32)
         features, y, mask_p, n, num_windows, t = self._pad(x, y, mask)
         batch = tf.shape(features)[0]
-        mask_p = (tf.ones(tf.shape(features)[:2]) if mask_p is None
-                  else tf.cast(mask_p, tf.float32))
         if state is None:
             state = self.initial_state(batch)
         state = tf.convert_to_tensor(state, tf.float32)

@@ -963,6 +963,13 @@ MUTANTS: List[Mutant] = [
            "starts = tf.concat([tf.zeros_like(state)[None], quality[\"states\"]], 0)",
            ["tests/test_truncated_bptt.py::"
             "test_weight_space_quality_backpropagates_both_through_their_window"]),
+    Mutant("quality: a missing mask counts the padding to whole windows",
+           "dni_tf/truncated_bptt.py",
+           "mask = tf.ones(tf.shape(y)[:2]) if mask is None else tf.cast(mask, tf.float32)",
+           "mask = (tf.ones(tf.shape(self._pad(x, y, None)[0])[:2]) if mask is None\n"
+           "                else tf.cast(mask, tf.float32))",
+           ["tests/test_truncated_bptt.py::"
+            "test_quality_without_a_mask_ignores_the_padding_to_whole_windows"]),
 ]
 
 

@@ -553,6 +553,17 @@ def test_synthetic_gradient_quality_against_full_bptt():
     np.testing.assert_allclose(near["predicted"], q["predicted"], rtol=1e-5, atol=1e-6)
 
 
+def test_quality_without_a_mask_ignores_the_padding_to_whole_windows():
+    """5 steps at T=2: the third window holds one real step and one of padding, whose
+    zero target must not count (training's `_unpack` masks it the same way)."""
+    model = _random_module_model("dni", False, "per_batch")
+    x, y, mask = _batch(seed=8, n=5)
+    unmasked = model.synthetic_gradient_quality(x, y)
+    ones = model.synthetic_gradient_quality(x, y, tf.ones_like(mask))
+    np.testing.assert_allclose(unmasked["true"], ones["true"], rtol=1e-5, atol=1e-7)
+    assert np.abs(ones["true"][1]).max() > 1e-4  # window 2's real step reaches s_2
+
+
 def test_weight_space_quality_backpropagates_both_through_their_window():
     """update_cosine[k]: J_k^T M(s_{k+1}) vs J_k^T true[k] in the core's weights, J_k
     the Jacobian of window k's end state; a hand tape over windows 0 and 1, from a
