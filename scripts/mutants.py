@@ -970,6 +970,11 @@ MUTANTS: List[Mutant] = [
            "                else tf.cast(mask, tf.float32))",
            ["tests/test_truncated_bptt.py::"
             "test_quality_without_a_mask_ignores_the_padding_to_whole_windows"]),
+    Mutant("results: a run stopped on its way to a larger budget reads as finished",
+           "dni_tf/harness/results.py",
+           "if _budget_grows(done.get(\"config\") or {}, settings):",
+           "if False:",
+           ["tests/test_training.py::test_a_finished_run_is_read_back_only_under_its_own_settings"]),
 ]
 
 

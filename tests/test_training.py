@@ -455,3 +455,8 @@ def test_a_finished_run_is_read_back_only_under_its_own_settings(tmp_path):
         results.completed_metrics(workdir, {"learning_rate": 0.01, "steps": 8, "eval_every": 2})
     assert results.completed_metrics(
         workdir, {"learning_rate": 0.01, "steps": 16, "eval_every": 2}) is None
+    # Trained on to 16 steps and stopped before the end: settings.json says 16, the
+    # results are still the 8-step run's, so the run is not finished at 16.
+    results.claim_run_directory(workdir, {"learning_rate": 0.01, "steps": 16, "eval_every": 4})
+    assert results.completed_metrics(
+        workdir, {"learning_rate": 0.01, "steps": 16, "eval_every": 4}) is None
