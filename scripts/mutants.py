@@ -974,7 +974,9 @@ MUTANTS: List[Mutant] = [
            "dni_tf/harness/results.py",
            "if _budget_grows(done.get(\"config\") or {}, settings):",
            "if False:",
-           ["tests/test_training.py::test_a_finished_run_is_read_back_only_under_its_own_settings"]),
+           ["tests/test_training.py::test_a_finished_run_is_read_back_only_under_its_own_settings",
+            "tests/test_recurrent_cli.py::"
+            "test_a_table_trains_a_finished_cell_on_to_a_longer_budget_and_refuses_other_settings"]),
 ]
 
 

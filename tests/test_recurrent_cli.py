@@ -323,6 +323,14 @@ def test_a_table_trains_a_finished_cell_on_to_a_longer_budget_and_refuses_other_
     study.run_table(fake_run, dataclasses.replace(cfg, steps=200), str(tmp_path),
                     ["bptt", "dni"], [3], "max_length_solved")
     assert calls == [("bptt", 200), ("dni", 200)]  # trained on (resumed), not read back
+    # Stopped on its way to 300 steps: its settings.json names 300 (training records its
+    # settings first), its results.json is still the 200-step run's. Not finished.
+    calls.clear()
+    longer = dataclasses.replace(cfg, steps=300)
+    results.claim_run_directory(str(tmp_path / "bptt_T3"), dataclasses.asdict(
+        dataclasses.replace(longer, method="bptt", truncation=3)))
+    study.run_table(fake_run, longer, str(tmp_path), ["bptt"], [3], "max_length_solved")
+    assert calls == [("bptt", 300)]
 
 
 def test_sg_lr_scale_multiplies_only_the_modules_step():
