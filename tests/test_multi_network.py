@@ -29,10 +29,10 @@ def _episode(seed=0):
     return tf.constant(digits), tf.constant(labels)
 
 
-def _model(method, sg_context="none", seed=0, optimizer=None, **kwargs):
-    model = MultiNetwork(K, method, hidden_a=5, hidden_b=4, message_size=3, encoder_units=6,
+def _model(method, sg_context="none", seed=0, optimizer=None, k=K, **kwargs):
+    model = MultiNetwork(k, method, hidden_a=5, hidden_b=4, message_size=3, encoder_units=6,
                          sg_context=sg_context, seed=seed, **kwargs)
-    model.build((None, S, 3, 3, 1))
+    model.build((None, k * k, 3, 3, 1))
     model.compile(optimizer=optimizer or keras.optimizers.SGD(LR))
     return model
 
@@ -235,19 +235,21 @@ def test_backprop_step_is_one_update_through_the_whole_episode():
 
 @pytest.mark.parametrize("method", ["dni", "backprop"])
 def test_update_counts_per_batch(method):
-    """dni: A every step (K*K per episode batch), B every K steps (K), M once; backprop: once."""
-    model = _model(method, optimizer=keras.optimizers.Adam(1e-3),
+    """dni: A every step (k*k per episode batch), B every k steps (k), M once; backprop: once.
+    k = 2 (4 steps): the step is unrolled in the graph, and its trace is this test's cost."""
+    k = 2
+    model = _model(method, optimizer=keras.optimizers.Adam(1e-3), k=k,
                    sg_learning_rate=1e-4 if method == "dni" else None)
     digits, labels = _episode()
     step = tf.function(model.train_step)
     for _ in range(2):
-        step((digits, labels))
+        step((digits[:, :k * k], labels[:, :k * k]))
     if method == "backprop":
         assert int(model.optimizer.iterations) == 2
         assert model.b_optimizer is None
         return
-    assert int(model.optimizer.iterations) == 2 * S
-    assert int(model.b_optimizer.iterations) == 2 * K
+    assert int(model.optimizer.iterations) == 2 * k * k
+    assert int(model.b_optimizer.iterations) == 2 * k
     assert int(model.sg_optimizer.iterations) == 2
     assert float(model.sg_optimizer.learning_rate) == pytest.approx(1e-4)
     assert float(model.b_optimizer.learning_rate) == pytest.approx(1e-3)
