@@ -972,8 +972,8 @@ MUTANTS: List[Mutant] = [
             "test_quality_without_a_mask_ignores_the_padding_to_whole_windows"]),
     Mutant("results: a run stopped on its way to a larger budget reads as finished",
            "dni_tf/harness/results.py",
-           "if _budget_grows(done.get(\"config\") or {}, settings):",
-           "if False:",
+           "finished_at = done.get(\"config\") or {}",
+           "finished_at = saved_settings(workdir) or {}",
            ["tests/test_training.py::test_a_finished_run_is_read_back_only_under_its_own_settings",
             "tests/test_recurrent_cli.py::"
             "test_a_table_trains_a_finished_cell_on_to_a_longer_budget_and_refuses_other_settings"]),

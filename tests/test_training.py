@@ -460,3 +460,6 @@ def test_a_finished_run_is_read_back_only_under_its_own_settings(tmp_path):
     results.claim_run_directory(workdir, {"learning_rate": 0.01, "steps": 16, "eval_every": 4})
     assert results.completed_metrics(
         workdir, {"learning_rate": 0.01, "steps": 16, "eval_every": 4}) is None
+    # ... and, as any run that trains on, it may change its evaluation flags.
+    assert results.completed_metrics(
+        workdir, {"learning_rate": 0.01, "steps": 16, "eval_every": 2}) is None

@@ -221,24 +221,20 @@ def completed_metrics(workdir: str, settings: Optional[Mapping[str, Any]] = None
     if not done or done.get("status") != "completed":
         return None
     if settings is not None:
+        # Against the budget the results were made with, not settings.json's: a run
+        # stopped on its way to a larger budget names it there already, while its
+        # results are still the smaller budget's.
+        finished_at = done.get("config") or {}
+        grows = any(isinstance(finished_at.get(k), int) and isinstance(settings.get(k), int)
+                    and settings[k] > finished_at[k] for k in BUDGET_SETTINGS)
         saved = saved_settings(workdir)
         if saved is not None:
-            grows = _budget_grows(saved, settings)
             refused = _refused(saved, settings, trains_on=grows)
             if refused:
                 raise _mismatch(workdir, saved, settings, refused, finished=not grows)
-            if grows:
-                return None
-        # A run already being trained on to a larger budget (settings.json names it) and
-        # stopped before reaching it still holds the smaller budget's results.
-        if _budget_grows(done.get("config") or {}, settings):
+        if grows:
             return None
     return done["metrics"]
-
-
-def _budget_grows(old: Mapping[str, Any], new: Mapping[str, Any]) -> bool:
-    return any(isinstance(old.get(k), int) and isinstance(new.get(k), int) and new[k] > old[k]
-               for k in BUDGET_SETTINGS)
 
 
 def load_history(workdir: str) -> pd.DataFrame:
