@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -33,24 +32,13 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from dni_tf import models  # noqa: E402
-from dni_tf.harness import fast_path  # noqa: E402
+from dni_tf.harness import fast_path, timing  # noqa: E402
 
 STUDIES = ("gradient_dropping", "threshold_updates", "dni", "dni_parity_epoch")
 # Seconds per 938-step epoch of the parity MLP (issue "fast by default"), measured
 # on the same 2-core machine with a public PyTorch implementation, and the target.
 PYTORCH_EPOCH_SECONDS = {"dni": 5.3, "cdni": 6.4}
 EPOCH_TARGET = 0.4
-
-
-def machine() -> str:
-    name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            name = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    gpus = [d.name for d in tf.config.list_physical_devices("GPU")]
-    return f"{name}, {os.cpu_count()} CPUs" + (f", GPUs {gpus}" if gpus else "")
 
 
 def matmul_peak(dtype, n=2048, seconds=1.0) -> float:
@@ -281,7 +269,8 @@ def main():
     start = time.perf_counter()
     peak32 = matmul_peak(tf.float32)
     peak16 = matmul_peak(tf.bfloat16)
-    print(f"machine: {machine()}; TensorFlow {tf.__version__}, Keras {keras.__version__}")
+    print(f"machine: {timing.machine_description()}; TensorFlow {tf.__version__}, "
+          f"Keras {keras.__version__}")
     print(f"matmul peak (2048^2): fp32 {peak32:.0f} GFLOP/s, bf16 {peak16:.0f} GFLOP/s; "
           f"best of {args.rounds} interleaved rounds x {args.steps} steps")
     for study in studies:

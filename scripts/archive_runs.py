@@ -3,7 +3,7 @@
 A table built over several sittings must survive the machine, and run
 directories do not (checkpoints and weights are too large to commit). This
 keeps, per run directory, what the report and the tables read: results.json,
-history.csv, best.json, forked_from.json, the run's figures and the table queues' marker files;
+history.csv, timing.csv, best.json, forked_from.json, the run's figures and the table queues' marker files;
 never checkpoints, weights or TensorBoard events (rerun a cell for those).
 
     python scripts/archive_runs.py [SUBDIR ...]     e.g.  python scripts/archive_runs.py copy ptb256
@@ -25,7 +25,7 @@ import tempfile
 
 SOURCE = os.environ.get("RUNS", "runs")
 ARCHIVE = "docs/run_records"
-RECORDS = ("results.json", "history.csv", "best.json", "forked_from.json", "*.png",
+RECORDS = ("results.json", "history.csv", "timing.csv", "best.json", "forked_from.json", "*.png",
            "*.identical_to_dni")
 SKIPPED_DIRS = ("checkpoints",)
 

@@ -19,18 +19,18 @@ def _write(path, text="x"):
 def test_records_are_kept_and_bulk_is_left(tmp_path):
     runs, archive = tmp_path / "runs", tmp_path / "archive"
     cell = runs / "copy" / "seed0" / "dni_T3"
-    for name in ("results.json", "history.csv", "best.json", "curves.png"):
+    for name in ("results.json", "history.csv", "timing.csv", "best.json", "curves.png"):
         _write(cell / name)
     _write(runs / "copy" / "seed0" / "dni_aux_T3.identical_to_dni")
     for name in ("best.weights.h5", "events.out.tfevents.1.v2", ".tmp-curves.png"):
         _write(cell / name)
     _write(cell / "checkpoints" / "history.csv")  # inside checkpoints/: never archived
-    assert archive_runs.archive("copy", str(runs), str(archive)) == 5
+    assert archive_runs.archive("copy", str(runs), str(archive)) == 6
     kept = sorted(os.path.relpath(os.path.join(d, f), archive)
                   for d, _, files in os.walk(archive) for f in files)
     assert kept == ["copy/seed0/dni_T3/best.json", "copy/seed0/dni_T3/curves.png",
                     "copy/seed0/dni_T3/history.csv", "copy/seed0/dni_T3/results.json",
-                    "copy/seed0/dni_aux_T3.identical_to_dni"]
+                    "copy/seed0/dni_T3/timing.csv", "copy/seed0/dni_aux_T3.identical_to_dni"]
     # Unchanged records are not copied again; a changed one replaces its copy; a record
     # gone from runs/ (a later sitting) stays archived.
     assert archive_runs.archive("copy", str(runs), str(archive)) == 0

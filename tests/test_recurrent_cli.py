@@ -299,6 +299,19 @@ def test_table_layout_and_resume(tmp_path):
     study.run_table(fake_run, cfg, str(tmp_path), ["bptt", "dni"], [2, 5], "max_length_solved")
     assert len(calls) == 4  # finished runs are read back, not rerun
 
+    # One more T: the table keeps the finished cells of the earlier command, not those
+    # made with other settings or not finished.
+    results.save_results(str(tmp_path / "dni_T7"), dataclasses.asdict(dataclasses.replace(
+        cfg, method="dni", truncation=7, learning_rate=0.1)), {"max_length_solved": 99})
+    results.claim_run_directory(str(tmp_path / "dni_aux_T5"), dataclasses.asdict(
+        dataclasses.replace(cfg, method="dni_aux", truncation=5)))
+    study.run_table(fake_run, cfg, str(tmp_path), ["bptt"], [3], "max_length_solved")
+    assert calls[4:] == [("bptt", 3)]
+    markdown = (tmp_path / "table.md").read_text()
+    assert "| method | T=2 | T=3 | T=5 |" in markdown, markdown
+    assert "| bptt | 24 | 34 | 54 |" in markdown and "| dni | 23 | - | 53 |" in markdown
+    assert len(pd.read_csv(tmp_path / "table.csv")) == 5
+
 
 def test_a_table_trains_a_finished_cell_on_to_a_longer_budget_and_refuses_other_settings(
         tmp_path):

@@ -11,5 +11,6 @@ import from here; studies and command-line programs do.
   distribution       --distribution / --deterministic strategies
   results, plots     atomic result files and seaborn figures
   tensorboard_views  custom-scalar layouts and hparams for TensorBoard
+  timing             wall time per evaluation period and the machine (timing.csv)
   report             the reproduction report (our runs beside the published results)
 """

@@ -36,7 +36,7 @@ import pandas as pd
 import tensorflow as tf
 from absl import logging
 
-from dni_tf.harness import results, tensorboard_views
+from dni_tf.harness import results, tensorboard_views, timing
 from dni_tf.errors import CheckpointError, TrainingDiverged
 
 
@@ -89,15 +89,17 @@ def split_logs(logs: Dict[str, float], eval_prefix: str = "test") -> Dict[str, f
 
 
 class EvaluationLogger(keras.callbacks.Callback):
-    """Writes `history.csv` and TensorBoard scalars at each evaluation.
+    """Writes `history.csv`, `timing.csv` and TensorBoard scalars at each evaluation.
 
     After the first evaluation of each `fit()` it also writes the run's
     custom-scalar layout (`dni_tf.harness.tensorboard_views.write_scalar_layout`).
 
     Args:
-      workdir: run directory; `history.csv` and the TensorBoard event files go
-        there (directly, so `tensorboard --logdir SWEEP_ROOT` names the run by
-        its folder; event files of the old `workdir/tensorboard/` are moved up).
+      workdir: run directory; `history.csv`, `timing.csv` (each evaluation
+        period's wall time and machine: `dni_tf.harness.timing`) and the
+        TensorBoard event files go there (directly, so `tensorboard --logdir
+        SWEEP_ROOT` names the run by its folder; event files of the old
+        `workdir/tensorboard/` are moved up).
       eval_every: training steps per fit() epoch, to turn epochs into steps.
       eval_prefix: column prefix of the validation_data metrics ("test"/"val").
       extra_metrics: optional `fn(model) -> dict` evaluated at each evaluation
@@ -118,6 +120,13 @@ class EvaluationLogger(keras.callbacks.Callback):
         # The run's whole history, earlier processes included: read once here
         # (a resumed run), then kept in memory and rewritten at each evaluation.
         self.history = results.load_history(workdir)
+        self.timing_path = os.path.join(workdir, timing.TIMING_FILE)
+        self.timing = timing.load_timing(workdir)
+        self._machine = timing.machine_description()
+        self._period_began = time.time()
+
+    def on_train_begin(self, logs=None):
+        self._period_began = time.time()
 
     def on_epoch_end(self, epoch, logs=None):
         step = period_end_step(epoch, self.eval_every, self.schedule)
@@ -137,6 +146,14 @@ class EvaluationLogger(keras.callbacks.Callback):
         earlier = self.history[self.history["step"] < step]
         self.history = pd.concat([earlier, pd.DataFrame([row])], ignore_index=True)
         results.write_csv(self.path, self.history)
+        now = time.time()
+        period = pd.DataFrame([(step, now - self._period_began, self._machine)],
+                              columns=list(timing.COLUMNS))
+        earlier = self.timing[self.timing["step"].astype(int) < step]
+        self.timing = period if not len(earlier) else pd.concat([earlier, period],
+                                                                 ignore_index=True)
+        results.write_csv(self.timing_path, self.timing)
+        self._period_began = now
 
 
 class ResumableCheckpoint(keras.callbacks.Callback):

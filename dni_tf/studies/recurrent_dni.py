@@ -508,7 +508,10 @@ def run_table(run_fn: Callable, cfg, workdir: str, methods: Sequence[str],
     Finished runs (results.json present with status completed) are read back,
     not rerun, so rerunning the command resumes the table; a finished run with a
     smaller `steps` is trained on to the new budget, and one with other settings
-    is an error (`results.completed_metrics`). With `curve` (a
+    is an error (`results.completed_metrics`). The table also shows the other
+    finished `<method>_T<T>` cells in `workdir` made with the same settings (a
+    table built one T at a time stays whole); cells made with other settings,
+    the budget included, are left out of it. With `curve` (a
     history column), also writes the combined `history.csv` (method and T
     columns added) and `curves.png` (that column against step, a panel per T).
     """
@@ -526,21 +529,44 @@ def run_table(run_fn: Callable, cfg, workdir: str, methods: Sequence[str],
         rows.append({"method": method, "T": int(t), value: metrics[value]})
         runs.append((subdir, {"method": method, "T": int(t)}, metrics,
                      results.load_history(subdir)))
+    for method, t, metrics in _other_finished_cells(cfg, workdir,
+                                                    {(m, int(t)) for m, t in cells}):
+        subdir = os.path.join(workdir, f"{method}_T{t}")
+        rows.append({"method": method, "T": t, value: metrics[value]})
+        runs.append((subdir, {"method": method, "T": t}, metrics, results.load_history(subdir)))
     tensorboard_views.log_sweep(workdir, runs)
     table = pd.DataFrame(rows)
     write_table(table, workdir, value, lower_is_better)
     if curve:
-        frames = []
-        for method in methods:
-            for t in truncations:
-                history = results.load_history(os.path.join(workdir, f"{method}_T{t}"))
-                frames.append(history.assign(method=method, T=int(t)))
-        combined = pd.concat(frames, ignore_index=True)
+        combined = pd.concat([history.assign(**cell) for _, cell, _, history in runs],
+                             ignore_index=True)
         results.write_csv(os.path.join(workdir, "history.csv"), combined)
         if curve in combined:
             plots.learning_curves(combined, "step", "method", os.path.join(workdir, "curves.png"),
                                   y=curve, col="T")
     return table
+
+
+def _other_finished_cells(cfg, workdir: str, asked):
+    """(method, T, metrics) of the finished cells in `workdir` beyond `asked`, made with `cfg`."""
+    for method in METHODS:
+        prefix = f"{method}_T"
+        for name in sorted(os.listdir(workdir)):
+            digits = name[len(prefix):]
+            if not (name.startswith(prefix) and digits.isdigit()
+                    and os.path.isdir(os.path.join(workdir, name))):
+                continue
+            t = int(digits)
+            if (method, t) in asked:
+                continue
+            run_cfg = dataclasses.replace(cfg, method=method, truncation=t)
+            try:
+                metrics = results.completed_metrics(os.path.join(workdir, name),
+                                                    dataclasses.asdict(run_cfg))
+            except cli.UsageError:
+                continue  # made with other settings: another table's cell
+            if metrics is not None:
+                yield method, t, metrics
 
 
 def write_table(table: pd.DataFrame, workdir: str, value: str, lower_is_better: bool) -> None:
@@ -552,8 +578,8 @@ def write_table(table: pd.DataFrame, workdir: str, value: str, lower_is_better: 
     header = "| method | " + " | ".join(f"T={t}" for t in wide.columns) + " |"
     lines = [header, "|" + "---|" * (len(wide.columns) + 1)]
     for method, row in wide.iterrows():
-        cells = [f"{v:.3f}" if isinstance(v, float) and not float(v).is_integer() else f"{v:g}"
-                 for v in row.values]
+        cells = ["-" if pd.isna(v) else f"{v:.3f}" if not float(v).is_integer() else f"{v:g}"
+                 for v in row.values]  # "-": a cell not (yet) in the table
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     note = "lower is better" if lower_is_better else "higher is better"
     results.atomic_write_text(os.path.join(workdir, "table.md"),

@@ -35,7 +35,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import pandas as pd
 
-from dni_tf.harness import results
+from dni_tf.harness import results, timing
 from dni_tf.studies import (dni_feedforward, gradient_drop, multi_network, recurrent_dni,
                             targeted_dropout, threshold_updates)
 
@@ -478,6 +478,39 @@ def budget(runs: RunSet) -> str:
     return "; ".join(parts)
 
 
+def _minutes(seconds: float) -> str:
+    return f"{seconds / 3600:.1f} h" if seconds >= 5400 else f"{seconds / 60:.0f} min"
+
+
+def wall_time_line(runs: RunSet) -> Optional[str]:
+    """One line: the runs' summed wall time, the range per run and the machines; None untimed.
+
+    Reads each run's `timing.csv` (`dni_tf.harness.timing`) against the
+    evaluations in its history, and says how many periods were timed when some
+    were not (runs begun before timings were recorded).
+    """
+    timed = []
+    for path, history in [(runs.path, runs.history)] + [
+            (os.path.join(runs.path, name), runs.child_history(name)) for name in runs.children]:
+        if len(history):
+            measured = timing.wall_time(path, history["step"])
+            if measured is not None:
+                timed.append(measured)
+    if not timed:
+        return None
+    total = sum(t.seconds for t in timed)
+    line = f"Wall time: {_minutes(total)}"
+    if len(timed) > 1:
+        low, high = min(t.seconds for t in timed), max(t.seconds for t in timed)
+        line += f" over {len(timed)} runs ({_minutes(low)} to {_minutes(high)} each)"
+    line += " on " + "; ".join(sorted({m for t in timed for m in t.machines}))
+    periods, timed_periods = sum(t.periods for t in timed), sum(t.timed for t in timed)
+    if timed_periods < periods:
+        line += (f"; only {timed_periods} of the {periods} evaluation periods were timed "
+                 "(the rest ran before timings were recorded)")
+    return line + "."
+
+
 def _all_results(runs: RunSet) -> List[dict]:
     return ([runs.root] if runs.root is not None else []) + list(runs.children.values())
 
@@ -543,6 +576,9 @@ def _figure_links(runs: RunSet, out_dir: str, copy_to: Optional[str]) -> List[st
 
 def render_run_set(runs: RunSet, out_dir: str, copy_to: Optional[str]) -> str:
     lines = [f"### `{os.path.normpath(runs.path)}`", "", f"Budget: {budget(runs)}.", ""]
+    wall = wall_time_line(runs)
+    if wall:
+        lines += [wall, ""]
     differences = setup_differences(runs)
     if differences:
         lines += ["Differs from the published setup:", ""]
