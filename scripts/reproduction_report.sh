@@ -35,7 +35,10 @@ candidates=(
   runs/copy_sg0.01/seed0 runs/copy_sg0.01/seed1 runs/copy_sg0.01/seed2
   runs/copy_reset/seed0 runs/copy_reset/seed1 runs/copy_reset/seed2
   runs/copy_continuous/seed0 runs/copy_continuous/seed1 runs/copy_continuous/seed2
+  runs/repeat_copy_continuous/seed0 runs/repeat_copy_continuous/seed1
+  runs/repeat_copy_continuous/seed2
   runs/ptb256/seed0 runs/ptb256/seed1 runs/ptb256/seed2
+  runs/ptb256_sg0.001/seed0 runs/ptb256_sg0.001/seed1 runs/ptb256_sg0.001/seed2
   runs/td_fashion_20ep
 )
 # The candidates' records into the archive (probes and other runs/ folders stay out).
