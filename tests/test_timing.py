@@ -125,6 +125,12 @@ def test_the_report_sums_the_runs_and_says_when_some_periods_were_not_timed(tmp_
     assert report.wall_time_line(runs) == (
         "Wall time: 7 min over 2 runs (2 min to 5 min each) on cpu A; cpu B; only 3 of the "
         "4 evaluation periods were timed (the rest ran before timings were recorded).")
+    pd.DataFrame([(2, 60.0, timing.UNKNOWN_MACHINE), (4, 240.0, "cpu B")],
+                 columns=list(timing.COLUMNS)).to_csv(tmp_path / "dni_T2" / timing.TIMING_FILE,
+                                                      index=False)
+    assert report.wall_time_line(runs) == (
+        "Wall time: 7 min over 2 runs (2 min to 5 min each) on cpu A; cpu B, partly on a "
+        "machine not recorded (periods timed from TensorBoard event files).")
     os.remove(tmp_path / "dni_T2" / timing.TIMING_FILE)
     assert report.wall_time_line(runs) == "Wall time: 2 min on cpu A."
     os.remove(tmp_path / "bptt_T2" / timing.TIMING_FILE)

@@ -503,7 +503,13 @@ def wall_time_line(runs: RunSet) -> Optional[str]:
     if len(timed) > 1:
         low, high = min(t.seconds for t in timed), max(t.seconds for t in timed)
         line += f" over {len(timed)} runs ({_minutes(low)} to {_minutes(high)} each)"
-    line += " on " + "; ".join(sorted({m for t in timed for m in t.machines}))
+    machines = {m for t in timed for m in t.machines}
+    known = sorted(machines - {timing.UNKNOWN_MACHINE})
+    if known:
+        line += " on " + "; ".join(known)
+    if timing.UNKNOWN_MACHINE in machines:
+        line += ((", partly" if known else ",") + " on a machine not recorded (periods "
+                 "timed from TensorBoard event files)")
     periods, timed_periods = sum(t.periods for t in timed), sum(t.timed for t in timed)
     if timed_periods < periods:
         line += (f"; only {timed_periods} of the {periods} evaluation periods were timed "
