@@ -42,7 +42,7 @@ def machine_description() -> str:
         pass
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     text = f"{name}, {usable} of {os.cpu_count()} cores"
-    import tensorflow as tf  # imported late: the report reads timings without TensorFlow
+    import tensorflow as tf  # only here: reading timings needs no TensorFlow
 
     gpus = [d.name for d in tf.config.list_physical_devices("GPU")]
     return text + (f", GPUs {', '.join(gpus)}" if gpus else "")
@@ -77,11 +77,11 @@ class WallTime:
 
 def wall_time(workdir: str, history_steps) -> Optional[WallTime]:
     """Sums `workdir`'s timing over the evaluation steps of its history; None without timing."""
-    timing = load_timing(workdir)
-    if not len(timing):
+    rows = load_timing(workdir)
+    if not len(rows):
         return None
     steps = set(int(s) for s in history_steps)
-    timed = timing[timing["step"].astype(int).isin(steps)]
+    timed = rows[rows["step"].astype(int).isin(steps)]
     machines = sorted(set(timed["machine"].astype(str)))
     return WallTime(float(timed["seconds"].sum()), len(timed), len(steps), machines)
 
