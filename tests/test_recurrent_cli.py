@@ -10,7 +10,7 @@ import pytest
 
 from conftest import count_traces
 from dni_tf.errors import UsageError
-from dni_tf.harness import results, training
+from dni_tf.harness import results, timing, training
 from dni_tf.studies import recurrent_dni as study
 
 
@@ -262,6 +262,10 @@ def test_a_fork_starts_from_the_source_checkpoint_under_new_settings(tmp_path):
     study.run_copy_task(dataclasses.replace(longer, learning_rate=0.03), ablation)
     forked = results.load_history(ablation)
     assert forked["step"].tolist() == [2, 4, 6]
+    # The shared part's timing comes with its history rows; the fork times its own.
+    forked_timing, source_timing = timing.load_timing(ablation), timing.load_timing(source)
+    assert forked_timing["step"].tolist() == [2, 4, 6]
+    pd.testing.assert_frame_equal(forked_timing.iloc[:2], source_timing.iloc[:2])
     pd.testing.assert_frame_equal(forked[columns].iloc[:2],
                                   results.load_history(source)[columns])
     assert forked["train_loss"].iloc[2] != results.load_history(whole)["train_loss"].iloc[2]

@@ -76,15 +76,18 @@ def test_each_period_is_timed_from_the_last_evaluation_and_a_resume_replaces_wha
     assert timing.load_timing(tmp_path)["seconds"].tolist() == [10.0, 20.0, 1030.0]
     history = pd.read_csv(tmp_path / "history.csv")
     measured = timing.wall_time(str(tmp_path), history["step"])
-    assert (measured.seconds, measured.timed, measured.periods, measured.complete) == (
-        1060.0, 3, 3, True)
-    assert not timing.wall_time(str(tmp_path), [2, 4, 6, 8]).complete
+    assert (measured.seconds, measured.timed, measured.periods) == (1060.0, 3, 3)
+    assert timing.wall_time(str(tmp_path), [2, 4, 6, 8]).timed == 3
 
 
-def _event_file(directory, created, events):
-    """An event file as one process writes it: its first event at `created`, step 0."""
-    path = os.path.join(directory, f"events.out.tfevents.{created}.host.1.v2")
-    with tf.io.TFRecordWriter(path) as writer:
+def _event_file(directory, created, events, name_time=None, suffix=""):
+    """An event file as one process writes it: its first event at `created`, step 0.
+
+    Its name holds `name_time` (TensorFlow's: whole seconds), a host name with dots
+    and `suffix` (the sweep's hparams writer adds ".hparams").
+    """
+    name = f"events.out.tfevents.{name_time or int(created)}.node.example.org.1.0.v2{suffix}"
+    with tf.io.TFRecordWriter(os.path.join(directory, name)) as writer:
         writer.write(event_pb2.Event(wall_time=created, step=0,
                                      file_version="brain.Event:2").SerializeToString())
         for step, wall in events:
@@ -96,11 +99,15 @@ def _event_file(directory, created, events):
 def test_periods_are_rebuilt_from_event_times_the_later_process_counting(tmp_path):
     # Process 1 (created at 1000) evaluated steps 4 and 8, several scalars each; it was
     # killed before its checkpoint at 8, so process 2 (created at 2000) trained 8 again.
-    _event_file(tmp_path, 1000, [(4, 1010.0), (4, 1011.0), (8, 1030.0), (8, 1031.0)])
-    _event_file(tmp_path, 2000, [(8, 2005.0), (12, 2012.0)])
+    # Their names give the same second, in the wrong order; the sweep's hparams file,
+    # written last, holds a scalar at step 12 that is no evaluation.
+    _event_file(tmp_path, 1000.5, [(4, 1010.0), (4, 1011.0), (8, 1030.0), (8, 1031.0)],
+                name_time=99999)
+    _event_file(tmp_path, 2000.0, [(8, 2005.0), (12, 2012.0)], name_time=99998)
+    _event_file(tmp_path, 2100.0, [(12, 2100.5)], suffix=".hparams")
     rebuilt = timing.timing_from_events(str(tmp_path))
     assert rebuilt["step"].tolist() == [4, 8, 12]
-    assert rebuilt["seconds"].tolist() == [10.0, 5.0, 7.0]
+    assert rebuilt["seconds"].tolist() == [9.5, 5.0, 7.0]
     assert set(rebuilt["machine"]) == {timing.UNKNOWN_MACHINE}
 
     # The script keeps the rows a run timed itself and adds the rest.
@@ -108,7 +115,7 @@ def test_periods_are_rebuilt_from_event_times_the_later_process_counting(tmp_pat
         tmp_path / timing.TIMING_FILE, index=False)
     assert timing_from_events_script.backfill(str(tmp_path)) == 2
     merged = timing.load_timing(tmp_path)
-    assert merged.values.tolist() == [[4, 10.0, timing.UNKNOWN_MACHINE], [8, 3.0, "measured"],
+    assert merged.values.tolist() == [[4, 9.5, timing.UNKNOWN_MACHINE], [8, 3.0, "measured"],
                                       [12, 7.0, timing.UNKNOWN_MACHINE]]
     assert timing_from_events_script.backfill(str(tmp_path)) == 0
 
@@ -124,14 +131,16 @@ def test_the_report_sums_the_runs_and_says_when_some_periods_were_not_timed(tmp_
                          pd.DataFrame(), [])
     assert report.wall_time_line(runs) == (
         "Wall time: 7 min over 2 runs (2 min to 5 min each) on cpu A; cpu B; only 3 of the "
-        "4 evaluation periods were timed (the rest ran before timings were recorded).")
+        "4 evaluation periods were timed.")
     pd.DataFrame([(2, 60.0, timing.UNKNOWN_MACHINE), (4, 240.0, "cpu B")],
                  columns=list(timing.COLUMNS)).to_csv(tmp_path / "dni_T2" / timing.TIMING_FILE,
                                                       index=False)
     assert report.wall_time_line(runs) == (
         "Wall time: 7 min over 2 runs (2 min to 5 min each) on cpu A; cpu B, partly on a "
         "machine not recorded (periods timed from TensorBoard event files).")
+    # A run without timing counts in the runs and periods, not in the time.
     os.remove(tmp_path / "dni_T2" / timing.TIMING_FILE)
-    assert report.wall_time_line(runs) == "Wall time: 2 min on cpu A."
+    assert report.wall_time_line(runs) == ("Wall time: 2 min over 1 of the 2 runs on cpu A; "
+                                           "only 2 of the 4 evaluation periods were timed.")
     os.remove(tmp_path / "bptt_T2" / timing.TIMING_FILE)
     assert report.wall_time_line(runs) is None

@@ -3,9 +3,13 @@
 `timing.csv` sits beside `history.csv`: one row per evaluation, `step`,
 `seconds` (wall time since the previous evaluation of the same process, or
 since the process began training: the first period of each process also holds
-tracing and the checkpoint restore) and `machine`. A resumed run keeps the rows
-below its resume point and replaces the rest, as history.csv does; the part of a
-period that a kill cut short is not counted. Kept apart from history.csv so that
+tracing and the checkpoint restore, and each later one the previous
+evaluation's checkpoint save) and `machine`. It times the run's surviving
+trajectory, as history.csv records it: a resumed run keeps the rows below its
+resume point and replaces the rest, so a period trained again after a kill
+counts once (the killed attempt not at all), and a fork starts with its source's
+rows up to the fork step. The last checkpoint save and what follows `fit()`
+(results.json, figures) are not counted. Kept apart from history.csv so that
 the history of a resumed run stays identical to an uninterrupted one.
 
 Wall time depends on the machine and on what else ran on it, so tables report
@@ -19,7 +23,7 @@ import dataclasses
 import glob
 import os
 import platform
-from typing import List, Optional
+from typing import List
 
 import pandas as pd
 
@@ -62,7 +66,7 @@ class WallTime:
 
     `seconds` sums the timed periods; `timed` of the `periods` evaluations in the
     history have a timing row (fewer when the run began before timings were
-    recorded, or was backfilled from incomplete event files).
+    recorded and its event files are gone; none without timing.csv).
     """
 
     seconds: float
@@ -70,16 +74,10 @@ class WallTime:
     periods: int
     machines: List[str]
 
-    @property
-    def complete(self) -> bool:
-        return self.periods > 0 and self.timed == self.periods
 
-
-def wall_time(workdir: str, history_steps) -> Optional[WallTime]:
-    """Sums `workdir`'s timing over the evaluation steps of its history; None without timing."""
+def wall_time(workdir: str, history_steps) -> WallTime:
+    """Sums `workdir`'s timing over the evaluation steps of its history."""
     rows = load_timing(workdir)
-    if not len(rows):
-        return None
     steps = set(int(s) for s in history_steps)
     timed = rows[rows["step"].astype(int).isin(steps)]
     machines = sorted(set(timed["machine"].astype(str)))
@@ -98,15 +96,17 @@ def timing_from_events(workdir: str) -> pd.DataFrame:
     """
     from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 
-    rows = {}
-    files = sorted(glob.glob(os.path.join(workdir, "events.out.tfevents.*")),
-                   key=lambda path: int(os.path.basename(path).split(".")[3]))  # creation time
-    for path in files:
+    # The evaluation logger's files only: writers with a filename suffix (the
+    # sweep's hparams, a lost worker's log) write other steps at other times.
+    processes = []
+    for path in glob.glob(os.path.join(workdir, "events.out.tfevents.*.v2")):
         first_seen = {}
         for event in EventFileLoader(path).Load():
             first_seen.setdefault(int(event.step), event.wall_time)
-        if not first_seen:
-            continue
+        if first_seen:
+            processes.append(first_seen)
+    rows = {}
+    for first_seen in sorted(processes, key=lambda seen: min(seen.values())):  # in start order
         start = min(first_seen.values())  # the file's own first event (step 0)
         previous = start
         for step, wall in sorted(first_seen.items(), key=lambda item: item[1]):

@@ -20,7 +20,7 @@ import tensorflow as tf
 
 from dni_tf.core import build_for_restore, prepare_for_multi_worker, zeros_of_spec
 from dni_tf.errors import UsageError
-from dni_tf.harness import fast_path, results
+from dni_tf.harness import fast_path, results, timing
 from dni_tf.harness.callbacks import (DivergenceGuard, EvaluationLogger, EvaluationSchedule,
                                       ProgressLogger, ResumableCheckpoint, StopAtLastStep,
                                       SweepProgress, checkpoint_step)
@@ -153,7 +153,8 @@ def fork_run(source: str, workdir: str) -> int:
     """Starts the run in `workdir` from the newest checkpoint of the run in `source`.
 
     Copies that checkpoint (every model variable: weights, optimizer state,
-    carried state, curriculum, the step) and the history rows up to its step,
+    carried state, curriculum, the step) and the history and timing rows up to
+    its step,
     and records `forked_from.json` (`source`, `step`, the source's settings).
     `train_and_evaluate` in `workdir` then resumes from it under the settings it
     is given, which may differ from the source's (an ablation from a shared
@@ -201,6 +202,10 @@ def fork_run(source: str, workdir: str) -> int:
     history = results.load_history(source)
     results.write_csv(os.path.join(workdir, results.HISTORY_FILE),
                       history[history["step"] <= step])
+    source_timing = timing.load_timing(source)
+    if len(source_timing):  # the time the shared part took, as its history rows
+        results.write_csv(os.path.join(workdir, timing.TIMING_FILE),
+                          source_timing[source_timing["step"].astype(int) <= step])
     os.makedirs(checkpoints, exist_ok=True)
     temporary = os.path.join(checkpoints, f"tmp-{os.getpid()}.weights.h5")
     shutil.copyfile(path, temporary)

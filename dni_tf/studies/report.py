@@ -478,42 +478,45 @@ def budget(runs: RunSet) -> str:
     return "; ".join(parts)
 
 
-def _minutes(seconds: float) -> str:
+def _duration(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.0f} s"
     return f"{seconds / 3600:.1f} h" if seconds >= 5400 else f"{seconds / 60:.0f} min"
 
 
 def wall_time_line(runs: RunSet) -> Optional[str]:
-    """One line: the runs' summed wall time, the range per run and the machines; None untimed.
+    """One line: the runs' summed wall time, the range per run, the machines, and what
+    went untimed; None when no run was timed.
 
     Reads each run's `timing.csv` (`dni_tf.harness.timing`) against the
-    evaluations in its history, and says how many periods were timed when some
-    were not (runs begun before timings were recorded).
+    evaluations in its history. Runs from before timings were recorded have no
+    timing, or part of one; the line says how many runs and periods it covers.
     """
-    timed = []
-    for path, history in [(runs.path, runs.history)] + [
-            (os.path.join(runs.path, name), runs.child_history(name)) for name in runs.children]:
-        if len(history):
-            measured = timing.wall_time(path, history["step"])
-            if measured is not None:
-                timed.append(measured)
+    measured = [timing.wall_time(path, history["step"])
+                for path, history in [(runs.path, runs.history)] + [
+                    (os.path.join(runs.path, name), runs.child_history(name))
+                    for name in runs.children]
+                if len(history)]
+    timed = [m for m in measured if m.timed]
     if not timed:
         return None
-    total = sum(t.seconds for t in timed)
-    line = f"Wall time: {_minutes(total)}"
-    if len(timed) > 1:
-        low, high = min(t.seconds for t in timed), max(t.seconds for t in timed)
-        line += f" over {len(timed)} runs ({_minutes(low)} to {_minutes(high)} each)"
-    machines = {m for t in timed for m in t.machines}
+    line = f"Wall time: {_duration(sum(m.seconds for m in timed))}"
+    if len(measured) > 1:
+        line += (f" over {len(timed)} runs" if len(timed) == len(measured)
+                 else f" over {len(timed)} of the {len(measured)} runs")
+        if len(timed) > 1:
+            line += (f" ({_duration(min(m.seconds for m in timed))} to "
+                     f"{_duration(max(m.seconds for m in timed))} each)")
+    machines = {name for m in timed for name in m.machines}
     known = sorted(machines - {timing.UNKNOWN_MACHINE})
     if known:
         line += " on " + "; ".join(known)
     if timing.UNKNOWN_MACHINE in machines:
         line += ((", partly" if known else ",") + " on a machine not recorded (periods "
                  "timed from TensorBoard event files)")
-    periods, timed_periods = sum(t.periods for t in timed), sum(t.timed for t in timed)
+    periods, timed_periods = sum(m.periods for m in measured), sum(m.timed for m in measured)
     if timed_periods < periods:
-        line += (f"; only {timed_periods} of the {periods} evaluation periods were timed "
-                 "(the rest ran before timings were recorded)")
+        line += f"; only {timed_periods} of the {periods} evaluation periods were timed"
     return line + "."
 
 
