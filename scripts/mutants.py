@@ -1033,6 +1033,11 @@ MUTANTS: List[Mutant] = [
            "    if len(source_timing):  # the time the shared part took",
            "    if False:  # the time the shared part took",
            ["tests/test_recurrent_cli.py::test_a_fork_starts_from_the_source_checkpoint_under_new_settings"]),
+    Mutant("report: a table's combined history counted as one more (untimed) run",
+           "dni_tf/studies/report.py",
+           "                                      or [(runs.path, runs.history)])",
+           "                                      + [(runs.path, runs.history)])",
+           ["tests/test_timing.py::test_the_report_sums_the_runs_and_says_when_some_periods_were_not_timed"]),
 ]
 
 

@@ -127,8 +127,10 @@ def test_the_report_sums_the_runs_and_says_when_some_periods_were_not_timed(tmp_
         pd.DataFrame({"step": [2, 4]}).to_csv(tmp_path / name / "history.csv", index=False)
         pd.DataFrame(rows, columns=list(timing.COLUMNS)).to_csv(
             tmp_path / name / timing.TIMING_FILE, index=False)
+    # The table's own history.csv combines its runs': not a run of its own.
+    pd.DataFrame({"step": [2, 4, 2, 4]}).to_csv(tmp_path / "history.csv", index=False)
     runs = report.RunSet(str(tmp_path), "copy_task", None, {"bptt_T2": {}, "dni_T2": {}},
-                         pd.DataFrame(), [])
+                         pd.read_csv(tmp_path / "history.csv"), [])
     assert report.wall_time_line(runs) == (
         "Wall time: 7 min over 2 runs (2 min to 5 min each) on cpu A; cpu B; only 3 of the "
         "4 evaluation periods were timed.")

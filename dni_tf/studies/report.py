@@ -492,10 +492,12 @@ def wall_time_line(runs: RunSet) -> Optional[str]:
     evaluations in its history. Runs from before timings were recorded have no
     timing, or part of one; the line says how many runs and periods it covers.
     """
+    # The runs: the subdirectories of a sweep or table (whose own history.csv
+    # combines theirs), else the directory itself.
     measured = [timing.wall_time(path, history["step"])
-                for path, history in [(runs.path, runs.history)] + [
-                    (os.path.join(runs.path, name), runs.child_history(name))
-                    for name in runs.children]
+                for path, history in ([(os.path.join(runs.path, name), runs.child_history(name))
+                                       for name in runs.children]
+                                      or [(runs.path, runs.history)])
                 if len(history)]
     timed = [m for m in measured if m.timed]
     if not timed:
