@@ -143,17 +143,19 @@ class EvaluationLogger(keras.callbacks.Callback):
                 tensorboard_views.write_scalar_layout(tags, self.model, step=step)
                 self._layout_written = True
         self.writer.flush()
-        earlier = self.history[self.history["step"] < step]
-        self.history = pd.concat([earlier, pd.DataFrame([row])], ignore_index=True)
+        self.history = _rewritten_from(self.history, step, pd.DataFrame([row]))
         results.write_csv(self.path, self.history)
         now = time.time()
-        period = pd.DataFrame([(step, now - self._period_began, self._machine)],
-                              columns=list(timing.COLUMNS))
-        earlier = self.timing[self.timing["step"].astype(int) < step]
-        self.timing = period if not len(earlier) else pd.concat([earlier, period],
-                                                                 ignore_index=True)
+        self.timing = _rewritten_from(self.timing, step, pd.DataFrame(
+            [(step, now - self._period_began, self._machine)], columns=list(timing.COLUMNS)))
         results.write_csv(self.timing_path, self.timing)
         self._period_began = now
+
+
+def _rewritten_from(frame: pd.DataFrame, step: int, row: pd.DataFrame) -> pd.DataFrame:
+    """`frame`'s rows before `step`, then `row`: a resumed run replaces what it retrains."""
+    earlier = frame[frame["step"].astype(int) < step]
+    return pd.concat([earlier, row], ignore_index=True) if len(earlier) else row
 
 
 class ResumableCheckpoint(keras.callbacks.Callback):

@@ -518,24 +518,21 @@ def run_table(run_fn: Callable, cfg, workdir: str, methods: Sequence[str],
     if len(set(methods)) != len(methods) or len({int(t) for t in truncations}) != len(truncations):
         raise ValueError(f"methods {list(methods)} and truncations {list(truncations)} must "
                          "each be distinct: two cells would share one run folder")
-    rows, runs = [], []
-    cells = [(method, t) for method in methods for t in truncations]
+    done = []  # (method, T, metrics) of every cell the table shows
+    cells = [(method, int(t)) for method in methods for t in truncations]
     for method, t in SweepProgress(cells, lambda cell: f"{cell[0]} T={cell[1]}"):
-        run_cfg = dataclasses.replace(cfg, method=method, truncation=int(t))
+        run_cfg = dataclasses.replace(cfg, method=method, truncation=t)
         subdir = os.path.join(workdir, f"{method}_T{t}")
         metrics = results.completed_metrics(subdir, dataclasses.asdict(run_cfg))
         if metrics is None:
             metrics = run_fn(run_cfg, subdir, extra_config)
-        rows.append({"method": method, "T": int(t), value: metrics[value]})
-        runs.append((subdir, {"method": method, "T": int(t)}, metrics,
-                     results.load_history(subdir)))
-    for method, t, metrics in _other_finished_cells(cfg, workdir,
-                                                    {(m, int(t)) for m, t in cells}):
-        subdir = os.path.join(workdir, f"{method}_T{t}")
-        rows.append({"method": method, "T": t, value: metrics[value]})
-        runs.append((subdir, {"method": method, "T": t}, metrics, results.load_history(subdir)))
+        done.append((method, t, metrics))
+    done += _other_finished_cells(cfg, workdir, set(cells))
+    runs = [(os.path.join(workdir, f"{method}_T{t}"), {"method": method, "T": t}, metrics,
+             results.load_history(os.path.join(workdir, f"{method}_T{t}")))
+            for method, t, metrics in done]
     tensorboard_views.log_sweep(workdir, runs)
-    table = pd.DataFrame(rows)
+    table = pd.DataFrame([{**cell, value: metrics[value]} for _, cell, metrics, _ in runs])
     write_table(table, workdir, value, lower_is_better)
     if curve:
         combined = pd.concat([history.assign(**cell) for _, cell, _, history in runs],
