@@ -1039,6 +1039,20 @@ MUTANTS: List[Mutant] = [
            "                                      or [(runs.path, runs.history)])",
            "                                      + [(runs.path, runs.history)])",
            ["tests/test_timing.py::test_the_report_sums_the_runs_and_says_when_some_periods_were_not_timed"]),
+    Mutant("lost worker: the compiled step reads the input iterator (a cancelled step ends the epoch's input)",
+           "dni_tf/harness/lost_workers.py",
+           "            try:\n                logs = self._inner(batch)\n",
+           "            try:\n                logs = self._inner(iterator)\n",
+           ["tests/test_pipelined_dni.py::test_a_step_cancelled_by_a_lost_worker_does_not_end_the_epochs_input"]),
+    Mutant("lost worker: the retry trains on the failed step's batch again",
+           "dni_tf/harness/lost_workers.py",
+           "        while True:\n            batch = _next_batch(iterator)\n            start = time.monotonic()\n            try:\n                logs = self._inner(batch)\n",
+           "        batch = _next_batch(iterator)\n        while True:\n            start = time.monotonic()\n            try:\n                logs = self._inner(batch)\n",
+           ["tests/test_pipelined_dni.py::test_an_error_surfacing_when_the_step_logs_are_read_reaches_the_handler"]),
+    Mutant("lost worker: several steps per call accepted",
+           "dni_tf/harness/lost_workers.py",
+           "        if int(model.steps_per_execution) != 1:\n", "        if False:\n",
+           ["tests/test_pipelined_dni.py::test_the_handler_refuses_several_steps_per_call"]),
 ]
 
 

@@ -634,8 +634,8 @@ def test_an_error_surfacing_when_the_step_logs_are_read_reaches_the_handler(tmp_
     calls, rejoins = [], []
     tf.zeros(())  # the eager context exists in any real run
 
-    def inner(iterator):
-        calls.append(iterator)
+    def inner(batches):
+        calls.append(batches)
         return {"loss": PendingOnDeadWorker() if len(calls) == 1 else tf.constant(0.5)}
 
     handler = LostWorkerHandler(lambda: None, str(tmp_path))
@@ -643,8 +643,74 @@ def test_an_error_surfacing_when_the_step_logs_are_read_reaches_the_handler(tmp_
     handler._inner = inner
     handler._lose = lambda exc, seconds: False  # no further block to drop
     handler._try_rejoin = lambda: rejoins.append(len(calls)) or True
-    logs = handler._guarded_step("batches")
+    logs = handler._guarded_step(iter(tf.data.Dataset.range(5)))
     assert logs == {"loss": np.float32(0.5)} and len(calls) == 2 and rejoins == [1]
+    # The retry trains on the next batch (the failed step's batch is skipped).
+    assert [[int(b) for b in batches] for batches in calls] == [[0], [1]]
+
+
+def test_a_step_cancelled_by_a_lost_worker_does_not_end_the_epochs_input(tmp_path):
+    """A step cancelled while it waits on the input cancels a tf.data iterator it reads
+    from: the prefetch thread stops and, once the buffer is drained, the input ends
+    (OutOfRangeError, which Keras takes for the end of the data, so fit() went on to
+    evaluate without the lost block). The handler reads each batch itself and hands the
+    step the batch, so the step it retries and those after it get the next batches.
+
+    `inner` behaves like Keras' train function: given an iterator it reads the batch in
+    the (compiled) step, given a list it runs the step on the batch. The first call is
+    cancelled mid-step, as a worker dying during the step cancels it."""
+    import threading
+    import time
+    import types
+
+    from tensorflow.python.eager import cancellation
+
+    from dni_tf.harness.lost_workers import LostWorkerHandler
+
+    def slow(x):
+        time.sleep(0.1)
+        return x
+
+    data = tf.data.Dataset.range(100).map(
+        lambda x: tf.py_function(slow, [x], tf.int64)).prefetch(2)
+    on_iterator = tf.function(lambda iterator: iterator.get_next())
+    on_batch = tf.function(lambda batch: tf.identity(batch))
+    calls = []
+
+    def inner(arg):
+        step, args = ((on_iterator, arg) if isinstance(arg, tf.data.Iterator)
+                      else (on_batch, arg[0]))
+        calls.append(arg)
+        if len(calls) > 1:
+            return {"x": step(args)}
+        manager = cancellation.CancellationManager()
+        cancelable = manager.get_cancelable_function(step.get_concrete_function(args))
+        threading.Timer(0.02, manager.start_cancel).start()
+        cancelable(args)
+        raise tf.errors.CancelledError(None, None, "the worker died during the step")
+
+    handler = LostWorkerHandler(lambda: None, str(tmp_path))
+    handler.set_model(types.SimpleNamespace(lost_blocks=[]))
+    handler._inner = inner
+    handler._lose = lambda exc, seconds: handler.model.lost_blocks.append(1) or True
+    iterator = iter(data)
+    first = handler._guarded_step(iterator)  # the cancelled step, retried
+    later = [handler._guarded_step(iterator) for _ in range(4)]
+    assert [int(logs["x"]) for logs in [first, *later]] == [1, 2, 3, 4, 5]
+
+
+
+def test_the_handler_refuses_several_steps_per_call(tmp_path):
+    """It drops a dead worker's block between steps, so it must see every step."""
+    import types
+
+    from dni_tf.harness.lost_workers import LostWorkerHandler
+
+    handler = LostWorkerHandler(lambda: None, str(tmp_path))
+    handler.set_model(types.SimpleNamespace(devices=["/job:worker/task:0"], lost_blocks=[],
+                                            steps_per_execution=2))
+    with pytest.raises(ValueError, match="steps_per_execution=1"):
+        handler.on_train_begin()
 
 
 def test_a_worker_lost_during_a_checkpoint_save_is_waited_for_and_the_save_redone(

@@ -79,6 +79,21 @@ def _read(logs):
     return tf.nest.map_structure(lambda t: t.numpy() if hasattr(t, "numpy") else t, logs)
 
 
+def _next_batch(iterator) -> list:
+    """The next batch of a Keras epoch's input, read here rather than in the compiled step.
+
+    Keras' step function reads its batch from the tf.data iterator inside the
+    function when handed the iterator, and runs the step on the batches when
+    handed a list. A step cancelled by a dead worker while it waits on the
+    input cancels the iterator with it: the prefetch thread stops, and after
+    the batches already buffered the epoch's input ends (OutOfRangeError, which
+    Keras takes for the end of the data). Read here, the batch is never part of
+    a step that can be cancelled. StopIteration at the real end of the data
+    ends the epoch as usual.
+    """
+    return [next(iterator)]
+
+
 def _join(items) -> str:
     return ", ".join(map(str, items))
 
@@ -160,9 +175,10 @@ class LostWorkerHandler(keras.callbacks.Callback):
     def _guarded_step(self, iterator):
         retries = 0
         while True:
+            batch = _next_batch(iterator)
             start = time.monotonic()
             try:
-                logs = self._inner(iterator)
+                logs = self._inner(batch)
                 if not self.model.lost_blocks:
                     # Remote ops may fail after the call returns: raise here, not in fit().
                     # Not while a block is lost: an operation of the failed step may stay
@@ -187,9 +203,10 @@ class LostWorkerHandler(keras.callbacks.Callback):
 
     def _guarded_test(self, iterator):
         while True:
+            batch = _next_batch(iterator)
             start = time.monotonic()
             try:
-                logs = self._inner_test(iterator)
+                logs = self._inner_test(batch)
                 _sync()
                 return _read(logs)
             except pipelined_cluster.LOST_WORKER_ERRORS as exc:
@@ -299,6 +316,9 @@ class LostWorkerHandler(keras.callbacks.Callback):
         model = self.model
         if not getattr(model, "devices", None) or not hasattr(model, "lost_blocks"):
             raise ValueError("LostWorkerHandler needs a PipelinedDNIClassifier with devices")
+        if int(model.steps_per_execution) != 1:
+            raise ValueError("LostWorkerHandler needs steps_per_execution=1 in compile(): it "
+                             "drops a dead worker's block between steps")
         self.addresses = pipelined_cluster.task_addresses(self.resolver)
         self.step = int(model.optimizer.iterations.numpy())
         os.makedirs(self.checkpoint_dir, exist_ok=True)
