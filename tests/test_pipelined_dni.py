@@ -668,13 +668,16 @@ def test_a_step_cancelled_by_a_lost_worker_does_not_end_the_epochs_input(tmp_pat
     from dni_tf.harness.lost_workers import LostWorkerHandler
 
     def slow(x):
-        time.sleep(0.1)
+        time.sleep(0.5 if x == 0 else 0.05)  # the first step waits on its input for sure
         return x
 
     data = tf.data.Dataset.range(100).map(
         lambda x: tf.py_function(slow, [x], tf.int64)).prefetch(2)
     on_iterator = tf.function(lambda iterator: iterator.get_next())
     on_batch = tf.function(lambda batch: tf.identity(batch))
+    # Traced before the input starts, so the cancellation comes while the read waits.
+    on_iterator.get_concrete_function(tf.data.IteratorSpec(data.element_spec))
+    on_batch.get_concrete_function(tf.TensorSpec([], tf.int64))
     calls = []
 
     def inner(arg):
@@ -697,7 +700,6 @@ def test_a_step_cancelled_by_a_lost_worker_does_not_end_the_epochs_input(tmp_pat
     first = handler._guarded_step(iterator)  # the cancelled step, retried
     later = [handler._guarded_step(iterator) for _ in range(4)]
     assert [int(logs["x"]) for logs in [first, *later]] == [1, 2, 3, 4, 5]
-
 
 
 def test_the_handler_refuses_several_steps_per_call(tmp_path):

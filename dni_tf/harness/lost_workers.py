@@ -29,7 +29,9 @@ Use it after the callback that restores a resumed run's checkpoint (in
 `train_and_evaluate` pass it in `callbacks=`). A worker killed in the middle
 of a step can leave an operation pending on it whose error surfaces at the
 next read once the worker is back; the handler reads each step's logs itself
-(`_read`), so that error reaches it, not Keras' loop; and since Keras waits
+(`_read`), so that error reaches it, not Keras' loop; it reads each batch
+itself too, outside the step, since a step cancelled while it reads from the
+tf.data iterator cancels the iterator (`_next_batch`); and since Keras waits
 for every pending operation when an epoch's batches end, a lost block is
 waited for (up to `wait_seconds`) after the epoch's last batch rather than
 at the evaluation (docs/pipelined_dni.md, "A lost worker"). A save of
@@ -89,7 +91,8 @@ def _next_batch(iterator) -> list:
     the batches already buffered the epoch's input ends (OutOfRangeError, which
     Keras takes for the end of the data). Read here, the batch is never part of
     a step that can be cancelled. StopIteration at the real end of the data
-    ends the epoch as usual.
+    ends the epoch as usual. (Handed batches, the step traces once more for a
+    last, smaller test batch, as Keras' `test_on_batch` would.)
     """
     return [next(iterator)]
 
