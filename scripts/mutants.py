@@ -1053,6 +1053,10 @@ MUTANTS: List[Mutant] = [
            "dni_tf/harness/lost_workers.py",
            "        if int(model.steps_per_execution) != 1:\n", "        if False:\n",
            ["tests/test_pipelined_dni.py::test_the_handler_refuses_several_steps_per_call"]),
+    Mutant("lost worker: the handler reads a batch it never trains on",
+           "dni_tf/harness/lost_workers.py",
+           "    return [next(iterator)]\n", "    next(iterator)\n    return [next(iterator)]\n",
+           ["tests/test_pipelined_dni.py::test_the_guarded_step_trains_like_keras_own_step_on_the_iterator"]),
 ]
 
 

@@ -702,6 +702,39 @@ def test_a_step_cancelled_by_a_lost_worker_does_not_end_the_epochs_input(tmp_pat
     assert [int(logs["x"]) for logs in [first, *later]] == [1, 2, 3, 4, 5]
 
 
+def test_the_guarded_step_trains_like_keras_own_step_on_the_iterator(tmp_path):
+    """Handed one batch at a time, Keras' compiled train step trains exactly as it does
+    reading the iterator itself: same losses, same weights (a Keras change to how its
+    train function treats a list would show here, not only in the cluster tests)."""
+    import types
+
+    from dni_tf.harness.lost_workers import LostWorkerHandler
+
+    rng = np.random.RandomState(0)
+    data = tf.data.Dataset.from_tensor_slices(
+        (rng.rand(40, 5).astype("float32"), rng.randint(0, 3, 40))).batch(8)
+
+    def model():
+        keras.utils.set_random_seed(0)
+        net = keras.Sequential([keras.Input((5,)), keras.layers.Dense(3)])
+        net.compile(optimizer=keras.optimizers.Adam(0.1),
+                    loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        net.make_train_function()
+        return net
+
+    plain, guarded = model(), model()
+    handler = LostWorkerHandler(lambda: None, str(tmp_path))
+    handler.set_model(types.SimpleNamespace(lost_blocks=[]))
+    handler._inner = guarded.train_function
+    plain_iterator, guarded_iterator = iter(data), iter(data)
+    for _ in range(5):
+        expected = plain.train_function(plain_iterator)
+        logs = handler._guarded_step(guarded_iterator)
+        np.testing.assert_allclose(logs["loss"], expected["loss"].numpy(), rtol=0, atol=0)
+    for a, b in zip(plain.weights, guarded.weights):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    with pytest.raises(StopIteration):  # the end of the data ends the epoch, as in Keras
+        handler._guarded_step(guarded_iterator)
 def test_the_handler_refuses_several_steps_per_call(tmp_path):
     """It drops a dead worker's block between steps, so it must see every step."""
     import types
