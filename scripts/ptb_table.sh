@@ -12,6 +12,8 @@
 # core (e.g. `taskset -c 0 nice -n 10 ...`). Needs ptb/ptb.char.{train,valid,test}.txt
 # under --data_dir (default $DNI_TF_DATA_DIR).
 #
+# METHODS (default bptt,dni,dni_aux): the methods to train, e.g. METHODS=dni_aux to add
+# a method's cells; the seed's table also shows the other finished cells there.
 # SG_LR_SCALE (M's rate over the core's): 0.01 by default, the setting these cells were
 # started with (the study's default until the twelfth sitting); another value (the
 # default is now 0.001) puts its cells in $RUNS/ptb256_sg<S>/.
@@ -24,7 +26,7 @@ if [ "$SG" = 0.01 ]; then NAME=ptb256; else NAME=ptb256_sg$SG; fi
 trap 'python scripts/archive_runs.py $NAME' EXIT
 for seed in $SEEDS; do
   python -m experiments.language_model --workdir=${RUNS:-runs}/$NAME/seed$seed \
-      --method=bptt,dni,dni_aux --truncation=2,5 --hidden_size=256 --steps=12000 \
+      --method=${METHODS:-bptt,dni,dni_aux} --truncation=2,5 --hidden_size=256 --steps=12000 \
       --eval_every=1000 --eval_batches=10 --seed=$seed --sg_lr_scale=$SG || exit 1
   python scripts/archive_runs.py $NAME
 done

@@ -10,10 +10,11 @@
 #       per bptt cell, 35-60 min per dni cell on the 2-core EPYC VM), then Repeat Copy
 #       in the continuous stream at 50,000 steps, T = 3 5 2 4 8, seeds 0-2
 #       (scripts/copy_table.sh; records archived per cell).
-# ptb:  PTB dni_aux with M at the default 0.001 (LSTM 256, 12,000 updates): T = 5 for
-#       seeds 0-2 (about 1 h each), then T = 2 for seeds 1-2 (2-4 h each: every window
-#       reruns the previous one for the Aux target). bptt and dni of the PTB table are
-#       done (runs/ptb256, runs/ptb256_sg0.001, runs/ptb_guard_seed*).
+# ptb:  PTB dni_aux with M at the default 0.001 (scripts/ptb_table.sh: LSTM 256,
+#       12,000 updates, T = 2 and 5), seeds 0-2; finished cells are read back (T = 5:
+#       about 1 h each; T = 2: 2-4 h, every window reruns the previous one for the Aux
+#       target). bptt and dni of the PTB table are done (runs/ptb256,
+#       runs/ptb256_sg0.001, runs/ptb_guard_seed*).
 # Needs $DNI_TF_DATA_DIR (ptb/ptb.char.*.txt for the ptb lane).
 set -u
 cd "$(dirname "$0")/.."
@@ -23,14 +24,7 @@ case "${1:-}" in
     EPISODES=continuous STEPS=50000 scripts/copy_table.sh "0 1 2" "3 5 2 4 8" repeat_copy
     ;;
   ptb)
-    for cell in "0 5" "1 5" "2 5" "1 2" "2 2"; do
-      set -- $cell
-      python -m experiments.language_model \
-          --workdir=${RUNS:-runs}/ptb256_sg0.001/seed$1/dni_aux_T$2 --method=dni_aux \
-          --truncation=$2 --hidden_size=256 --steps=12000 --eval_every=1000 \
-          --eval_batches=10 --seed=$1 --sg_lr_scale=0.001 || exit 1
-      python scripts/archive_runs.py ptb256_sg0.001
-    done
+    SG_LR_SCALE=0.001 METHODS=dni_aux scripts/ptb_table.sh "0 1 2"
     ;;
   *)
     echo "usage: scripts/recurrent_tables_remaining.sh copy|ptb" >&2

@@ -528,9 +528,9 @@ def run_table(run_fn: Callable, cfg, workdir: str, methods: Sequence[str],
             metrics = run_fn(run_cfg, subdir, extra_config)
         done.append((method, t, metrics))
     done += _other_finished_cells(cfg, workdir, set(cells))
-    runs = [(os.path.join(workdir, f"{method}_T{t}"), {"method": method, "T": t}, metrics,
-             results.load_history(os.path.join(workdir, f"{method}_T{t}")))
-            for method, t, metrics in done]
+    subdirs = [os.path.join(workdir, f"{method}_T{t}") for method, t, _ in done]
+    runs = [(subdir, {"method": method, "T": t}, metrics, results.load_history(subdir))
+            for subdir, (method, t, metrics) in zip(subdirs, done)]
     tensorboard_views.log_sweep(workdir, runs)
     table = pd.DataFrame([{**cell, value: metrics[value]} for _, cell, metrics, _ in runs])
     write_table(table, workdir, value, lower_is_better)
