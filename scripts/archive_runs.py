@@ -14,10 +14,19 @@ and an archived record with no counterpart in runs/ is kept (a later sitting sta
 with an empty runs/). Hidden files (a plot or result being written) are skipped,
 and each copy is atomic, so two table queues may archive at once.
 scripts/reproduction_report.sh reads the archive.
+
+    python scripts/archive_runs.py --restore SUBDIR ...
+
+does the reverse on a fresh machine (a new checkout has no runs/): the records of
+every *finished* run (results.json with status "completed") and the table queues'
+marker files are copied back into runs/ where runs/ lacks them, so the table scripts
+read those cells back instead of training them again. Unfinished runs are not
+restored: without their checkpoints they start again from step 0.
 """
 
 import filecmp
 import fnmatch
+import json
 import os
 import shutil
 import sys
@@ -63,9 +72,47 @@ def archive(subdir: str, source: str = SOURCE, archive_dir: str = ARCHIVE) -> in
     return copied
 
 
-def main(subdirs):
+def _finished(run_dir: str) -> bool:
+    try:
+        with open(os.path.join(run_dir, "results.json")) as f:
+            return json.load(f).get("status") == "completed"
+    except (OSError, ValueError):
+        return False
+
+
+def restore(subdir: str, source: str = SOURCE, archive_dir: str = ARCHIVE) -> int:
+    """Copies `archive_dir/subdir`'s finished runs and markers back into `source`
+    where absent; returns the number of files copied. Existing files are never
+    replaced: runs/ is newer than the archive."""
+    root = os.path.join(archive_dir, subdir)
+    if not os.path.isdir(root):
+        return 0  # nothing archived yet: a table's first sitting
+    copied = 0
+    for dirpath, _, filenames in os.walk(root):
+        finished = _finished(dirpath)
+        for name in filenames:
+            if not (finished or fnmatch.fnmatch(name, "*.identical_to_dni")):
+                continue
+            dst = os.path.join(source, os.path.relpath(os.path.join(dirpath, name), archive_dir))
+            if os.path.exists(dst):
+                continue
+            os.makedirs(os.path.dirname(dst), exist_ok=True)
+            shutil.copyfile(os.path.join(dirpath, name), dst)
+            copied += 1
+    return copied
+
+
+def main(args):
     os.chdir(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-    copied = sum(archive(s) for s in (subdirs or ["."]))
+    if args[:1] == ["--restore"]:
+        if not args[1:]:
+            print("archive_runs: --restore needs the subdirectories to restore (e.g. copy)",
+                  file=sys.stderr)
+            sys.exit(2)
+        copied = sum(restore(s) for s in args[1:])
+        print(f"archive_runs: {copied} files of finished runs restored from {ARCHIVE} into {SOURCE}")
+        return
+    copied = sum(archive(s) for s in (args or ["."]))
     runs = sum("results.json" in files for _, _, files in os.walk(ARCHIVE))
     print(f"archive_runs: {copied} files copied; {runs} runs recorded in {ARCHIVE}")
 

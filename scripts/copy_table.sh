@@ -7,7 +7,9 @@
 # (RUNS defaults to runs/; with SG_LR_SCALE=S other than 1, $RUNS/<task>_sgS/...), and
 # each finished cell's records to docs/run_records/ (see
 # scripts/archive_runs.py; commit them). Rerunning resumes every unfinished cell and skips the
-# finished ones. Run one process per core (e.g. `taskset -c 0 nice -n 10 ...`).
+# finished ones, also on a fresh checkout (they are restored from the archive first; an
+# unfinished cell's checkpoints are not archived, so there it starts again). Run one
+# process per core (e.g. `taskset -c 0 nice -n 10 ...`).
 #
 # Environment: SG_LR_SCALE (M's rate over the core's; default 1 for the episodic stream's
 # cells, see below, and 0.01 with EPISODES=continuous), SKIP_AUX=1
@@ -36,6 +38,8 @@ if [ "${EPISODES:-stream}" = continuous ]; then
   SG=${SG_LR_SCALE:-0.01}
 elif [ "$SG" = 1 ]; then ROOT=${RUNS:-runs}/$TASK; EPISODE_FLAGS="--episodes=stream --bootstrap_scale=1"
 else ROOT=${RUNS:-runs}/${TASK}_sg$SG; EPISODE_FLAGS="--episodes=stream --bootstrap_scale=1"; fi
+# A fresh checkout has no runs/: the finished cells come back from docs/run_records.
+python scripts/archive_runs.py --restore "${ROOT##*/}" || exit 1
 COMMON="--task=$TASK --steps=${STEPS:-50000} --eval_every=2500 --hidden_size=256 --max_length=200 --max_repeats=10 --sg_lr_scale=$SG $EPISODE_FLAGS"
 for T in $TRUNCATIONS; do for seed in $SEEDS; do
   dir=$ROOT/seed$seed

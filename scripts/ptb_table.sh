@@ -8,7 +8,8 @@
 # (15.4M characters, about 3 epochs of PTB's 5.0M training characters; the earlier
 # runs had 8,000, about 2), T = 2 and 5, bptt / dni / dni_aux, best-validation test BPC.
 # Cells go to $RUNS/ptb256/seed<S>/<method>_T<T> (RUNS defaults to runs/); rerunning
-# resumes every unfinished cell and reads the finished ones back. Run one process per
+# resumes every unfinished cell and reads the finished ones back (on a fresh checkout
+# from docs/run_records; unfinished cells start again there). Run one process per
 # core (e.g. `taskset -c 0 nice -n 10 ...`). Needs ptb/ptb.char.{train,valid,test}.txt
 # under --data_dir (default $DNI_TF_DATA_DIR).
 #
@@ -24,6 +25,8 @@ SG=${SG_LR_SCALE:-0.01}
 if [ "$SG" = 0.01 ]; then NAME=ptb256; else NAME=ptb256_sg$SG; fi
 # Each finished cell's records into docs/run_records (commit them), on failure too.
 trap 'python scripts/archive_runs.py $NAME' EXIT
+# A fresh checkout has no runs/: the finished cells come back from docs/run_records.
+python scripts/archive_runs.py --restore $NAME || exit 1
 for seed in $SEEDS; do
   python -m experiments.language_model --workdir=${RUNS:-runs}/$NAME/seed$seed \
       --method=${METHODS:-bptt,dni,dni_aux} --truncation=2,5 --hidden_size=256 --steps=12000 \

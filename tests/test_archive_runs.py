@@ -46,3 +46,20 @@ def test_a_missing_directory_is_a_usage_error(tmp_path, capsys):
         archive_runs.archive("nope", str(tmp_path), str(tmp_path / "a"))
     assert exit_info.value.code == 2
     assert "no directory" in capsys.readouterr().err
+
+
+def test_a_fresh_machine_gets_back_finished_runs_only(tmp_path):
+    runs, archive = tmp_path / "runs", tmp_path / "archive"
+    done, partial = archive / "copy" / "seed0" / "dni_T3", archive / "copy" / "seed0" / "bptt_T8"
+    _write(done / "results.json", '{"status": "completed", "metrics": {}}')
+    _write(done / "history.csv", "step\n50000\n")
+    _write(partial / "history.csv", "step\n2500\n")  # stopped mid-run: no results.json
+    _write(archive / "copy" / "seed0" / "dni_aux_T3.identical_to_dni")
+    _write(runs / "copy" / "seed0" / "dni_T3" / "history.csv", "newer")  # never replaced
+    assert archive_runs.restore("copy", str(runs), str(archive)) == 2
+    restored = sorted(os.path.relpath(os.path.join(d, f), runs)
+                      for d, _, files in os.walk(runs) for f in files)
+    assert restored == ["copy/seed0/dni_T3/history.csv", "copy/seed0/dni_T3/results.json",
+                        "copy/seed0/dni_aux_T3.identical_to_dni"]
+    assert (runs / "copy/seed0/dni_T3/history.csv").read_text() == "newer"
+    assert archive_runs.restore("nothing_yet", str(runs), str(archive)) == 0

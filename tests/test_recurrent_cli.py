@@ -350,6 +350,27 @@ def test_a_table_trains_a_finished_cell_on_to_a_longer_budget_and_refuses_other_
     assert calls == [("bptt", 300)]
 
 
+def test_a_finished_single_cell_is_read_back_without_its_checkpoints(tmp_path):
+    """On a fresh machine a finished run has only its records (scripts/archive_runs.py
+    --restore); rerunning its one-cell command must read it back, not train it again
+    from step 0 over its results."""
+    import subprocess
+    import sys
+
+    cfg = study.CopyTaskConfig(method="dni", truncation=3, steps=4, hidden_size=4,
+                               batch_size=2, eval_every=2, eval_batches=1)
+    results.save_results(str(tmp_path), dataclasses.asdict(cfg), {"max_length_solved": 7})
+    done = subprocess.run(
+        [sys.executable, "-m", "experiments.copy_task", f"--workdir={tmp_path}", "--method=dni",
+         "--truncation=3", "--steps=4", "--hidden_size=4", "--batch_size=2", "--eval_every=2",
+         "--eval_batches=1"],
+        capture_output=True, text=True, timeout=300,
+        cwd=os.path.join(os.path.dirname(__file__), ".."))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert results.load_results(str(tmp_path))["metrics"] == {"max_length_solved": 7}
+    assert not os.path.exists(tmp_path / "history.csv")
+
+
 def test_sg_lr_scale_multiplies_only_the_modules_step():
     """One window over a carried non-zero state, with a non-zero module: under
     `--sg_lr_scale=s` M's change is s times its change at 1 (Adam's step is

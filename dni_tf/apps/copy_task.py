@@ -16,7 +16,7 @@ from dni_tf.apps import quiet_tensorflow  # noqa: F401 - first: before TensorFlo
 from absl import flags
 
 from dni_tf.harness import cli, config
-from dni_tf.studies.recurrent_dni import CopyTaskConfig, run_copy_task, run_table
+from dni_tf.studies.recurrent_dni import CopyTaskConfig, run_cell, run_copy_task, run_table
 
 cli.define_study_flags(CopyTaskConfig)
 cli.define_fork_flag()
@@ -35,7 +35,7 @@ def main(argv):
             run_table(run_copy_task, run, workdir, grid["method"], grid["truncation"],
                       "max_length_solved", extra_config=extra, curve="train_bit_errors")
         else:
-            run_copy_task(run, workdir, extra_config=extra)
+            run_cell(run_copy_task, run, workdir, extra)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from absl import flags
 
 from dni_tf.harness import cli, config
 from dni_tf.data import text
-from dni_tf.studies.recurrent_dni import LanguageModelConfig, run_language_model, run_table
+from dni_tf.studies.recurrent_dni import LanguageModelConfig, run_cell, run_language_model, run_table
 
 cli.define_study_flags(LanguageModelConfig)
 cli.define_fork_flag()
@@ -40,7 +40,7 @@ def main(argv):
             run_table(run_language_model, run, workdir, grid["method"], grid["truncation"],
                       "test_bpc", extra_config=extra, lower_is_better=True, curve="val_bpc")
         else:
-            run_language_model(run, workdir, extra_config=extra)
+            run_cell(run_language_model, run, workdir, extra)
 
 
 if __name__ == "__main__":

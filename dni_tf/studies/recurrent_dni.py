@@ -500,6 +500,22 @@ def run_language_model(cfg: LanguageModelConfig, workdir: str,
 
 
 # ------------------------------------------------------------------ tables
+def run_cell(run_fn: Callable, cfg, workdir: str, extra_config: Optional[dict] = None) -> dict:
+    """`run_fn(cfg, workdir, extra_config)`, or the metrics of the finished run there.
+
+    A run finished with `cfg` is read back, not trained again: its checkpoints
+    may be gone (a fresh machine restores only the records, scripts/archive_runs.py
+    --restore). One finished with a smaller `steps` is trained on, and one with
+    other settings is a usage error (`results.completed_metrics`).
+    """
+    metrics = results.completed_metrics(workdir, dataclasses.asdict(cfg))
+    if metrics is not None:
+        logging.info("%s: finished with these settings, read back from results.json "
+                     "(raise --steps to train on)", workdir)
+        return metrics
+    return run_fn(cfg, workdir, extra_config)
+
+
 def run_table(run_fn: Callable, cfg, workdir: str, methods: Sequence[str],
               truncations: Sequence[int], value: str, extra_config: Optional[dict] = None,
               lower_is_better: bool = False, curve: Optional[str] = None) -> pd.DataFrame:
@@ -522,10 +538,7 @@ def run_table(run_fn: Callable, cfg, workdir: str, methods: Sequence[str],
     cells = [(method, int(t)) for method in methods for t in truncations]
     for method, t in SweepProgress(cells, lambda cell: f"{cell[0]} T={cell[1]}"):
         run_cfg = dataclasses.replace(cfg, method=method, truncation=t)
-        subdir = os.path.join(workdir, f"{method}_T{t}")
-        metrics = results.completed_metrics(subdir, dataclasses.asdict(run_cfg))
-        if metrics is None:
-            metrics = run_fn(run_cfg, subdir, extra_config)
+        metrics = run_cell(run_fn, run_cfg, os.path.join(workdir, f"{method}_T{t}"), extra_config)
         done.append((method, t, metrics))
     done += _other_finished_cells(cfg, workdir, set(cells))
     subdirs = [os.path.join(workdir, f"{method}_T{t}") for method, t, _ in done]
