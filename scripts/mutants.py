@@ -1077,6 +1077,15 @@ MUTANTS: List[Mutant] = [
            "            if os.path.exists(dst):\n                continue\n            os.makedirs(os.path.dirname(dst), exist_ok=True)\n            shutil.copyfile(",
            "            os.makedirs(os.path.dirname(dst), exist_ok=True)\n            shutil.copyfile(",
            ["tests/test_archive_runs.py::test_a_fresh_machine_gets_back_finished_runs_only"]),
+    Mutant("plots: the recurrent table figure logs matplotlib's categorical-units line",
+           "dni_tf/studies/recurrent_dni.py",
+           "    with plots.numbers_as_categories():\n        grid = sns.catplot(data=frame,",
+           "    if True:\n        grid = sns.catplot(data=frame,",
+           ["tests/test_plots.py::test_a_recurrent_table_figure_logs_nothing_and_leaves_the_logger_as_it_was"]),
+    Mutant("plots: quieting categorical units leaves matplotlib's logger raised",
+           "dni_tf/harness/plots.py",
+           "    finally:\n        logger.setLevel(level)\n", "    finally:\n        pass\n",
+           ["tests/test_plots.py::test_a_recurrent_table_figure_logs_nothing_and_leaves_the_logger_as_it_was"]),
 ]
 
 

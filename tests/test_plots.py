@@ -76,3 +76,23 @@ def test_importing_and_drawing_keep_the_backend_and_leave_no_pyplot_figures(tmp_
         with open(tmp_path / name, "rb") as f:
             assert f.read(8) == PNG_MAGIC, name
     assert not [n for n in os.listdir(tmp_path) if n.startswith(".tmp-")]
+
+
+def test_a_recurrent_table_figure_logs_nothing_and_leaves_the_logger_as_it_was(tmp_path, caplog):
+    """Seaborn draws T as categories by handing matplotlib strings like "2", which
+    logs an INFO line per axis on every table a run writes; the table is drawn
+    without it, and the logger's level is the caller's again afterwards."""
+    import logging
+
+    import pandas as pd
+
+    from dni_tf.studies import recurrent_dni
+
+    table = pd.DataFrame({"method": ["bptt", "dni", "bptt", "dni"], "T": [8, 8, 2, 2],
+                          "max_length_solved": [3, 4, 5, 6]})
+    category = logging.getLogger("matplotlib.category")
+    with caplog.at_level(logging.INFO):
+        recurrent_dni.write_table(table, str(tmp_path), "max_length_solved", False)
+        assert category.getEffectiveLevel() == logging.INFO
+    assert (tmp_path / "table.png").stat().st_size > 0
+    assert not [r for r in caplog.records if r.name.startswith("matplotlib")]

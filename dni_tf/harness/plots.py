@@ -10,6 +10,8 @@ they need no display and never enter pyplot's list of open figures;
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import tempfile
 from typing import Optional
@@ -20,6 +22,20 @@ import seaborn as sns
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
+
+
+@contextlib.contextmanager
+def numbers_as_categories():
+    """Quiets matplotlib's INFO line "Using categorical units to plot a list of strings
+    that are all parsable as floats" while seaborn draws numbers (T, k) as categories
+    (its bar plots pass them on as strings); the logger's level is restored after."""
+    logger = logging.getLogger("matplotlib.category")
+    level = logger.level
+    logger.setLevel(max(level, logging.WARNING))
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def new_figure(**kwargs) -> Figure:

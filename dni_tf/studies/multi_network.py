@@ -195,7 +195,8 @@ def run_comparison(cfg: MultiNetworkConfig, workdir: str, methods: Sequence[str]
     results.atomic_write_text(os.path.join(workdir, "table.md"), "\n".join(lines) + "\n")
     import seaborn as sns
     long = table.melt(id_vars=["method", "tick_ratio"], var_name="network", value_name="accuracy")
-    grid = sns.catplot(data=long, x="tick_ratio", y="accuracy", hue="method", col="network",
-                       kind="bar", height=3.2, aspect=1.2)
+    with plots.numbers_as_categories():
+        grid = sns.catplot(data=long, x="tick_ratio", y="accuracy", hue="method",
+                           col="network", kind="bar", height=3.2, aspect=1.2)
     plots.save_figure(grid.figure, os.path.join(workdir, "table.png"))
     return table

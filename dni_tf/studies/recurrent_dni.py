@@ -594,10 +594,11 @@ def write_table(table: pd.DataFrame, workdir: str, value: str, lower_is_better: 
     note = "lower is better" if lower_is_better else "higher is better"
     results.atomic_write_text(os.path.join(workdir, "table.md"),
                               f"{value} ({note})\n\n" + "\n".join(lines) + "\n")
-    import seaborn as sns  # plots sets the Agg backend on import
+    import seaborn as sns  # plotting only
     frame = table.copy()
     frame["T"] = frame["T"].astype(str)
-    grid = sns.catplot(data=frame, x="T", y=value, hue="method", kind="bar", height=3.5,
-                       aspect=1.4, hue_order=order)
+    with plots.numbers_as_categories():
+        grid = sns.catplot(data=frame, x="T", y=value, hue="method", kind="bar", height=3.5,
+                           aspect=1.4, hue_order=order)
     grid.set_axis_labels("truncation T", value.replace("_", " "))
     plots.save_figure(grid.figure, os.path.join(workdir, "table.png"))
