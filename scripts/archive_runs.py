@@ -11,7 +11,9 @@ never checkpoints, weights or TensorBoard events (rerun a cell for those).
 With no argument everything under runs/ (or $RUNS) is archived. Rerun it whenever
 a cell finishes: a record whose contents differ from the archived one replaces it,
 and an archived record with no counterpart in runs/ is kept (a later sitting starts
-with an empty runs/). Hidden files (a plot or result being written) are skipped,
+with an empty runs/). A run still training never replaces a finished run's records:
+a finished cell trained on to a larger budget on a fresh machine starts again from
+step 0, and its records are archived once it finishes. Hidden files (a plot or result being written) are skipped,
 and each copy is atomic, so two table queues may archive at once.
 scripts/reproduction_report.sh reads the archive.
 
@@ -26,11 +28,12 @@ restored: without their checkpoints they start again from step 0.
 
 import filecmp
 import fnmatch
-import json
 import os
 import shutil
 import sys
 import tempfile
+
+from dni_tf.harness import results
 
 SOURCE = os.environ.get("RUNS", "runs")
 ARCHIVE = "docs/run_records"
@@ -49,6 +52,9 @@ def archive(subdir: str, source: str = SOURCE, archive_dir: str = ARCHIVE) -> in
     copied = 0
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = [d for d in dirnames if d not in SKIPPED_DIRS]
+        archived_dir = os.path.join(archive_dir, os.path.relpath(dirpath, source))
+        if _training(dirpath, filenames) and _finished(archived_dir):
+            continue  # keep the finished records until this run finishes
         for name in filenames:
             if name.startswith(".") or not any(fnmatch.fnmatch(name, p) for p in RECORDS):
                 continue
@@ -73,11 +79,17 @@ def archive(subdir: str, source: str = SOURCE, archive_dir: str = ARCHIVE) -> in
 
 
 def _finished(run_dir: str) -> bool:
+    """Whether `run_dir` holds a finished run: results.json with status "completed",
+    made with the budget its settings.json (if any) names, not on its way to a larger one."""
     try:
-        with open(os.path.join(run_dir, "results.json")) as f:
-            return json.load(f).get("status") == "completed"
+        return results.completed_metrics(run_dir, results.saved_settings(run_dir)) is not None
     except (OSError, ValueError):
-        return False
+        return False  # no run, or a results.json being written
+
+
+def _training(run_dir: str, filenames) -> bool:
+    """Whether `run_dir` is a run directory whose run has not finished."""
+    return ("settings.json" in filenames or "results.json" in filenames) and not _finished(run_dir)
 
 
 def restore(subdir: str, source: str = SOURCE, archive_dir: str = ARCHIVE) -> int:

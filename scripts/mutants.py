@@ -1086,6 +1086,16 @@ MUTANTS: List[Mutant] = [
            "dni_tf/harness/plots.py",
            "    finally:\n        logger.setLevel(level)\n", "    finally:\n        pass\n",
            ["tests/test_plots.py::test_a_recurrent_table_figure_logs_nothing_and_leaves_the_logger_as_it_was"]),
+    Mutant("archive: a run training on replaces its finished records",
+           "scripts/archive_runs.py",
+           "        if _training(dirpath, filenames) and _finished(archived_dir):\n",
+           "        if False:\n",
+           ["tests/test_archive_runs.py::test_a_run_training_on_never_replaces_its_finished_records"]),
+    Mutant("archive: a cell on its way to a larger budget counts as finished",
+           "scripts/archive_runs.py",
+           "        return results.completed_metrics(run_dir, results.saved_settings(run_dir)) is not None\n",
+           "        return results.load_results(run_dir).get(\"status\") == \"completed\"\n",
+           ["tests/test_archive_runs.py::test_a_run_training_on_never_replaces_its_finished_records"]),
 ]
 
 

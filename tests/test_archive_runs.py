@@ -63,3 +63,31 @@ def test_a_fresh_machine_gets_back_finished_runs_only(tmp_path):
                         "copy/seed0/dni_aux_T3.identical_to_dni"]
     assert (runs / "copy/seed0/dni_T3/history.csv").read_text() == "newer"
     assert archive_runs.restore("nothing_yet", str(runs), str(archive)) == 0
+
+
+def test_a_run_training_on_never_replaces_its_finished_records(tmp_path):
+    """On a fresh machine a finished 20,000-step cell asked for 50,000 starts again
+    from step 0 (no checkpoints): until it finishes, the archive keeps the finished
+    run's records, not the new run's first rows beside the old results.json."""
+    import json
+
+    runs, archive = tmp_path / "runs", tmp_path / "archive"
+    cell = runs / "copy" / "seed0" / "dni_T5"
+    done = json.dumps({"status": "completed", "config": {"steps": 20000}, "metrics": {}})
+    _write(cell / "results.json", done)
+    _write(cell / "history.csv", "step\n20000\n")
+    assert archive_runs.archive("copy", str(runs), str(archive)) == 2
+    _write(cell / "settings.json", json.dumps({"steps": 50000}))  # trained on, from step 0
+    _write(cell / "history.csv", "step\n2500\n")
+    _write(runs / "copy" / "seed0" / "table.png")  # the seed's table is still archived
+    assert archive_runs.archive("copy", str(runs), str(archive)) == 1
+    assert (archive / "copy/seed0/dni_T5/history.csv").read_text() == "step\n20000\n"
+    # Finished at 50,000: its records replace the old ones.
+    _write(cell / "results.json", done.replace("20000", "50000"))
+    _write(cell / "history.csv", "step\n50000\n")
+    assert archive_runs.archive("copy", str(runs), str(archive)) == 2
+    assert (archive / "copy/seed0/dni_T5/history.csv").read_text() == "step\n50000\n"
+    # A new run with no finished record is archived while it trains, as before.
+    _write(runs / "copy" / "seed1" / "dni_T5" / "settings.json", json.dumps({"steps": 50000}))
+    _write(runs / "copy" / "seed1" / "dni_T5" / "history.csv", "step\n2500\n")
+    assert archive_runs.archive("copy", str(runs), str(archive)) == 1
