@@ -1094,7 +1094,7 @@ MUTANTS: List[Mutant] = [
     Mutant("archive: a cell on its way to a larger budget counts as finished",
            "scripts/archive_runs.py",
            "        return results.completed_metrics(run_dir, results.saved_settings(run_dir)) is not None\n",
-           "        return results.load_results(run_dir).get(\"status\") == \"completed\"\n",
+           "        return (results.load_results(run_dir) or {}).get(\"status\") == \"completed\"\n",
            ["tests/test_archive_runs.py::test_a_run_training_on_never_replaces_its_finished_records"]),
 ]
 
