@@ -37,8 +37,10 @@ from dni_tf.harness import results
 
 SOURCE = os.environ.get("RUNS", "runs")
 ARCHIVE = "docs/run_records"
+MARKERS = "*.identical_to_dni"  # the table queues' marker files (scripts/copy_table.sh)
 RECORDS = ("results.json", "history.csv", "timing.csv", "best.json", "forked_from.json", "*.png",
-           "*.identical_to_dni")
+           MARKERS)
+RUN_FILES = ("settings.json", "results.json", "history.csv")  # a run directory holds one
 SKIPPED_DIRS = ("checkpoints",)
 
 
@@ -89,23 +91,27 @@ def _finished(run_dir: str) -> bool:
 
 def _training(run_dir: str, filenames) -> bool:
     """Whether `run_dir` is a run directory whose run has not finished."""
-    return ("settings.json" in filenames or "results.json" in filenames) and not _finished(run_dir)
+    return any(name in filenames for name in RUN_FILES[:2]) and not _finished(run_dir)
 
 
 def restore(subdir: str, source: str = SOURCE, archive_dir: str = ARCHIVE) -> int:
     """Copies `archive_dir/subdir`'s finished runs and markers back into `source`
-    where absent; returns the number of files copied. Existing files are never
-    replaced: runs/ is newer than the archive."""
+    where absent; returns the number of files copied. runs/ is newer than the
+    archive: a run directory there that already holds a run (settings.json,
+    results.json or history.csv: one training, say) gets nothing, so a finished
+    results.json never lands beside another run's history, and no file is replaced."""
     root = os.path.join(archive_dir, subdir)
     if not os.path.isdir(root):
         return 0  # nothing archived yet: a table's first sitting
     copied = 0
     for dirpath, _, filenames in os.walk(root):
-        finished = _finished(dirpath)
+        target = os.path.join(source, os.path.relpath(dirpath, archive_dir))
+        finished = _finished(dirpath) and not any(
+            os.path.exists(os.path.join(target, name)) for name in RUN_FILES)
         for name in filenames:
-            if not (finished or fnmatch.fnmatch(name, "*.identical_to_dni")):
-                continue
-            dst = os.path.join(source, os.path.relpath(os.path.join(dirpath, name), archive_dir))
+            if name.startswith(".") or not (finished or fnmatch.fnmatch(name, MARKERS)):
+                continue  # hidden: a record being archived
+            dst = os.path.join(target, name)
             if os.path.exists(dst):
                 continue
             os.makedirs(os.path.dirname(dst), exist_ok=True)

@@ -14,7 +14,8 @@
 # Environment: SG_LR_SCALE (M's rate over the core's; default 1 for the episodic stream's
 # cells, see below, and 0.01 with EPISODES=continuous), SKIP_AUX=1
 # (train bptt and dni only; the dni_aux cells can be added by a later run without it),
-# STEPS (the budget, default 50000; a finished cell trains on when it is raised),
+# STEPS (the budget, default 50000; a finished cell trains on when it is raised, from
+# step 0 where its checkpoints are gone, e.g. on a fresh checkout),
 # EPISODES=continuous (windows cut every T steps of the episode stream, bootstrap 0.1;
 # cells in $RUNS/<task>_continuous/...; default: the episodic stream, bootstrap 1).
 #

@@ -24,9 +24,9 @@ SEEDS=$1
 SG=${SG_LR_SCALE:-0.01}
 if [ "$SG" = 0.01 ]; then NAME=ptb256; else NAME=ptb256_sg$SG; fi
 # Each finished cell's records into docs/run_records (commit them), on failure too.
-trap 'python scripts/archive_runs.py $NAME' EXIT
 # A fresh checkout has no runs/: the finished cells come back from docs/run_records.
 python scripts/archive_runs.py --restore $NAME || exit 1
+trap 'python scripts/archive_runs.py $NAME' EXIT
 for seed in $SEEDS; do
   python -m experiments.language_model --workdir=${RUNS:-runs}/$NAME/seed$seed \
       --method=${METHODS:-bptt,dni,dni_aux} --truncation=2,5 --hidden_size=256 --steps=12000 \

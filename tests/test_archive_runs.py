@@ -54,14 +54,20 @@ def test_a_fresh_machine_gets_back_finished_runs_only(tmp_path):
     _write(done / "results.json", '{"status": "completed", "metrics": {}}')
     _write(done / "history.csv", "step\n50000\n")
     _write(partial / "history.csv", "step\n2500\n")  # stopped mid-run: no results.json
+    _write(done / ".tmp-results.json")  # being archived: never restored
     _write(archive / "copy" / "seed0" / "dni_aux_T3.identical_to_dni")
-    _write(runs / "copy" / "seed0" / "dni_T3" / "history.csv", "newer")  # never replaced
-    assert archive_runs.restore("copy", str(runs), str(archive)) == 2
+    assert archive_runs.restore("copy", str(runs), str(archive)) == 3
     restored = sorted(os.path.relpath(os.path.join(d, f), runs)
                       for d, _, files in os.walk(runs) for f in files)
     assert restored == ["copy/seed0/dni_T3/history.csv", "copy/seed0/dni_T3/results.json",
                         "copy/seed0/dni_aux_T3.identical_to_dni"]
-    assert (runs / "copy/seed0/dni_T3/history.csv").read_text() == "newer"
+    # runs/ is newer: a cell already training there gets no finished results.json beside
+    # its own history (it would be read back as finished, and archived as a mix).
+    _write(archive / "copy" / "seed1" / "dni_T3" / "results.json",
+           '{"status": "completed", "metrics": {}}')
+    _write(runs / "copy" / "seed1" / "dni_T3" / "history.csv", "step\n2500\n")
+    assert archive_runs.restore("copy", str(runs), str(archive)) == 0
+    assert not (runs / "copy/seed1/dni_T3/results.json").exists()
     assert archive_runs.restore("nothing_yet", str(runs), str(archive)) == 0
 
 

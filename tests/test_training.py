@@ -463,3 +463,24 @@ def test_a_finished_run_is_read_back_only_under_its_own_settings(tmp_path):
     # ... and, as any run that trains on, it may change its evaluation flags.
     assert results.completed_metrics(
         workdir, {"learning_rate": 0.01, "steps": 16, "eval_every": 2}) is None
+
+
+def test_a_finished_run_without_its_checkpoints_says_it_trains_again_from_step_0(
+        tmp_path, caplog):
+    """A fresh machine has a finished run's records but not its checkpoints
+    (scripts/archive_runs.py --restore): a longer --steps cannot train it on, so
+    the run starts again from step 0, and says so."""
+    import logging
+    import shutil
+
+    caplog.set_level(logging.WARNING)
+    _run_with(tmp_path, 8, method="dni")
+    results.save_results(str(tmp_path), {"steps": 8, "eval_every": 4, "method": "dni"}, {})
+    _run_with(tmp_path, 12, method="dni")  # trained on from its checkpoint: nothing to say
+    assert not [r for r in caplog.records if "step 0" in r.getMessage()]
+    shutil.rmtree(tmp_path / "checkpoints")
+    _run_with(tmp_path, 16, method="dni")
+    said = [r.getMessage() for r in caplog.records if "step 0" in r.getMessage()]
+    assert said == [f"{tmp_path} holds a finished run but no checkpoint to train it on from: "
+                    "it trains again from step 0 to --steps=16"]
+    assert results.load_history(str(tmp_path))["step"].tolist() == [4, 8, 12, 16]

@@ -16,7 +16,7 @@ from dni_tf.apps import quiet_tensorflow  # noqa: F401 - first: before TensorFlo
 from absl import flags
 
 from dni_tf.harness import cli, config
-from dni_tf.studies.recurrent_dni import CopyTaskConfig, run_cell, run_copy_task, run_table
+from dni_tf.studies.recurrent_dni import CopyTaskConfig, run_copy_task, run_grid
 
 cli.define_study_flags(CopyTaskConfig)
 cli.define_fork_flag()
@@ -31,11 +31,8 @@ def main(argv):
     cli.fork_if_asked(workdir, grid)
     extra = {"flags": cli.flag_values()}
     with cli.distributed(workdir) as workdir:
-        if len(grid["method"]) * len(grid["truncation"]) > 1:
-            run_table(run_copy_task, run, workdir, grid["method"], grid["truncation"],
-                      "max_length_solved", extra_config=extra, curve="train_bit_errors")
-        else:
-            run_cell(run_copy_task, run, workdir, extra)
+        run_grid(run_copy_task, run, workdir, grid, "max_length_solved", extra,
+                 curve="train_bit_errors")
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from absl import flags
 
 from dni_tf.harness import cli, config
 from dni_tf.data import text
-from dni_tf.studies.recurrent_dni import LanguageModelConfig, run_cell, run_language_model, run_table
+from dni_tf.studies.recurrent_dni import LanguageModelConfig, run_grid, run_language_model
 
 cli.define_study_flags(LanguageModelConfig)
 cli.define_fork_flag()
@@ -36,11 +36,8 @@ def main(argv):
     cli.fork_if_asked(workdir, grid)
     extra = {"flags": cli.flag_values()}
     with cli.distributed(workdir) as workdir:
-        if len(grid["method"]) * len(grid["truncation"]) > 1:
-            run_table(run_language_model, run, workdir, grid["method"], grid["truncation"],
-                      "test_bpc", extra_config=extra, lower_is_better=True, curve="val_bpc")
-        else:
-            run_cell(run_language_model, run, workdir, extra)
+        run_grid(run_language_model, run, workdir, grid, "test_bpc", extra,
+                 lower_is_better=True, curve="val_bpc")
 
 
 if __name__ == "__main__":

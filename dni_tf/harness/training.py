@@ -17,6 +17,7 @@ from typing import Any, Callable, Dict, Mapping, Optional, Sequence
 import keras
 import pandas as pd
 import tensorflow as tf
+from absl import logging
 
 from dni_tf.core import build_for_restore, prepare_for_multi_worker, zeros_of_spec
 from dni_tf.errors import UsageError
@@ -110,6 +111,11 @@ def train_and_evaluate(model: keras.Model, train_data, eval_data, *, steps: int,
                              f"--steps={steps}: rerun with --steps >= {done_step} to resume it, "
                              "or use another --workdir")
         results.claim_run_directory(workdir, settings, trains_on=done_step < steps)
+    finished = results.load_results(workdir) if done_step == 0 else None
+    if finished and finished.get("status") == "completed":
+        # Checkpoints stay on the machine that made them (scripts/archive_runs.py).
+        logging.warning("%s holds a finished run but no checkpoint to train it on from: "
+                        "it trains again from step 0 to --steps=%d", workdir, steps)
     schedule = EvaluationSchedule(eval_every, steps, first_epoch=done_epochs, first_step=done_step)
     multi_worker = isinstance(tf.distribute.get_strategy(),
                               tf.distribute.MultiWorkerMirroredStrategy)

@@ -505,8 +505,9 @@ def run_cell(run_fn: Callable, cfg, workdir: str, extra_config: Optional[dict] =
 
     A run finished with `cfg` is read back, not trained again: its checkpoints
     may be gone (a fresh machine restores only the records, scripts/archive_runs.py
-    --restore). One finished with a smaller `steps` is trained on, and one with
-    other settings is a usage error (`results.completed_metrics`).
+    --restore). One finished with a smaller `steps` is trained on (from step 0,
+    with a warning, where its checkpoints are gone), and one with other settings
+    is a usage error (`results.completed_metrics`).
     """
     metrics = results.completed_metrics(workdir, dataclasses.asdict(cfg))
     if metrics is not None:
@@ -514,6 +515,18 @@ def run_cell(run_fn: Callable, cfg, workdir: str, extra_config: Optional[dict] =
                      "(raise --steps to train on)", workdir)
         return metrics
     return run_fn(cfg, workdir, extra_config)
+
+
+def run_grid(run_fn: Callable, cfg, workdir: str, grid: dict, value: str,
+             extra_config: Optional[dict] = None, **table_options) -> None:
+    """An entry point's run: one cell directly in `workdir` (`run_cell`) when `grid`
+    (`config.grid_from_flags`) holds one method and one T, else their table
+    (`run_table(..., value, **table_options)`, a folder per cell)."""
+    if len(grid["method"]) * len(grid["truncation"]) > 1:
+        run_table(run_fn, cfg, workdir, grid["method"], grid["truncation"], value,
+                  extra_config=extra_config, **table_options)
+    else:
+        run_cell(run_fn, cfg, workdir, extra_config)
 
 
 def run_table(run_fn: Callable, cfg, workdir: str, methods: Sequence[str],
