@@ -13,8 +13,9 @@ a cell finishes: a record whose contents differ from the archived one replaces i
 and an archived record with no counterpart in runs/ is kept (a later sitting starts
 with an empty runs/). A run still training never replaces a finished run's records:
 a finished cell trained on to a larger budget on a fresh machine starts again from
-step 0, and its records are archived once it finishes. Hidden files (a plot or result being written) are skipped,
-and each copy is atomic, so two table queues may archive at once.
+step 0, and its records are archived once it finishes. Hidden files (a plot or
+result being written) are skipped, and each copy is atomic, so two table queues may
+archive at once.
 scripts/reproduction_report.sh reads the archive.
 
     python scripts/archive_runs.py --restore SUBDIR ...
@@ -23,7 +24,8 @@ does the reverse on a fresh machine (a new checkout has no runs/): the records o
 every *finished* run (results.json with status "completed") and the table queues'
 marker files are copied back into runs/ where runs/ lacks them, so the table scripts
 read those cells back instead of training them again. Unfinished runs are not
-restored: without their checkpoints they start again from step 0.
+restored (without their checkpoints they start again from step 0), and a cell that
+already holds a run in runs/ gets nothing.
 """
 
 import filecmp
@@ -91,7 +93,7 @@ def _finished(run_dir: str) -> bool:
 
 def _training(run_dir: str, filenames) -> bool:
     """Whether `run_dir` is a run directory whose run has not finished."""
-    return any(name in filenames for name in RUN_FILES[:2]) and not _finished(run_dir)
+    return ("settings.json" in filenames or "results.json" in filenames) and not _finished(run_dir)
 
 
 def restore(subdir: str, source: str = SOURCE, archive_dir: str = ARCHIVE) -> int:
@@ -110,7 +112,7 @@ def restore(subdir: str, source: str = SOURCE, archive_dir: str = ARCHIVE) -> in
             os.path.exists(os.path.join(target, name)) for name in RUN_FILES)
         for name in filenames:
             if name.startswith(".") or not (finished or fnmatch.fnmatch(name, MARKERS)):
-                continue  # hidden: a record being archived
+                continue  # hidden files are records being archived
             dst = os.path.join(target, name)
             if os.path.exists(dst):
                 continue
