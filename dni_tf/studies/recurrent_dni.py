@@ -547,16 +547,15 @@ def run_table(run_fn: Callable, cfg, workdir: str, methods: Sequence[str],
     if len(set(methods)) != len(methods) or len({int(t) for t in truncations}) != len(truncations):
         raise ValueError(f"methods {list(methods)} and truncations {list(truncations)} must "
                          "each be distinct: two cells would share one run folder")
-    done = []  # (method, T, metrics) of every cell the table shows
+    done = []  # (method, T, run folder, metrics) of every cell the table shows
     cells = [(method, int(t)) for method in methods for t in truncations]
     for method, t in SweepProgress(cells, lambda cell: f"{cell[0]} T={cell[1]}"):
         run_cfg = dataclasses.replace(cfg, method=method, truncation=t)
-        metrics = run_cell(run_fn, run_cfg, os.path.join(workdir, f"{method}_T{t}"), extra_config)
-        done.append((method, t, metrics))
+        subdir = os.path.join(workdir, f"{method}_T{t}")
+        done.append((method, t, subdir, run_cell(run_fn, run_cfg, subdir, extra_config)))
     done += _other_finished_cells(cfg, workdir, set(cells))
-    subdirs = [os.path.join(workdir, f"{method}_T{t}") for method, t, _ in done]
     runs = [(subdir, {"method": method, "T": t}, metrics, results.load_history(subdir))
-            for subdir, (method, t, metrics) in zip(subdirs, done)]
+            for method, t, subdir, metrics in done]
     tensorboard_views.log_sweep(workdir, runs)
     table = pd.DataFrame([{**cell, value: metrics[value]} for _, cell, metrics, _ in runs])
     write_table(table, workdir, value, lower_is_better)
@@ -571,7 +570,8 @@ def run_table(run_fn: Callable, cfg, workdir: str, methods: Sequence[str],
 
 
 def _other_finished_cells(cfg, workdir: str, asked):
-    """(method, T, metrics) of the finished cells in `workdir` beyond `asked`, made with `cfg`."""
+    """(method, T, run folder, metrics) of the finished cells in `workdir` beyond `asked`,
+    made with `cfg`."""
     for method in METHODS:
         prefix = f"{method}_T"
         for name in sorted(os.listdir(workdir)):
@@ -583,13 +583,13 @@ def _other_finished_cells(cfg, workdir: str, asked):
             if (method, t) in asked:
                 continue
             run_cfg = dataclasses.replace(cfg, method=method, truncation=t)
+            subdir = os.path.join(workdir, name)
             try:
-                metrics = results.completed_metrics(os.path.join(workdir, name),
-                                                    dataclasses.asdict(run_cfg))
+                metrics = results.completed_metrics(subdir, dataclasses.asdict(run_cfg))
             except cli.UsageError:
                 continue  # made with other settings: another table's cell
             if metrics is not None:
-                yield method, t, metrics
+                yield method, t, subdir, metrics
 
 
 def write_table(table: pd.DataFrame, workdir: str, value: str, lower_is_better: bool) -> None:
