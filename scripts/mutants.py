@@ -1005,9 +1005,8 @@ MUTANTS: List[Mutant] = [
            ["tests/test_timing.py::test_the_report_sums_the_runs_and_says_when_some_periods_were_not_timed"]),
     Mutant("recurrent table: other finished cells shown whatever their settings",
            "dni_tf/studies/recurrent_dni.py",
-           "                metrics = results.completed_metrics(os.path.join(workdir, name),\n"
-           "                                                    dataclasses.asdict(run_cfg))",
-           "                metrics = results.completed_metrics(os.path.join(workdir, name))",
+           "                metrics = results.completed_metrics(subdir, dataclasses.asdict(run_cfg))",
+           "                metrics = results.completed_metrics(subdir)",
            ["tests/test_recurrent_cli.py::test_table_layout_and_resume"]),
     Mutant("recurrent table: only the cells of this command",
            "dni_tf/studies/recurrent_dni.py",
